@@ -1,0 +1,342 @@
+"""The client SDK: `AsyncClient` (asyncio) and `Client` (blocking), over one DEALER socket.
+
+    async with AsyncClient("tcp://127.0.0.1:5555") as client:
+        result = await client.generate("Hello", max_new_tokens=32)      # -> protocol.Result
+        async with client.stream(prompt_ids=[1, 2, 3]) as s:
+            async for chunk in s:                                       # -> StreamChunk
+                print(chunk.tokens)
+        print(s.result.lifecycle.ttft)
+
+    with Client("ipc:///tmp/exegpt/client.sock") as client:
+        print(client.generate("Hello").text)
+        for chunk in client.stream("Hello"): ...
+
+Why one socket and a reader task: many concurrent requests share the connection; replies
+are routed to the waiting request by req_id (a uuid the client picks). Every request has a
+timeout (sent to the server as `timeout_s`, and enforced locally: on expiry the client sends
+Cancel and raises `Timeout`), so no call can hang on a dead server. Server errors arrive as
+`Error(code, message)` and are raised as the matching `common.errors` exception.
+A stream deduplicates by token index, so a server that re-runs a request after a worker loss
+and resends tokens the client already has still yields each token exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import zmq
+import zmq.asyncio
+
+from common import protocol as P
+from common.errors import Cancelled, ProtocolError, Timeout, error_from_code
+from common.sockets import (
+    ENV_COORDINATOR_ENDPOINT,
+    CurveKeys,
+    arecv_msg,
+    asend_msg,
+    endpoint_from_env,
+    make_socket,
+)
+
+T = TypeVar("T")
+DEFAULT_TIMEOUT_S = 600.0
+_CLOSED = object()
+
+
+class AsyncClient:
+    """asyncio client; safe for many concurrent requests from one event loop."""
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        default_timeout_s: float | None = DEFAULT_TIMEOUT_S,
+        curve: CurveKeys | None = None,
+        limits: P.Limits = P.DEFAULT_LIMITS,
+    ) -> None:
+        self.endpoint = endpoint or endpoint_from_env(ENV_COORDINATOR_ENDPOINT)
+        self.default_timeout_s = default_timeout_s
+        self._curve, self._limits = curve, limits
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sock: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self._pending: dict[str, asyncio.Queue[Any]] = {}
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _ensure_started(self) -> None:
+        if self._sock is None:
+            self._ctx = zmq.asyncio.Context()
+            self._sock = make_socket(self._ctx, "DEALER", connect=self.endpoint,
+                                     curve_client=self._curve)
+            self._reader = asyncio.get_running_loop().create_task(self._read_forever())
+
+    async def close(self) -> None:
+        """Stop reading, fail waiting requests with Cancelled, close the socket."""
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        for queue in self._pending.values():
+            queue.put_nowait(Cancelled("client closed"))
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._ctx.term()  # type: ignore[union-attr]
+        self._sock = self._ctx = self._reader = None
+
+    async def _read_forever(self) -> None:
+        while True:
+            try:
+                msg = await arecv_msg(self._sock, limits=self._limits)
+            except ProtocolError:
+                continue  # a garbled reply cannot be routed; its request times out
+            req_id = getattr(msg, "req_id", None)
+            queue = self._pending.get(req_id) if req_id is not None else None
+            if queue is not None:
+                queue.put_nowait(msg)
+
+    # ------------------------------------------------------------------ requests
+
+    async def generate(self, prompt: str | None = None, **kwargs: Any) -> P.Result:
+        """Run one request to completion; see `submit_message` for the arguments."""
+        async with self.stream(prompt, **{**kwargs, "stream": False}) as s:
+            async for _ in s:
+                pass
+        assert s.result is not None
+        return s.result
+
+    def stream(self, prompt: str | None = None, **kwargs: Any) -> AsyncStream:
+        """Start a request whose tokens arrive as StreamChunks (iterate the returned object)."""
+        return AsyncStream(self, submit_message(prompt, **kwargs))
+
+    async def cancel(self, req_id: str, reason: str = "cancelled by client") -> None:
+        """Ask the server to stop the request; a caller waiting on it gets Cancelled."""
+        queue = self._pending.get(req_id)
+        if queue is not None:
+            queue.put_nowait(Cancelled(reason, req_id=req_id))
+        if self._sock is not None:
+            await asend_msg(self._sock, P.Cancel(req_id, reason))
+
+    async def stats(self, *, include_requests: bool = False, timeout_s: float = 10.0) -> P.Stats:
+        req_id = uuid.uuid4().hex
+        queue = self._register(req_id)
+        try:
+            await asend_msg(self._sock, P.StatsRequest(req_id, include_requests))
+            msg = await _get(queue, time.monotonic() + timeout_s, req_id)
+        finally:
+            self._pending.pop(req_id, None)
+        if isinstance(msg, P.Stats):
+            return msg
+        raise ProtocolError(f"expected Stats, got {type(msg).__name__}")
+
+    def _register(self, req_id: str) -> asyncio.Queue[Any]:
+        self._ensure_started()
+        if req_id in self._pending:
+            raise ValueError(f"req_id {req_id!r} is already in flight on this client")
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._pending[req_id] = queue
+        return queue
+
+
+def submit_message(
+    prompt: str | None = None,
+    *,
+    prompt_ids: Sequence[int] | None = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop_token_ids: Sequence[int] = (),
+    chat: bool = False,
+    timeout_s: float | None = None,
+    req_id: str | None = None,
+    stream: bool = True,
+) -> P.Submit:
+    """The Submit for these arguments (ValueError names a bad one before anything is sent)."""
+    sampling = P.Sampling(temperature, top_k, top_p, seed, tuple(stop_token_ids))
+    return P.Submit(req_id or uuid.uuid4().hex, prompt,
+                    None if prompt_ids is None else tuple(prompt_ids), max_new_tokens,
+                    sampling, stream, timeout_s, chat)
+
+
+async def _get(queue: asyncio.Queue[Any], deadline: float | None, req_id: str) -> Any:
+    remaining = None if deadline is None else deadline - time.monotonic()
+    if remaining is not None and remaining <= 0:
+        raise Timeout("no answer before the request's timeout", req_id=req_id)
+    try:
+        item = await asyncio.wait_for(queue.get(), remaining)
+    except TimeoutError:
+        raise Timeout("no answer before the request's timeout", req_id=req_id) from None
+    if isinstance(item, BaseException):
+        raise item
+    if isinstance(item, P.Error):
+        raise error_from_code(item.code, item.message, req_id=item.req_id,
+                              retry_after_s=item.retry_after_s)
+    return item
+
+
+class AsyncStream:
+    """One in-flight request: async-iterate for StreamChunks; `.result` is set at the end.
+
+    The request is sent on `async with` entry or the first iteration; leaving `async with`
+    (or calling `aclose`) before the end cancels it.
+    """
+
+    def __init__(self, client: AsyncClient, submit: P.Submit) -> None:
+        self.client, self.submit, self.req_id = client, submit, submit.req_id
+        self.result: P.Result | None = None
+        self._num_tokens = 0
+        self._queue: asyncio.Queue[Any] | None = None
+        self._deadline: float | None = None
+        self._done = False
+
+    async def __aenter__(self) -> AsyncStream:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> AsyncIterator[P.StreamChunk]:
+        return self._chunks()
+
+    async def start(self) -> None:
+        """Send the request now (otherwise the first iteration sends it)."""
+        if self._queue is not None:
+            return
+        timeout = self.submit.timeout_s or self.client.default_timeout_s
+        if self.submit.timeout_s is None and timeout is not None:
+            self.submit = dataclasses.replace(self.submit, timeout_s=timeout)
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._queue = self.client._register(self.req_id)  # noqa: SLF001
+        await asend_msg(self.client._sock, self.submit)  # noqa: SLF001
+
+    async def _chunks(self) -> AsyncIterator[P.StreamChunk]:
+        await self.start()
+        try:
+            while not self._done:
+                msg = await _get(self._queue, self._deadline, self.req_id)  # type: ignore[arg-type]
+                chunk = self._accept(msg)
+                if chunk is not None and chunk.tokens:
+                    yield chunk
+        finally:
+            await self.aclose()
+
+    def _accept(self, msg: P.Message) -> P.StreamChunk | None:
+        """New tokens of a chunk or of the final Result (deduplicated by index)."""
+        if isinstance(msg, P.StreamChunk):
+            return self._new_tokens(msg.index, msg.tokens, msg.text)
+        if isinstance(msg, P.Result):
+            self.result, self._done = msg, True
+            if msg.finish_reason == "cancelled":
+                raise Cancelled("cancelled by the server", req_id=self.req_id)
+            return self._new_tokens(0, msg.tokens, None)
+        raise ProtocolError(f"unexpected {type(msg).__name__} for request {self.req_id}")
+
+    def _new_tokens(self, index: int, tokens: tuple[int, ...], text: str | None) -> P.StreamChunk:
+        if index > self._num_tokens:
+            raise ProtocolError(
+                f"stream gap for {self.req_id}: have {self._num_tokens} tokens, got index {index}"
+            )
+        fresh = tokens[self._num_tokens - index:]
+        chunk = P.StreamChunk(self.req_id, self._num_tokens, fresh, text if fresh else None)
+        self._num_tokens += len(fresh)
+        return chunk
+
+    async def aclose(self) -> None:
+        if self.client._pending.pop(self.req_id, None) is None:  # noqa: SLF001
+            return
+        if not self._done and self.client._sock is not None:  # noqa: SLF001
+            with contextlib.suppress(zmq.ZMQError):
+                await asend_msg(self.client._sock, P.Cancel(self.req_id, "client gave up"))  # noqa: SLF001
+        self._done = True
+
+
+class Client:
+    """Blocking client: an AsyncClient driven by a private event-loop thread (thread-safe)."""
+
+    def __init__(self, endpoint: str | None = None, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="exegpt-client")
+        self._thread.start()
+        self._async = AsyncClient(endpoint, **kwargs)
+        self.endpoint = self._async.endpoint
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self, aw: Awaitable[T]) -> T:
+        async def wrapped() -> T:
+            return await aw
+
+        return asyncio.run_coroutine_threadsafe(wrapped(), self._loop).result()
+
+    def generate(self, prompt: str | None = None, **kwargs: Any) -> P.Result:
+        return self._run(self._async.generate(prompt, **kwargs))
+
+    def stream(self, prompt: str | None = None, **kwargs: Any) -> Stream:
+        """Iterate the returned Stream for StreamChunks; `.result` is set at the end."""
+        return Stream(self, self._async.stream(prompt, **kwargs))
+
+    def cancel(self, req_id: str) -> None:
+        self._run(self._async.cancel(req_id))
+
+    def stats(self, **kwargs: Any) -> P.Stats:
+        return self._run(self._async.stats(**kwargs))
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._run(self._async.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+
+class Stream:
+    """Blocking view of an AsyncStream; closing it (or leaving `with`) early cancels."""
+
+    def __init__(self, client: Client, astream: AsyncStream) -> None:
+        self._client, self._astream = client, astream
+        self._chunks: Any = astream.__aiter__()
+        self.req_id = astream.req_id
+        client._run(astream.start())  # noqa: SLF001
+
+    @property
+    def result(self) -> P.Result | None:
+        return self._astream.result
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[P.StreamChunk]:
+        return self
+
+    def __next__(self) -> P.StreamChunk:
+        try:
+            return self._client._run(self._chunks.__anext__())  # noqa: SLF001
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    def close(self) -> None:
+        self._client._run(self._chunks.aclose())  # noqa: SLF001
+        self._client._run(self._astream.aclose())  # noqa: SLF001

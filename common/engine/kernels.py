@@ -1,0 +1,104 @@
+"""Attention and linear kernels chosen for decode speed on CPUs (see cpu-performance-notes.md).
+
+Why not just ``F.linear`` and SDPA everywhere: at one token per step (M=1) the oneDNN bf16 GEMM
+reads weights at half the memory bandwidth of torch's native kernel, while for M >= 8 oneDNN
+wins; and CPU SDPA is slow for ragged decode batches, where two batched matmuls over the
+preallocated cache (GQA query heads grouped under their KV head) are about twice as fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+# Row counts up to this use torch's native bf16 GEMM on the CPU instead of oneDNN.
+NATIVE_MAX_ROWS = 1
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+@contextlib.contextmanager
+def gemm_backend(rows: int, dtype: torch.dtype, device: torch.device) -> Iterator[None]:
+    """For a whole pass: bf16 CPU GEMMs with few rows use torch's native kernel (oneDNN off).
+
+    Toggled once per pass, not per matmul: the flag switch itself costs tens of microseconds."""
+    if not (dtype == torch.bfloat16 and device.type == "cpu" and rows <= NATIVE_MAX_ROWS):
+        yield
+        return
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
+
+
+def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """[B, max_len] bool, True where position >= that sequence's length (to be masked)."""
+    positions = torch.arange(max_len, device=lengths.device)
+    return positions.unsqueeze(0) >= lengths.unsqueeze(1)
+
+
+def mask_bias(pad_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [B, 1, 1, L] scores: 0 where attended, -inf where masked (once per pass)."""
+    bias = torch.zeros(pad_mask.shape, dtype=dtype, device=pad_mask.device)
+    return bias.masked_fill_(pad_mask, float("-inf")).view(pad_mask.shape[0], 1, 1, -1)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_mask: torch.Tensor,
+                     scale: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``grouped_decode_attention`` from a [B, L] pad mask (True = masked) and an optional
+    additive [B or 1, Hq, L] score bias (T5 relative positions)."""
+    num_q, num_kv = q.shape[1], k.shape[1]
+    total = mask_bias(pad_mask, torch.float32 if bias is not None else q.dtype)
+    if bias is not None:
+        total = total + bias.float().view(bias.shape[0], num_kv, num_q // num_kv, -1)
+    return grouped_decode_attention(q, k, v, total, scale)
+
+
+def grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token per sequence against its cached keys, GQA heads grouped per KV head.
+
+    q: [B, Hq, D]; k, v: [B, Hkv, L, D] (views of the cache, L = longest sequence);
+    bias: additive scores broadcastable to [B, Hkv, G, L] (``mask_bias``, plus T5's relative
+    position bias reshaped by the caller). Softmax runs in float32. Returns [B, Hq, D].
+    """
+    b, num_q, d = q.shape
+    num_kv = k.shape[1]
+    qg = q.view(b, num_kv, num_q // num_kv, d)
+    scores = torch.matmul(qg, k.transpose(-1, -2))  # [B, Hkv, G, L]
+    if bias.dtype != scores.dtype:
+        scores = scores.float()
+    if scale != 1.0:
+        scores = scores.mul_(scale)
+    probs = torch.softmax(scores.add_(bias), dim=-1, dtype=torch.float32).to(v.dtype)
+    return torch.matmul(probs, v).view(b, num_q, d)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      causal: bool = True) -> torch.Tensor:
+    """Attention for one sequence's prompt. q: [Hq, T, D]; k, v: [Hkv, S, D] -> [Hq, T, D].
+
+    The query positions are the last T of the S key positions (S > T when appending to a
+    cached prefix)."""
+    num_q, t, _ = q.shape
+    s = k.shape[1]
+    group = num_q // k.shape[0]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=0)
+        v = v.repeat_interleave(group, dim=0)
+    if causal and s != t:
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal and t > 1, scale=scale)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

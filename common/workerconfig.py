@@ -1,0 +1,107 @@
+"""Worker settings (both roles): one frozen value from args or ``EXEGPT_*`` environment.
+
+The same flags start a worker under ``exegpt serve`` and as a docker-compose service; the
+coordinator's Assign then supplies what the whole mesh must agree on (the model shape).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from dataclasses import dataclass
+
+BACKENDS = ("null",)
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"EXEGPT_{name}", default)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """``capacity``: decoder = max running sequences; encoder = max requests per batch."""
+
+    role: str
+    coordinator: str
+    worker_id: str
+    tp_rank: int = 0
+    tp_size: int = 1
+    device: str = "cpu"
+    capacity: int = 256
+    kv_bind: str | None = None
+    kv_advertise: str | None = None
+    heartbeat_interval_s: float = 0.5
+    heartbeat_timeout_s: float = 5.0
+    startup_timeout_s: float = 60.0
+    backend: str = "null"
+    encode_cost_ms: float = 0.0
+    encode_cost_ms_per_token: float = 0.0
+    decode_cost_ms: float = 0.0
+    stream_interval: int = 1
+
+    def __post_init__(self) -> None:
+        if self.role not in ("encoder", "decoder"):
+            raise ValueError(f"worker role must be encoder or decoder, got {self.role!r}")
+        if not self.coordinator.startswith(("ipc://", "tcp://", "inproc://")):
+            raise ValueError(f"coordinator endpoint {self.coordinator!r} must be ipc:// or tcp://")
+        if self.role == "decoder" and not self.kv_bind:
+            raise ValueError("a decoder needs --kv-bind (where encoders send KV), e.g. "
+                             "tcp://0.0.0.0:* or ipc:///tmp/kv-dec0")
+        if not 0 <= self.tp_rank < self.tp_size:
+            raise ValueError(f"need 0 <= tp_rank < tp_size, got {self.tp_rank}/{self.tp_size}")
+        if self.capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {self.capacity}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; available: {BACKENDS}")
+        if min(self.encode_cost_ms, self.encode_cost_ms_per_token, self.decode_cost_ms) < 0:
+            raise ValueError("costs must be >= 0 ms")
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
+        if not 0 < self.heartbeat_interval_s < self.heartbeat_timeout_s:
+            raise ValueError("need 0 < heartbeat interval < heartbeat timeout")
+
+
+def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
+    add = parser.add_argument
+    add("--coordinator", default=_env("WORKER_ENDPOINT", "tcp://127.0.0.1:5556"),
+        help="the coordinator's worker endpoint (connect)")
+    add("--worker-id", default=_env("WORKER_ID", f"{role[:3]}-{socket.gethostname()}-"
+                                                 f"{os.getpid()}"))
+    add("--tp-rank", type=int, default=int(_env("TP_RANK", "0")))
+    add("--tp-size", type=int, default=int(_env("TP_SIZE", "1")))
+    add("--device", default=_env("DEVICE", "cpu"))
+    add("--capacity", type=int, default=int(_env("CAPACITY", "256")),
+        help="decoder: max running sequences; encoder: max requests per batch")
+    add("--heartbeat-interval", type=float, default=float(_env("HEARTBEAT_INTERVAL", "0.5")))
+    add("--heartbeat-timeout", type=float, default=float(_env("HEARTBEAT_TIMEOUT", "5")),
+        help="exit when the coordinator is silent this long")
+    add("--startup-timeout", type=float, default=float(_env("STARTUP_TIMEOUT", "60")))
+    add("--null-model", action="store_const", const="null", dest="backend",
+        default=_env("BACKEND", "null"), help="no math: real-sized KV, deterministic tokens")
+    if role == "encoder":
+        add("--encode-cost-ms", type=float, default=float(_env("ENCODE_COST_MS", "0")))
+        add("--encode-cost-ms-per-token", type=float,
+            default=float(_env("ENCODE_COST_MS_PER_TOKEN", "0")))
+    else:
+        add("--kv-bind", default=_env("KV_BIND", "tcp://127.0.0.1:*"),
+            help="where encoders send KV (bind); tcp://host:* picks a free port")
+        add("--kv-advertise", default=os.environ.get("EXEGPT_KV_ADVERTISE"),
+            help="the endpoint encoders connect to, if not the bound one")
+        add("--decode-cost-ms", type=float, default=float(_env("DECODE_COST_MS", "0")))
+        add("--stream-interval", type=int, default=int(_env("STREAM_INTERVAL", "1")),
+            help="publish a sequence's tokens every N iterations (first and last at once)")
+
+
+def from_args(args: argparse.Namespace, role: str) -> WorkerConfig:
+    return WorkerConfig(
+        role=role, coordinator=args.coordinator, worker_id=args.worker_id,
+        tp_rank=args.tp_rank, tp_size=args.tp_size, device=args.device, capacity=args.capacity,
+        kv_bind=getattr(args, "kv_bind", None), kv_advertise=getattr(args, "kv_advertise", None),
+        heartbeat_interval_s=args.heartbeat_interval, heartbeat_timeout_s=args.heartbeat_timeout,
+        startup_timeout_s=args.startup_timeout, backend=args.backend,
+        encode_cost_ms=getattr(args, "encode_cost_ms", 0.0),
+        encode_cost_ms_per_token=getattr(args, "encode_cost_ms_per_token", 0.0),
+        decode_cost_ms=getattr(args, "decode_cost_ms", 0.0),
+        stream_interval=getattr(args, "stream_interval", 1),
+    )

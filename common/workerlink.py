@@ -1,0 +1,299 @@
+"""A worker's I/O thread: every socket, the handshake and heartbeats, off the compute loop.
+
+    coordinator ROUTER <--DEALER--+                      +--> inbox (queue.Queue) --> compute loop
+    encoders' DEALERs --> ROUTER -+-- I/O thread (poll) -+
+    (decoder's KV endpoint)       +-- DEALER per decoder <-- inproc PULL <-- compute loop sends
+
+The compute loop never touches a socket: it takes decoded messages from ``inbox`` and hands
+outgoing ones to :meth:`WorkerLink.send` (encoded on the compute thread, forwarded over an
+inproc pipe). The I/O thread answers what needs no math itself: heartbeats (and the
+coordinator's deadline: no message from it for ``heartbeat_timeout_s`` and the worker stops),
+``Assign`` updates of the peer table, and malformed messages (an ``Error`` back to the sender).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from common import protocol as P
+from common.errors import ProtocolError
+from common.sockets import bound_endpoint, make_socket
+from common.workerconfig import WorkerConfig
+
+_TO_COORDINATOR = b"C"
+_TO_DECODER = b"K"
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Put on the inbox when the worker must stop: why, and whether that is an error."""
+
+    reason: str
+    error: bool
+
+
+class WorkerLink:
+    """Owns the worker's sockets on one I/O thread; see the module docstring."""
+
+    def __init__(self, cfg: WorkerConfig, log: Any) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.inbox: queue.Queue[P.Message | Stop] = queue.Queue()
+        self.load: Callable[[], dict[str, Any]] = dict
+        self.kv_endpoint: str | None = None
+        self._ctx = zmq.Context.instance()
+        self._pipe_addr = f"inproc://worker-out-{id(self)}"
+        self._pull = make_socket(self._ctx, "PULL", bind=self._pipe_addr, hwm=100_000)
+        # used by the compute thread only (a zmq socket belongs to one thread)
+        self._push = make_socket(self._ctx, "PUSH", connect=self._pipe_addr, hwm=100_000)
+        self._stop = threading.Event()
+        self._assigned = threading.Event()
+        self._assign: P.Assign | None = None
+        self._peers: dict[str, str] = {}
+        self._thread = threading.Thread(target=self._run, name="worker-io", daemon=True)
+        self._coord = self._make_coordinator_socket()
+        self._kv_in = self._bind_kv() if cfg.role == "decoder" else None
+        self._kv_out: dict[str, zmq.Socket] = {}
+
+    # ---- compute-thread API ---------------------------------------------------------------
+    def start(self) -> P.Assign:
+        """Send HELLO, start the I/O thread and wait for the coordinator's Assign."""
+        self._thread.start()
+        if not self._assigned.wait(self.cfg.startup_timeout_s):
+            raise TimeoutError(f"no Assign from the coordinator at {self.cfg.coordinator} within "
+                               f"{self.cfg.startup_timeout_s:.0f} s; is it running?")
+        assert self._assign is not None
+        return self._assign
+
+    def ready(self, info: dict[str, Any]) -> None:
+        self.send(P.Ready(worker_id=self.cfg.worker_id, kv_endpoint=self.kv_endpoint, info=info))
+
+    def send(self, msg: P.Message, decoder_id: str | None = None) -> None:
+        """Queue ``msg`` for the coordinator, or for ``decoder_id``'s KV endpoint."""
+        dest = _TO_COORDINATOR if decoder_id is None else _TO_DECODER + decoder_id.encode()
+        self._push.send_multipart([dest, *P.encode(msg)], copy=False)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for sock in [self._push, self._pull, self._coord, self._kv_in, *self._kv_out.values()]:
+            if sock is not None:
+                sock.close(linger=0)
+
+    # ---- sockets --------------------------------------------------------------------------
+    def _make_coordinator_socket(self) -> zmq.Socket:
+        return make_socket(self._ctx, "DEALER", connect=self.cfg.coordinator,
+                           identity=self.cfg.worker_id, hwm=100_000)
+
+    def _bind_kv(self) -> zmq.Socket:
+        assert self.cfg.kv_bind is not None
+        sock = make_socket(self._ctx, "ROUTER", bind=self.cfg.kv_bind)
+        self.kv_endpoint = advertised(bound_endpoint(sock), self.cfg.kv_advertise)
+        return sock
+
+    def _kv_socket(self, decoder_id: str) -> zmq.Socket | None:
+        sock = self._kv_out.get(decoder_id)
+        endpoint = self._peers.get(decoder_id)
+        if sock is None and endpoint is not None:
+            sock = make_socket(self._ctx, "DEALER", connect=endpoint,
+                               identity=self.cfg.worker_id)
+            self._kv_out[decoder_id] = sock
+        return sock
+
+    # ---- I/O thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:  # noqa: BLE001 - the worker must hear about any I/O failure
+            self.log.exception("io_thread_failed")
+            self.inbox.put(Stop(f"I/O thread failed: {exc!r}", error=True))
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        for sock in (self._coord, self._pull, self._kv_in):
+            if sock is not None:
+                poller.register(sock, zmq.POLLIN)
+        self._send_hello()
+        interval = self.cfg.heartbeat_interval_s
+        last_heard = time.monotonic()
+        next_beat = time.monotonic()
+        beat_seq = 0
+        while not self._stop.is_set():
+            events = dict(poller.poll(timeout=max(1, int(interval * 250))))
+            if self._coord in events:
+                last_heard = time.monotonic()
+                self._drain_coordinator()
+            if self._pull in events:
+                self._drain_outbox()
+            if self._kv_in is not None and self._kv_in in events:
+                self._drain_kv()
+            now = time.monotonic()
+            if now >= next_beat:
+                interval, beat_seq = self._beat(beat_seq)
+                next_beat = now + interval
+            if now - last_heard > self._deadline():
+                self.inbox.put(Stop(f"coordinator silent for {now - last_heard:.1f} s", True))
+                return
+
+    def _deadline(self) -> float:
+        return self.cfg.heartbeat_timeout_s if self._assigned.is_set() else \
+            self.cfg.startup_timeout_s
+
+    def _send_hello(self) -> None:
+        hello = P.Hello(worker_id=self.cfg.worker_id, role=self.cfg.role,
+                        tp_rank=self.cfg.tp_rank, tp_size=self.cfg.tp_size,
+                        device=self.cfg.device, pid=os.getpid(), host=socket.gethostname(),
+                        kv_endpoint=self.kv_endpoint, capacity={"max_seqs": self.cfg.capacity})
+        self._coord.send_multipart(P.encode(hello))
+
+    def _beat(self, seq: int) -> tuple[float, int]:
+        if not self._assigned.is_set():
+            self._send_hello()  # the coordinator may have started after us
+            return self.cfg.heartbeat_interval_s, seq
+        beat = P.Heartbeat(worker_id=self.cfg.worker_id, seq=seq, t_sent=time.time(),
+                           load=self.load())
+        self._coord.send_multipart(P.encode(beat))
+        assert self._assign is not None
+        return self._assign.heartbeat_interval_s, seq + 1
+
+    def _drain_coordinator(self) -> None:
+        while True:
+            try:
+                frames = self._coord.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                msg = P.decode(frames)
+            except ProtocolError as exc:
+                self.log.warning("bad_message_from_coordinator", error=str(exc))
+                self._coord.send_multipart(P.encode(P.Error(
+                    code="protocol_error", message=str(exc), req_id=P.peek_req_id(frames))))
+                continue
+            self._on_coordinator(msg)
+
+    def _on_coordinator(self, msg: P.Message) -> None:
+        if isinstance(msg, P.Heartbeat):
+            return
+        if isinstance(msg, P.Assign):
+            self._peers = dict(msg.peers)
+            for gone in set(self._kv_out) - set(self._peers):  # lost decoders: drop queued KV
+                self._kv_out.pop(gone).close(linger=0)
+            first = self._assign is None
+            self._assign = msg
+            if first:
+                self._assigned.set()
+            return
+        self.inbox.put(msg)
+
+    def _drain_outbox(self) -> None:
+        while True:
+            try:
+                dest, *frames = self._pull.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            tag = dest.bytes
+            if tag == _TO_COORDINATOR:
+                self._coord.send_multipart(frames, copy=False)
+                continue
+            decoder_id = tag[1:].decode()
+            sock = self._kv_socket(decoder_id)
+            if sock is None:
+                self._report_no_route(decoder_id, frames)
+            else:
+                sock.send_multipart(frames, copy=False)
+
+    def _report_no_route(self, decoder_id: str, frames: list[Any]) -> None:
+        req_id = P.peek_req_id(frames)
+        self.log.error("unknown_decoder", decoder=decoder_id, req_id=req_id)
+        self._coord.send_multipart(P.encode(P.Error(
+            code="internal", req_id=req_id,
+            message=f"encoder {self.cfg.worker_id} has no KV endpoint for decoder {decoder_id}")))
+
+    def _drain_kv(self) -> None:
+        assert self._kv_in is not None
+        while True:
+            try:
+                sender, *frames = self._kv_in.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                msg = P.decode(frames)
+                if not isinstance(msg, P.KVHandoff):
+                    raise ProtocolError(f"the KV endpoint takes KVHandoff, got "
+                                        f"{type(msg).__name__}")
+            except ProtocolError as exc:
+                self.log.warning("bad_kv_message", error=str(exc))
+                with contextlib.suppress(zmq.Again):
+                    self._kv_in.send_multipart([sender, *P.encode(P.Error(
+                        code="protocol_error", message=str(exc),
+                        req_id=P.peek_req_id(frames)))], zmq.NOBLOCK)
+                continue
+            self.inbox.put(msg)
+
+
+def advertised(bound: str, advertise: str | None) -> str:
+    """The KV endpoint peers should connect to: an explicit one, or the bound one with a
+    wildcard host replaced by this host's name (docker-compose service names resolve)."""
+    if advertise:
+        return advertise
+    if bound.startswith("tcp://0.0.0.0:") or bound.startswith("tcp://*:"):
+        return f"tcp://{socket.gethostname()}:{bound.rsplit(':', 1)[1]}"
+    return bound
+
+
+class Terminated(Exception):
+    """Raised in the main thread by SIGTERM/SIGINT: stop now, closing sockets on the way."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(signal.Signals(signum).name)
+
+
+def run_worker(cfg: WorkerConfig, make_loop: Callable[[WorkerLink, P.Assign, Any], Any]) -> int:
+    """A worker process's life: logs, HELLO/Assign, backend setup, READY, the loop, cleanup.
+
+    ``make_loop(link, assign, log)`` builds the backend and the compute loop (it may take long:
+    weights load here); its ``run()`` returns the exit code.
+    """
+    log = setup_worker_logs(cfg)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _raise_terminated)
+    link = WorkerLink(cfg, log)
+    try:
+        assign = link.start()
+        log.info("assigned", assigned_role=assign.role, peers=len(assign.peers))
+        loop = make_loop(link, assign, log)
+        link.ready({"pid": os.getpid(), "backend": cfg.backend})
+        log.info("ready", kv_endpoint=link.kv_endpoint)
+        code = int(loop.run())
+        log.info("exit", code=code)
+        return code
+    except Terminated as exc:
+        log.info("terminated", signal=str(exc))
+        return 0
+    except (TimeoutError, ValueError, OSError) as exc:
+        log.error("failed", error=str(exc))
+        print(f"{cfg.role} worker {cfg.worker_id}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        link.close()
+
+
+def setup_worker_logs(cfg: WorkerConfig) -> Any:
+    """JSON lines in ``runs/<run-id>/<role>-<worker_id>.jsonl`` (run id from the launcher)."""
+    from common.logs import get_logger, setup_logging
+
+    setup_logging(cfg.role, cfg.worker_id, tp_rank=cfg.tp_rank)
+    return get_logger()

@@ -1,0 +1,96 @@
+"""`exegpt bench planner`: search time per (workload, bound), B&B vs exhaustive, closed form vs DES.
+
+Scenarios: the paper's five tasks x the paper's bounds (static baseline's 10/30/70th latency
+percentiles, plus no bound) for one model on an analytic GPU cluster (default OPT-13B on 4 A40).
+Exhaustive search (the reference) is slow, so it runs on ``--exhaustive-tasks`` only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("planner", help="planner search time and accuracy",
+                              description=__doc__)
+    p.add_argument("--model", default="opt-13b")
+    p.add_argument("--gpu", default="a40", choices=["a40", "a100", "h100"])
+    p.add_argument("--gpus", type=int, default=4)
+    p.add_argument("--tasks", default="S,T,G,C1,C2")
+    p.add_argument("--exhaustive-tasks", default="S", help="tasks also searched exhaustively "
+                                                           "('' for none)")
+    p.add_argument("--repeats", type=int, default=3, help="B&B timing repeats (median)")
+    p.add_argument("--des-requests", type=int, default=8000)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from common.models.config import ModelConfig
+    from coordinator.planner.analytic import analytic_profile
+    from coordinator.planner.candidate import WorkloadStats
+    from coordinator.planner.costs import Costs
+    from coordinator.planner.des import run_des
+    from coordinator.planner.scheduler import search
+    from coordinator.planner.sweep import paper_bounds
+    from coordinator.planner.workload import preset
+
+    costs = Costs(analytic_profile(args.gpu, ModelConfig.preset(args.model)))
+    exh_tasks = {t for t in args.exhaustive_tasks.split(",") if t}
+    print(f"{args.model} on {args.gpus} x {args.gpu} (analytic); policies rra, waa-c, waa-m; "
+          "machine shared with other jobs: times are medians")
+    print("| task | bound (s) | B&B s | evals | exhaustive s | evals | B&B/exh thr | "
+          "DES/closed thr | DES/closed p99-len lat |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    bnb_times, gaps, des_thr, des_lat = [], [], [], []
+    for task in args.tasks.split(","):
+        wl = preset(task)
+        stats = WorkloadStats(wl)
+        for bound in paper_bounds(stats, costs, args.gpus):
+            b = bound if math.isfinite(bound) else 1e18
+            times, res = [], None
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                res = search(stats, costs, args.gpus, b)
+                times.append(time.perf_counter() - t0)
+            assert res is not None
+            med = statistics.median(times)
+            bnb_times.append(med)
+            row = [task, "inf" if not math.isfinite(bound) else f"{bound:.2f}", f"{med:.3f}",
+                   str(res.evaluated)]
+            if task in exh_tasks:
+                ex = search(stats, costs, args.gpus, b, use_exhaustive=True)
+                ratio = _ratio(res, ex)
+                gaps.append(ratio)
+                row += [f"{ex.seconds:.1f}", str(ex.evaluated), f"{ratio:.4f}"]
+            else:
+                row += ["-", "-", "-"]
+            if res.best is not None:
+                cand, m = res.best
+                d = run_des(cand, wl, costs, num_requests=args.des_requests, seed=0).metrics
+                des_thr.append(d.throughput_seq_s / m.throughput_seq_s)
+                des_lat.append(d.latency_p99len_s / m.latency_p99len_s)
+                row += [f"{des_thr[-1]:.4f}", f"{des_lat[-1]:.4f}"]
+            else:
+                row += ["infeasible", "-"]
+            print("| " + " | ".join(row) + " |", flush=True)
+    print(f"\nB&B search time: median {statistics.median(bnb_times):.3f} s, "
+          f"max {max(bnb_times):.3f} s over {len(bnb_times)} scenarios")
+    if gaps:
+        print(f"B&B / exhaustive throughput: min {min(gaps):.4f} over {len(gaps)} scenarios")
+    if des_thr:
+        worst_t = max(abs(x - 1) for x in des_thr)
+        worst_l = max(abs(x - 1) for x in des_lat)
+        print(f"closed form vs DES: worst throughput gap {worst_t:.2%}, worst p99-length "
+              f"latency gap {worst_l:.2%}")
+    return 0
+
+
+def _ratio(bnb, ex) -> float:  # noqa: ANN001
+    if ex.best is None:
+        return 1.0 if bnb.best is None else float("nan")
+    if bnb.best is None:
+        return 0.0
+    return bnb.best[1].throughput_seq_s / ex.best[1].throughput_seq_s

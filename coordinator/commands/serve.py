@@ -1,0 +1,127 @@
+"""`exegpt serve`: start a coordinator and its workers as local processes and supervise them.
+
+Startup fails fast (with the dead process's stderr tail) when any process dies before the
+handshake completes; afterwards the launcher reports worker exits and losses, and SIGINT /
+SIGTERM stop the mesh in order (coordinator drains, then workers, then SIGKILL stragglers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from common.models.config import ModelConfig
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("serve", help="start a coordinator and workers (local processes)",
+                              description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--null-model", action="store_true",
+                   help="workers do no math: real-sized KV, deterministic tokens")
+    p.add_argument("--encoders", type=int, default=1, help="encoder workers (default 1)")
+    p.add_argument("--decoders", type=int, default=1, help="decoder workers (default 1)")
+    p.add_argument("--encoder-tp", type=int, default=1, help="tp_size of each encoder")
+    p.add_argument("--decoder-tp", type=int, default=1, help="tp_size of each decoder")
+    p.add_argument("--decoder-capacity", type=int, default=256,
+                   help="max running sequences per decoder")
+    p.add_argument("--transport", choices=("ipc", "tcp"), default="ipc")
+    p.add_argument("--host", default="127.0.0.1", help="tcp interface to bind")
+    p.add_argument("--endpoint", default=None,
+                   help="client endpoint (default: ipc path in /tmp or tcp://HOST:free-port)")
+    p.add_argument("--model-shape", default="smollm2-135m", choices=ModelConfig.preset_names(),
+                   help="model preset that sizes KV payloads and the vocabulary")
+    p.add_argument("--encode-batch", type=int, default=16, help="max requests per encode batch")
+    p.add_argument("--encode-cost-ms", type=float, default=0.0, help="null encode cost per batch")
+    p.add_argument("--encode-cost-ms-per-token", type=float, default=0.0)
+    p.add_argument("--decode-cost-ms", type=float, default=0.0,
+                   help="null decode cost per iteration")
+    p.add_argument("--heartbeat-interval", type=float, default=0.5)
+    p.add_argument("--heartbeat-timeout", type=float, default=5.0)
+    p.add_argument("--drain-timeout", type=float, default=10.0,
+                   help="on SIGTERM, how long in-flight requests may take to finish")
+    p.add_argument("--startup-timeout", type=float, default=60.0)
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="parent of run dirs")
+    p.set_defaults(func=run)
+
+
+def spec_from_args(args: argparse.Namespace) -> Any:
+    from coordinator.launch import LaunchSpec, WorkerGroup
+
+    return LaunchSpec(
+        groups=(WorkerGroup("encoder", args.encoders, args.encoder_tp),
+                WorkerGroup("decoder", args.decoders, args.decoder_tp, args.decoder_capacity)),
+        runs_path=args.runs_dir, transport=args.transport, client_endpoint=args.endpoint,
+        host=args.host, model_shape=args.model_shape, encode_batch=args.encode_batch,
+        encode_cost_ms=args.encode_cost_ms,
+        encode_cost_ms_per_token=args.encode_cost_ms_per_token,
+        decode_cost_ms=args.decode_cost_ms, heartbeat_interval_s=args.heartbeat_interval,
+        heartbeat_timeout_s=args.heartbeat_timeout, drain_timeout_s=args.drain_timeout)
+
+
+def run(args: argparse.Namespace) -> int:
+    from common.procs import SignalWatch, StartupError
+    from coordinator.launch import LocalMesh
+
+    if not args.null_model:
+        print("exegpt serve: only --null-model is available until the runner lands; "
+              "pass --null-model", file=sys.stderr)
+        return 2
+    try:
+        spec = spec_from_args(args)
+    except ValueError as exc:
+        print(f"exegpt serve: {exc}", file=sys.stderr)
+        return 2
+    signals = SignalWatch()
+    mesh = LocalMesh(spec, startup_timeout_s=args.startup_timeout)
+    try:
+        endpoint = mesh.start(signals)
+    except StartupError as exc:
+        print(f"exegpt serve: startup failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"exegpt serving (null model, {spec.model_shape}) on {endpoint}\n"
+          f"  run {spec.run_id}: logs in {spec.run_dir} (exegpt logs -f --run {spec.run_id})\n"
+          f"  clients: Client({endpoint!r}); Ctrl-C stops", flush=True)
+    try:
+        return supervise(mesh, signals)
+    finally:
+        killed = mesh.stop()
+        if killed:
+            print(f"exegpt serve: killed unresponsive {', '.join(killed)}", file=sys.stderr)
+        signals.close()
+
+
+def supervise(mesh: Any, signals: Any) -> int:
+    """Until a signal or the coordinator's exit: report worker exits and losses."""
+    from common.procs import wait_any
+
+    reported: set[str] = set()
+    status_open = True
+    while True:
+        fds = [signals.read_fd] + ([mesh.status.read_fd] if status_open else [])
+        alive = [c for c in mesh.children if c.name not in reported]
+        exited, ready = wait_any(alive, fds, None)
+        if signals.read_fd in ready:
+            signals.drain()
+            if signals.received:
+                print("exegpt serve: stopping (draining in-flight requests)", flush=True)
+                return 0
+        if status_open and mesh.status.read_fd in ready:
+            for event in mesh.status.read_events():
+                if event.get("event") == "closed":
+                    status_open = False
+                elif event.get("event") == "lost":
+                    print(f"exegpt serve: worker {event.get('worker')} lost: "
+                          f"{event.get('why')}", file=sys.stderr, flush=True)
+        for child in exited:
+            if child is mesh.coordinator:
+                print(f"exegpt serve: {child.describe_exit()}", file=sys.stderr)
+                return 1
+            if child.name not in reported:
+                reported.add(child.name)
+                print(f"exegpt serve: {child.describe_exit()}", file=sys.stderr, flush=True)
+        if len(reported) == len(mesh.workers):
+            print("exegpt serve: every worker has exited", file=sys.stderr)
+            return 1

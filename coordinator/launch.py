@@ -1,0 +1,203 @@
+"""Launch spec -> a running local mesh (coordinator + worker processes), and its shutdown.
+
+A :class:`LaunchSpec` names worker groups (role, count, tp_size) and how to reach the
+coordinator; a real plan (planner) fills the groups later. :class:`LocalMesh` starts the
+coordinator first (it binds and reports its real endpoints on the status pipe, so ``tcp://..:*``
+needs no port guessing), then every worker rank, then waits for the handshake while watching
+every child's exit. Shutdown is ordered: SIGTERM to the coordinator (it drains in-flight
+requests and sends Shutdown to the workers), then the workers get a grace period, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.logs import ENV_RUN_ID, ENV_RUNS_DIR, new_run_id
+from common.procs import (
+    Child,
+    ChildSpec,
+    SignalWatch,
+    StartupError,
+    StatusPipe,
+    reap,
+    start_child,
+    terminate_all,
+    wait_for_ready,
+)
+
+TRANSPORTS = ("ipc", "tcp")
+
+
+@dataclass(frozen=True)
+class WorkerGroup:
+    """``count`` workers of one role, each a TP group of ``tp_size`` rank processes."""
+
+    role: str
+    count: int
+    tp_size: int = 1
+    capacity: int = 256
+
+    def __post_init__(self) -> None:
+        if self.role not in ("encoder", "decoder"):
+            raise ValueError(f"worker group role must be encoder or decoder, got {self.role!r}")
+        if self.count < 1 or self.tp_size < 1 or self.capacity < 1:
+            raise ValueError(f"{self.role} group: count, tp_size and capacity must be >= 1")
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    groups: tuple[WorkerGroup, ...]
+    runs_path: Path = Path("runs")
+    transport: str = "ipc"
+    client_endpoint: str | None = None  # None: a fresh ipc path or tcp://127.0.0.1:*
+    host: str = "127.0.0.1"
+    model_shape: str = "tiny-llama"
+    encode_batch: int = 16
+    encode_cost_ms: float = 0.0
+    encode_cost_ms_per_token: float = 0.0
+    decode_cost_ms: float = 0.0
+    stream_interval: int = 1
+    heartbeat_interval_s: float = 0.5
+    heartbeat_timeout_s: float = 5.0
+    drain_timeout_s: float = 10.0
+    run_id: str = field(default_factory=new_run_id)
+
+    def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        roles = {g.role for g in self.groups}
+        if roles != {"encoder", "decoder"}:
+            raise ValueError("a launch spec needs at least one encoder and one decoder group")
+
+    @property
+    def run_dir(self) -> Path:
+        return self.runs_path / self.run_id
+
+    def env(self) -> tuple[tuple[str, str], ...]:
+        """Every child logs into the same run directory."""
+        return ((ENV_RUN_ID, self.run_id), (ENV_RUNS_DIR, str(self.runs_path)))
+
+    def num_processes(self, role: str) -> int:
+        return sum(g.count * g.tp_size for g in self.groups if g.role == role)
+
+    @property
+    def ipc_dir(self) -> str:
+        """Socket files live in /tmp: unix socket paths are limited to 107 bytes."""
+        return f"/tmp/exegpt-{self.run_id}"
+
+    def _endpoint(self, name: str) -> str:
+        if self.transport == "ipc":
+            return f"ipc://{self.ipc_dir}/{name}"
+        return f"tcp://{self.host}:*"
+
+    def coordinator_child(self, status_fd: int) -> ChildSpec:
+        argv = [sys.executable, "-m", "coordinator",
+                "--client-endpoint", self.client_endpoint or self._endpoint("client"),
+                "--worker-endpoint", self._endpoint("workers"),
+                "--encoders", str(self.num_processes("encoder")),
+                "--decoders", str(self.num_processes("decoder")),
+                "--encode-batch", str(self.encode_batch), "--model-shape", self.model_shape,
+                "--heartbeat-interval", str(self.heartbeat_interval_s),
+                "--heartbeat-timeout", str(self.heartbeat_timeout_s),
+                "--drain-timeout", str(self.drain_timeout_s),
+                "--ready-fd", str(status_fd)]
+        return ChildSpec("coordinator", tuple(argv), env=self.env(), pass_fds=(status_fd,))
+
+    def worker_children(self, worker_endpoint: str) -> list[ChildSpec]:
+        out = []
+        for group in self.groups:
+            prefix = group.role[:3]
+            index = sum(g.count for g in self.groups[:self.groups.index(group)]
+                        if g.role == group.role)
+            for i in range(index, index + group.count):
+                for rank in range(group.tp_size):
+                    worker_id = f"{prefix}{i}" + (f".r{rank}" if group.tp_size > 1 else "")
+                    out.append(self._worker_child(group, worker_id, rank, worker_endpoint))
+        return out
+
+    def _worker_child(self, group: WorkerGroup, worker_id: str, rank: int,
+                      worker_endpoint: str) -> ChildSpec:
+        argv = [sys.executable, "-m", f"{group.role}_worker", "--coordinator", worker_endpoint,
+                "--worker-id", worker_id, "--tp-rank", str(rank),
+                "--tp-size", str(group.tp_size), "--capacity", str(group.capacity),
+                "--null-model",
+                "--heartbeat-interval", str(self.heartbeat_interval_s),
+                "--heartbeat-timeout", str(self.heartbeat_timeout_s)]
+        if group.role == "encoder":
+            argv += ["--encode-cost-ms", str(self.encode_cost_ms),
+                     "--encode-cost-ms-per-token", str(self.encode_cost_ms_per_token)]
+        else:
+            kv = (f"ipc://{self.ipc_dir}/kv-{worker_id}"
+                  if self.transport == "ipc" else f"tcp://{self.host}:*")
+            argv += ["--kv-bind", kv, "--decode-cost-ms", str(self.decode_cost_ms),
+                     "--stream-interval", str(self.stream_interval)]
+        return ChildSpec(f"{group.role}-{worker_id}", tuple(argv), env=self.env())
+
+
+class LocalMesh:
+    """The processes of one local run; ``start()`` returns once the mesh serves."""
+
+    def __init__(self, spec: LaunchSpec, startup_timeout_s: float = 60.0) -> None:
+        self.spec = spec
+        self.startup_timeout_s = startup_timeout_s
+        self.children: list[Child] = []
+        self.coordinator: Child | None = None
+        self.client_endpoint = ""
+        self.events: list[dict[str, object]] = []
+        self.status: StatusPipe | None = None
+
+    @property
+    def workers(self) -> list[Child]:
+        return [c for c in self.children if c is not self.coordinator]
+
+    def start(self, signals: SignalWatch | None = None) -> str:
+        """Start everything; raises StartupError (after cleaning up) if the mesh fails."""
+        self.spec.run_dir.mkdir(parents=True, exist_ok=True)
+        self.status = StatusPipe()
+        try:
+            self._start(signals)
+        except BaseException:
+            self.stop(grace_s=2.0)
+            raise
+        return self.client_endpoint
+
+    def _start(self, signals: SignalWatch | None) -> None:
+        assert self.status is not None
+        self.coordinator = start_child(self.spec.coordinator_child(self.status.write_fd),
+                                       self.spec.run_dir)
+        self.children.append(self.coordinator)
+        self.status.close_writer()
+        bound = wait_for_ready(self.children, self.status, signals, self.startup_timeout_s,
+                               self.events.append, until="bound")
+        pgid = self.coordinator.pid
+        for child in self.spec.worker_children(str(bound["worker_endpoint"])):
+            self.children.append(start_child(child, self.spec.run_dir, process_group=pgid))
+        ready = wait_for_ready(self.children, self.status, signals, self.startup_timeout_s,
+                               self.events.append)
+        self.client_endpoint = str(ready["client_endpoint"])
+
+    def stop(self, grace_s: float = 5.0) -> list[str]:
+        """Coordinator first (it drains and tells workers to stop), then the workers."""
+        killed: list[str] = []
+        if self.coordinator is not None and self.coordinator.poll() is None:
+            terminate_all([self.coordinator], self.spec.drain_timeout_s + grace_s)
+        killed += reap(self.workers, grace_s)
+        killed += terminate_all(self.workers, grace_s)
+        if self.status is not None:
+            self.status.close()
+        if self.spec.transport == "ipc":
+            shutil.rmtree(self.spec.ipc_dir, ignore_errors=True)
+        return killed
+
+    def __enter__(self) -> LocalMesh:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+__all__ = ["LaunchSpec", "LocalMesh", "StartupError", "WorkerGroup"]

@@ -1,0 +1,235 @@
+"""The coordinator's worker side: handshake, heartbeats, batches out, tokens in, loss.
+
+Startup handshake (per worker process)::
+
+    worker --Hello(role, id, tp rank/size, device, capacity, kv_endpoint)--> coordinator
+    worker <--Assign(role, peers, heartbeat interval, config={"model": ...})-- coordinator
+    worker --Ready(kv_endpoint)--> coordinator          (backend built, KV socket bound)
+
+Once the expected numbers of encoders and decoders are READY the coordinator starts serving
+and reports ``ready`` on the launcher's status pipe. Whenever the set of ready decoders
+changes, every encoder gets a fresh Assign whose ``peers`` map decoder id -> KV endpoint (sent
+on the same ordered pipe as the EncodeBatches, so an encoder always knows a decoder before a
+batch names it). A worker silent for ``heartbeat_timeout_s`` is lost: the requests it held are
+answered with a WorkerLost error and the other workers are told to cancel their part.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from common import protocol as P
+from common.errors import ProtocolError, WorkerLost
+from common.procs import write_status
+from coordinator.registry import ROLES, Registry, WorkerInfo, WorkerState
+from coordinator.requests import Request
+
+if TYPE_CHECKING:
+    from coordinator.server import Coordinator
+
+
+class Membership:
+    def __init__(self, coordinator: Coordinator, sock: zmq.Socket) -> None:
+        self.co = coordinator
+        self.cfg = coordinator.cfg
+        self.log = coordinator.log
+        self.sock = sock
+        self.registry = Registry()
+        self.serving = False
+        self._beat_seq = 0
+
+    # ---- queries --------------------------------------------------------------------------
+    def ready(self, role: str) -> list[WorkerInfo]:
+        return self.registry.ready(role)
+
+    def missing_roles(self) -> list[str]:
+        return [role for role in ROLES if not self.registry.ready(role)]
+
+    def can_serve(self) -> bool:
+        return not self.missing_roles()
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"worker_id": w.worker_id, "role": w.role, "state": w.state.value,
+                 "tp_rank": w.tp_rank, "tp_size": w.tp_size, "capacity": w.capacity,
+                 "active": w.num_active, "outstanding_batches": w.outstanding_batches,
+                 "kv_endpoint": w.kv_endpoint} for w in self.registry]
+
+    # ---- sending --------------------------------------------------------------------------
+    def send(self, worker: WorkerInfo, msg: P.Message) -> None:
+        try:
+            self.sock.send_multipart([worker.routing_id, *P.encode(msg)], zmq.NOBLOCK,
+                                     copy=False)
+        except zmq.ZMQError as exc:
+            self.log.warning("worker_unreachable", worker=worker.worker_id, error=exc.strerror)
+
+    def send_batch(self, encoder: WorkerInfo, batch_id: int,
+                   placed: list[tuple[Request, WorkerInfo]]) -> None:
+        items = []
+        for request, decoder in placed:
+            self.co.table.dequeue(request)
+            request.start_encode(encoder.worker_id, decoder.worker_id)
+            decoder.num_active += 1
+            items.append(P.EncodeRequest(
+                req_id=request.req_id, prompt_ids=request.prompt, sampling=request.sampling,
+                max_new_tokens=request.max_new_tokens, decoder_id=decoder.worker_id,
+                lifecycle=P.Lifecycle(t_arrival=request.times.t_arrival,
+                                      t_queued=request.times.t_queued)))
+        encoder.batches_sent += 1
+        encoder.outstanding_batches += 1
+        encoder.num_active = encoder.outstanding_batches
+        self.send(encoder, P.EncodeBatch(batch_id=batch_id, requests=tuple(items)))
+
+    def release(self, request: Request, cancel: bool = False) -> None:
+        """Free the decoder slot of a finished/failed request; on failure tell its workers."""
+        for worker_id in (request.encoder, request.decoder):
+            worker = self.registry.get(worker_id) if worker_id else None
+            if worker is None:
+                continue
+            if worker.role == "decoder":
+                worker.num_active = max(0, worker.num_active - 1)
+            if cancel:
+                self.send(worker, P.Cancel(req_id=request.req_id, reason="released"))
+
+    def shutdown_all(self, reason: str) -> None:
+        for worker in self.registry:
+            self.send(worker, P.Shutdown(reason=reason, drain=False))
+
+    # ---- receiving ------------------------------------------------------------------------
+    def on_frames(self, frames: list[Any]) -> None:
+        route = frames[0].bytes
+        try:
+            msg = P.decode(frames[1:])
+        except ProtocolError as exc:
+            self.log.warning("bad_worker_message", error=str(exc))
+            self._send_raw(route, P.Error(code="protocol_error", message=str(exc),
+                                          req_id=P.peek_req_id(frames[1:])))
+            return
+        if isinstance(msg, P.Hello):
+            self.on_hello(route, msg)
+            return
+        worker = self.registry.by_route(route)
+        if worker is None:
+            self._send_raw(route, P.Error(code="unavailable", message="unknown worker: send "
+                                          "Hello first (were you declared lost?)"))
+            return
+        worker.last_seen = time.time()
+        self._dispatch(worker, msg)
+
+    def _dispatch(self, worker: WorkerInfo, msg: P.Message) -> None:
+        if isinstance(msg, P.DecodeTokens):
+            self.on_decode_tokens(worker, msg)
+        elif isinstance(msg, P.Heartbeat):
+            self.on_heartbeat(worker, msg)
+        elif isinstance(msg, P.Ready):
+            self.on_ready(worker, msg)
+        elif isinstance(msg, P.Error):
+            self.on_worker_error(worker, msg)
+        else:
+            self.log.warning("unexpected_worker_message", worker=worker.worker_id,
+                             type=type(msg).__name__)
+
+    def _send_raw(self, route: bytes, msg: P.Message) -> None:
+        try:
+            self.sock.send_multipart([route, *P.encode(msg)], zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError:
+            pass
+
+    def on_hello(self, route: bytes, msg: P.Hello) -> None:
+        role = msg.role if msg.role in ROLES else None
+        if role is None:
+            self._send_raw(route, P.Error(code="bad_request", message=f"this coordinator "
+                                          f"assigns encoder/decoder roles, not {msg.role!r}"))
+            return
+        old = self.registry.get(msg.worker_id)
+        if old is not None and old.routing_id != route:
+            self.lose(old, "re-registered")
+        info = WorkerInfo(worker_id=msg.worker_id, role=role, routing_id=route,
+                          tp_rank=msg.tp_rank, tp_size=msg.tp_size, device=msg.device,
+                          capacity=int(msg.capacity.get("max_seqs", 256)),
+                          kv_endpoint=msg.kv_endpoint, last_seen=time.time())
+        self.registry.add(info)
+        self.log.info("worker_hello", worker=msg.worker_id, worker_role=role, worker_pid=msg.pid,
+                      host=msg.host, tp_rank=msg.tp_rank, tp_size=msg.tp_size)
+        write_status(self.cfg.ready_fd, "hello", worker=msg.worker_id, role=role)
+        self.send(info, self._assign(info))
+
+    def _assign(self, info: WorkerInfo) -> P.Assign:
+        peers = ({d.worker_id: d.kv_endpoint for d in self.registry.ready("decoder")
+                  if d.kv_endpoint} if info.role == "encoder" else {})
+        return P.Assign(worker_id=info.worker_id, role=info.role, tp_rank=info.tp_rank,
+                        tp_size=info.tp_size, peers=peers,
+                        heartbeat_interval_s=self.cfg.heartbeat_interval_s,
+                        config={"model": self.co.model.to_dict()})
+
+    def on_ready(self, worker: WorkerInfo, msg: P.Ready) -> None:
+        worker.state = WorkerState.READY
+        if msg.kv_endpoint:
+            worker.kv_endpoint = msg.kv_endpoint
+        self.log.info("worker_ready", worker=worker.worker_id, worker_role=worker.role,
+                      kv_endpoint=worker.kv_endpoint)
+        if worker.role == "decoder":
+            self._update_encoders()
+        self._check_serving()
+
+    def _update_encoders(self) -> None:
+        for encoder in self.registry:
+            if encoder.role == "encoder":
+                self.send(encoder, self._assign(encoder))
+
+    def _check_serving(self) -> None:
+        if self.serving:
+            return
+        need = {"encoder": self.cfg.num_encoders, "decoder": self.cfg.num_decoders}
+        if all(self.registry.count_ready(role) >= n for role, n in need.items()):
+            self.serving = True
+            self.log.info("serving", workers=len(self.registry))
+            write_status(self.cfg.ready_fd, "ready", client_endpoint=self.co.client_endpoint,
+                         worker_endpoint=self.co.worker_endpoint, workers=self.describe())
+
+    def on_heartbeat(self, worker: WorkerInfo, msg: P.Heartbeat) -> None:
+        done = msg.load.get("batches_done") if isinstance(msg.load, dict) else None
+        if worker.role == "encoder" and isinstance(done, int):
+            worker.outstanding_batches = max(0, worker.batches_sent - done)
+            worker.num_active = worker.outstanding_batches
+
+    def on_decode_tokens(self, worker: WorkerInfo, msg: P.DecodeTokens) -> None:
+        now = time.time()
+        for update in msg.updates:
+            if not self.co.on_tokens(update, now) and not update.finished:
+                self.send(worker, P.Cancel(req_id=update.req_id, reason="unknown request"))
+
+    def on_worker_error(self, worker: WorkerInfo, msg: P.Error) -> None:
+        self.log.warning("worker_error", worker=worker.worker_id, code=msg.code,
+                         req_id=msg.req_id, error=msg.message)
+        request = self.co.table.get(msg.req_id) if msg.req_id else None
+        if request is not None:
+            from common.errors import error_from_code
+
+            self.co.fail(request, error_from_code(msg.code, f"{worker.worker_id}: "
+                                                  f"{msg.message}", req_id=request.req_id))
+
+    # ---- liveness -------------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        self._beat_seq += 1
+        beat = P.Heartbeat(worker_id="coordinator", seq=self._beat_seq, t_sent=now,
+                           load={"in_flight": len(self.co.table)})
+        for worker in self.registry:
+            self.send(worker, beat)
+        for worker in self.registry.silent(now, self.cfg.heartbeat_timeout_s):
+            self.lose(worker, f"silent for {now - worker.last_seen:.1f} s")
+
+    def lose(self, worker: WorkerInfo, why: str) -> None:
+        """Drop a worker (and its TP group): fail what it held, re-route the rest."""
+        for member in self.registry.group_of(worker):
+            self.registry.remove(member.worker_id)
+            self.log.error("worker_lost", worker=member.worker_id, worker_role=member.role,
+                           why=why)
+            write_status(self.cfg.ready_fd, "lost", worker=member.worker_id, why=why)
+            for request in self.co.table.held_by(member.worker_id):
+                self.co.fail(request, WorkerLost(f"worker {member.worker_id} was lost ({why})",
+                                                 req_id=request.req_id))
+        if worker.role == "decoder":
+            self._update_encoders()

@@ -1,0 +1,113 @@
+"""Step times and memory of stages and pipelines, from a profile.
+
+A pipeline of P stages runs m micro-batches round-robin; one *round* (every micro-batch
+advancing one step) takes ``max(sum_s t_s, m * max_s t_s)``: latency-bound when the pipeline is
+not full, throughput-bound when it is. Decode contexts are the tokens each sequence attends to
+(decoder-only: prompt + generated so far; T5: input via cross-attention + generated).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from coordinator.planner.layout import Pipeline, Stage
+from coordinator.planner.profile import Profile
+
+MEMORY_RESERVE = 0.9  # fraction of a worker's memory usable for weights + KV (rest: workspace)
+
+
+@dataclass(frozen=True, eq=False)
+class Costs:
+    profile: Profile
+
+    def __post_init__(self) -> None:
+        m = self.profile.model
+        d = self.profile.dtype_bytes
+        object.__setattr__(self, "hidden_bytes", m.hidden_size * d)
+        object.__setattr__(self, "kv_bytes", m.kv_bytes_per_token_per_layer(d))
+        object.__setattr__(self, "dec_allreduces", 3 if m.is_encoder_decoder else 2)
+
+    # ---- compute -----------------------------------------------------------------------------
+    def encode_stage(self, st: Stage, batch: float, mean_len: float, eff_len: float) -> float:
+        """One encode pass of ``batch`` ragged inputs through this stage's encode layers."""
+        p, model = self.profile, self.profile.model
+        layers = st.num_enc if model.is_encoder_decoder else st.num_dec
+        tokens = batch * mean_len
+        per_layer = p.attn("enc", st.tp, batch, eff_len) + p.rest("enc", st.tp, tokens)
+        ar = 2 * p.op("allreduce", st.tp, tokens * self.hidden_bytes)
+        t = layers * (per_layer + ar)
+        if st.first:
+            t = t + p.op("embed", st.tp, tokens)
+        if st.last and not model.is_encoder_decoder:
+            t = t + p.op("lm_head", st.tp, batch)
+        if not st.last:
+            t = t + p.op("stage_send", 1, tokens * self.hidden_bytes)
+        return float(t)
+
+    def decode_stage(self, st: Stage, batch: np.ndarray | float, ctx: np.ndarray | float) -> Any:
+        """One decode step of ``batch`` sequences on this stage: floats in, float out; arrays
+        (one entry per step) in, array out."""
+        if isinstance(batch, float | int):
+            if batch <= 0:
+                return 0.0
+            return float(self._decode(st, float(batch), float(ctx)))
+        batch = np.asarray(batch, np.float64)
+        return np.where(batch > 0, self._decode(st, batch, ctx), 0.0)
+
+    def _decode(self, st: Stage, batch: Any, ctx: Any) -> Any:
+        p = self.profile
+        per_layer = p.attn("dec", st.tp, batch, ctx) + p.rest("dec", st.tp, batch)
+        ar = self.dec_allreduces * p.op("allreduce", st.tp, batch * self.hidden_bytes)
+        t = st.num_dec * (per_layer + ar)
+        if st.first:
+            t = t + p.op("embed", st.tp, batch)
+        if st.last:
+            t = t + p.op("lm_head", st.tp, batch)
+        else:
+            t = t + p.op("stage_send", 1, batch * self.hidden_bytes)
+        return t
+
+    def handoff(self, pipe: Pipeline, tokens: float) -> float:
+        """KV of ``tokens`` encoded tokens sent to each decoder stage (in parallel per rank)."""
+        p = self.profile
+        return max(float(p.op("kv_handoff", 1, tokens * self.kv_bytes * st.num_dec / st.tp))
+                   for st in pipe)
+
+    # ---- memory ------------------------------------------------------------------------------
+    def weight_bytes(self, st: Stage) -> float:
+        """Weights one worker of the stage holds (TP shards everything by tp)."""
+        m, d = self.profile.model, self.profile.dtype_bytes
+        params = st.num_dec * m.params_per_layer("decoder")
+        if m.is_encoder_decoder:
+            params += st.num_enc * m.params_per_layer("encoder")
+        if st.first:
+            params += m.embedding_params()
+        if st.last and st.num_dec:
+            params += m.lm_head_params()
+        return params * d / st.tp
+
+    def kv_bytes_held(self, st: Stage, tokens: float) -> float:
+        return tokens * self.kv_bytes * st.num_dec / st.tp
+
+    def encoder_kv_bytes(self, st: Stage, tokens: float) -> float:
+        """KV an encoder stage holds until handed off (T5: cross K/V for every decoder layer,
+        produced in proportion to the encoder layers the stage runs)."""
+        m = self.profile.model
+        if m.is_encoder_decoder:
+            share = st.num_enc / m.num_encoder_layers
+        else:
+            share = st.num_dec / m.num_layers
+        return tokens * self.kv_bytes * m.num_layers * share / st.tp
+
+    @property
+    def capacity(self) -> float:
+        return self.profile.memory_bytes * MEMORY_RESERVE
+
+
+def round_time(stage_times: list[np.ndarray], num_micro: int) -> np.ndarray:
+    """Time for ``num_micro`` micro-batches to each pass every stage once (see module doc)."""
+    stacked = np.stack([np.asarray(t, np.float64) for t in stage_times])
+    return np.maximum(stacked.sum(axis=0), num_micro * stacked.max(axis=0))

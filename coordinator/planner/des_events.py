@@ -1,0 +1,172 @@
+"""The discrete-event simulator's events: each handles the step starting at its time.
+
+A handler reads and updates the shared :class:`~coordinator.planner.des.Sim` state and returns
+the events it causes (the next step of the same stream, a batch becoming ready, a wake-up at
+the next arrival). Step effects (tokens, finish times) are stamped at the step's end time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from coordinator.planner.costs import round_time
+
+if TYPE_CHECKING:
+    from coordinator.planner.des import Sim
+
+EMPTY = np.zeros(0, dtype=np.int64)
+
+
+@dataclass
+class Event:
+    time: float
+
+    def handle(self, sim: Sim) -> list[Event]:
+        raise NotImplementedError
+
+
+def _wait_for_arrival(sim: Sim, make: type, *args: int) -> list[Event]:
+    nxt = sim.next_arrival()
+    return [] if nxt is None else [make(nxt, *args)]
+
+
+@dataclass
+class StreamStep(Event):
+    """One step of one pipeline stream (RRA: step 0 encodes, 1..N_D decode)."""
+
+    stream: int
+    step: int = 0
+
+    def handle(self, sim: Sim) -> list[Event]:
+        return {"rra": self._rra, "static": self._static,
+                "continuous": self._continuous}[sim.cand.policy](sim)
+
+    def _rra(self, sim: Sim) -> list[Event]:
+        pipe, t, active = sim.pipes["pipeline"], self.time, sim.active(self.stream)
+        if self.step == 0:
+            idx = sim.take(t, sim.cand.B_E)
+            if idx.size == 0 and active.size == 0:
+                return _wait_for_arrival(sim, StreamStep, self.stream, 0)
+            times = sim.encode_times(pipe, idx)
+            span = float(round_time(times, len(pipe)))
+            sim.busy("pipeline", times, t, span, self.stream, len(pipe), "encode")
+            sim.set_active(self.stream, np.concatenate([active, idx]))
+            return [StreamStep(t + span, self.stream, 1)]
+        if active.size == 0:
+            return [StreamStep(t, self.stream, 0)]
+        if self.step == 1:
+            sim.batch_samples.append((t, active.size))
+        times = sim.decode_times(pipe, active, 1)
+        span = float(round_time(times, len(pipe)))
+        sim.busy("pipeline", times, t, span, self.stream, len(pipe), "decode")
+        sim.set_active(self.stream, sim.emit_tokens(active, t + span))
+        nxt = self.step + 1 if self.step < sim.cand.N_D else 0
+        return [StreamStep(t + span, self.stream, nxt)]
+
+    def _static(self, sim: Sim) -> list[Event]:
+        pipe, t, req = sim.pipes["pipeline"], self.time, sim.req
+        idx = sim.take(t, sim.cand.B_E)
+        if idx.size == 0:
+            return _wait_for_arrival(sim, StreamStep, self.stream, 0)
+        enc = sim.encode_times(pipe, idx)
+        t_enc = float(round_time(enc, len(pipe)))
+        steps = np.arange(1, int(req.out_len[idx].max()) + 1, dtype=np.float64)
+        ctx = float(req.in_len[idx].mean()) + steps
+        dec = [sim.costs.decode_stage(st, np.full(steps.size, float(idx.size)), ctx)
+               for st in pipe]
+        cum = t + t_enc + np.cumsum(round_time(dec, len(pipe)))
+        sim.busy("pipeline", [e + float(d.sum()) for e, d in zip(enc, dec, strict=True)], t,
+                 float(cum[-1] - t), self.stream, len(pipe), "batch")
+        sim.batch_samples.append((t, idx.size))
+        req.generated[idx] = req.out_len[idx]
+        req.t_first_token[idx] = cum[0]
+        req.t_finish[idx] = cum[-1]  # no early termination: results leave with the batch
+        return [StreamStep(float(cum[-1]), self.stream, 0)]
+
+    def _continuous(self, sim: Sim) -> list[Event]:
+        pipe, t, active = sim.pipes["pipeline"], self.time, sim.active(self.stream)
+        idx = sim.take(t, sim.cand.B_E - active.size)
+        if idx.size == 0 and active.size == 0:
+            return _wait_for_arrival(sim, StreamStep, self.stream, 0)
+        times = [d + e for d, e in zip(sim.decode_times(pipe, active, 1),
+                                       sim.encode_times(pipe, idx), strict=True)]
+        span = float(round_time(times, len(pipe)))
+        sim.busy("pipeline", times, t, span, self.stream, len(pipe), "iteration")
+        both = np.concatenate([active, idx])
+        sim.batch_samples.append((t, both.size))
+        sim.set_active(self.stream, sim.emit_tokens(both, t + span))
+        return [StreamStep(t + span, self.stream)]
+
+
+@dataclass
+class EncoderStart(Event):
+    """WAA: the encoder group starts a batch if fewer than ``cap`` batches await merging."""
+
+    def handle(self, sim: Sim) -> list[Event]:
+        w, t = sim.waa_state, self.time
+        if w["in_flight"] >= w["cap"]:
+            w["blocked"] = True
+            return []
+        idx = sim.take(t, sim.cand.B_E)
+        if idx.size == 0:
+            return _wait_for_arrival(sim, EncoderStart)
+        times = sim.encode_times(sim.pipes["encoder"], idx)
+        latency, period = sum(times), max(times)
+        hand = sim.costs.handoff(sim.pipes["decoder"], float(sim.req.in_len[idx].sum()))
+        w["in_flight"] += 1
+        w["free_at"] = t + period
+        sim.busy("encoder", times, t, latency, 0, 1, "encode")
+        return [BatchReady(t + latency + hand, idx), EncoderStart(t + period)]
+
+
+@dataclass
+class BatchReady(Event):
+    """WAA: an encoded batch's KV has reached the decoders; it joins at the next round."""
+
+    idx: np.ndarray
+
+    def handle(self, sim: Sim) -> list[Event]:
+        w = sim.waa_state
+        w["ready"].append(self.idx)
+        if w["decoder_idle"]:
+            w["decoder_idle"] = False
+            return [DecoderRound(self.time)]
+        return []
+
+
+@dataclass
+class DecoderRound(Event):
+    """WAA: merge ready batches, then every micro-batch advances one token."""
+
+    def handle(self, sim: Sim) -> list[Event]:
+        w, t = sim.waa_state, self.time
+        merged = w["ready"]
+        w["ready"] = []
+        w["in_flight"] -= len(merged)
+        active = np.concatenate([w["active"], *merged]) if merged else w["active"]
+        events: list[Event] = []
+        if merged and w["blocked"]:
+            w["blocked"] = False
+            events.append(EncoderStart(max(t, w["free_at"])))
+        if active.size == 0:
+            w["active"], w["decoder_idle"] = EMPTY, True
+            return events
+        m = sim.cand.B_m
+        sim.batch_samples.append((t, active.size))
+        times = sim.decode_times(sim.pipes["decoder"], active, m)
+        span = float(round_time(times, m))
+        sim.busy("decoder", [m * x for x in times], t, span, 0, m, "decode")
+        w["active"] = sim.emit_tokens(active, t + span)
+        return [*events, DecoderRound(t + span)]
+
+
+def waa_cap(extra: dict[str, float]) -> int:
+    """Batches the encoder may have started but not yet merged (see simulator._waa)."""
+    ahead = extra["encode_latency_s"] + extra["handoff_s"]
+    if extra["encode_period_s"] <= extra["round_s"]:
+        return max(1, math.ceil(ahead / extra["round_s"] - 1e-9))
+    return math.ceil(ahead / extra["encode_period_s"] - 1e-9) + 1

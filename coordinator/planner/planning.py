@@ -1,0 +1,112 @@
+"""From (workload, profile, workers, bound) to a Plan: search, pick, and describe the schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from coordinator.planner.candidate import Candidate, Metrics, WorkloadStats
+from coordinator.planner.costs import Costs
+from coordinator.planner.layout import Pipeline
+from coordinator.planner.plan import Plan, WorkerGroup
+from coordinator.planner.profile import Profile
+from coordinator.planner.scheduler import (
+    EXEGPT_POLICIES,
+    InfeasibleBound,
+    SearchResult,
+    search,
+    tightest_latency,
+)
+from coordinator.planner.workload import Workload
+
+POLICY_CHOICES = {"auto": EXEGPT_POLICIES, "rra": ("rra",), "waa": ("waa-c", "waa-m"),
+                  "waa-c": ("waa-c",), "waa-m": ("waa-m",), "static": ("static",),
+                  "continuous": ("continuous",), "all": EXEGPT_POLICIES + ("static", "continuous")}
+
+
+def policies_for(name: str) -> tuple[str, ...]:
+    if name not in POLICY_CHOICES:
+        raise ValueError(f"unknown policy {name!r}; choose from {sorted(POLICY_CHOICES)}")
+    return POLICY_CHOICES[name]
+
+
+def make_plan(workload: Workload, profile: Profile, num_workers: int, latency_bound: float, *,
+              policy: str = "auto", sla: str = "b", exhaustive: bool = False,
+              eps_t: float = 0.005, eps_l: float = 0.05) -> Plan:
+    """The highest-throughput plan meeting the bound; InfeasibleBound names the tightest one."""
+    stats, costs = WorkloadStats(workload), Costs(profile)
+    pols = policies_for(policy)
+    result = search(stats, costs, num_workers, latency_bound, policies=pols, sla=sla,
+                    use_exhaustive=exhaustive, eps_t=eps_t, eps_l=eps_l)
+    if result.best is None:
+        tight, cand = tightest_latency(stats, costs, num_workers, policies=pols, sla=sla)
+        if cand is None:
+            raise InfeasibleBound(
+                f"no {'/'.join(pols)} plan fits in memory on {num_workers} workers of "
+                f"{profile.meta['device']}; use more workers or a smaller model")
+        raise InfeasibleBound(
+            f"no plan meets the {latency_bound:g} s bound (SLA-({sla})) on {num_workers} "
+            f"workers; the tightest reachable latency is {tight:.3g} s ({cand.policy}, "
+            f"tp={cand.tp}, B_E={cand.B_E}); raise the bound or add workers")
+    cand, metrics = result.best
+    return plan_from(cand, metrics, stats, profile, latency_bound, sla, result)
+
+
+def adjust_bands(cand: Candidate, metrics: Metrics, stats: WorkloadStats) -> dict[str, list[float]]:
+    """Dynamic adjustment: the runner changes the next B_E when the encoder's token sum or the
+    decode batch leaves mean +- 2 sigma (sums of independent lengths; the paper gives no
+    values). Sigma: sqrt(B_E) * std(I) for the token sum, sqrt(B_D) for the decode batch."""
+    tok_mean = cand.B_E * stats.mean_in
+    tok_sd = math.sqrt(cand.B_E) * stats.workload.input.std
+    bd_sd = math.sqrt(max(metrics.B_D, 0.0))
+    return {"token_sum": [max(tok_mean - 2 * tok_sd, 0.0), tok_mean + 2 * tok_sd],
+            "decode_batch": [max(metrics.B_D - 2 * bd_sd, 0.0), metrics.B_D + 2 * bd_sd]}
+
+
+def _groups(role: str, pipe: Pipeline, model_is_t5: bool) -> list[WorkerGroup]:
+    return [WorkerGroup(role, st.tp, st.tp, st.dec_layers,
+                        st.enc_layers if model_is_t5 else None) for st in pipe]
+
+
+def predicted(metrics: Metrics) -> dict[str, Any]:
+    return {
+        "throughput_seq_s": metrics.throughput_seq_s, "throughput_tok_s": metrics.throughput_tok_s,
+        "latency_p99len_s": metrics.latency_p99len_s, "latency_p99_s": metrics.latency_p99_s,
+        "ttft_s": metrics.ttft_s, "tpot_s": metrics.tpot_s,
+        "worker_util": list(metrics.worker_util),
+        "worker_mem_bytes": list(metrics.worker_mem_bytes),
+        "mem_capacity_bytes": metrics.mem_capacity_bytes, **metrics.extra,
+    }
+
+
+def plan_from(cand: Candidate, metrics: Metrics, stats: WorkloadStats, profile: Profile,
+              latency_bound: float, sla: str, result: SearchResult | None = None) -> Plan:
+    t5 = profile.model.is_encoder_decoder
+    if "pipeline" in metrics.pipelines:
+        groups = _groups("pipeline", metrics.pipelines["pipeline"], t5)
+        micro = len(metrics.pipelines["pipeline"])
+    else:
+        groups = (_groups("encoder", metrics.pipelines["encoder"], t5)
+                  + _groups("decoder", metrics.pipelines["decoder"], t5))
+        micro = cand.B_m
+    search_info: dict[str, Any] = {"tp": cand.tp, "num_tp_workers": cand.num_tp_workers}
+    if result is not None:
+        search_info |= {"method": result.method, "seconds": result.seconds,
+                        "candidates_evaluated": result.evaluated,
+                        "per_run": {k: (None if v is None else {
+                            "B_E": v[0].B_E, "N_D": v[0].N_D, "B_m": v[0].B_m,
+                            "num_tp_workers": v[0].num_tp_workers,
+                            "throughput_seq_s": v[1].throughput_seq_s,
+                            "latency_s": v[1].latency(sla)}) for k, v in result.per_run.items()}}
+    wl = stats.workload
+    return Plan(
+        policy=cand.policy, model=profile.meta["model"], workload=wl.spec,
+        latency_bound_s=latency_bound, sla=sla, num_workers=cand.num_workers,
+        worker_groups=tuple(groups), B_E=cand.B_E, B_D=metrics.B_D,
+        N_D=cand.N_D if cand.policy == "rra" else None,
+        B_m=cand.B_m if cand.policy.startswith("waa") else None, microbatches=micro,
+        adjust=adjust_bands(cand, metrics, stats), predicted=predicted(metrics),
+        search=search_info, profile_meta={k: v for k, v in profile.meta.items() if k != "model"},
+        workload_info={"description": wl.describe(), "p99_output": wl.p99_output,
+                       "mean_input": wl.input.mean, "mean_output": wl.output.mean},
+    )

@@ -1,0 +1,216 @@
+"""XSimulator, closed form: expected batch of every step -> cycle time -> throughput, latency.
+
+Saturated and offline, like the paper (arrivals are the discrete-event simulator's job).
+
+- RRA: each of the P pipeline stages' micro-batches cycles "encode B_E, then N_D decode steps".
+  At offset u of a cycle the expected batch is ``B_E * sum_c P(S >= c*N_D + u)``; at u = 1 that
+  is Little's law, ``B_D = B_E * E[ceil(S/N_D)]``. A request of length s finishes at offset
+  ``1 + (s-1) mod N_D`` of its ``ceil(s/N_D)``-th cycle.
+- WAA: an encoder pipeline feeds a decoder pipeline (B_m micro-batches) one batch per round;
+  ``B_D = B_E * E[S]`` when the decoder is the bottleneck, else the fixed point
+  ``B_D = X * E[S] * round(B_D)`` at the encoder's rate X.
+- static: batch B, decode runs until the batch's longest output (E[max of B draws]); no early
+  termination; SLA-(b) uses the maximum output length (the paper's rule).
+- continuous: iteration-level batching with B slots; B/E[S] prefills land in every iteration.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import brentq
+
+from coordinator.planner.candidate import Candidate, Metrics, WorkloadStats, infeasible
+from coordinator.planner.costs import Costs, round_time
+from coordinator.planner.layout import (
+    Pipeline,
+    build_pipeline,
+    split_tp_workers,
+    tp_stage_sizes,
+)
+from coordinator.planner.profile import Profile
+from coordinator.planner.workload import Workload
+
+
+def simulate(cand: Candidate, workload: Workload | WorkloadStats,
+             profile: Profile | Costs) -> Metrics:
+    stats = workload if isinstance(workload, WorkloadStats) else WorkloadStats(workload)
+    costs = profile if isinstance(profile, Costs) else Costs(profile)
+    if cand.policy.startswith("waa"):
+        return _waa(cand, stats, costs)
+    tps = tp_stage_sizes(cand.num_workers, cand.tp, cand.num_tp_workers)
+    pipe = build_pipeline(costs.profile, tps, enc=True, dec=True)
+    if pipe is None:
+        return infeasible(f"{len(tps)} pipeline stages exceed the model's layers")
+    fn = {"rra": _rra, "static": _static, "continuous": _continuous}[cand.policy]
+    return fn(cand, stats, costs, pipe)
+
+
+def _finish(costs: Costs, stats: WorkloadStats, pipes: dict[str, Pipeline], *, x: float,
+            lat_b: float, lat_a: float, ttft: float, tpot: float, b_d: float,
+            util: list[float], mem: list[float], extra: dict[str, float] | None = None
+            ) -> Metrics:
+    over = [i for i, m in enumerate(mem) if m > costs.capacity]
+    reason = (f"out of memory on worker {over[0]}: {mem[over[0]] / 1e9:.1f} GB > "
+              f"{costs.capacity / 1e9:.1f} GB usable") if over else ""
+    return Metrics(not over, reason, x, x * stats.mean_s, lat_b, lat_a, ttft, tpot, b_d,
+                   tuple(util), tuple(mem), costs.capacity, pipes, extra or {})
+
+
+def _per_worker(pipe: Pipeline, values: list[float]) -> list[float]:
+    return [v for st, v in zip(pipe, values, strict=True) for _ in range(st.tp)]
+
+
+def rra_cycle(cand: Candidate, stats: WorkloadStats) -> tuple[np.ndarray, np.ndarray]:
+    """Expected decode batch and mean context at offsets u = 1..N_D of a cycle."""
+    n_d = cand.N_D
+    cycles = -(-stats.s_max // n_d)
+    surv = np.zeros(cycles * n_d)
+    surv[: stats.s_max] = stats.surv
+    grid = surv.reshape(cycles, n_d)
+    ages = np.arange(1, cycles * n_d + 1, dtype=np.float64).reshape(cycles, n_d)
+    batch = cand.B_E * grid.sum(axis=0)
+    mean_age = (grid * ages).sum(axis=0) / np.maximum(grid.sum(axis=0), 1e-300)
+    return batch, stats.in_decode_weighted + mean_age
+
+
+def _rra(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline) -> Metrics:
+    streams = len(pipe)
+    batch, ctx = rra_cycle(cand, stats)
+    enc = [costs.encode_stage(st, cand.B_E, stats.mean_in, stats.eff_in) for st in pipe]
+    dec = [costs.decode_stage(st, batch, ctx) for st in pipe]
+    t_enc = float(round_time(enc, streams)[()])
+    t_dec = round_time(dec, streams)
+    cycle = t_enc + float(t_dec.sum())
+    s = stats.s99
+    offset = 1 + (s - 1) % cand.N_D
+    lat = (-(-s // cand.N_D) - 1) * cycle + t_enc + float(t_dec[:offset].sum())
+    util = [streams * (e + float(d.sum())) / cycle for e, d in zip(enc, dec, strict=True)]
+    peak_tokens = float(np.max(batch * ctx)) * streams
+    mem = [costs.weight_bytes(st) + costs.kv_bytes_held(st, peak_tokens) for st in pipe]
+    return _finish(costs, stats, {"pipeline": pipe}, x=streams * cand.B_E / cycle, lat_b=lat,
+                   lat_a=lat, ttft=t_enc + float(t_dec[0]), tpot=cycle / cand.N_D,
+                   b_d=float(batch[0]), util=_per_worker(pipe, util),
+                   mem=_per_worker(pipe, mem), extra={"cycle_s": cycle, "t_encode_s": t_enc})
+
+
+def _static(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline) -> Metrics:
+    streams, b = len(pipe), cand.B_E
+    steps = np.arange(1, stats.s_max + 1, dtype=np.float64)
+    ctx = stats.mean_in + steps
+    enc = [costs.encode_stage(st, b, stats.mean_in, stats.eff_in) for st in pipe]
+    dec = [costs.decode_stage(st, np.full(steps.size, float(b)), ctx) for st in pipe]
+    t_enc = float(round_time(enc, streams)[()])
+    t_dec = round_time(dec, streams)
+    out = stats.workload.output
+    p_running = out.survival(steps) if b == 1 else 1.0 - (1.0 - out.survival(steps)) ** b
+    cycle = t_enc + float(p_running @ t_dec)
+    cum = t_enc + np.cumsum(t_dec)
+    lat_b = float(cum[stats.s_max - 1])
+    lat_a = float(cum[out.max_quantile(b, 0.99) - 1])
+    util = [streams * (e + float(p_running @ d)) / cycle for e, d in zip(enc, dec, strict=True)]
+    held = streams * b * (stats.workload.input.max + stats.s_max)  # preallocated for max length
+    mem = [costs.weight_bytes(st) + costs.kv_bytes_held(st, held) for st in pipe]
+    return _finish(costs, stats, {"pipeline": pipe}, x=streams * b / cycle, lat_b=lat_b,
+                   lat_a=lat_a, ttft=t_enc + float(t_dec[0]), tpot=float(t_dec.mean()),
+                   b_d=float(b), util=_per_worker(pipe, util), mem=_per_worker(pipe, mem),
+                   extra={"cycle_s": cycle, "t_encode_s": t_enc})
+
+
+def _continuous(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline) -> Metrics:
+    streams, b = len(pipe), float(cand.B_E)
+    joins = b / stats.mean_s
+    ctx = stats.in_decode_weighted + stats.mean_age
+    per_stage = [float(costs.decode_stage(st, np.array([b]), np.array([ctx]))[0])
+                 + costs.encode_stage(st, joins, stats.mean_in, stats.eff_in) for st in pipe]
+    t_iter = float(round_time(per_stage, streams)[()])
+    lat = stats.s99 * t_iter
+    util = [streams * t / t_iter for t in per_stage]
+    mem = [costs.weight_bytes(st) + costs.kv_bytes_held(st, streams * b * ctx) for st in pipe]
+    return _finish(costs, stats, {"pipeline": pipe}, x=streams * joins / t_iter, lat_b=lat,
+                   lat_a=lat, ttft=t_iter, tpot=t_iter, b_d=b, util=_per_worker(pipe, util),
+                   mem=_per_worker(pipe, mem), extra={"iteration_s": t_iter})
+
+
+# ---- WAA ----------------------------------------------------------------------------------------
+def waa_split(cand: Candidate, stats: WorkloadStats, costs: Costs) -> int:
+    """Encoder workers: WAA-C balances compute per encoded batch, WAA-M balances memory."""
+    whole = build_pipeline(costs.profile, [1], enc=True, dec=True)
+    assert whole is not None
+    st = whole[0]
+    b_d = cand.B_E * stats.mean_s
+    if cand.policy == "waa-c":
+        need_e = costs.encode_stage(st, cand.B_E, stats.mean_in, stats.eff_in)
+        ctx = np.array([stats.in_decode_weighted + stats.mean_age])
+        need_d = float(costs.decode_stage(st, np.array([b_d]), ctx)[0])  # one round per batch
+    else:
+        enc_tokens = cand.B_E * stats.mean_in
+        dec_tokens = b_d * (stats.in_decode_weighted + stats.mean_age)
+        weights = costs.weight_bytes(st)
+        enc_weights = weights if not costs.profile.model.is_encoder_decoder else weights / 2
+        need_e = enc_weights + costs.kv_bytes_held(st, enc_tokens)
+        need_d = weights + costs.kv_bytes_held(st, dec_tokens)
+    share = cand.num_workers * need_e / (need_e + need_d)
+    # the nearest split whose groups can hold the requested TP workers (WAA-C/M rounding)
+    fits = [n for n in range(1, cand.num_workers) if split_tp_workers(
+        n, cand.num_workers - n, cand.tp, cand.num_tp_workers) is not None]
+    return min(fits, key=lambda n: (abs(n - share), n)) if fits else 0
+
+
+def waa_pipelines(cand: Candidate, stats: WorkloadStats, costs: Costs
+                  ) -> tuple[Pipeline, Pipeline] | None:
+    num_enc = waa_split(cand, stats, costs)
+    tps = split_tp_workers(num_enc, cand.num_workers - num_enc, cand.tp, cand.num_tp_workers)
+    if num_enc == 0 or tps is None:
+        return None
+    enc_pipe = build_pipeline(costs.profile, tps[0], enc=True, dec=False)
+    dec_pipe = build_pipeline(costs.profile, tps[1], enc=False, dec=True)
+    if enc_pipe is None or dec_pipe is None or cand.B_m > len(dec_pipe):
+        return None
+    return enc_pipe, dec_pipe
+
+
+def waa_round(costs: Costs, pipe: Pipeline, b_d: float, ctx: float, num_micro: int) -> float:
+    b = b_d / num_micro
+    return float(round_time([costs.decode_stage(st, b, ctx) for st in pipe], num_micro))
+
+
+def _waa(cand: Candidate, stats: WorkloadStats, costs: Costs) -> Metrics:
+    pipes = waa_pipelines(cand, stats, costs)
+    if pipes is None:
+        return infeasible("the TP workers or micro-batches do not fit this WAA split")
+    enc_pipe, dec_pipe = pipes
+    enc = [costs.encode_stage(st, cand.B_E, stats.mean_in, stats.eff_in) for st in enc_pipe]
+    e_lat, e_period = sum(enc), max(enc)
+    hand = costs.handoff(dec_pipe, cand.B_E * stats.mean_in)
+    ctx = stats.in_decode_weighted + stats.mean_age
+    b_d = cand.B_E * stats.mean_s
+    rnd = waa_round(costs, dec_pipe, b_d, ctx, cand.B_m)
+    if e_period <= rnd:  # decoder-bound: one batch merged per round
+        x = cand.B_E / rnd
+        pre = np.ceil((e_lat + hand) / rnd - 1e-9) * rnd
+    else:  # encoder-bound: decoder rounds run faster than batches arrive
+        x = cand.B_E / e_period
+        # Little's law at the encoder's rate: the root lies in (0, B_E * E[S]) because the
+        # decoder is faster than the encoder at that batch.
+        def gap(b: float) -> float:
+            return x * stats.mean_s * waa_round(costs, dec_pipe, b, ctx, cand.B_m) - b
+
+        b_d = brentq(gap, 1e-9, cand.B_E * stats.mean_s, xtol=1e-6, rtol=1e-10)
+        rnd = waa_round(costs, dec_pipe, b_d, ctx, cand.B_m)
+        pre = e_lat + hand + rnd / 2
+    lat = pre + stats.s99 * rnd
+    dec_b = np.array([b_d / cand.B_m])
+    util = [x / cand.B_E * e for e in enc] + [
+        cand.B_m * float(costs.decode_stage(st, dec_b, np.array([ctx]))[0]) / rnd
+        for st in dec_pipe]
+    in_flight = max(1.0, np.ceil((e_lat + hand) / rnd)) * cand.B_E * stats.mean_in
+    mem = [costs.weight_bytes(st) + costs.encoder_kv_bytes(st, float(in_flight))
+           for st in enc_pipe]
+    mem += [costs.weight_bytes(st) + costs.kv_bytes_held(st, b_d * ctx) for st in dec_pipe]
+    workers = _per_worker(enc_pipe, util[: len(enc_pipe)]) + _per_worker(
+        dec_pipe, util[len(enc_pipe):])
+    mems = _per_worker(enc_pipe, mem[: len(enc_pipe)]) + _per_worker(dec_pipe, mem[len(enc_pipe):])
+    return _finish(costs, stats, {"encoder": enc_pipe, "decoder": dec_pipe}, x=x, lat_b=lat,
+                   lat_a=lat, ttft=pre + rnd, tpot=rnd, b_d=b_d, util=workers, mem=mems,
+                   extra={"round_s": rnd, "encode_latency_s": e_lat, "handoff_s": hand,
+                          "encode_period_s": e_period})

@@ -1,0 +1,111 @@
+"""Workers known to the coordinator: who they are, whether they are alive, how loaded.
+
+Worker lifecycle (one entry per worker process, i.e. per TP rank)::
+
+    HELLO received --Assign sent--> ASSIGNED --READY received--> READY
+          any state --heartbeat deadline passed / Shutdown / exit--> LOST (entry removed)
+
+Only rank 0 of a TP group carries data (it receives EncodeBatch / KVHandoff on the group's
+behalf); the other ranks register and heartbeat so that a dead rank takes its group down.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+ROLES = ("encoder", "decoder")
+
+
+class WorkerState(enum.Enum):
+    ASSIGNED = "assigned"
+    READY = "ready"
+
+
+@dataclass
+class WorkerInfo:
+    """What a worker said in HELLO plus the coordinator's live accounting for it."""
+
+    worker_id: str
+    role: str
+    routing_id: bytes
+    tp_rank: int
+    tp_size: int
+    device: str
+    capacity: int  # decoder: max running sequences; encoder: max requests per encode batch
+    kv_endpoint: str | None
+    last_seen: float
+    state: WorkerState = WorkerState.ASSIGNED
+    num_active: int = 0  # decoder: sequences assigned and not finished; encoder: requests
+    outstanding_batches: int = 0  # encoder: batches sent, not yet reported encoded
+    batches_sent: int = 0
+    requests: set[str] = field(default_factory=set)
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.capacity - self.num_active)
+
+    @property
+    def leads_data(self) -> bool:
+        return self.tp_rank == 0
+
+
+class Registry:
+    """Workers by id, with the routing ids the worker ROUTER socket uses to reach them."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, WorkerInfo] = {}
+        self._by_route: dict[bytes, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __iter__(self) -> Iterator[WorkerInfo]:
+        return iter(list(self._by_id.values()))
+
+    def add(self, info: WorkerInfo) -> None:
+        """Register a HELLO; a known id re-registering (restart) replaces the old entry."""
+        if info.role not in ROLES:
+            raise ValueError(f"unknown worker role {info.role!r}; expected one of {ROLES}")
+        old = self._by_id.get(info.worker_id)
+        if old is not None:
+            self._by_route.pop(old.routing_id, None)
+        self._by_id[info.worker_id] = info
+        self._by_route[info.routing_id] = info.worker_id
+
+    def get(self, worker_id: str) -> WorkerInfo | None:
+        return self._by_id.get(worker_id)
+
+    def by_route(self, routing_id: bytes) -> WorkerInfo | None:
+        worker_id = self._by_route.get(routing_id)
+        return None if worker_id is None else self._by_id.get(worker_id)
+
+    def remove(self, worker_id: str) -> WorkerInfo | None:
+        info = self._by_id.pop(worker_id, None)
+        if info is not None:
+            self._by_route.pop(info.routing_id, None)
+        return info
+
+    def ready(self, role: str) -> list[WorkerInfo]:
+        """Data-carrying workers of ``role`` that finished the handshake."""
+        return [w for w in self._by_id.values()
+                if w.role == role and w.state is WorkerState.READY and w.leads_data]
+
+    def count_ready(self, role: str) -> int:
+        return sum(1 for w in self._by_id.values()
+                   if w.role == role and w.state is WorkerState.READY)
+
+    def silent(self, now: float, timeout_s: float) -> list[WorkerInfo]:
+        return [w for w in self._by_id.values() if now - w.last_seen > timeout_s]
+
+    def group_of(self, info: WorkerInfo) -> list[WorkerInfo]:
+        """The ranks of ``info``'s TP group (same id stem ``<group>.r<rank>``)."""
+        stem = group_stem(info.worker_id)
+        return [w for w in self._by_id.values() if group_stem(w.worker_id) == stem]
+
+
+def group_stem(worker_id: str) -> str:
+    """``dec0.r1`` -> ``dec0``: TP ranks of one group share the part before ``.r``."""
+    stem, sep, rank = worker_id.rpartition(".r")
+    return stem if sep and rank.isdigit() else worker_id

@@ -1,0 +1,173 @@
+"""The coordinator's view of one request, and the table of requests in flight.
+
+Request state machine (the coordinator owns it; workers only ever see a request's data)::
+
+                 admit                 encode batch sent            first token streamed
+    (Submit) ----------> QUEUED --------------------------> ENCODING -----------------> DECODING
+                           |   (encoder + decoder chosen)       |                          |
+                           |                                    |                  last token
+                           |                                    |                          v
+                           +---- cancel / deadline / worker lost / shutdown ------------> DONE
+                                 (answered with an Error, or Cancelled)        (Result sent)
+
+Every transition stamps a lifecycle time (``time.time()`` clock): arrival and queued at admit,
+encode start/end and KV sent from the encoder (relayed by the decoder), KV received, first
+token, one stamp per token, finish. A request is answered exactly once: :meth:`Request.finish`
+and :meth:`Request.fail` move it to DONE and the table forgets it.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from common.protocol import Lifecycle, Sampling
+
+
+class State(enum.Enum):
+    QUEUED = "queued"
+    ENCODING = "encoding"
+    DECODING = "decoding"
+    DONE = "done"
+
+
+TIMESTAMP_FIELDS = ("t_arrival", "t_queued", "t_encode_start", "t_encode_end", "t_kv_sent",
+                    "t_kv_received", "t_first_token", "t_finish")
+
+
+@dataclass
+class Timestamps:
+    """Lifecycle times of one request; ``None`` until reached."""
+
+    t_arrival: float | None = None
+    t_queued: float | None = None
+    t_encode_start: float | None = None
+    t_encode_end: float | None = None
+    t_kv_sent: float | None = None
+    t_kv_received: float | None = None
+    t_first_token: float | None = None
+    t_tokens: list[float] = field(default_factory=list)
+    t_finish: float | None = None
+
+    def update(self, stamps: dict[str, float | None]) -> None:
+        """Take stamps measured elsewhere (encoder, decoder); never overwrite a known one."""
+        for name in TIMESTAMP_FIELDS:
+            value = stamps.get(name)
+            if value is not None and getattr(self, name) is None:
+                setattr(self, name, float(value))
+
+    def take(self, lifecycle: Lifecycle | None) -> None:
+        if lifecycle is not None:
+            self.update({name: getattr(lifecycle, name) for name in TIMESTAMP_FIELDS})
+
+    def lifecycle(self) -> Lifecycle:
+        stamps = {name: getattr(self, name) for name in TIMESTAMP_FIELDS}
+        return Lifecycle(t_tokens=tuple(self.t_tokens), **stamps)
+
+
+@dataclass
+class Request:
+    """One admitted request: who asked (client routing id), what, and where it runs."""
+
+    req_id: str
+    client: bytes
+    prompt: tuple[int, ...]
+    max_new_tokens: int
+    sampling: Sampling
+    stream: bool
+    deadline: float | None  # absolute time.time(); None: no deadline
+    state: State = State.QUEUED
+    encoder: str | None = None
+    decoder: str | None = None
+    tokens: list[int] = field(default_factory=list)
+    times: Timestamps = field(default_factory=Timestamps)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+    def start_encode(self, encoder: str, decoder: str) -> None:
+        self._expect(State.QUEUED)
+        self.state, self.encoder, self.decoder = State.ENCODING, encoder, decoder
+
+    def add_tokens(self, tokens: tuple[int, ...], now: float) -> int:
+        """Append a decoder's new tokens (in order: one decoder, one ordered pipe); returns
+        the output position of the first of them (the StreamChunk index)."""
+        start = len(self.tokens)
+        if tokens and self.times.t_first_token is None:
+            self.times.t_first_token = now
+        self.state = State.DECODING
+        self.tokens.extend(tokens)
+        self.times.t_tokens.extend([now] * len(tokens))
+        return start
+
+    @property
+    def complete(self) -> bool:
+        return len(self.tokens) >= self.max_new_tokens
+
+    def close(self, now: float) -> None:
+        self.state = State.DONE
+        self.times.t_finish = now
+
+    def _expect(self, state: State) -> None:
+        if self.state is not state:
+            raise ValueError(f"request {self.req_id} is {self.state.value}, expected {state.value}")
+
+
+class RequestTable:
+    """Requests in flight by req_id, plus the FIFO of those waiting for an encoder."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, Request] = {}
+        self._queue: dict[str, None] = {}  # insertion-ordered set of QUEUED req_ids
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __contains__(self, req_id: str) -> bool:
+        return req_id in self._by_id
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(list(self._by_id.values()))
+
+    def get(self, req_id: str) -> Request | None:
+        return self._by_id.get(req_id)
+
+    def admit(self, request: Request) -> None:
+        if request.req_id in self._by_id:
+            raise ValueError(f"request id {request.req_id!r} is already in flight; use a new id")
+        now = time.time()
+        request.times.t_queued = now
+        if request.times.t_arrival is None:
+            request.times.t_arrival = now
+        self._by_id[request.req_id] = request
+        self._queue[request.req_id] = None
+
+    @property
+    def num_queued(self) -> int:
+        return len(self._queue)
+
+    def peek_queued(self, limit: int) -> list[Request]:
+        out = []
+        for req_id in self._queue:
+            if len(out) >= limit:
+                break
+            out.append(self._by_id[req_id])
+        return out
+
+    def dequeue(self, request: Request) -> None:
+        self._queue.pop(request.req_id, None)
+
+    def remove(self, req_id: str) -> Request | None:
+        self._queue.pop(req_id, None)
+        return self._by_id.pop(req_id, None)
+
+    def held_by(self, worker: str) -> list[Request]:
+        """Requests a lost worker takes down: all on a decoder, those not yet past an encoder."""
+        return [r for r in self._by_id.values() if r.decoder == worker
+                or (r.encoder == worker and r.state is State.ENCODING)]
+
+    def expired(self, now: float) -> list[Request]:
+        return [r for r in self._by_id.values() if r.deadline is not None and now > r.deadline]

@@ -1,0 +1,273 @@
+"""The coordinator process: asyncio on uvloop, two ROUTER sockets, one request table.
+
+    clients  DEALER --Submit/Cancel/StatsRequest--> ROUTER (client endpoint)
+    workers  DEALER --Hello/Ready/Heartbeat/DecodeTokens/Error--> ROUTER (worker endpoint)
+
+The event loop runs two things::
+
+    pump()   on either socket readable: drain client messages (admit / cancel / stats) and
+             worker messages (membership / relay tokens), then schedule() and flush()
+    tick()   every heartbeat interval: heartbeats out, silent workers lost, deadlines
+
+``pump`` drains everything readable with non-blocking receives before it schedules and
+flushes, so under load many decoder steps become one StreamChunk per request (the coalescing
+costs no latency: nothing is held back waiting). Why not ``zmq.asyncio`` futures: a future per
+message costs more than the message, and ZeroMQ's FD is edge-triggered, so one socket's sends
+can swallow the other task's wake-up. Here the loop watches both FDs with ``add_reader`` and,
+after every pump, re-checks ``EVENTS`` of both sockets before going back to sleep.
+Request states: ``coordinator/requests.py``; worker membership: ``coordinator/membership.py``;
+token relay: ``coordinator/relay.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from typing import Any
+
+import zmq
+
+from common import protocol as P
+from common.errors import Cancelled, ProtocolError, ServerError, ShuttingDown, Timeout
+from common.models.config import ModelConfig
+from common.procs import write_status
+from common.sockets import bound_endpoint, make_socket
+from coordinator import admission
+from coordinator.batching import pick_encoder, place_batch
+from coordinator.config import CoordinatorConfig
+from coordinator.membership import Membership
+from coordinator.relay import Relay
+from coordinator.requests import Request, RequestTable, State
+
+DRAIN_BUDGET = 4096  # messages taken per wake-up before yielding to the other tasks
+
+
+class Coordinator:
+    """State and I/O of the control plane; see the module docstring for the loop."""
+
+    def __init__(self, cfg: CoordinatorConfig, log: Any) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.model = ModelConfig.preset(cfg.model_shape)
+        self.table = RequestTable()
+        self.draining = False
+        self.counters = {"submitted": 0, "completed": 0, "failed": 0, "tokens_out": 0,
+                         "protocol_errors": 0}
+        self._ctx = zmq.Context()
+        self._pump_pending = False
+        self._stop = asyncio.Event()
+        self._batch_id = 0
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    async def run(self) -> int:
+        self._bind()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        for raw in (self._client_raw, self._worker_raw):
+            loop.add_reader(raw.getsockopt(zmq.FD), self._kick)
+        self._kick()
+        tasks = [asyncio.create_task(self._tick())]
+        try:
+            await self._stop.wait()
+            await self._drain()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for raw in (self._client_raw, self._worker_raw):
+                loop.remove_reader(raw.getsockopt(zmq.FD))
+            self.members.shutdown_all("coordinator stopping")
+            self._client_raw.close(linger=200)
+            self._worker_raw.close(linger=500)
+            self._ctx.term()
+        self.log.info("stopped", **self.counters)
+        return 0
+
+    def _bind(self) -> None:
+        self._client_raw = make_socket(self._ctx, "ROUTER", bind=self.cfg.client_endpoint,
+                                       hwm=1_000_000, router_mandatory=True)
+        self._worker_raw = make_socket(self._ctx, "ROUTER", bind=self.cfg.worker_endpoint,
+                                       hwm=1_000_000, router_mandatory=True)
+        self.client_endpoint = bound_endpoint(self._client_raw)
+        self.worker_endpoint = bound_endpoint(self._worker_raw)
+        self.relay = Relay(self._client_raw, self.log, self.counters)
+        self.members = Membership(self, self._worker_raw)
+        write_status(self.cfg.ready_fd, "bound", client_endpoint=self.client_endpoint,
+                     worker_endpoint=self.worker_endpoint)
+        self.log.info("listening", client_endpoint=self.client_endpoint,
+                      worker_endpoint=self.worker_endpoint, model=self.model.name)
+
+    def request_stop(self) -> None:
+        if not self.draining:
+            self.log.info("stop_requested", in_flight=len(self.table))
+            self.draining = True
+            self._stop.set()
+
+    async def _drain(self) -> None:
+        """Finish in-flight requests (queued ones included) until the drain timeout."""
+        deadline = time.monotonic() + self.cfg.drain_timeout_s
+        while len(self.table) and time.monotonic() < deadline and self.members.can_serve():
+            await asyncio.sleep(0.02)
+        for request in self.table:
+            self.fail(request, ShuttingDown("the server stopped before this request finished",
+                                            req_id=request.req_id))
+        self.relay.flush()
+
+    # ---- the loop -------------------------------------------------------------------------
+    def _kick(self) -> None:
+        """FD callback: run one pump soon (at most one pending)."""
+        if not self._pump_pending:
+            self._pump_pending = True
+            asyncio.get_running_loop().call_soon(self._pump)
+
+    def _pump(self) -> None:
+        self._pump_pending = False
+        for raw, handle in ((self._client_raw, self.on_client_frames),
+                            (self._worker_raw, self.members.on_frames)):
+            for _ in range(DRAIN_BUDGET):
+                try:
+                    frames = raw.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                try:
+                    handle(frames)
+                except Exception:  # noqa: BLE001 - one bad message must not stall the loop
+                    self.log.exception("handler_failed")
+        self.schedule()
+        self.relay.flush()
+        self._rearm()
+
+    def _rearm(self) -> None:
+        """Sends and receives consume the FD's edge: look at EVENTS before sleeping."""
+        pending = self._client_raw.getsockopt(zmq.EVENTS) | self._worker_raw.getsockopt(
+            zmq.EVENTS)
+        if pending & zmq.POLLIN:
+            self._kick()
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_interval_s)
+            now = time.time()
+            self.members.tick(now)
+            for request in self.table.expired(now):
+                self.fail(request, Timeout("the request's deadline passed",
+                                           req_id=request.req_id))
+            if not self.members.can_serve() and self.members.serving:
+                self.fail_queued_unavailable()
+            self.schedule()
+            self.relay.flush()
+            self._rearm()
+
+    # ---- clients --------------------------------------------------------------------------
+    def on_client_frames(self, frames: list[Any]) -> None:
+        client = frames[0].bytes
+        try:
+            msg = P.decode(frames[1:])
+        except ProtocolError as exc:
+            self.counters["protocol_errors"] += 1
+            self.log.warning("bad_client_message", error=str(exc))
+            self.relay.send_now(client, P.Error(code="protocol_error", message=str(exc),
+                                                req_id=P.peek_req_id(frames[1:])))
+            return
+        if isinstance(msg, P.Submit):
+            self.on_submit(client, msg)
+        elif isinstance(msg, P.Cancel):
+            self.on_cancel(client, msg)
+        elif isinstance(msg, P.StatsRequest):
+            self.relay.send_now(client, P.Stats(req_id=msg.req_id, stats=self.stats()))
+        else:
+            self.relay.send_now(client, P.Error(
+                code="bad_request", message=f"clients may not send {type(msg).__name__}",
+                req_id=getattr(msg, "req_id", None)))
+
+    def on_submit(self, client: bytes, msg: P.Submit) -> None:
+        try:
+            admission.admit(msg, client, self.cfg, self.table, self.draining,
+                            self.model.vocab_size)
+        except ServerError as exc:
+            self.relay.send_now(client, admission.error_message(exc))
+            return
+        self.counters["submitted"] += 1
+
+    def on_cancel(self, client: bytes, msg: P.Cancel) -> None:
+        request = self.table.get(msg.req_id)
+        if request is None or request.client != client:
+            return  # already answered (or not this client's): cancelling is idempotent
+        self.fail(request, Cancelled(msg.reason or "cancelled by the client",
+                                     req_id=request.req_id))
+
+    # ---- requests -------------------------------------------------------------------------
+    def schedule(self) -> None:
+        """Send encode batches while an encoder and decoder slots are free."""
+        while self.table.num_queued and self.members.serving:
+            encoder = pick_encoder(self.members.ready("encoder"),
+                                   self.cfg.max_outstanding_batches)
+            if encoder is None:
+                return
+            limit = min(self.cfg.max_encode_batch, encoder.capacity)
+            placed = place_batch(self.table.peek_queued(limit), self.members.ready("decoder"),
+                                 limit)
+            if not placed:
+                return
+            self._batch_id += 1
+            self.members.send_batch(encoder, self._batch_id, placed)
+            self.log.debug("encode_batch", batch_id=self._batch_id, encoder=encoder.worker_id,
+                           size=len(placed))
+
+    def on_tokens(self, update: P.TokenUpdate, now: float) -> bool:
+        """Relay one decoder update; False when the request is unknown (tell the decoder)."""
+        request = self.table.get(update.req_id)
+        if request is None:
+            return False
+        request.times.take(update.lifecycle)
+        start = request.add_tokens(update.tokens, now)
+        if request.stream and update.tokens:
+            self.relay.chunk(request, start, update.tokens)
+        if update.finished or request.complete:
+            self.finish(request, update.finish_reason or "length", now)
+        return True
+
+    def finish(self, request: Request, reason: str, now: float) -> None:
+        request.close(now)
+        self.table.remove(request.req_id)
+        self.members.release(request)
+        self.counters["completed"] += 1
+        self.counters["tokens_out"] += len(request.tokens)
+        self.relay.result(request, reason)
+        self.log.debug("request_done", req_id=request.req_id, tokens=len(request.tokens),
+                       decoder=request.decoder)
+
+    def fail(self, request: Request, exc: ServerError) -> None:
+        """Answer ``request`` with an error (exactly once) and free it everywhere."""
+        if request.state is State.DONE:
+            return
+        request.close(time.time())
+        self.table.remove(request.req_id)
+        self.members.release(request, cancel=True)
+        self.counters["failed"] += 1
+        self.log.info("request_failed", req_id=request.req_id, code=exc.code, error=exc.message)
+        self.relay.error(request, exc)
+
+    def fail_queued_unavailable(self) -> None:
+        from common.errors import Unavailable
+
+        missing = self.members.missing_roles()
+        for request in self.table.peek_queued(self.table.num_queued):
+            self.fail(request, Unavailable(f"no {'/'.join(missing)} worker is available",
+                                           req_id=request.req_id))
+
+    def stats(self) -> dict[str, Any]:
+        return {"requests": {**self.counters, "in_flight": len(self.table),
+                             "queued": self.table.num_queued},
+                "workers": self.members.describe(), "model": self.model.name,
+                "draining": self.draining}
+
+
+async def serve(cfg: CoordinatorConfig, log: Any) -> int:
+    coordinator = Coordinator(cfg, log)
+    with contextlib.suppress(asyncio.CancelledError):
+        return await coordinator.run()
+    return 0

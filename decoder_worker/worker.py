@@ -1,0 +1,136 @@
+"""The decoder worker's compute loop: merge arriving KV into the running batch, run decode
+iterations, stream each iteration's tokens to the coordinator.
+
+    loop:
+        take_messages()    KVHandoff -> join the batch (its first token goes out at once),
+                           Cancel -> leave the batch, Shutdown/Stop -> finish
+        step()             one decode iteration over every running sequence
+        publish()          one DecodeTokens for the iteration (first tokens + new tokens)
+
+When nothing is running the loop blocks on the inbox, so an idle decoder costs no CPU.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from typing import Any
+
+from common import protocol as P
+from common.backend import DecodeBackend, DecodeSeq, NullDecodeBackend, NullShape
+from common.models.config import ModelConfig
+from common.workerconfig import WorkerConfig
+from common.workerlink import Stop, WorkerLink
+
+
+def build_backend(cfg: WorkerConfig, assign: P.Assign) -> DecodeBackend:
+    model = ModelConfig.from_dict(assign.config["model"])
+    shape = NullShape(model, tp_rank=cfg.tp_rank, tp_size=cfg.tp_size)
+    return NullDecodeBackend(shape, cfg.decode_cost_ms)
+
+
+class DecoderLoop:
+    """Owns the running batch; talks to the world only through the link."""
+
+    def __init__(self, cfg: WorkerConfig, link: WorkerLink, backend: DecodeBackend,
+                 log: Any) -> None:
+        self.cfg, self.link, self.backend, self.log = cfg, link, backend, log
+        self.steps = 0
+        self.tokens_out = 0
+        self.exit_code: int | None = None
+        self._pending: dict[str, P.TokenUpdate] = {}  # first tokens not yet published
+        self._held: dict[str, tuple[int, ...]] = {}  # tokens waiting for the stream interval
+        link.load = self.load
+
+    def load(self) -> dict[str, Any]:
+        return {"active": self.backend.num_active, "steps": self.steps,
+                "tokens_out": self.tokens_out, "queued_messages": self.link.inbox.qsize()}
+
+    def run(self) -> int:
+        while self.exit_code is None:
+            self.take_messages(block=self.backend.num_active == 0 and not self._pending)
+            if self.exit_code is not None:
+                break
+            updates = self.step()
+            self.publish(updates)
+        return self.exit_code
+
+    def take_messages(self, block: bool) -> None:
+        try:
+            msg = self.link.inbox.get(timeout=1.0) if block else self.link.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self.handle(msg)
+            if self.exit_code is not None:
+                return
+            try:
+                msg = self.link.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def handle(self, msg: P.Message | Stop) -> None:
+        if isinstance(msg, P.KVHandoff):
+            self.admit(msg)
+        elif isinstance(msg, P.Cancel):
+            self.backend.remove(msg.req_id)
+            self._pending.pop(msg.req_id, None)
+            self._held.pop(msg.req_id, None)
+        elif isinstance(msg, P.Shutdown):
+            self.log.info("shutdown", reason=msg.reason)
+            self.exit_code = 0
+        elif isinstance(msg, Stop):
+            if msg.error:
+                self.log.error("stopping", reason=msg.reason)
+            self.exit_code = 1 if msg.error else 0
+        else:
+            self.log.warning("unexpected_message", type=type(msg).__name__)
+
+    def admit(self, handoff: P.KVHandoff) -> None:
+        """Join the batch; the encode pass's token is this request's first output token."""
+        lifecycle = handoff.lifecycle.with_(t_kv_received=time.time())
+        self.log.debug("kv_received", req_id=handoff.req_id, encoder=handoff.encoder_id,
+                       seq_len=handoff.kv.seq_len)
+        seq = DecodeSeq(req_id=handoff.req_id, prompt_len=handoff.prompt_len,
+                        first_token=handoff.first_token, max_new_tokens=handoff.max_new_tokens,
+                        kv=dict(handoff.kv.tensors))
+        done = handoff.max_new_tokens <= 1
+        try:
+            if not done:
+                self.backend.add(seq)
+        except ValueError as exc:
+            self.log.error("bad_handoff", req_id=handoff.req_id, error=str(exc))
+            self.link.send(P.Error(code="internal", req_id=handoff.req_id, message=str(exc)))
+            return
+        self._pending[handoff.req_id] = P.TokenUpdate(
+            req_id=handoff.req_id, tokens=(handoff.first_token,), finished=done,
+            finish_reason="length" if done else None, lifecycle=lifecycle)
+
+    def step(self) -> list[P.TokenUpdate]:
+        """One decode iteration. A new sequence's first token goes out at once (TTFT); later
+        tokens every ``stream_interval`` iterations, and always with the last one."""
+        first, self._pending = self._pending, {}
+        out = self.backend.step() if self.backend.num_active else []
+        if out:
+            self.steps += 1
+        due = self.steps % self.cfg.stream_interval == 0
+        updates = []
+        for tok in out:
+            head = first.pop(tok.req_id, None)
+            tokens = (head.tokens if head else ()) + self._held.pop(tok.req_id, ()) + (tok.token,)
+            if head is None and not tok.finished and not due:
+                self._held[tok.req_id] = tokens
+                continue
+            updates.append(P.TokenUpdate(
+                req_id=tok.req_id, tokens=tokens, finished=tok.finished,
+                finish_reason="length" if tok.finished else None,
+                lifecycle=head.lifecycle if head else None))
+        updates.extend(first.values())
+        return updates
+
+    def publish(self, updates: list[P.TokenUpdate]) -> None:
+        if not updates:
+            return
+        self.tokens_out += sum(len(u.tokens) for u in updates)
+        self.link.send(P.DecodeTokens(worker_id=self.cfg.worker_id, step=self.steps,
+                                      t_emitted=time.time(), updates=tuple(updates)))

@@ -1,0 +1,97 @@
+"""The encoder worker's compute loop: take an EncodeBatch, encode, hand each request's KV
+directly to the decoder the coordinator chose for it.
+
+    inbox --EncodeBatch--> backend.encode(batch) --KVHandoff--> decoder (its KV endpoint)
+                                                 --Heartbeat(load.batches_done)--> coordinator
+
+The coordinator learns a batch is done from ``load["batches_done"]`` (a monotonic count, so a
+late report never undercounts); requests cancelled while their batch waited are skipped.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from common import protocol as P
+from common.backend import EncodeBackend, Encoded, EncodeItem, NullEncodeBackend, NullShape
+from common.models.config import ModelConfig
+from common.workerconfig import WorkerConfig
+from common.workerlink import Stop, WorkerLink
+
+
+def build_backend(cfg: WorkerConfig, assign: P.Assign) -> tuple[EncodeBackend, NullShape]:
+    model = ModelConfig.from_dict(assign.config["model"])
+    shape = NullShape(model, tp_rank=cfg.tp_rank, tp_size=cfg.tp_size)
+    return NullEncodeBackend(shape, cfg.encode_cost_ms, cfg.encode_cost_ms_per_token), shape
+
+
+class EncoderLoop:
+    """One compute loop; everything it sends goes through the link's I/O thread."""
+
+    def __init__(self, cfg: WorkerConfig, link: WorkerLink, backend: EncodeBackend,
+                 shape: NullShape, log: Any) -> None:
+        self.cfg, self.link, self.backend, self.shape, self.log = cfg, link, backend, shape, log
+        self.batches_done = 0
+        self.requests_done = 0
+        self.cancelled: set[str] = set()
+        link.load = self.load
+
+    def load(self) -> dict[str, Any]:
+        return {"batches_done": self.batches_done, "requests_done": self.requests_done,
+                "queued_messages": self.link.inbox.qsize()}
+
+    def run(self) -> int:
+        """Returns the process exit code (0: told to stop; 1: lost the coordinator)."""
+        while True:
+            msg = self.link.inbox.get()
+            if isinstance(msg, Stop):
+                self.log.error("stopping", reason=msg.reason) if msg.error else None
+                return 1 if msg.error else 0
+            if isinstance(msg, P.Shutdown):
+                self.log.info("shutdown", reason=msg.reason)
+                return 0
+            if isinstance(msg, P.Cancel):
+                self.cancelled.add(msg.req_id)
+            elif isinstance(msg, P.EncodeBatch):
+                self.encode_batch(msg)
+            else:
+                self.log.warning("unexpected_message", type=type(msg).__name__)
+
+    def encode_batch(self, batch: P.EncodeBatch) -> None:
+        todo = [r for r in batch.requests if r.req_id not in self.cancelled]
+        self.cancelled.difference_update(r.req_id for r in batch.requests)
+        t_start = time.time()
+        try:
+            encoded = self.backend.encode([EncodeItem(r.req_id, r.prompt_ids, r.max_new_tokens)
+                                           for r in todo])
+        except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not us
+            self.log.exception("encode_failed", batch_id=batch.batch_id)
+            for r in todo:
+                self.link.send(P.Error(code="internal", req_id=r.req_id,
+                                       message=f"encode failed on {self.cfg.worker_id}: {exc}"))
+            encoded = []
+        t_end = time.time()
+        for request, out in zip(todo, encoded, strict=False):
+            self.hand_off(request, out, t_start, t_end)
+        self.batches_done += 1
+        self.requests_done += len(todo)
+        self.log.debug("encoded", batch_id=batch.batch_id, size=len(todo),
+                       seconds=round(t_end - t_start, 6))
+        self.link.send(P.Heartbeat(worker_id=self.cfg.worker_id, seq=self.batches_done,
+                                   t_sent=time.time(), load=self.load()))
+
+    def hand_off(self, request: P.EncodeRequest, out: Encoded, t_start: float,
+                 t_end: float) -> None:
+        first, last = self.shape.head_range()
+        kv = P.KVPayload(req_id=out.req_id, seq_len=out.seq_len, layer_start=0,
+                         layer_end=self.shape.model.num_layers, head_start=first, head_end=last,
+                         num_kv_heads=self.shape.model.kv_heads, tensors=out.kv)
+        lifecycle = request.lifecycle.with_(t_encode_start=t_start, t_encode_end=t_end,
+                                            t_kv_sent=time.time())
+        handoff = P.KVHandoff(req_id=out.req_id, encoder_id=self.cfg.worker_id,
+                              first_token=out.first_token, prompt_len=len(request.prompt_ids),
+                              max_new_tokens=request.max_new_tokens, sampling=request.sampling,
+                              kv=kv, lifecycle=lifecycle)
+        assert request.decoder_id is not None
+        self.link.send(handoff, decoder_id=request.decoder_id)

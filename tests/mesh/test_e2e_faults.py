@@ -1,0 +1,111 @@
+"""Failures through the real mesh: cancel, deadlines, a SIGKILLed worker, a startup crash."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from common.backend import null_tokens
+from common.client import AsyncClient, Client
+from common.errors import Cancelled, Timeout, WorkerLost
+from common.procs import StartupError
+from coordinator.launch import LaunchSpec, LocalMesh, WorkerGroup
+
+VOCAB = 256
+
+
+@pytest.fixture(scope="module")
+def slow_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    """10 ms per decode iteration; heartbeats fast enough to notice a death within ~1 s."""
+    spec = LaunchSpec(groups=(WorkerGroup("encoder", 1), WorkerGroup("decoder", 2)),
+                      runs_path=tmp_path_factory.mktemp("runs"), transport="ipc",
+                      model_shape="tiny-llama", decode_cost_ms=10.0,
+                      heartbeat_interval_s=0.2, heartbeat_timeout_s=1.0, drain_timeout_s=2.0)
+    local = LocalMesh(spec)
+    local.start()
+    yield local
+    local.stop()
+
+
+def test_cancel_stops_a_stream_and_frees_the_decoder(slow_mesh: LocalMesh) -> None:
+    async def run() -> None:
+        async with AsyncClient(slow_mesh.client_endpoint, default_timeout_s=30) as client:
+            got = 0
+            async with client.stream(prompt_ids=[1, 2], max_new_tokens=2000) as stream:
+                async for chunk in stream:
+                    got += len(chunk.tokens)
+                    if got >= 3:
+                        break  # leaving the stream early sends Cancel
+            waiting = asyncio.create_task(client.generate(prompt_ids=[3], max_new_tokens=2000,
+                                                          req_id="cancel-me"))
+            await asyncio.sleep(0.3)
+            await client.cancel("cancel-me")
+            with pytest.raises(Cancelled):
+                await waiting
+            await asyncio.sleep(0.3)
+            stats = (await client.stats()).stats
+            assert stats["requests"]["in_flight"] == 0
+            assert stats["requests"]["failed"] >= 2
+            assert all(w["active"] == 0 for w in stats["workers"] if w["role"] == "decoder")
+
+    asyncio.run(run())
+
+
+def test_a_deadline_answers_with_timeout(slow_mesh: LocalMesh) -> None:
+    with Client(slow_mesh.client_endpoint) as client:
+        t0 = time.monotonic()
+        with pytest.raises(Timeout):
+            client.generate(prompt_ids=[4], max_new_tokens=5000, timeout_s=0.5)
+        assert time.monotonic() - t0 < 3
+
+
+def test_a_sigkilled_decoder_fails_its_requests_and_the_rest_go_on(slow_mesh: LocalMesh,
+                                                                   ) -> None:
+    victim = next(c for c in slow_mesh.workers if c.name == "decoder-dec0")
+    prompts = [(i, i + 1) for i in range(40)]
+
+    async def run() -> dict[str, int]:
+        outcome = {"ok": 0, "lost": 0}
+        async with AsyncClient(slow_mesh.client_endpoint, default_timeout_s=30) as client:
+            async def one(prompt: tuple[int, int]) -> None:
+                try:
+                    out = await client.generate(prompt_ids=prompt, max_new_tokens=300)
+                except WorkerLost as exc:
+                    assert "dec0" in str(exc)
+                    outcome["lost"] += 1
+                else:
+                    assert list(out.tokens) == null_tokens(prompt, 300, VOCAB)
+                    outcome["ok"] += 1
+
+            tasks = [asyncio.create_task(one(p)) for p in prompts]
+            await asyncio.sleep(0.8)  # all running, ~3 s of decoding left
+            os.kill(victim.pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            await asyncio.gather(*tasks)
+            assert time.monotonic() - t0 < 6  # detection is the heartbeat deadline, not a hang
+            after = await client.generate(prompt_ids=[9, 9], max_new_tokens=5)
+            assert list(after.tokens) == null_tokens([9, 9], 5, VOCAB)
+        return outcome
+
+    outcome = asyncio.run(run())
+    assert outcome["lost"] > 0 and outcome["ok"] > 0
+    assert outcome["lost"] + outcome["ok"] == len(prompts)
+
+
+def test_a_worker_crashing_at_startup_fails_the_launch_fast(tmp_path: Path) -> None:
+    """smollm2-135m has 3 KV heads: decoder ranks of tp_size 2 cannot split them."""
+    spec = LaunchSpec(groups=(WorkerGroup("encoder", 1), WorkerGroup("decoder", 1, tp_size=2)),
+                      runs_path=tmp_path, transport="ipc", model_shape="smollm2-135m")
+    local = LocalMesh(spec, startup_timeout_s=60)
+    t0 = time.monotonic()
+    with pytest.raises(StartupError, match="do not split over tp_size 2") as err:
+        local.start()
+    assert time.monotonic() - t0 < 20
+    assert "decoder-dec0.r" in str(err.value)
+    assert all(c.poll() is not None for c in local.children)
