@@ -76,6 +76,7 @@ class DecodeSeq:
     max_new_tokens: int
     kv: dict[str, Any] = field(repr=False)
     num_generated: int = 1  # tokens produced so far, the first included
+    head_range: tuple[int, int] | None = None  # KV heads the sender sent (None: this rank's)
 
 
 class StepToken(NamedTuple):
@@ -217,8 +218,17 @@ class NullDecodeBackend:
         return out
 
     def _check_kv(self, seq: DecodeSeq) -> None:
-        """The KV that arrived must be exactly what an encode of this prompt produces."""
-        want = self.shape.kv_shapes(seq.prompt_len)
+        """The KV that arrived must be exactly what an encode of this prompt produces, for a
+        KV-head range that covers this rank's (a sender with another tp_size sends a wider
+        range; the receiver keeps its own slice, as re-sharding does)."""
+        first, last = seq.head_range if seq.head_range is not None else self.shape.head_range()
+        mine = self.shape.head_range()
+        if not first <= mine[0] < mine[1] <= last:
+            raise ValueError(f"request {seq.req_id}: KV heads [{first}, {last}) do not cover "
+                             f"this rank's heads [{mine[0]}, {mine[1]})")
+        sender = NullShape(self.shape.model)
+        want = {name: (shape[0], last - first, *shape[2:])
+                for name, shape in sender.kv_shapes(seq.prompt_len).items()}
         got = {name: tuple(t.shape) for name, t in seq.kv.items()}
         if got != want:
             raise ValueError(f"request {seq.req_id}: KV shapes {got} do not match the model's "

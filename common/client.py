@@ -76,11 +76,15 @@ class AsyncClient:
         await self.close()
 
     def _ensure_started(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._reader is not None and self._reader.get_loop() is not loop:
+            raise RuntimeError("an AsyncClient belongs to the event loop that first used it; "
+                               "create one client per event loop (or close() it first)")
         if self._sock is None:
             self._ctx = zmq.asyncio.Context()
             self._sock = make_socket(self._ctx, "DEALER", connect=self.endpoint,
                                      curve_client=self._curve)
-            self._reader = asyncio.get_running_loop().create_task(self._read_forever())
+            self._reader = loop.create_task(self._read_forever())
 
     async def close(self) -> None:
         """Stop reading, fail waiting requests with Cancelled, close the socket."""

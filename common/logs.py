@@ -194,7 +194,7 @@ class LogFilter:
 def latest_run(root: Path) -> Path:
     runs = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
     if not runs:
-        raise FileNotFoundError(f"no runs in {root} (start a server first, or pass --run)")
+        raise FileNotFoundError(f"no runs in {root.resolve()} (start a server, or pass --run)")
     return max(runs, key=lambda p: (p.stat().st_mtime, p.name))
 
 

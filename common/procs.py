@@ -12,7 +12,9 @@ pipe, one ``pidfd`` per child (readable when that child exits) and a signal wake
 child that dies during startup ends the wait at once with that child's stderr tail instead of a
 hang, and SIGINT/SIGTERM interrupt any wait. Children run in their own process group (a Ctrl-C
 in the terminal reaches only the launcher, which then shuts them down in order) and carry
-``PR_SET_PDEATHSIG`` so that even a SIGKILLed launcher leaves no orphans.
+``PR_SET_PDEATHSIG`` so that even a SIGKILLed launcher leaves no orphans. (The kernel ties
+that signal to the *thread* that started the child: start children from a long-lived thread,
+normally the main one.)
 """
 
 from __future__ import annotations
@@ -98,16 +100,16 @@ class Child:
             self.pidfd = -1
 
 
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
 def _die_with_parent() -> None:
-    """preexec hook: the kernel sends SIGTERM to this child when the launcher dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    """preexec hook: the kernel sends SIGTERM to this child when the launcher dies.
 
-
-def die_with_parent() -> None:
-    """Call early in a role's main when it was started by a launcher (harmless otherwise)."""
-    if sys.platform.startswith("linux"):
-        _die_with_parent()
+    The libc function is looked up before fork: the child only makes one system call.
+    """
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def start_child(spec: ChildSpec, log_dir: Path, process_group: int = 0) -> Child:

@@ -25,7 +25,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from common.errors import ERROR_CODES, ProtocolError
+from common.errors import ERROR_CODES, ProtocolError, ServerError
 from common.protocol_codec import (
     DEFAULT_LIMITS,
     PROTOCOL_VERSION,
@@ -47,7 +47,7 @@ __all__ = [
     "ROLES", "FINISH_REASONS", "Sampling", "Lifecycle", "Hello", "Assign", "Ready",
     "Heartbeat", "Shutdown", "Submit", "StreamChunk", "Result", "Cancel", "Error",
     "StatsRequest", "Stats", "EncodeRequest", "EncodeBatch", "KVPayload", "KVHandoff",
-    "TokenUpdate", "DecodeTokens",
+    "TokenUpdate", "DecodeTokens", "error_for",
 ]
 
 ROLES = ("encoder", "decoder", "pipeline", "any")
@@ -327,6 +327,16 @@ class Error(Message):
     def check(self) -> None:
         if self.code not in ERROR_CODES:
             raise ValueError(f"unknown error code {self.code!r}; use one of {sorted(ERROR_CODES)}")
+
+
+def error_for(exc: BaseException, req_id: str | None = None) -> Error:
+    """The Error that reports `exc` to a peer: ProtocolError -> "protocol_error" (with the
+    req_id it could still read), ServerError -> its own code, anything else -> "internal"."""
+    if isinstance(exc, ProtocolError):
+        return Error("protocol_error", str(exc), req_id or exc.req_id)
+    if isinstance(exc, ServerError):
+        return Error(exc.code, exc.message, req_id or exc.req_id, exc.retry_after_s)
+    return Error("internal", f"{type(exc).__name__}: {exc}", req_id)
 
 
 @register

@@ -39,6 +39,7 @@ class WorkerConfig:
     encode_cost_ms_per_token: float = 0.0
     decode_cost_ms: float = 0.0
     stream_interval: int = 1
+    publish_interval_ms: float = 1.0
 
     def __post_init__(self) -> None:
         if self.role not in ("encoder", "decoder"):
@@ -56,13 +57,22 @@ class WorkerConfig:
             raise ValueError(f"unknown backend {self.backend!r}; available: {BACKENDS}")
         if min(self.encode_cost_ms, self.encode_cost_ms_per_token, self.decode_cost_ms) < 0:
             raise ValueError("costs must be >= 0 ms")
+        if self.publish_interval_ms < 0:
+            raise ValueError("publish_interval_ms must be >= 0")
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
         if not 0 < self.heartbeat_interval_s < self.heartbeat_timeout_s:
             raise ValueError("need 0 < heartbeat interval < heartbeat timeout")
 
 
+ENV_HELP = ("Environment: each --some-flag defaults to EXEGPT_SOME_FLAG when set (what "
+            "docker-compose uses); --coordinator reads EXEGPT_WORKER_ENDPOINT and --null-model "
+            "EXEGPT_BACKEND=null. Logs: runs/<EXEGPT_RUN_ID>/<role>-<worker-id>.jsonl under "
+            "EXEGPT_RUNS_DIR (default ./runs).")
+
+
 def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
+    parser.epilog = ENV_HELP
     add = parser.add_argument
     add("--coordinator", default=_env("WORKER_ENDPOINT", "tcp://127.0.0.1:5556"),
         help="the coordinator's worker endpoint (connect)")
@@ -91,6 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
         add("--decode-cost-ms", type=float, default=float(_env("DECODE_COST_MS", "0")))
         add("--stream-interval", type=int, default=int(_env("STREAM_INTERVAL", "1")),
             help="publish a sequence's tokens every N iterations (first and last at once)")
+        add("--publish-interval-ms", type=float,
+            default=float(_env("PUBLISH_INTERVAL_MS", "1")),
+            help="merge the tokens of iterations faster than this (0: publish every one)")
 
 
 def from_args(args: argparse.Namespace, role: str) -> WorkerConfig:
@@ -104,4 +117,5 @@ def from_args(args: argparse.Namespace, role: str) -> WorkerConfig:
         encode_cost_ms_per_token=getattr(args, "encode_cost_ms_per_token", 0.0),
         decode_cost_ms=getattr(args, "decode_cost_ms", 0.0),
         stream_interval=getattr(args, "stream_interval", 1),
+        publish_interval_ms=getattr(args, "publish_interval_ms", 1.0),
     )

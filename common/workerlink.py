@@ -13,12 +13,11 @@ coordinator's deadline: no message from it for ``heartbeat_timeout_s`` and the w
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import queue
-import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +33,10 @@ from common.workerconfig import WorkerConfig
 
 _TO_COORDINATOR = b"C"
 _TO_DECODER = b"K"
+COORDINATOR_HWM = 100  # messages queued towards the coordinator before we hold back
+OUTBOX_HWM = 64  # compute-thread messages waiting for the I/O thread (then send() blocks)
+BACKLOG_LIMIT = 16  # held-back coordinator messages before the outbox stops being read
+KV_SEND_TIMEOUT_MS = 2000
 
 
 @dataclass(frozen=True)
@@ -55,9 +58,10 @@ class WorkerLink:
         self.kv_endpoint: str | None = None
         self._ctx = zmq.Context.instance()
         self._pipe_addr = f"inproc://worker-out-{id(self)}"
-        self._pull = make_socket(self._ctx, "PULL", bind=self._pipe_addr, hwm=100_000)
+        self._pull = make_socket(self._ctx, "PULL", bind=self._pipe_addr, hwm=OUTBOX_HWM)
         # used by the compute thread only (a zmq socket belongs to one thread)
-        self._push = make_socket(self._ctx, "PUSH", connect=self._pipe_addr, hwm=100_000)
+        self._push = make_socket(self._ctx, "PUSH", connect=self._pipe_addr, hwm=OUTBOX_HWM)
+        self._backlog: collections.deque[list[Any]] = collections.deque()
         self._stop = threading.Event()
         self._assigned = threading.Event()
         self._assign: P.Assign | None = None
@@ -80,6 +84,11 @@ class WorkerLink:
     def ready(self, info: dict[str, Any]) -> None:
         self.send(P.Ready(worker_id=self.cfg.worker_id, kv_endpoint=self.kv_endpoint, info=info))
 
+    @property
+    def congested(self) -> bool:
+        """True while the coordinator reads slower than we send (compute may coalesce)."""
+        return bool(self._backlog)
+
     def send(self, msg: P.Message, decoder_id: str | None = None) -> None:
         """Queue ``msg`` for the coordinator, or for ``decoder_id``'s KV endpoint."""
         dest = _TO_COORDINATOR if decoder_id is None else _TO_DECODER + decoder_id.encode()
@@ -95,7 +104,7 @@ class WorkerLink:
     # ---- sockets --------------------------------------------------------------------------
     def _make_coordinator_socket(self) -> zmq.Socket:
         return make_socket(self._ctx, "DEALER", connect=self.cfg.coordinator,
-                           identity=self.cfg.worker_id, hwm=100_000)
+                           identity=self.cfg.worker_id, hwm=COORDINATOR_HWM)
 
     def _bind_kv(self) -> zmq.Socket:
         assert self.cfg.kv_bind is not None
@@ -108,7 +117,7 @@ class WorkerLink:
         endpoint = self._peers.get(decoder_id)
         if sock is None and endpoint is not None:
             sock = make_socket(self._ctx, "DEALER", connect=endpoint,
-                               identity=self.cfg.worker_id)
+                               identity=self.cfg.worker_id, sndtimeo_ms=KV_SEND_TIMEOUT_MS)
             self._kv_out[decoder_id] = sock
         return sock
 
@@ -121,20 +130,22 @@ class WorkerLink:
             self.inbox.put(Stop(f"I/O thread failed: {exc!r}", error=True))
 
     def _loop(self) -> None:
+        """Poll; the outbox is read only while the coordinator keeps up (backpressure)."""
         poller = zmq.Poller()
         for sock in (self._coord, self._pull, self._kv_in):
             if sock is not None:
                 poller.register(sock, zmq.POLLIN)
         self._send_hello()
         interval = self.cfg.heartbeat_interval_s
-        last_heard = time.monotonic()
-        next_beat = time.monotonic()
+        last_heard = next_beat = time.monotonic()
         beat_seq = 0
         while not self._stop.is_set():
+            self._watch(poller)
             events = dict(poller.poll(timeout=max(1, int(interval * 250))))
-            if self._coord in events:
+            if events.get(self._coord, 0) & zmq.POLLIN:
                 last_heard = time.monotonic()
                 self._drain_coordinator()
+            self._flush_backlog()
             if self._pull in events:
                 self._drain_outbox()
             if self._kv_in is not None and self._kv_in in events:
@@ -147,6 +158,27 @@ class WorkerLink:
                 self.inbox.put(Stop(f"coordinator silent for {now - last_heard:.1f} s", True))
                 return
 
+    def _watch(self, poller: zmq.Poller) -> None:
+        poller.modify(self._coord, zmq.POLLIN | (zmq.POLLOUT if self._backlog else 0))
+        poller.modify(self._pull, zmq.POLLIN if len(self._backlog) < BACKLOG_LIMIT else 0)
+
+    def _to_coordinator(self, frames: list[Any]) -> None:
+        if not self._backlog:
+            try:
+                self._coord.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                return
+            except zmq.Again:
+                pass
+        self._backlog.append(frames)
+
+    def _flush_backlog(self) -> None:
+        while self._backlog:
+            try:
+                self._coord.send_multipart(self._backlog[0], zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._backlog.popleft()
+
     def _deadline(self) -> float:
         return self.cfg.heartbeat_timeout_s if self._assigned.is_set() else \
             self.cfg.startup_timeout_s
@@ -156,7 +188,7 @@ class WorkerLink:
                         tp_rank=self.cfg.tp_rank, tp_size=self.cfg.tp_size,
                         device=self.cfg.device, pid=os.getpid(), host=socket.gethostname(),
                         kv_endpoint=self.kv_endpoint, capacity={"max_seqs": self.cfg.capacity})
-        self._coord.send_multipart(P.encode(hello))
+        self._to_coordinator(P.encode(hello))
 
     def _beat(self, seq: int) -> tuple[float, int]:
         if not self._assigned.is_set():
@@ -164,7 +196,7 @@ class WorkerLink:
             return self.cfg.heartbeat_interval_s, seq
         beat = P.Heartbeat(worker_id=self.cfg.worker_id, seq=seq, t_sent=time.time(),
                            load=self.load())
-        self._coord.send_multipart(P.encode(beat))
+        self._to_coordinator(P.encode(beat))
         assert self._assign is not None
         return self._assign.heartbeat_interval_s, seq + 1
 
@@ -178,13 +210,18 @@ class WorkerLink:
                 msg = P.decode(frames)
             except ProtocolError as exc:
                 self.log.warning("bad_message_from_coordinator", error=str(exc))
-                self._coord.send_multipart(P.encode(P.Error(
+                self._to_coordinator(P.encode(P.Error(
                     code="protocol_error", message=str(exc), req_id=P.peek_req_id(frames))))
                 continue
             self._on_coordinator(msg)
 
     def _on_coordinator(self, msg: P.Message) -> None:
         if isinstance(msg, P.Heartbeat):
+            return
+        if isinstance(msg, P.Error) and msg.code == "unavailable" and msg.req_id is None:
+            # the coordinator declared us lost (we were silent too long): stop, do not linger
+            self.inbox.put(Stop(f"coordinator: {msg.message}", error=True))
+            self._stop.set()
             return
         if isinstance(msg, P.Assign):
             self._peers = dict(msg.peers)
@@ -205,21 +242,28 @@ class WorkerLink:
                 return
             tag = dest.bytes
             if tag == _TO_COORDINATOR:
-                self._coord.send_multipart(frames, copy=False)
+                self._to_coordinator(frames)
+                if len(self._backlog) >= BACKLOG_LIMIT:
+                    return
                 continue
-            decoder_id = tag[1:].decode()
-            sock = self._kv_socket(decoder_id)
-            if sock is None:
-                self._report_no_route(decoder_id, frames)
-            else:
-                sock.send_multipart(frames, copy=False)
+            self._send_kv(tag[1:].decode(), frames)
 
-    def _report_no_route(self, decoder_id: str, frames: list[Any]) -> None:
+    def _send_kv(self, decoder_id: str, frames: list[Any]) -> None:
+        sock = self._kv_socket(decoder_id)
+        if sock is None:
+            self._report_no_route(decoder_id, "has no KV endpoint for", frames)
+            return
+        try:
+            sock.send_multipart(frames, copy=False)
+        except zmq.Again:  # the decoder stopped reading for KV_SEND_TIMEOUT_MS
+            self._report_no_route(decoder_id, "timed out sending KV to", frames)
+
+    def _report_no_route(self, decoder_id: str, what: str, frames: list[Any]) -> None:
         req_id = P.peek_req_id(frames)
-        self.log.error("unknown_decoder", decoder=decoder_id, req_id=req_id)
-        self._coord.send_multipart(P.encode(P.Error(
+        self.log.error("kv_handoff_failed", decoder=decoder_id, req_id=req_id, why=what)
+        self._to_coordinator(P.encode(P.Error(
             code="internal", req_id=req_id,
-            message=f"encoder {self.cfg.worker_id} has no KV endpoint for decoder {decoder_id}")))
+            message=f"encoder {self.cfg.worker_id} {what} decoder {decoder_id}")))
 
     def _drain_kv(self) -> None:
         assert self._kv_in is not None
@@ -252,48 +296,3 @@ def advertised(bound: str, advertise: str | None) -> str:
         return f"tcp://{socket.gethostname()}:{bound.rsplit(':', 1)[1]}"
     return bound
 
-
-class Terminated(Exception):
-    """Raised in the main thread by SIGTERM/SIGINT: stop now, closing sockets on the way."""
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated(signal.Signals(signum).name)
-
-
-def run_worker(cfg: WorkerConfig, make_loop: Callable[[WorkerLink, P.Assign, Any], Any]) -> int:
-    """A worker process's life: logs, HELLO/Assign, backend setup, READY, the loop, cleanup.
-
-    ``make_loop(link, assign, log)`` builds the backend and the compute loop (it may take long:
-    weights load here); its ``run()`` returns the exit code.
-    """
-    log = setup_worker_logs(cfg)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _raise_terminated)
-    link = WorkerLink(cfg, log)
-    try:
-        assign = link.start()
-        log.info("assigned", assigned_role=assign.role, peers=len(assign.peers))
-        loop = make_loop(link, assign, log)
-        link.ready({"pid": os.getpid(), "backend": cfg.backend})
-        log.info("ready", kv_endpoint=link.kv_endpoint)
-        code = int(loop.run())
-        log.info("exit", code=code)
-        return code
-    except Terminated as exc:
-        log.info("terminated", signal=str(exc))
-        return 0
-    except (TimeoutError, ValueError, OSError) as exc:
-        log.error("failed", error=str(exc))
-        print(f"{cfg.role} worker {cfg.worker_id}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        link.close()
-
-
-def setup_worker_logs(cfg: WorkerConfig) -> Any:
-    """JSON lines in ``runs/<run-id>/<role>-<worker_id>.jsonl`` (run id from the launcher)."""
-    from common.logs import get_logger, setup_logging
-
-    setup_logging(cfg.role, cfg.worker_id, tp_rank=cfg.tp_rank)
-    return get_logger()

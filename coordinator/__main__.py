@@ -22,10 +22,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     import uvloop
 
-    from coordinator.logsetup import setup_coordinator_logs
+    from common.logs import get_logger, setup_logging
     from coordinator.server import serve
 
-    log = setup_coordinator_logs()
+    setup_logging("coordinator")  # runs/<EXEGPT_RUN_ID>/coordinator.jsonl + stderr
+    log = get_logger()
     try:
         return uvloop.run(serve(cfg, log))
     except (OSError, ValueError) as exc:

@@ -58,6 +58,9 @@ class CoordinatorConfig:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``python -m coordinator``; each defaults to ``EXEGPT_<NAME>`` when set."""
+    parser.epilog = ("Environment: each --some-flag defaults to EXEGPT_SOME_FLAG when set; "
+                     "--client-endpoint reads EXEGPT_COORDINATOR_ENDPOINT (the variable clients "
+                     "use too) and --worker-endpoint EXEGPT_WORKER_ENDPOINT.")
     add = parser.add_argument
     add("--client-endpoint", default=_env("COORDINATOR_ENDPOINT", "tcp://127.0.0.1:5555"),
         help="where clients connect (bind); tcp://host:* picks a free port")

@@ -60,6 +60,7 @@ class LaunchSpec:
     encode_cost_ms_per_token: float = 0.0
     decode_cost_ms: float = 0.0
     stream_interval: int = 1
+    publish_interval_ms: float = 1.0
     heartbeat_interval_s: float = 0.5
     heartbeat_timeout_s: float = 5.0
     drain_timeout_s: float = 10.0
@@ -133,7 +134,8 @@ class LaunchSpec:
             kv = (f"ipc://{self.ipc_dir}/kv-{worker_id}"
                   if self.transport == "ipc" else f"tcp://{self.host}:*")
             argv += ["--kv-bind", kv, "--decode-cost-ms", str(self.decode_cost_ms),
-                     "--stream-interval", str(self.stream_interval)]
+                     "--stream-interval", str(self.stream_interval),
+                     "--publish-interval-ms", str(self.publish_interval_ms)]
         return ChildSpec(f"{group.role}-{worker_id}", tuple(argv), env=self.env())
 
 

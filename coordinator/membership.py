@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from common import protocol as P
-from common.errors import ProtocolError, WorkerLost
+from common.errors import ProtocolError, WorkerLost, error_from_code
 from common.procs import write_status
 from coordinator.registry import ROLES, Registry, WorkerInfo, WorkerState
 from coordinator.requests import Request
@@ -55,7 +55,7 @@ class Membership:
         return [{"worker_id": w.worker_id, "role": w.role, "state": w.state.value,
                  "tp_rank": w.tp_rank, "tp_size": w.tp_size, "capacity": w.capacity,
                  "active": w.num_active, "outstanding_batches": w.outstanding_batches,
-                 "kv_endpoint": w.kv_endpoint} for w in self.registry]
+                 "kv_endpoint": w.kv_endpoint, "load": w.load} for w in self.registry]
 
     # ---- sending --------------------------------------------------------------------------
     def send(self, worker: WorkerInfo, msg: P.Message) -> None:
@@ -82,16 +82,17 @@ class Membership:
         encoder.num_active = encoder.outstanding_batches
         self.send(encoder, P.EncodeBatch(batch_id=batch_id, requests=tuple(items)))
 
-    def release(self, request: Request, cancel: bool = False) -> None:
-        """Free the decoder slot of a finished/failed request; on failure tell its workers."""
-        for worker_id in (request.encoder, request.decoder):
-            worker = self.registry.get(worker_id) if worker_id else None
-            if worker is None:
-                continue
-            if worker.role == "decoder":
-                worker.num_active = max(0, worker.num_active - 1)
+    def release(self, request: Request, cancel: bool = False, encoding: bool = False) -> None:
+        """Free the decoder slot of a finished/failed request; on failure tell its decoder
+        (and its encoder, if the request may still sit in a batch there)."""
+        decoder = self.registry.get(request.decoder) if request.decoder else None
+        if decoder is not None:
+            decoder.num_active = max(0, decoder.num_active - 1)
             if cancel:
-                self.send(worker, P.Cancel(req_id=request.req_id, reason="released"))
+                self.send(decoder, P.Cancel(req_id=request.req_id, reason="released"))
+        encoder = self.registry.get(request.encoder) if request.encoder else None
+        if encoder is not None and cancel and encoding:
+            self.send(encoder, P.Cancel(req_id=request.req_id, reason="released"))
 
     def shutdown_all(self, reason: str) -> None:
         for worker in self.registry:
@@ -143,12 +144,17 @@ class Membership:
             self._send_raw(route, P.Error(code="bad_request", message=f"this coordinator "
                                           f"assigns encoder/decoder roles, not {msg.role!r}"))
             return
+        capacity = msg.capacity.get("max_seqs", 256) if isinstance(msg.capacity, dict) else None
+        if type(capacity) is not int or capacity < 1:
+            self._send_raw(route, P.Error(code="bad_request", message="Hello.capacity must be "
+                                          "a map with a positive int max_seqs"))
+            return
         old = self.registry.get(msg.worker_id)
         if old is not None and old.routing_id != route:
             self.lose(old, "re-registered")
         info = WorkerInfo(worker_id=msg.worker_id, role=role, routing_id=route,
                           tp_rank=msg.tp_rank, tp_size=msg.tp_size, device=msg.device,
-                          capacity=int(msg.capacity.get("max_seqs", 256)),
+                          capacity=capacity,
                           kv_endpoint=msg.kv_endpoint, last_seen=time.time())
         self.registry.add(info)
         self.log.info("worker_hello", worker=msg.worker_id, worker_role=role, worker_pid=msg.pid,
@@ -190,7 +196,9 @@ class Membership:
                          worker_endpoint=self.co.worker_endpoint, workers=self.describe())
 
     def on_heartbeat(self, worker: WorkerInfo, msg: P.Heartbeat) -> None:
-        done = msg.load.get("batches_done") if isinstance(msg.load, dict) else None
+        if isinstance(msg.load, dict):
+            worker.load = msg.load
+        done = worker.load.get("batches_done")
         if worker.role == "encoder" and isinstance(done, int):
             worker.outstanding_batches = max(0, worker.batches_sent - done)
             worker.num_active = worker.outstanding_batches
@@ -206,8 +214,6 @@ class Membership:
                          req_id=msg.req_id, error=msg.message)
         request = self.co.table.get(msg.req_id) if msg.req_id else None
         if request is not None:
-            from common.errors import error_from_code
-
             self.co.fail(request, error_from_code(msg.code, f"{worker.worker_id}: "
                                                   f"{msg.message}", req_id=request.req_id))
 

@@ -40,7 +40,7 @@ class WorkerInfo:
     num_active: int = 0  # decoder: sequences assigned and not finished; encoder: requests
     outstanding_batches: int = 0  # encoder: batches sent, not yet reported encoded
     batches_sent: int = 0
-    requests: set[str] = field(default_factory=set)
+    load: dict[str, object] = field(default_factory=dict)  # its latest Heartbeat.load
 
     @property
     def free_slots(self) -> int:

@@ -30,7 +30,14 @@ from typing import Any
 import zmq
 
 from common import protocol as P
-from common.errors import Cancelled, ProtocolError, ServerError, ShuttingDown, Timeout
+from common.errors import (
+    Cancelled,
+    ProtocolError,
+    ServerError,
+    ShuttingDown,
+    Timeout,
+    Unavailable,
+)
 from common.models.config import ModelConfig
 from common.procs import write_status
 from common.sockets import bound_endpoint, make_socket
@@ -41,7 +48,9 @@ from coordinator.membership import Membership
 from coordinator.relay import Relay
 from coordinator.requests import Request, RequestTable, State
 
-DRAIN_BUDGET = 4096  # messages taken per wake-up before yielding to the other tasks
+DRAIN_BUDGET = 4096  # messages per socket per pump, at most ...
+PUMP_BUDGET_S = 0.02  # ... and this much time, before yielding to tick()
+WORKER_RCVHWM = 100  # per worker: a decoder running ahead blocks (and coalesces) on its side
 
 
 class Coordinator:
@@ -91,6 +100,8 @@ class Coordinator:
                                        hwm=1_000_000, router_mandatory=True)
         self._worker_raw = make_socket(self._ctx, "ROUTER", bind=self.cfg.worker_endpoint,
                                        hwm=1_000_000, router_mandatory=True)
+        # applies to every worker pipe (they connect after this): bounded inbound queues
+        self._worker_raw.setsockopt(zmq.RCVHWM, WORKER_RCVHWM)
         self.client_endpoint = bound_endpoint(self._client_raw)
         self.worker_endpoint = bound_endpoint(self._worker_raw)
         self.relay = Relay(self._client_raw, self.log, self.counters)
@@ -125,9 +136,10 @@ class Coordinator:
 
     def _pump(self) -> None:
         self._pump_pending = False
+        deadline = time.perf_counter() + PUMP_BUDGET_S
         for raw, handle in ((self._client_raw, self.on_client_frames),
                             (self._worker_raw, self.members.on_frames)):
-            for _ in range(DRAIN_BUDGET):
+            for i in range(DRAIN_BUDGET):
                 try:
                     frames = raw.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
@@ -136,6 +148,8 @@ class Coordinator:
                     handle(frames)
                 except Exception:  # noqa: BLE001 - one bad message must not stall the loop
                     self.log.exception("handler_failed")
+                if i % 16 == 15 and time.perf_counter() > deadline:
+                    break  # let tick() (heartbeats, deadlines) run; _rearm() continues
         self.schedule()
         self.relay.flush()
         self._rearm()
@@ -184,6 +198,11 @@ class Coordinator:
                 req_id=getattr(msg, "req_id", None)))
 
     def on_submit(self, client: bytes, msg: P.Submit) -> None:
+        if self.members.serving and not self.members.can_serve():
+            missing = "/".join(self.members.missing_roles())
+            self.relay.send_now(client, P.Error(code="unavailable", req_id=msg.req_id,
+                                                message=f"no {missing} worker is available"))
+            return
         try:
             admission.admit(msg, client, self.cfg, self.table, self.draining,
                             self.model.vocab_size)
@@ -244,16 +263,15 @@ class Coordinator:
         """Answer ``request`` with an error (exactly once) and free it everywhere."""
         if request.state is State.DONE:
             return
+        was_encoding = request.state is State.ENCODING
         request.close(time.time())
         self.table.remove(request.req_id)
-        self.members.release(request, cancel=True)
+        self.members.release(request, cancel=True, encoding=was_encoding)
         self.counters["failed"] += 1
         self.log.info("request_failed", req_id=request.req_id, code=exc.code, error=exc.message)
         self.relay.error(request, exc)
 
     def fail_queued_unavailable(self) -> None:
-        from common.errors import Unavailable
-
         missing = self.members.missing_roles()
         for request in self.table.peek_queued(self.table.num_queued):
             self.fail(request, Unavailable(f"no {'/'.join(missing)} worker is available",

@@ -8,7 +8,8 @@ from typing import Any
 
 from common import protocol as P
 from common import workerconfig
-from common.workerlink import WorkerLink, run_worker
+from common.workerlink import WorkerLink
+from common.workermain import run_worker
 from decoder_worker.worker import DecoderLoop, build_backend
 
 

@@ -37,14 +37,17 @@ class DecoderLoop:
         self.cfg, self.link, self.backend, self.log = cfg, link, backend, log
         self.steps = 0
         self.tokens_out = 0
+        self.updates_out = 0
+        self._last_publish = 0.0
         self.exit_code: int | None = None
         self._pending: dict[str, P.TokenUpdate] = {}  # first tokens not yet published
-        self._held: dict[str, tuple[int, ...]] = {}  # tokens waiting for the stream interval
+        self._held: dict[str, list[int]] = {}  # tokens waiting for the interval / congestion
         link.load = self.load
 
     def load(self) -> dict[str, Any]:
         return {"active": self.backend.num_active, "steps": self.steps,
-                "tokens_out": self.tokens_out, "queued_messages": self.link.inbox.qsize()}
+                "tokens_out": self.tokens_out, "updates_out": self.updates_out,
+                "queued_messages": self.link.inbox.qsize()}
 
     def run(self) -> int:
         while self.exit_code is None:
@@ -93,7 +96,8 @@ class DecoderLoop:
                        seq_len=handoff.kv.seq_len)
         seq = DecodeSeq(req_id=handoff.req_id, prompt_len=handoff.prompt_len,
                         first_token=handoff.first_token, max_new_tokens=handoff.max_new_tokens,
-                        kv=dict(handoff.kv.tensors))
+                        kv=dict(handoff.kv.tensors),
+                        head_range=(handoff.kv.head_start, handoff.kv.head_end))
         done = handoff.max_new_tokens <= 1
         try:
             if not done:
@@ -113,16 +117,28 @@ class DecoderLoop:
         out = self.backend.step() if self.backend.num_active else []
         if out:
             self.steps += 1
-        due = self.steps % self.cfg.stream_interval == 0
+        # While the coordinator reads slower than we decode, tokens wait here and leave as one
+        # update per sequence (fewer, larger messages) instead of queueing message by message.
+        # Steps faster than publish_interval_ms (the null model, tiny models) are merged too:
+        # a token waits at most that long, and a real model's step is longer anyway.
+        now = time.monotonic()
+        due = (self.steps % self.cfg.stream_interval == 0 and not self.link.congested
+               and now - self._last_publish >= self.cfg.publish_interval_ms / 1000)
+        if due:
+            self._last_publish = now
         updates = []
         for tok in out:
             head = first.pop(tok.req_id, None)
-            tokens = (head.tokens if head else ()) + self._held.pop(tok.req_id, ()) + (tok.token,)
+            held = self._held.get(tok.req_id)
             if head is None and not tok.finished and not due:
-                self._held[tok.req_id] = tokens
+                if held is None:
+                    self._held[tok.req_id] = [tok.token]
+                else:
+                    held.append(tok.token)
                 continue
+            tokens = (head.tokens if head else ()) + tuple(self._held.pop(tok.req_id, ()))
             updates.append(P.TokenUpdate(
-                req_id=tok.req_id, tokens=tokens, finished=tok.finished,
+                req_id=tok.req_id, tokens=tokens + (tok.token,), finished=tok.finished,
                 finish_reason="length" if tok.finished else None,
                 lifecycle=head.lifecycle if head else None))
         updates.extend(first.values())
@@ -132,5 +148,6 @@ class DecoderLoop:
         if not updates:
             return
         self.tokens_out += sum(len(u.tokens) for u in updates)
+        self.updates_out += len(updates)
         self.link.send(P.DecodeTokens(worker_id=self.cfg.worker_id, step=self.steps,
                                       t_emitted=time.time(), updates=tuple(updates)))

@@ -8,7 +8,8 @@ from typing import Any
 
 from common import protocol as P
 from common import workerconfig
-from common.workerlink import WorkerLink, run_worker
+from common.workerlink import WorkerLink
+from common.workermain import run_worker
 from encoder_worker.worker import EncoderLoop, build_backend
 
 

@@ -19,6 +19,8 @@ from common.models.config import ModelConfig
 from common.workerconfig import WorkerConfig
 from common.workerlink import Stop, WorkerLink
 
+MAX_CANCELLED = 65536
+
 
 def build_backend(cfg: WorkerConfig, assign: P.Assign) -> tuple[EncodeBackend, NullShape]:
     model = ModelConfig.from_dict(assign.config["model"])
@@ -34,7 +36,7 @@ class EncoderLoop:
         self.cfg, self.link, self.backend, self.shape, self.log = cfg, link, backend, shape, log
         self.batches_done = 0
         self.requests_done = 0
-        self.cancelled: set[str] = set()
+        self.cancelled: dict[str, None] = {}  # insertion-ordered, bounded by MAX_CANCELLED
         link.load = self.load
 
     def load(self) -> dict[str, Any]:
@@ -52,15 +54,23 @@ class EncoderLoop:
                 self.log.info("shutdown", reason=msg.reason)
                 return 0
             if isinstance(msg, P.Cancel):
-                self.cancelled.add(msg.req_id)
+                self.cancel(msg.req_id)
             elif isinstance(msg, P.EncodeBatch):
                 self.encode_batch(msg)
             else:
                 self.log.warning("unexpected_message", type=type(msg).__name__)
 
+    def cancel(self, req_id: str) -> None:
+        """Remember a cancel for a request that may still come in a batch (or already went:
+        then the entry just ages out)."""
+        self.cancelled[req_id] = None
+        if len(self.cancelled) > MAX_CANCELLED:
+            del self.cancelled[next(iter(self.cancelled))]
+
     def encode_batch(self, batch: P.EncodeBatch) -> None:
         todo = [r for r in batch.requests if r.req_id not in self.cancelled]
-        self.cancelled.difference_update(r.req_id for r in batch.requests)
+        for r in batch.requests:
+            self.cancelled.pop(r.req_id, None)
         t_start = time.time()
         try:
             encoded = self.backend.encode([EncodeItem(r.req_id, r.prompt_ids, r.max_new_tokens)

@@ -90,12 +90,13 @@ def make_tp_groups(topo: Topology) -> TPGroup:
 
 
 def send_activation(x: torch.Tensor, dst: int) -> None:
-    """gloo point-to-point carries float32 reliably; cast around it."""
+    """Point-to-point in float32 (gloo has no bf16 send on every build); cast around it."""
     dist.send(x.float().contiguous(), dst=dst)
 
 
-def recv_activation(shape: tuple[int, ...], src: int, dtype: torch.dtype) -> torch.Tensor:
-    buf = torch.empty(shape, dtype=torch.float32)
+def recv_activation(shape: tuple[int, ...], src: int, dtype: torch.dtype,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    buf = torch.empty(shape, dtype=torch.float32, device=device)
     dist.recv(buf, src=src)
     return buf.to(dtype)
 
@@ -111,7 +112,11 @@ def _child(target: str, payload: str, rank: int, world_size: int, port: int,
     torch.set_num_threads(1)
     out = Path(out_dir)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+        backend = "gloo"
+        if str(json.loads(payload).get("device", "cpu")).startswith("cuda"):
+            backend = "nccl"  # one GPU per rank
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size)
         module, func = target.split(":")
         result = getattr(importlib.import_module(module), func)(json.loads(payload), rank,

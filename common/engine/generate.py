@@ -118,7 +118,7 @@ def generate_many(jobs: list[GenerateJob], *, tp_size: int, num_stages: int,
 
 
 def _spmd_main(payload: dict[str, Any], rank: int, world_size: int) -> list[list[dict]]:
-    from common.engine.dist import Topology, make_tp_groups, stage_layer_ranges
+    from common.engine.dist import Topology, make_tp_groups
 
     topo = Topology(payload["tp_size"], payload["num_stages"], rank)
     tp = make_tp_groups(topo)
@@ -127,15 +127,28 @@ def _spmd_main(payload: dict[str, Any], rank: int, world_size: int) -> list[list
         job = GenerateJob.from_json(data)
         spec = load_model_spec(job.model, seed=job.seed)
         check_prompts(job.prompts, spec.config)
-        layers = stage_layer_ranges(spec.config.num_layers, topo.num_stages)[topo.stage]
-        stage = build_stage(spec.config, weights=spec.weights, layer_range=layers, tp=tp,
-                            dtype=job.dtype, device=payload["device"])
-        pipe = StagePipeline(stage, topo, spec.config.hidden_size)
+        pipe = _stage_pipeline(spec, topo, tp, job.dtype, payload["device"])
         results = run_generation(pipe, job.prompts, job.sampling, spec.config,
                                  kv_save_dir=job.kv_save_dir, kv_load_dir=job.kv_load_dir,
                                  rank=rank)
         outputs.append([asdict(r) for r in results])
     return outputs
+
+
+def _stage_pipeline(spec: ModelSpec, topo: Any, tp: Any, dtype: str, device: str) -> Pipeline:
+    """This rank's stage, wrapped for the loop; encoder-decoder models need T5's driver (the
+    encoder output travels back to every stage for its cross-attention K/V)."""
+    from common.engine.dist import stage_layer_ranges
+
+    cfg = spec.config
+    if cfg.is_encoder_decoder:
+        from common.models.t5_pipeline import make_stage_pipeline
+
+        return make_stage_pipeline(cfg, spec.weights, topo, tp, dtype, device)
+    layers = stage_layer_ranges(cfg.num_layers, topo.num_stages)[topo.stage]
+    stage = build_stage(cfg, weights=spec.weights, layer_range=layers, tp=tp, dtype=dtype,
+                        device=device)
+    return StagePipeline(stage, topo, cfg.hidden_size)
 
 
 def run_generation(pipe: Pipeline, prompts: list[list[int]], params: list[SamplingParams],

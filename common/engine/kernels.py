@@ -8,35 +8,36 @@ preallocated cache (GQA query heads grouped under their KV head) are about twice
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
-# Row counts up to this use torch's native bf16 GEMM on the CPU instead of oneDNN.
-NATIVE_MAX_ROWS = 1
+# Decode-sized inputs (rows <= this) use the oneDNN-prepacked copy of a bf16 weight.
+PACKED_MAX_ROWS = 32
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x, weight, bias)
+def pack_for_decode(weight: torch.Tensor, rows_hint: int = 1) -> torch.Tensor | None:
+    """oneDNN-prepacked copy of a bf16 CPU weight for small-row (decode) GEMMs, or None.
 
-
-@contextlib.contextmanager
-def gemm_backend(rows: int, dtype: torch.dtype, device: torch.device) -> Iterator[None]:
-    """For a whole pass: bf16 CPU GEMMs with few rows use torch's native kernel (oneDNN off).
-
-    Toggled once per pass, not per matmul: the flag switch itself costs tens of microseconds."""
-    if not (dtype == torch.bfloat16 and device.type == "cpu" and rows <= NATIVE_MAX_ROWS):
-        yield
-        return
-    previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
+    Why: at one to a few rows per step, torch's default bf16 linear re-reads the plain weight
+    through a generic path; the blocked layout chosen for that row count reads it up to ~1.8x
+    faster here. Prefill keeps the plain weight (oneDNN handles large M well without it)."""
+    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.dim() != 2:
+        return None
+    if not torch.backends.mkldnn.is_available():
+        return None
     try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = previous
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows_hint)
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           packed: torch.Tensor | None = None) -> torch.Tensor:
+    if packed is not None and x.dim() == 2 and x.shape[0] <= PACKED_MAX_ROWS:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
 def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:

@@ -79,17 +79,23 @@ class StagePipeline(LocalPipeline):
         if not topo.is_first:
             src = topo.rank_of(topo.stage - 1, topo.tp_rank)
             hidden = recv_activation((batch.num_tokens, self.hidden_size), src,
-                                     self.stage.dtype)
-            batch = batch.with_hidden(hidden.to(self.device))
+                                     self.stage.dtype, self.device)
+            batch = batch.with_hidden(hidden)
         out = getattr(self.stage, kind)(batch)
-        tokens = torch.zeros(batch.num_seqs, dtype=torch.long)
+        tokens = torch.zeros(batch.num_seqs, dtype=torch.long, device=self._comm_device)
         if not topo.is_last:
             send_activation(out, topo.rank_of(topo.stage + 1, topo.tp_rank))
         elif topo.rank == topo.sampler_rank:
-            tokens = torch.tensor(self.sampler.sample(batch.req_ids, out), dtype=torch.long)
+            tokens = torch.tensor(self.sampler.sample(batch.req_ids, out), dtype=torch.long,
+                                  device=self._comm_device)
         if topo.world_size > 1:
             dist.broadcast(tokens, src=topo.sampler_rank)
         return tokens.tolist()
+
+    @property
+    def _comm_device(self) -> torch.device:
+        """NCCL moves CUDA tensors only; gloo CPU ones."""
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
 
 
 def save_kv(cache: KVCache, directory: Path, req_ids: list[str], first_tokens: list[int],

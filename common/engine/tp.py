@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from common.engine.kernels import linear
+from common.engine.kernels import linear, pack_for_decode
 from common.models.weights import WeightSource
 
 
@@ -133,6 +133,10 @@ class ColumnParallelLinear(nn.Module):
         self.tp = tp
         self.weight = _param(torch.empty(out_local, in_features, dtype=dtype, device=device))
         self.bias = _param(torch.empty(out_local, dtype=dtype, device=device)) if bias else None
+        self.packed: torch.Tensor | None = None
+
+    def pack_for_decode(self, rows_hint: int = 1) -> None:
+        self.packed = pack_for_decode(self.weight, rows_hint)
 
     def load(self, src: WeightSource, parts: list[ShardSpec]) -> None:
         rows = [_column_rows(src, p) for p in parts]
@@ -142,7 +146,7 @@ class ColumnParallelLinear(nn.Module):
             _copy_checked(self.bias, torch.cat(biases), [p.name + ".bias" for p in parts])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed)
 
 
 def _column_rows(src: WeightSource, part: ShardSpec) -> torch.Tensor:
@@ -160,6 +164,10 @@ class RowParallelLinear(nn.Module):
         self.tp = tp
         self.weight = _param(torch.empty(out_features, in_local, dtype=dtype, device=device))
         self.bias = _param(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+        self.packed: torch.Tensor | None = None
+
+    def pack_for_decode(self, rows_hint: int = 1) -> None:
+        self.packed = pack_for_decode(self.weight, rows_hint)
 
     def load(self, src: WeightSource, part: ShardSpec) -> None:
         name = part.name + ".weight"
@@ -172,7 +180,7 @@ class RowParallelLinear(nn.Module):
             _copy_checked(self.bias, src.get(part.name + ".bias"), [part.name + ".bias"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, None)
+        y = linear(x, self.weight, None, self.packed)
         y = self.tp.all_reduce(y)
         return y if self.bias is None else y.add_(self.bias)
 
@@ -205,8 +213,13 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits for this rank's vocabulary slice, gathered into the full vocabulary."""
 
+    packed: torch.Tensor | None = None
+
+    def pack_for_decode(self, rows_hint: int = 1) -> None:
+        self.packed = pack_for_decode(self.weight, rows_hint)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        logits = linear(x, self.weight, None)
+        logits = linear(x, self.weight, None, self.packed)
         return self.tp.all_gather_last(logits, self.vocab_size)
 
 

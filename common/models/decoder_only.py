@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from common.engine.batch import StageBatch
-from common.engine.kernels import gemm_backend
 from common.engine.kv_cache import KVCache
 from common.engine.tp import ParallelLMHead, TPGroup, VocabParallelEmbedding, kv_head_range
 from common.models.config import ModelConfig
@@ -168,9 +167,8 @@ class DecoderOnlyStage(nn.Module):
         ctx = PassContext(cache=self.cache, req_ids=batch.req_ids, slots=[], starts=[],
                           seq_lens=batch.seq_lens, positions=cache_batch.lengths,
                           batch=cache_batch, score_bias=decode_bias(cache_batch, self.dtype))
-        with gemm_backend(batch.num_seqs, self.dtype, self.device):
-            x = self._run(batch, ctx)
-            logits = self._logits(x) if self.is_last else x
+        x = self._run(batch, ctx)
+        logits = self._logits(x) if self.is_last else x
         self.cache.advance(batch.req_ids)
         return logits
 
@@ -215,8 +213,12 @@ class DecoderOnlyStage(nn.Module):
 def build(cfg: ModelConfig, layout: Layout, *, layer_range: tuple[int, int] | None = None,
           encoder_layer_range: tuple[int, int] | None = None, tp: TPGroup | None = None,
           device: torch.device | str = "cpu", dtype: torch.dtype | str = torch.float32,
-          weights: WeightSource | None = None, seed: int = 0) -> DecoderOnlyStage:
-    """Build and load one stage; random weights (deterministic in ``seed``) when none given."""
+          weights: WeightSource | None = None, seed: int = 0,
+          pack_weights: bool = True) -> DecoderOnlyStage:
+    """Build and load one stage; random weights (deterministic in ``seed``) when none given.
+
+    ``pack_weights``: keep a oneDNN-prepacked copy of each bf16 CPU weight for decode GEMMs
+    (faster decode for about twice the linear-weight memory; a no-op for other dtypes)."""
     from common.models.weights import RandomWeights
 
     if encoder_layer_range not in (None, (0, 0)):
@@ -226,4 +228,8 @@ def build(cfg: ModelConfig, layout: Layout, *, layer_range: tuple[int, int] | No
                              tp or TPGroup.single(), resolved, device)
     with torch.no_grad():
         stage.load(weights if weights is not None else RandomWeights(cfg, seed=seed))
+    if pack_weights:
+        for module in stage.modules():
+            if hasattr(module, "pack_for_decode"):
+                module.pack_for_decode()
     return stage.eval()

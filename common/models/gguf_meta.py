@@ -16,10 +16,30 @@ _MISSING = object()
 GGUF_MAGIC = b"GGUF"
 
 
-def open_gguf(path: str | Path) -> GGUFReader:
-    """A reader for ``path``; FileNotFoundError / ValueError name the problem."""
+def _reader_class() -> type[GGUFReader]:
+    import numpy as np
     from gguf import GGUFReader
 
+    class PlainArrayReader(GGUFReader):
+        """GGUFReader over a plain ndarray view of its memory map (same bytes, still lazy).
+
+        The reader slices its map once per metadata item (~250k times for a 49k-token
+        vocabulary); on an ``np.memmap`` every slice pays the subclass's ``__array_finalize__``,
+        which made opening SmolLM2's file 3-4x slower."""
+
+        @property  # type: ignore[override]
+        def data(self) -> np.ndarray:
+            return self._plain_data
+
+        @data.setter
+        def data(self, value: np.ndarray) -> None:
+            self._plain_data = value.view(np.ndarray)  # .base keeps the mmap alive
+
+    return PlainArrayReader
+
+
+def open_gguf(path: str | Path) -> GGUFReader:
+    """A reader for ``path``; FileNotFoundError / ValueError name the problem."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
@@ -29,7 +49,7 @@ def open_gguf(path: str | Path) -> GGUFReader:
         raise ValueError(f"{path} is not a GGUF file (starts with {magic!r}, "
                          f"expected {GGUF_MAGIC!r})")
     try:
-        return GGUFReader(path, "r")
+        return _reader_class()(path, "r")
     except Exception as exc:  # gguf raises ValueError/IndexError/struct errors on truncation
         raise ValueError(f"{path} is a corrupt or truncated GGUF file: "
                          f"{type(exc).__name__}: {exc}") from exc

@@ -123,7 +123,7 @@ def build_stage(cfg: ModelConfig, *, layer_range: tuple[int, int] | None = None,
 
     if cfg.family != "t5":
         raise ValueError(f"t5.build_stage got a {cfg.family!r} config")
-    if encoder_layer_range is None and layer_range not in (None, (0, cfg.num_layers)):
+    if encoder_layer_range is None and layer_range not in (None, (0, 0), (0, cfg.num_layers)):
         raise ValueError(
             f"a T5 stage with decoder layers {layer_range} needs an explicit "
             "encoder_layer_range: pipeline stages split both stacks (ExeGPT RRA: "

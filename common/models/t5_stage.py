@@ -41,6 +41,7 @@ from common.engine.kernels import length_mask
 from common.engine.kv_cache import FIXED, KVCache, KVExport
 from common.engine.tp import ParallelLMHead, TPGroup, VocabParallelEmbedding, head_range
 from common.models.config import ModelConfig
+from common.models.decoder_only import ContextLengthError
 from common.models.t5_layers import (
     CrossKV,
     DecodeContext,
@@ -53,10 +54,6 @@ from common.models.t5_math import decoder_step_position_bias, encoder_position_b
 from common.models.weights import WeightSource
 
 BIAS = "block.0.layer.0.SelfAttention.relative_attention_bias.weight"
-
-
-class ContextLengthError(ValueError):
-    """An encoder input or a decoder sequence longer than the model's context."""
 
 
 def decoder_start_token_id(cfg: ModelConfig) -> int:
@@ -229,9 +226,11 @@ class T5Stage(nn.Module):
 
     def _write_cross(self, batch: StageBatch, encoder_out: torch.Tensor) -> None:
         cache = self._cache()
+        again = [r for r in batch.req_ids if r in cache]
+        if again:
+            raise ValueError(f"requests {again} are already encoded on this stage; free them "
+                             "first")
         for r, n in zip(batch.req_ids, batch.seq_lens, strict=True):
-            if r in cache:
-                raise ValueError(f"request {r!r} is already encoded on this stage; free it first")
             cache.add(r)
             cache.set_length(r, n, FIXED)
         slots = [cache.slot(r) for r in batch.req_ids]

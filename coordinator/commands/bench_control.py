@@ -35,6 +35,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--decode-cost-ms", type=float, default=0.0)
     p.add_argument("--stream-interval", type=int, default=1,
                    help="decoder publishes a sequence's tokens every N iterations")
+    p.add_argument("--publish-interval-ms", type=float, default=1.0,
+                   help="decoder merges iterations faster than this (0: every iteration)")
     p.set_defaults(func=run)
 
 
@@ -78,12 +80,14 @@ def run(args: argparse.Namespace) -> int:
                               WorkerGroup("decoder", args.decoders, capacity=max(256,
                                                                                  args.streams))),
                       runs_path=runs, transport=args.transport, model_shape=args.model_shape,
-                      decode_cost_ms=args.decode_cost_ms, stream_interval=args.stream_interval)
+                      decode_cost_ms=args.decode_cost_ms, stream_interval=args.stream_interval,
+                      publish_interval_ms=args.publish_interval_ms)
     mesh = LocalMesh(spec)
     endpoint = mesh.start()
     print(f"bench control: {args.streams} streams x {args.tokens} tokens, {args.transport}, "
           f"{args.decoders} decoder(s), decode cost {args.decode_cost_ms} ms, stream interval "
-          f"{args.stream_interval} (machine may be shared; median of {args.repeats})")
+          f"{args.stream_interval}, publish interval {args.publish_interval_ms} ms "
+          f"(machine may be shared; median of {args.repeats})")
     rates = []
     try:
         for i in range(args.repeats):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import struct
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -95,6 +96,7 @@ def receiver_main(endpoint: str, ack_endpoint: str, sockets: str, cells_json: st
     ack.send(b"up")
     dst: dict[tuple[str, int], Any] = {}  # destinations allocated once, like a KV cache
     for cell in cells:
+        cpu0 = time.process_time()
         for _ in range(cell.count):
             frames = sock.recv_multipart(copy=False)[skip:]
             if cell.mode == "protocol":
@@ -109,13 +111,13 @@ def receiver_main(endpoint: str, ack_endpoint: str, sockets: str, cells_json: st
                 if key not in dst:
                     dst[key] = torch.empty(cell.size_bytes, dtype=torch.uint8)
                 dst[key].copy_(torch.frombuffer(frames[0].buffer, dtype=torch.uint8))
-        ack.send(b"ok")
+        ack.send(struct.pack("<d", time.process_time() - cpu0))
     sock.close()
     ack.close()
     ctx.term()
 
 
-def _wait_ack(ack: Any, proc: Any, timeout_s: float = 120.0) -> None:
+def _wait_ack(ack: Any, proc: Any, timeout_s: float = 120.0) -> bytes:
     """Wait for the receiver's ack, failing fast (not hanging) if the receiver died."""
     deadline = time.monotonic() + timeout_s
     while not ack.poll(100):
@@ -123,7 +125,7 @@ def _wait_ack(ack: Any, proc: Any, timeout_s: float = 120.0) -> None:
             raise RuntimeError(f"the receiver process exited with code {proc.exitcode}")
         if time.monotonic() > deadline:
             raise RuntimeError(f"no ack from the receiver within {timeout_s:.0f}s")
-    ack.recv()
+    return ack.recv()
 
 
 def _send_cells(
@@ -140,7 +142,7 @@ def _send_cells(
     out: dict[tuple[str, int], list[float]] = {}
     for cell in cells:
         tensors, raw = payloads[cell.size_bytes], raws[cell.size_bytes]
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         for i in range(cell.count):
             if cell.mode == "protocol":
                 kv = P.KVPayload(f"r{i}", tensors["k"].shape[2], 0, 4, 0, 2, 2, tensors)
@@ -148,10 +150,12 @@ def _send_cells(
                     f"r{i}", "bench", 1, kv.seq_len, 16, P.Sampling(), kv)), copy=False)
             else:
                 sock.send(raw, copy=False)
-        _wait_ack(ack, proc)
+        (recv_cpu,) = struct.unpack("<d", _wait_ack(ack, proc))
         if not cell.warmup:
-            gbps = cell.count * cell.size_bytes / (time.perf_counter() - t0) / 1e9
-            out.setdefault((cell.mode, cell.size_bytes), []).append(gbps)
+            wall, send_cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            stats = out.setdefault((cell.mode, cell.size_bytes), [])
+            stats.append((cell.count * cell.size_bytes / wall / 1e9,
+                          send_cpu / cell.count * 1e6, recv_cpu / cell.count * 1e6))
     return out
 
 
@@ -252,18 +256,28 @@ def run(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             print(f"exegpt bench transport: {exc}", file=sys.stderr)
             return 1
-        for size in sizes:
-            gbps = {m: statistics.median(results[(m, size)]) for m in MODES}
-            gbps["memcpy"] = statistics.median(_memcpy_gbps(size, args.repeats))
-            rows.append({"transport": transport, "size_mib": size / MIB, **gbps,
-                         "protocol_vs_raw": gbps["protocol"] / gbps["raw"],
-                         "protocol_vs_raw_copy": gbps["protocol"] / gbps["raw+copy"]})
+        rows += [_row(transport, size, results, args.repeats) for size in sizes]
     _print_table(rows)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"hardware": hw, "sockets": args.sockets, "rows": rows,
                        "cells": [asdict(c) for c in cells]}, f, indent=2)
     return 0
+
+
+def _row(transport: str, size: int, results: dict, repeats: int) -> dict[str, Any]:
+    """Medians per mode; ratios are medians of per-repeat ratios (modes ran interleaved)."""
+    row: dict[str, Any] = {"transport": transport, "size_mib": size / MIB}
+    for m in MODES:
+        cells = results[(m, size)]
+        row[m] = statistics.median(c[0] for c in cells)
+        row[f"{m}_send_cpu_us"] = statistics.median(c[1] for c in cells)
+        row[f"{m}_recv_cpu_us"] = statistics.median(c[2] for c in cells)
+    row["memcpy"] = statistics.median(_memcpy_gbps(size, repeats))
+    proto, raw, raw_copy = (results[(m, size)] for m in MODES)
+    for key, ref in (("protocol_vs_raw", raw), ("protocol_vs_raw_copy", raw_copy)):
+        row[key] = statistics.median(p[0] / r[0] for p, r in zip(proto, ref, strict=True))
+    return row
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
@@ -275,3 +289,8 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         print(f"{r['transport']:<9} {r['size_mib']:>5g}Mi {r['protocol']:>7.2f}GB "
               f"{r['raw']:>7.2f}GB {r['raw+copy']:>7.2f}GB {r['memcpy']:>7.2f}GB "
               f"{r['protocol_vs_raw']:>9.0%} {r['protocol_vs_raw_copy']:>14.0%}")
+    print("\nCPU time per message (µs, whole process incl. ZMQ I/O thread), send / receive:")
+    for r in rows:
+        cpu = "  ".join(f"{m} {r[m + '_send_cpu_us']:.0f}/{r[m + '_recv_cpu_us']:.0f}"
+                        for m in MODES)
+        print(f"{r['transport']:<9} {r['size_mib']:>5g}Mi  {cpu}")

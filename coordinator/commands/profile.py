@@ -22,10 +22,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--analytic", choices=["a40", "a100", "h100"],
                    help="roofline profile of this GPU instead of measuring")
     p.add_argument("--tp", default=None, help="comma-separated TP degrees (default 1,2,4,8 "
-                                              "analytic; 1,2 measured)")
+                                              "analytic; 1 measured)")
     p.add_argument("--dtype", default=None, help="float16|bfloat16|float32 (default: float16 "
                                                  "analytic, bfloat16 measured)")
     p.add_argument("--device", default="cpu", help="device to measure on")
+    p.add_argument("--quick", action="store_true", help="measured: a tiny grid (seconds)")
     p.add_argument("--out", default="profile.json", help="where to write the profile JSON")
     p.set_defaults(func=run)
 
@@ -73,8 +74,8 @@ def _measured(args: argparse.Namespace):  # noqa: ANN202
             "measuring on this device needs common.profiling.measure_profile, which is not "
             f"available in this build ({exc}); use --analytic a40|a100|h100 for a roofline "
             "profile") from exc
-    data = measure_profile(args.model, _tp_sizes(args.tp, (1, 2)), args.dtype or "bfloat16",
-                           args.device)
+    data = measure_profile(args.model, _tp_sizes(args.tp, (1,)), args.dtype or "bfloat16",
+                           args.device, quick=args.quick)
     if not isinstance(data, dict) or "meta" not in data or "rows" not in data:
         raise ValueError("measure_profile must return {'meta': ..., 'rows': [...]}")
     return Profile(meta=data["meta"], rows=data["rows"])

@@ -38,6 +38,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--encode-cost-ms-per-token", type=float, default=0.0)
     p.add_argument("--decode-cost-ms", type=float, default=0.0,
                    help="null decode cost per iteration")
+    p.add_argument("--publish-interval-ms", type=float, default=1.0,
+                   help="decoders merge the tokens of iterations faster than this")
     p.add_argument("--heartbeat-interval", type=float, default=0.5)
     p.add_argument("--heartbeat-timeout", type=float, default=5.0)
     p.add_argument("--drain-timeout", type=float, default=10.0,
@@ -57,7 +59,8 @@ def spec_from_args(args: argparse.Namespace) -> Any:
         host=args.host, model_shape=args.model_shape, encode_batch=args.encode_batch,
         encode_cost_ms=args.encode_cost_ms,
         encode_cost_ms_per_token=args.encode_cost_ms_per_token,
-        decode_cost_ms=args.decode_cost_ms, heartbeat_interval_s=args.heartbeat_interval,
+        decode_cost_ms=args.decode_cost_ms, publish_interval_ms=args.publish_interval_ms,
+        heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_timeout_s=args.heartbeat_timeout, drain_timeout_s=args.drain_timeout)
 
 
@@ -83,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"exegpt serving (null model, {spec.model_shape}) on {endpoint}\n"
           f"  run {spec.run_id}: logs in {spec.run_dir} (exegpt logs -f --run {spec.run_id})\n"
-          f"  clients: Client({endpoint!r}); Ctrl-C stops", flush=True)
+          f"  clients: Client({endpoint!r}) or export EXEGPT_COORDINATOR_ENDPOINT={endpoint}\n"
+          f"  Ctrl-C stops (in-flight requests drain for up to {spec.drain_timeout_s:g} s)",
+          flush=True)
     try:
         return supervise(mesh, signals)
     finally:

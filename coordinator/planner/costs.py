@@ -31,8 +31,9 @@ class Costs:
         object.__setattr__(self, "dec_allreduces", 3 if m.is_encoder_decoder else 2)
 
     # ---- compute -----------------------------------------------------------------------------
-    def encode_stage(self, st: Stage, batch: float, mean_len: float, eff_len: float) -> float:
-        """One encode pass of ``batch`` ragged inputs through this stage's encode layers."""
+    def encode_stage(self, st: Stage, batch: float, mean_len: Any, eff_len: Any) -> Any:
+        """One encode pass of ``batch`` ragged inputs through this stage's encode layers
+        (``mean_len``/``eff_len`` may be arrays of scenarios: an array comes back)."""
         p, model = self.profile, self.profile.model
         layers = st.num_enc if model.is_encoder_decoder else st.num_dec
         tokens = batch * mean_len
@@ -45,7 +46,7 @@ class Costs:
             t = t + p.op("lm_head", st.tp, batch)
         if not st.last:
             t = t + p.op("stage_send", 1, tokens * self.hidden_bytes)
-        return float(t)
+        return t if np.ndim(t) else float(t)
 
     def decode_stage(self, st: Stage, batch: np.ndarray | float, ctx: np.ndarray | float) -> Any:
         """One decode step of ``batch`` sequences on this stage: floats in, float out; arrays

@@ -49,6 +49,7 @@ class Requests:
     t_encode_start: np.ndarray = field(init=False)
     t_first_token: np.ndarray = field(init=False)
     t_finish: np.ndarray = field(init=False)
+    t_p99_token: np.ndarray = field(init=False)  # when the p99-length-th token came out
     generated: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
@@ -56,6 +57,7 @@ class Requests:
         self.t_encode_start = np.full(n, np.nan)
         self.t_first_token = np.full(n, np.nan)
         self.t_finish = np.full(n, np.nan)
+        self.t_p99_token = np.full(n, np.nan)
         self.generated = np.zeros(n, dtype=np.int64)
 
 
@@ -149,6 +151,8 @@ class Sim:
         req.generated[active] += 1
         first = active[req.generated[active] == 1]
         req.t_first_token[first] = t
+        mark = active[req.generated[active] == self.stats.s99]
+        req.t_p99_token[mark] = t
         done = req.generated[active] >= req.out_len[active]
         req.t_finish[active[done]] = t
         return active[~done]

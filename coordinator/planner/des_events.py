@@ -85,6 +85,7 @@ class StreamStep(Event):
         req.generated[idx] = req.out_len[idx]
         req.t_first_token[idx] = cum[0]
         req.t_finish[idx] = cum[-1]  # no early termination: results leave with the batch
+        req.t_p99_token[idx[req.out_len[idx] >= sim.stats.s99]] = cum[-1]
         return [StreamStep(float(cum[-1]), self.stream, 0)]
 
     def _continuous(self, sim: Sim) -> list[Event]:

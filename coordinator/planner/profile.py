@@ -12,8 +12,10 @@ use are 0. Ops and their grid:
 - ``embed``, ``lm_head`` (tokens), per tp; ``allreduce`` (bytes, one call) per tp;
   ``stage_send`` and ``kv_handoff`` (bytes, tp=1).
 
-Above the grid we extrapolate along the last segment (costs are affine in size there); below
-it we clamp to the first point (fixed launch overheads dominate small sizes).
+Costs are made monotone in size (running maximum: noise that says a bigger batch is cheaper
+is flattened). Above the grid, 1-D tables extrapolate with the larger of the last segment's
+and the whole grid's slope (costs are affine in size there) and attention scales in proportion
+to batch and context; below the grid we clamp to the first point (fixed launch costs).
 """
 
 from __future__ import annotations
@@ -63,11 +65,20 @@ class _Table1D:
     ys: np.ndarray
 
     def __post_init__(self) -> None:
+        # Cost never falls with size: measurement noise that says otherwise is flattened
+        # (running maximum) so that interpolation and extrapolation stay monotone.
+        self.ys = np.maximum.accumulate(self.ys)
         self.xl, self.yl = self.xs.tolist(), self.ys.tolist()
+        if self.xs.size > 1:
+            last = (self.ys[-1] - self.ys[-2]) / (self.xs[-1] - self.xs[-2])
+            chord = (self.ys[-1] - self.ys[0]) / (self.xs[-1] - self.xs[0])
+            self.tail = float(max(last, chord))  # slope beyond the grid
 
     def scalar(self, x: float) -> float:
         if len(self.xl) == 1:
             return self.yl[0] * max(x, 1.0) / max(self.xl[0], 1.0)
+        if x > self.xl[-1]:
+            return self.yl[-1] + (x - self.xl[-1]) * self.tail
         i, w = _axis_scalar(self.xl, x)
         return self.yl[i] + w * (self.yl[i + 1] - self.yl[i])
 
@@ -75,8 +86,9 @@ class _Table1D:
         x = np.asarray(x, dtype=np.float64)
         if self.xs.size == 1:
             return self.ys[0] * np.maximum(x, 1.0) / max(self.xs[0], 1.0)
-        i, w = _axis(self.xs, x)
-        return self.ys[i] + w * (self.ys[i + 1] - self.ys[i])
+        i, w = _axis(self.xs, np.minimum(x, self.xs[-1]))
+        inside = self.ys[i] + w * (self.ys[i + 1] - self.ys[i])
+        return inside + np.maximum(x - self.xs[-1], 0.0) * self.tail
 
 
 @dataclass
@@ -86,19 +98,26 @@ class _Table2D:
     grid: np.ndarray  # grid[batch index, seq index]
 
     def __post_init__(self) -> None:
+        # monotone in both sizes (see _Table1D); beyond the grid attention scales in
+        # proportion to batch and to context (decode attention is linear in both)
+        self.grid = np.maximum.accumulate(np.maximum.accumulate(self.grid, axis=0), axis=1)
         self.bl, self.sl, self.gl = self.bs.tolist(), self.ss.tolist(), self.grid.tolist()
 
     def scalar(self, batch: float, seq: float) -> float:
+        scale = max(batch / self.bl[-1], 1.0) * max(seq / self.sl[-1], 1.0)
+        batch, seq = min(batch, self.bl[-1]), min(seq, self.sl[-1])
         i, wi = _axis_scalar(self.bl, batch)
         j, wj = _axis_scalar(self.sl, seq)
         g = self.gl
         i1, j1 = min(i + 1, len(self.bl) - 1), min(j + 1, len(self.sl) - 1)
         low = g[i][j] + wj * (g[i][j1] - g[i][j])
         high = g[i1][j] + wj * (g[i1][j1] - g[i1][j])
-        return low + wi * (high - low)
+        return (low + wi * (high - low)) * scale
 
     def __call__(self, batch: np.ndarray | float, seq: np.ndarray | float) -> np.ndarray:
         batch, seq = np.broadcast_arrays(np.asarray(batch, np.float64), np.asarray(seq, np.float64))
+        scale = np.maximum(batch / self.bs[-1], 1.0) * np.maximum(seq / self.ss[-1], 1.0)
+        batch, seq = np.minimum(batch, self.bs[-1]), np.minimum(seq, self.ss[-1])
         i, wi = _axis(self.bs, batch)
         j, wj = _axis(self.ss, seq)
         g = self.grid
@@ -106,7 +125,7 @@ class _Table2D:
         j1 = np.minimum(j + 1, self.ss.size - 1)
         low = g[i, j] + wj * (g[i, j1] - g[i, j])
         high = g[i1, j] + wj * (g[i1, j1] - g[i1, j])
-        return low + wi * (high - low)
+        return (low + wi * (high - low)) * scale
 
 
 @dataclass

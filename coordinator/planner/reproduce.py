@@ -13,8 +13,9 @@ import math
 
 from common.models.config import ModelConfig
 from coordinator.planner.analytic import analytic_profile
-from coordinator.planner.candidate import WorkloadStats
+from coordinator.planner.candidate import Candidate, WorkloadStats
 from coordinator.planner.costs import Costs
+from coordinator.planner.simulator import simulate
 from coordinator.planner.sweep import SweepPoint, paper_bounds, sweep, sweep_table, winners
 from coordinator.planner.workload import preset
 
@@ -26,11 +27,34 @@ PAPER_TABLE6 = """| bound (s) | policy | knobs | latency (s) | seq/s |
 | inf | RRA | B_E=49, N_D=7, TP=4 | 16.87 | 26.15 |"""
 
 
+PAPER_ROWS = [  # (label, candidate, paper latency, paper seq/s)
+    ("WAA B_E=4, TP=2", Candidate("waa-c", 4, 2, 4, B_E=4), 3.01, 22.41),
+    ("WAA B_E=10, TP=2", Candidate("waa-c", 4, 2, 4, B_E=10), 4.11, 23.76),
+    ("RRA B_E=52, N_D=13, TP=4", Candidate("rra", 4, 4, 4, B_E=52, N_D=13), 10.23, 25.23),
+    ("RRA B_E=49, N_D=7, TP=4", Candidate("rra", 4, 4, 4, B_E=49, N_D=7), 16.87, 26.15),
+]
+
+
+def _setting() -> tuple[WorkloadStats, Costs]:
+    return WorkloadStats(preset("S")), Costs(analytic_profile("a40", ModelConfig.preset("opt-13b")))
+
+
 def reproduction_points() -> tuple[list[float], list[SweepPoint]]:
-    costs = Costs(analytic_profile("a40", ModelConfig.preset("opt-13b")))
-    stats = WorkloadStats(preset("S"))
+    stats, costs = _setting()
     bounds = paper_bounds(stats, costs, 4)
     return bounds, sweep(stats, costs, 4, bounds)
+
+
+def paper_knobs_table() -> str:
+    """The paper's chosen knobs, simulated here: how close the cost model is."""
+    stats, costs = _setting()
+    lines = ["| paper's plan | paper latency (s) | ours | paper seq/s | ours | ratio |",
+             "|---|---|---|---|---|---|"]
+    for label, cand, lat, thr in PAPER_ROWS:
+        m = simulate(cand, stats, costs)
+        lines.append(f"| {label} | {lat:.2f} | {m.latency_p99len_s:.2f} | {thr:.2f} | "
+                     f"{m.throughput_seq_s:.2f} | {m.throughput_seq_s / thr:.2f} |")
+    return "\n".join(lines)
 
 
 def _fmt(bound: float) -> str:
@@ -43,7 +67,15 @@ def render() -> str:
     family = {b: ("WAA" if w.startswith("waa") else w.upper()) for b, w in win.items()}
     pattern = ", ".join(f"{_fmt(b)} s: {family[b]}" for b in bounds)
     tight, loose = family[bounds[0]], family[bounds[-1]]
-    verdict = ("The paper's pattern holds: WAA wins at the tightest bound and RRA with no bound."
+    margins = []
+    for b in bounds:
+        best = {fam: max([p.best[1].throughput_seq_s for p in points if p.bound == b
+                          and p.best is not None and p.policy.startswith(fam)] or [0.0])
+                for fam in ("waa", "rra")}
+        margins.append(f"{_fmt(b)} s: WAA/RRA = {best['waa'] / max(best['rra'], 1e-12):.3f}")
+    verdict = ("The paper's pattern holds: WAA wins at the tightest bound and RRA with no bound "
+               "(the paper has WAA at both of its two tighter bounds; see the ratios above for "
+               "our second bound)."
                if tight == "WAA" and loose == "RRA" else
                "The paper's pattern does NOT fully hold here; see the discussion below.")
     return "\n".join([
@@ -63,11 +95,19 @@ def render() -> str:
         "",
         f"Winner among the ExeGPT policies per bound: {pattern}.",
         "",
+        "Best WAA throughput over best RRA throughput per bound (a ratio within ~1% is a tie "
+        "the cost model cannot resolve): " + "; ".join(margins) + ".",
+        "",
         verdict,
         "",
         "## The paper's Table 6 (same model, cluster and task) for comparison",
         "",
         PAPER_TABLE6,
+        "",
+        "The paper's chosen plans, simulated with our cost model (WAA read as WAA-C with both "
+        "groups at TP=2):",
+        "",
+        paper_knobs_table(),
         "",
         "## Why the numbers look the way they do",
         "",
@@ -81,9 +121,17 @@ def render() -> str:
         "WAA on a decoder-only model needs two weight copies (26 GB each for OPT-13B), which "
         "leaves little room for KV on the decoders and caps their batch.",
         "- Absolute numbers come from a roofline (60% of peak FLOP/s, 80% of memory and link "
-        "bandwidth, 8 us per kernel launch): they land within a few percent of the paper's "
-        "RRA rows and within 10% of its WAA throughput; our WAA latencies are lower than the "
-        "paper's because the model has no scheduling jitter or host-side overhead.",
+        "bandwidth, 8 us per kernel launch). For the paper's own plans (table above) our "
+        "throughput is within about 2% (RRA) and 3-7% (WAA) of the paper's; our WAA latencies "
+        "are lower because the model has no host-side scheduling or transfer jitter.",
+        "- Where we differ: with no bound our best RRA plan is a 4-stage pipeline (TP=1) at "
+        "about 1.5x the paper's best, which used TP=4. Our pipeline model keeps one "
+        "micro-batch per stage in flight with no bubbles and charges only the activation send "
+        "between stages; real pipelines on PCIe A40s lose more (stage imbalance, "
+        "synchronisation, kernel launch gaps on small micro-batches), which is probably why "
+        "the paper's search preferred TP=4. A measured profile (exegpt profile) and a "
+        "bubble/overhead term per pipeline stage would be the fix; the ranking of policies "
+        "does not depend on it.",
         "- Continuous batching (Orca/vLLM-style) is simulated on the same footing; the paper "
         "does not evaluate it. Its latency is the p99 length times the mean iteration time; "
         "the iteration time varies with the prefills that land in it, which the closed form "

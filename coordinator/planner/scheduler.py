@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from coordinator.planner.bnb import Axis, BnBResult, branch_and_bound, exhaustive
 from coordinator.planner.candidate import Candidate, Metrics, WorkloadStats
 from coordinator.planner.costs import Costs
-from coordinator.planner.simulator import simulate, waa_split
+from coordinator.planner.simulator import nearest_split, simulate, waa_share
 
 EXEGPT_POLICIES = ("rra", "waa-c", "waa-m")
 
@@ -89,9 +89,12 @@ class _Run:
             lambda axes, fn: branch_and_bound(axes, fn, eps_t=eps_t, eps_l=eps_l))
         found: list[Candidate] = []
         if self.policy.startswith("waa"):
+            shares = [waa_share(Candidate(self.policy, self.num_workers, B_E=b), self.stats,
+                                self.costs) for b in batches]
             for k in self.tp_counts():
+                segments = self._split_segments(batches, shares, k)
                 for b_m in range(1, self.num_workers):
-                    for seg in self._split_segments(batches, k, b_m):
+                    for seg in segments:
                         make = self._maker(seg, [1], [k], b_m)
                         found += self._run(algo, [Axis(len(seg), 1, 1)], make)
             return found
@@ -100,14 +103,14 @@ class _Run:
         axes = [Axis(len(batches), 1, 1), Axis(len(nds), -1, -1), Axis(len(ks), -1, -1)]
         return self._run(algo, axes, self._maker(batches, nds, ks, 1))
 
-    def _split_segments(self, batches: list[int], k: int, b_m: int) -> list[list[int]]:
+    def _split_segments(self, batches: list[int], shares: list[float], k: int
+                        ) -> list[list[int]]:
         """Runs of B_E over which the WAA-C/M rule keeps the same encoder/decoder split: the
         split changes the worker groups, so monotonicity only holds inside a run."""
         segments: list[list[int]] = []
         last = None
-        for b in batches:
-            split = waa_split(Candidate(self.policy, self.num_workers, self.tp, k, b, 1, b_m),
-                              self.stats, self.costs)
+        for b, share in zip(batches, shares, strict=True):
+            split = nearest_split(share, self.num_workers, self.tp, k)
             if split != last:
                 segments.append([])
                 last = split

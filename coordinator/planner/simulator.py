@@ -60,6 +60,13 @@ def _per_worker(pipe: Pipeline, values: list[float]) -> list[float]:
     return [v for st, v in zip(pipe, values, strict=True) for _ in range(st.tp)]
 
 
+def expected_encode(costs: Costs, pipe: Pipeline, batch: int, stats: WorkloadStats
+                    ) -> list[float]:
+    """Per-stage encode time of a batch of ``batch`` inputs, averaged over batch compositions."""
+    means, effs, weights = stats.encode_nodes(batch)
+    return [float(weights @ costs.encode_stage(st, batch, means, effs)) for st in pipe]
+
+
 def rra_cycle(cand: Candidate, stats: WorkloadStats) -> tuple[np.ndarray, np.ndarray]:
     """Expected decode batch and mean context at offsets u = 1..N_D of a cycle."""
     n_d = cand.N_D
@@ -76,7 +83,7 @@ def rra_cycle(cand: Candidate, stats: WorkloadStats) -> tuple[np.ndarray, np.nda
 def _rra(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline) -> Metrics:
     streams = len(pipe)
     batch, ctx = rra_cycle(cand, stats)
-    enc = [costs.encode_stage(st, cand.B_E, stats.mean_in, stats.eff_in) for st in pipe]
+    enc = expected_encode(costs, pipe, cand.B_E, stats)
     dec = [costs.decode_stage(st, batch, ctx) for st in pipe]
     t_enc = float(round_time(enc, streams)[()])
     t_dec = round_time(dec, streams)
@@ -97,7 +104,7 @@ def _static(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline)
     streams, b = len(pipe), cand.B_E
     steps = np.arange(1, stats.s_max + 1, dtype=np.float64)
     ctx = stats.mean_in + steps
-    enc = [costs.encode_stage(st, b, stats.mean_in, stats.eff_in) for st in pipe]
+    enc = expected_encode(costs, pipe, b, stats)
     dec = [costs.decode_stage(st, np.full(steps.size, float(b)), ctx) for st in pipe]
     t_enc = float(round_time(enc, streams)[()])
     t_dec = round_time(dec, streams)
@@ -132,8 +139,9 @@ def _continuous(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipel
 
 
 # ---- WAA ----------------------------------------------------------------------------------------
-def waa_split(cand: Candidate, stats: WorkloadStats, costs: Costs) -> int:
-    """Encoder workers: WAA-C balances compute per encoded batch, WAA-M balances memory."""
+def waa_share(cand: Candidate, stats: WorkloadStats, costs: Costs) -> float:
+    """Ideal encoder workers: WAA-C balances compute per encoded batch, WAA-M balances memory.
+    Depends only on the policy, B_E and the worker count."""
     whole = build_pipeline(costs.profile, [1], enc=True, dec=True)
     assert whole is not None
     st = whole[0]
@@ -149,11 +157,19 @@ def waa_split(cand: Candidate, stats: WorkloadStats, costs: Costs) -> int:
         enc_weights = weights if not costs.profile.model.is_encoder_decoder else weights / 2
         need_e = enc_weights + costs.kv_bytes_held(st, enc_tokens)
         need_d = weights + costs.kv_bytes_held(st, dec_tokens)
-    share = cand.num_workers * need_e / (need_e + need_d)
-    # the nearest split whose groups can hold the requested TP workers (WAA-C/M rounding)
-    fits = [n for n in range(1, cand.num_workers) if split_tp_workers(
-        n, cand.num_workers - n, cand.tp, cand.num_tp_workers) is not None]
+    return cand.num_workers * need_e / (need_e + need_d)
+
+
+def nearest_split(share: float, num_workers: int, tp: int, num_tp_workers: int) -> int:
+    """The split nearest the ideal share whose groups can hold the TP workers (0: none)."""
+    fits = [n for n in range(1, num_workers) if split_tp_workers(
+        n, num_workers - n, tp, num_tp_workers) is not None]
     return min(fits, key=lambda n: (abs(n - share), n)) if fits else 0
+
+
+def waa_split(cand: Candidate, stats: WorkloadStats, costs: Costs) -> int:
+    share = waa_share(cand, stats, costs)
+    return nearest_split(share, cand.num_workers, cand.tp, cand.num_tp_workers)
 
 
 def waa_pipelines(cand: Candidate, stats: WorkloadStats, costs: Costs
@@ -179,7 +195,7 @@ def _waa(cand: Candidate, stats: WorkloadStats, costs: Costs) -> Metrics:
     if pipes is None:
         return infeasible("the TP workers or micro-batches do not fit this WAA split")
     enc_pipe, dec_pipe = pipes
-    enc = [costs.encode_stage(st, cand.B_E, stats.mean_in, stats.eff_in) for st in enc_pipe]
+    enc = expected_encode(costs, enc_pipe, cand.B_E, stats)
     e_lat, e_period = sum(enc), max(enc)
     hand = costs.handoff(dec_pipe, cand.B_E * stats.mean_in)
     ctx = stats.in_decode_weighted + stats.mean_age

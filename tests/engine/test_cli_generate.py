@@ -111,3 +111,16 @@ def test_tensor_parallel_matches_single_process(capsys: pytest.CaptureFixture[st
     single = run_json(capsys, *args)
     split = run_json(capsys, *args, "--tp", "2")
     assert split["token_ids"] == single["token_ids"]
+
+
+@pytest.mark.slow
+def test_default_model_answers_the_readme_question() -> None:
+    """The README's first command, as a user runs it: the console script, default model."""
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("exegpt")
+    proc = subprocess.run([str(exe), "generate", "--prompt", "What is the capital of France?"],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout

@@ -80,8 +80,8 @@ def test_missing_and_mismatched_weights() -> None:
 
 
 def test_t5_11b_stage_shards() -> None:
-    """The paper's T5-11B: rank 3 of tp 8 holding encoder layer 5 and decoder layer 7 reads only
-    its slice of each tensor (16 of 128 heads, 1/8 of the FFN and of the vocabulary)."""
+    """The paper's T5-11B: rank 3 of tp 8 holding encoder layer 5 and decoder layer 7's cross
+    K/V reads only its slice of each tensor (16 of 128 heads, 1/8 of the FFN)."""
     cfg = ModelConfig.preset("t5-11b")
     shapes = weight_shapes(cfg)
     assert shapes["decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] == (
@@ -90,13 +90,14 @@ def test_t5_11b_stage_shards() -> None:
     extra = sum(torch.Size(s).numel() for s in shapes.values()) - cfg.total_params()
     assert extra in (0, 2 * 32 * 128)
     stage = build_stage(cfg, encoder_layer_range=(5, 6), layer_range=(7, 8), tp=_fake_tp(8, 3),
-                        dtype="bfloat16")
+                        dtype="bfloat16", cross_kv_only=True)
     enc, dec = stage.encoder_layers[0], stage.decoder_layers[0]
     assert tuple(enc.attn.qkv.weight.shape) == (3 * 16 * 128, 1024)
     assert tuple(enc.ffn.wo.weight.shape) == (1024, 65536 // 8)
-    assert tuple(dec.cross_attn.kv.weight.shape) == (2 * 16 * 128, 1024)
+    assert tuple(dec.kv.weight.shape) == (2 * 16 * 128, 1024)
     assert stage.encoder_bias is not None and tuple(stage.encoder_bias.shape) == (32, 16)
     assert stage.embed is None and stage.lm_head is None and stage.cache is not None
+    assert stage.decoder_bias is None  # cross K/V need no position bias
     source = RandomWeights(cfg)
     q = source.get("encoder.block.5.layer.0.SelfAttention.q.weight", 0, 3 * 2048, 4 * 2048)
     assert torch.equal(enc.attn.qkv.weight[:2048].float(), q.bfloat16().float())

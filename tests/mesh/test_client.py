@@ -99,7 +99,8 @@ def test_sync_generate_and_stream(server: FakeServer) -> None:
         result = client.generate(prompt_ids=[5, 6], max_new_tokens=5)
         assert result.tokens == expected_tokens((5, 6), 5)
         assert result.finish_reason == "length" and result.text == "n=5"
-        assert result.num_prompt_tokens == 2 and result.lifecycle.ttft == pytest.approx(0.001, abs=1e-6)
+        assert result.num_prompt_tokens == 2
+        assert result.lifecycle.ttft == pytest.approx(0.001, abs=1e-6)
         with client.stream(prompt_ids=[1], max_new_tokens=5) as s:
             chunks = list(s)
         assert [c.index for c in chunks] == [0, 2, 4]
@@ -212,3 +213,27 @@ def test_endpoint_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_no_server_means_timeout_not_hang(tmp_path: Path) -> None:
     with Client(f"ipc://{tmp_path}/nobody.sock") as client, pytest.raises(Timeout):
         client.generate("x", timeout_s=0.2)
+
+
+def test_close_fails_waiting_requests_and_loops_are_checked(server: FakeServer) -> None:
+    client = AsyncClient(server.endpoint)
+
+    async def main() -> None:
+        task = asyncio.create_task(client.generate("hang"))
+        await asyncio.sleep(0.1)
+        await client.close()
+        with pytest.raises(Cancelled, match="client closed"):
+            await task
+
+    asyncio.run(main())
+    other = AsyncClient(server.endpoint)
+
+    async def first() -> None:
+        await other.generate(prompt_ids=[1], max_new_tokens=1)
+
+    async def second() -> None:
+        with pytest.raises(RuntimeError, match="event loop"):
+            await other.generate(prompt_ids=[1], max_new_tokens=1)
+
+    asyncio.run(first())
+    asyncio.run(second())

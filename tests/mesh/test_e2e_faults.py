@@ -26,7 +26,7 @@ def slow_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     spec = LaunchSpec(groups=(WorkerGroup("encoder", 1), WorkerGroup("decoder", 2)),
                       runs_path=tmp_path_factory.mktemp("runs"), transport="ipc",
                       model_shape="tiny-llama", decode_cost_ms=10.0,
-                      heartbeat_interval_s=0.2, heartbeat_timeout_s=1.0, drain_timeout_s=2.0)
+                      heartbeat_interval_s=0.2, heartbeat_timeout_s=1.5, drain_timeout_s=2.0)
     local = LocalMesh(spec)
     local.start()
     yield local
@@ -109,3 +109,81 @@ def test_a_worker_crashing_at_startup_fails_the_launch_fast(tmp_path: Path) -> N
     assert time.monotonic() - t0 < 20
     assert "decoder-dec0.r" in str(err.value)
     assert all(c.poll() is not None for c in local.children)
+
+
+@pytest.fixture(scope="module")
+def two_encoders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    """Encoding is slow (0.5 s per batch) so a batch can be caught inside an encoder."""
+    spec = LaunchSpec(groups=(WorkerGroup("encoder", 2), WorkerGroup("decoder", 1)),
+                      runs_path=tmp_path_factory.mktemp("runs"), transport="tcp",
+                      model_shape="tiny-llama", encode_cost_ms=500.0, encode_batch=4,
+                      decode_cost_ms=10.0, heartbeat_interval_s=0.2, heartbeat_timeout_s=1.5,
+                      drain_timeout_s=2.0)
+    local = LocalMesh(spec)
+    local.start()
+    yield local
+    local.stop()
+
+
+async def _outcomes(endpoint: str, prompts: list[list[int]], max_new: int,
+                    during: object) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    async with AsyncClient(endpoint, default_timeout_s=30) as client:
+        async def one(prompt: list[int]) -> None:
+            try:
+                out = await client.generate(prompt_ids=prompt, max_new_tokens=max_new)
+                assert list(out.tokens) == null_tokens(prompt, max_new, VOCAB)
+                key = "ok"
+            except WorkerLost as exc:
+                key = f"lost:{str(exc).split('worker ')[1].split(' ')[0]}"
+            counts[key] = counts.get(key, 0) + 1
+
+        tasks = [asyncio.create_task(one(p)) for p in prompts]
+        await during()  # type: ignore[operator]
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=20)
+    return counts
+
+
+def test_a_sigkilled_encoder_fails_only_the_batch_it_held(two_encoders: LocalMesh) -> None:
+    enc0 = next(c for c in two_encoders.workers if c.name == "encoder-enc0")
+
+    async def kill_mid_batch() -> None:
+        await asyncio.sleep(0.25)  # first batches are inside both encoders
+        os.kill(enc0.pid, signal.SIGKILL)
+
+    counts = asyncio.run(_outcomes(two_encoders.client_endpoint,
+                                   [[i] for i in range(8)], 20, kill_mid_batch))
+    assert counts.get("lost:enc0", 0) >= 1 and counts.get("ok", 0) >= 1, counts
+    assert sum(counts.values()) == 8
+
+
+def test_a_silent_decoder_is_detected_and_then_exits(two_encoders: LocalMesh) -> None:
+    dec0 = next(c for c in two_encoders.workers if c.name == "decoder-dec0")
+
+    async def freeze() -> None:
+        await asyncio.sleep(1.5)  # encoded (0.5 s per batch on the survivor) and decoding
+        os.kill(dec0.pid, signal.SIGSTOP)
+
+    try:
+        counts = asyncio.run(_outcomes(two_encoders.client_endpoint,
+                                       [[i, 1] for i in range(4)], 1000, freeze))
+    finally:
+        os.kill(dec0.pid, signal.SIGCONT)
+    assert counts == {"lost:dec0": 4}
+    deadline = time.monotonic() + 10
+    while dec0.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert dec0.poll() == 1  # told it was lost, it stopped instead of lingering
+    assert "coordinator" in dec0.stderr_tail()
+
+
+def test_workers_exit_when_the_coordinator_dies(two_encoders: LocalMesh) -> None:
+    assert two_encoders.coordinator is not None
+    alive = [c for c in two_encoders.workers if c.poll() is None]
+    assert alive
+    os.kill(two_encoders.coordinator.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(c.poll() is None for c in alive) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [c.poll() for c in alive] == [1] * len(alive)  # heartbeat deadline, exit 1
+    assert all("coordinator silent" in c.stderr_tail() for c in alive)

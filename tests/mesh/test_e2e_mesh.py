@@ -169,3 +169,32 @@ def test_real_sized_kv_crosses_from_encoder_to_decoder(tmp_path: Path) -> None:
         result = client.generate(prompt_ids=prompt, max_new_tokens=5)
         assert list(result.tokens) == null_tokens(prompt, 5, 49152)
         assert result.lifecycle.t_kv_received is not None
+
+
+def test_tp_groups_register_every_rank_and_serve(tmp_path: Path) -> None:
+    """Decoder group of tp_size 2 (tiny-llama: 2 KV heads) behind a tp_size-1 encoder."""
+    spec = LaunchSpec(groups=(WorkerGroup("encoder", 1), WorkerGroup("decoder", 1, tp_size=2)),
+                      runs_path=tmp_path, transport="ipc", model_shape="tiny-llama")
+    with LocalMesh(spec) as local, Client(local.client_endpoint, default_timeout_s=60) as client:
+        outs = [client.generate(prompt_ids=[i, 7], max_new_tokens=6) for i in range(5)]
+        assert [list(o.tokens) for o in outs] == [null_tokens([i, 7], 6, VOCAB)
+                                                  for i in range(5)]
+        workers = {w["worker_id"]: w for w in client.stats().stats["workers"]}
+        assert set(workers) == {"enc0", "dec0.r0", "dec0.r1"}
+        assert (workers["dec0.r1"]["tp_rank"], workers["dec0.r1"]["tp_size"]) == (1, 2)
+
+
+@pytest.mark.slow
+def test_thousands_of_concurrent_streams_over_tcp(tmp_path: Path) -> None:
+    spec = LaunchSpec(groups=(WorkerGroup("encoder", 2), WorkerGroup("decoder", 3, capacity=2000)),
+                      runs_path=tmp_path, transport="tcp", model_shape="tiny-llama",
+                      encode_batch=64, decode_cost_ms=2.0)
+    work = _workload(5000, seed=4)
+    with LocalMesh(spec) as local:
+        got = _raw_roundtrip(local.client_endpoint, work)
+    for req_id, prompt, max_new in work:
+        final = got[req_id][-1]
+        assert isinstance(final, P.Result) and list(final.tokens) == null_tokens(prompt, max_new,
+                                                                                 VOCAB)
+        streamed = [t for m in got[req_id][:-1] for t in m.tokens]  # type: ignore[attr-defined]
+        assert streamed == list(final.tokens)

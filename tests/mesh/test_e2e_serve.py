@@ -9,7 +9,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from common.backend import null_tokens
 from common.client import AsyncClient
@@ -18,10 +21,29 @@ EXEGPT = [sys.executable, "-m", "coordinator.cli"]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _serve(tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([*EXEGPT, "serve", "--null-model", "--runs-dir", str(tmp_path),
+@pytest.fixture
+def serves() -> Iterator[list[subprocess.Popen[str]]]:
+    """Started `exegpt serve` processes; stopped (and their meshes with them) even when a
+    test fails, so no mesh outlives the test."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _serve(started: list[subprocess.Popen[str]], tmp_path: Path, *extra: str,
+           ) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([*EXEGPT, "serve", "--null-model", "--runs-dir", str(tmp_path),
                              *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=ROOT)
+    started.append(proc)
+    return proc
 
 
 def _processes_of(run_id: str) -> list[int]:
@@ -40,8 +62,9 @@ def _processes_of(run_id: str) -> list[int]:
     return pids
 
 
-def test_sigterm_drains_in_flight_requests_and_leaves_no_process(tmp_path: Path) -> None:
-    serve = _serve(tmp_path, "--transport", "tcp", "--model-shape", "tiny-llama",
+def test_sigterm_drains_in_flight_requests_and_leaves_no_process(
+        tmp_path: Path, serves: list[subprocess.Popen[str]]) -> None:
+    serve = _serve(serves, tmp_path, "--transport", "tcp", "--model-shape", "tiny-llama",
                    "--decode-cost-ms", "5", "--decoders", "2")
     assert serve.stdout is not None
     banner = serve.stdout.readline()
@@ -78,9 +101,10 @@ def test_sigterm_drains_in_flight_requests_and_leaves_no_process(tmp_path: Path)
                     "decoder-dec1.jsonl"}
 
 
-def test_serve_fails_fast_with_the_crashing_workers_error(tmp_path: Path) -> None:
+def test_serve_fails_fast_with_the_crashing_workers_error(
+        tmp_path: Path, serves: list[subprocess.Popen[str]]) -> None:
     t0 = time.monotonic()
-    serve = _serve(tmp_path, "--model-shape", "smollm2-135m", "--decoder-tp", "2")
+    serve = _serve(serves, tmp_path, "--model-shape", "smollm2-135m", "--decoder-tp", "2")
     _, err = serve.communicate(timeout=60)
     assert serve.returncode == 1
     assert time.monotonic() - t0 < 30

@@ -256,3 +256,13 @@ def test_too_many_frames() -> None:
 
 def test_unreferenced_frames_are_refused() -> None:
     assert "not referenced" in _decode_error([*P.encode(CANCEL), b"stray"])
+
+
+def test_error_for_maps_exceptions_to_codes() -> None:
+    from common.errors import Overloaded
+
+    err = P.error_for(ProtocolError("bad frame", req_id="r1"))
+    assert err == P.Error("protocol_error", "bad frame", "r1")
+    err = P.error_for(Overloaded("queue full", retry_after_s=0.5), req_id="r2")
+    assert err == P.Error("overloaded", "queue full", "r2", 0.5)
+    assert P.error_for(KeyError("x")) == P.Error("internal", "KeyError: 'x'")

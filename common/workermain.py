@@ -1,0 +1,59 @@
+"""A worker process's life around its compute loop: logs, signals, handshake, cleanup."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from common import protocol as P
+from common.workerconfig import WorkerConfig
+from common.workerlink import WorkerLink
+
+
+class Terminated(Exception):
+    """Raised in the main thread by SIGTERM/SIGINT: stop now, closing sockets on the way."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(signal.Signals(signum).name)
+
+
+def run_worker(cfg: WorkerConfig, make_loop: Callable[[WorkerLink, P.Assign, Any], Any]) -> int:
+    """A worker process's life: logs, HELLO/Assign, backend setup, READY, the loop, cleanup.
+
+    ``make_loop(link, assign, log)`` builds the backend and the compute loop (it may take long:
+    weights load here); its ``run()`` returns the exit code.
+    """
+    log = setup_worker_logs(cfg)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _raise_terminated)
+    link = WorkerLink(cfg, log)
+    try:
+        assign = link.start()
+        log.info("assigned", assigned_role=assign.role, peers=len(assign.peers))
+        loop = make_loop(link, assign, log)
+        link.ready({"pid": os.getpid(), "backend": cfg.backend})
+        log.info("ready", kv_endpoint=link.kv_endpoint)
+        code = int(loop.run())
+        log.info("exit", code=code, **loop.load())
+        return code
+    except Terminated as exc:
+        log.info("terminated", signal=str(exc))
+        return 0
+    except (TimeoutError, ValueError, OSError) as exc:
+        log.error("failed", error=str(exc))
+        print(f"{cfg.role} worker {cfg.worker_id}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        link.close()
+
+
+def setup_worker_logs(cfg: WorkerConfig) -> Any:
+    """JSON lines in ``runs/<run-id>/<role>-<worker_id>.jsonl`` (run id from the launcher)."""
+    from common.logs import get_logger, setup_logging
+
+    setup_logging(cfg.role, cfg.worker_id, tp_rank=cfg.tp_rank)
+    return get_logger()

@@ -1,0 +1,62 @@
+"""Discrete-event simulator: determinism, agreement with the closed form, arrivals, traces."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from coordinator.planner.candidate import Candidate, WorkloadStats
+from coordinator.planner.des import run_des
+from coordinator.planner.scheduler import search
+from coordinator.planner.simulator import simulate
+from coordinator.planner.workload import PAPER_TASKS, Arrival, from_pairs, preset
+
+BOUNDS = {"S": 6.0, "T": 40.0, "G": 60.0, "C1": 15.0, "C2": 90.0}
+
+
+def test_same_seed_same_result(a40_opt13b_costs) -> None:  # noqa: ANN001
+    cand = Candidate("waa-c", 4, B_E=4)
+    a = run_des(cand, preset("S"), a40_opt13b_costs, num_requests=1500, seed=7)
+    b = run_des(cand, preset("S"), a40_opt13b_costs, num_requests=1500, seed=7)
+    c = run_des(cand, preset("S"), a40_opt13b_costs, num_requests=1500, seed=8)
+    assert np.array_equal(a.requests.t_finish, b.requests.t_finish)
+    assert a.metrics == b.metrics
+    assert not np.array_equal(a.requests.t_finish, c.requests.t_finish)
+
+
+@pytest.mark.parametrize("task", sorted(PAPER_TASKS))
+@pytest.mark.parametrize("policy", ["rra", "waa"])
+def test_closed_form_agrees_with_des(task: str, policy: str, a40_opt13b_costs) -> None:  # noqa: ANN001
+    """The planner's chosen schedule, per preset and policy: within 2% on throughput and on
+    the latency of a p99-output-length request."""
+    wl = preset(task)
+    stats = WorkloadStats(wl)
+    pols = ("rra",) if policy == "rra" else ("waa-c", "waa-m")
+    res = search(stats, a40_opt13b_costs, 4, BOUNDS[task], policies=pols)
+    assert res.best is not None
+    cand, closed = res.best
+    des = run_des(cand, wl, a40_opt13b_costs, num_requests=6000, seed=1).metrics
+    assert des.throughput_seq_s == pytest.approx(closed.throughput_seq_s, rel=0.02)
+    assert des.latency_p99len_s == pytest.approx(closed.latency_p99len_s, rel=0.02)
+
+
+def test_poisson_arrivals_below_capacity(a40_opt13b_costs) -> None:  # noqa: ANN001
+    cand = Candidate("rra", 4, 4, 4, B_E=16, N_D=16)
+    cap = simulate(cand, WorkloadStats(preset("S")), a40_opt13b_costs).throughput_seq_s
+    wl = preset("S").with_arrival(Arrival(rate=0.5 * cap))
+    des = run_des(cand, wl, a40_opt13b_costs, num_requests=3000, seed=3).metrics
+    assert des.throughput_seq_s == pytest.approx(0.5 * cap, rel=0.1)
+    assert des.extra["queueing_mean_s"] >= 0.0
+
+
+def test_correlated_trace_runs_and_agrees(a40_opt13b_costs) -> None:  # noqa: ANN001
+    rng = np.random.default_rng(5)
+    ins = rng.integers(16, 256, 6000)
+    outs = np.clip((ins * 0.9 + rng.normal(0, 20, ins.size)).astype(int), 1, 300)
+    wl = from_pairs(ins, outs, "corr")
+    assert wl.correlation > 0.9
+    cand = Candidate("waa-c", 4, B_E=4)
+    closed = simulate(cand, WorkloadStats(wl), a40_opt13b_costs)
+    des = run_des(cand, wl, a40_opt13b_costs, num_requests=8000, seed=2).metrics
+    assert des.throughput_seq_s == pytest.approx(closed.throughput_seq_s, rel=0.02)
+    assert des.latency_p99len_s == pytest.approx(closed.latency_p99len_s, rel=0.02)
