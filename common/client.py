@@ -88,10 +88,12 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Stop reading, fail waiting requests with Cancelled, close the socket."""
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        reader = self._reader
+        if reader is not None and not reader.done():
+            reader.cancel()
+            if reader.get_loop() is asyncio.get_running_loop():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
         for queue in self._pending.values():
             queue.put_nowait(Cancelled("client closed"))
         if self._sock is not None:

@@ -112,23 +112,16 @@ class GGUFWeights:
     def get(self, name: str, dim: int | None = None, start: int = 0,
             end: int | None = None) -> torch.Tensor:
         tensor, shape = self._tensor(name), self.shape(name)
-        if dim is not None and not 0 <= dim < len(shape):
-            raise WeightError(f"tensor {name!r} of shape {shape} has no dimension {dim}")
-        stop = (shape[dim] if end is None else end) if dim is not None else None
-        if dim is not None and not 0 <= start <= stop <= shape[dim]:  # type: ignore[operator]
-            raise WeightError(f"slice [{start}:{stop}] out of range for {name!r} dim {dim} "
-                              f"({shape})")
-        row_lo, row_hi = (start, stop) if dim == 0 else (0, shape[0])
-        cols = (start, stop) if dim == 1 else None
-        rows = self._gguf_rows(name, shape[0], row_lo, row_hi)  # type: ignore[arg-type]
+        row_lo, row_hi, cols = _slice_bounds(name, shape, dim, start, end)
+        rows = self._gguf_rows(name, shape[0], row_lo, row_hi)
         try:
             values = _dequantize(tensor, rows, cols)
         except (ValueError, IndexError, OSError) as exc:
             raise WeightError(f"cannot read {name!r} from {self.path}: {exc}") from exc
-        out_shape = (row_hi - row_lo, *(() if len(shape) == 1 else (_width(shape, cols),)))
+        width = () if len(shape) == 1 else (shape[1] if cols is None else cols[1] - cols[0],)
         # F32 data comes back as a view of the read-only memory map: copy it into our own buffer.
         owned = values if values.flags.writeable and values.flags.c_contiguous else values.copy()
-        return torch.from_numpy(owned.reshape(out_shape))
+        return torch.from_numpy(owned.reshape((row_hi - row_lo, *width)))
 
     def _gguf_rows(self, name: str, num_rows: int, lo: int, hi: int) -> slice | np.ndarray:
         """GGUF row indices holding HF rows [lo, hi) (q/k rows are permuted within heads)."""
@@ -145,8 +138,17 @@ class GGUFWeights:
         return hf_rows - within + 2 * (within % half) + within // half
 
 
-def _width(shape: tuple[int, ...], cols: tuple[int, int] | None) -> int:
-    return shape[1] if cols is None else cols[1] - cols[0]
+def _slice_bounds(name: str, shape: tuple[int, ...], dim: int | None, start: int,
+                  end: int | None) -> tuple[int, int, tuple[int, int] | None]:
+    """(first row, end row, column range or None) of a ``get`` request, validated."""
+    if dim is None:
+        return 0, shape[0], None
+    if not 0 <= dim < len(shape) or dim > 1:
+        raise WeightError(f"tensor {name!r} of shape {shape} has no dimension {dim}")
+    stop = shape[dim] if end is None else end
+    if not 0 <= start <= stop <= shape[dim]:
+        raise WeightError(f"slice [{start}:{stop}] out of range for {name!r} dim {dim} ({shape})")
+    return (start, stop, None) if dim == 0 else (0, shape[0], (start, stop))
 
 
 def _dequantize(tensor: ReaderTensor, rows: slice | np.ndarray,

@@ -140,19 +140,19 @@ def _vocab_dict(vocab: GGUFVocab) -> dict[str, int]:
     return out
 
 
-def _pre_tokenizer(pre: str) -> tokenizers.pre_tokenizers.PreTokenizer:
+def _pre_tokenizer(pre: str, prefix_space: bool) -> tokenizers.pre_tokenizers.PreTokenizer:
     from tokenizers import Regex, pre_tokenizers
 
     if pre in _GPT2_STYLE:
-        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        return pre_tokenizers.ByteLevel(add_prefix_space=prefix_space, use_regex=True)
     if pre in _DIGITS_THEN_GPT2:
         return pre_tokenizers.Sequence([
             pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=prefix_space, use_regex=True),
         ])
     return pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(_SPLIT_REGEX[pre]), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=prefix_space, use_regex=False),
     ])
 
 
@@ -181,7 +181,7 @@ def build_backend(vocab: GGUFVocab) -> tokenizers.Tokenizer:
     bpe = models.BPE(vocab=_vocab_dict(vocab), merges=merges, fuse_unk=False,
                      ignore_merges=vocab.pre in _IGNORE_MERGES)
     backend = Tokenizer(bpe)
-    backend.pre_tokenizer = _pre_tokenizer(vocab.pre)
+    backend.pre_tokenizer = _pre_tokenizer(vocab.pre, vocab.add_space_prefix)
     backend.decoder = decoders.ByteLevel()
     kinds = [(t, vocab.token_type(i)) for i, t in enumerate(vocab.tokens)]
     backend.add_special_tokens([AddedToken(t, normalized=False, special=True)

@@ -56,7 +56,7 @@ class Grid:
     enc_seqs: tuple[int, ...] = FULL_ENC_SEQS
     dec_batches: tuple[int, ...] = FULL_DEC_BATCHES
     dec_seqs: tuple[int, ...] = FULL_DEC_SEQS
-    token_cap: int = 8192
+    token_cap: int = 4096
     allreduce_bytes: tuple[int, ...] = FULL_ALLREDUCE_BYTES
     transport_bytes: tuple[int, ...] = FULL_TRANSPORT_BYTES
     timing: Timing = Timing()

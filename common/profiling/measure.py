@@ -119,7 +119,7 @@ def measure_profile(model: str | Path | ModelConfig, tp_sizes: Sequence[int] = (
         if transport and not piggyback:
             rows += report.run("common.profiling.measure:spmd_transport", payload, 2,
                                timeout_s)[0]
-    meta = _meta(cfg, dtype, device, num_threads, grid)
+    meta = _meta(cfg, dtype, device, num_threads, grid, tp_sizes)
     meta["pass_overhead"] = overhead
     meta["measure_seconds"] = round(time.perf_counter() - started, 1)
     return {"meta": meta, "rows": rows}
@@ -147,8 +147,8 @@ def _total_units(grid: Grid, tp_sizes: Sequence[int], transport: bool) -> int:
         + (len(grid.transport_bytes) if transport else 0)
 
 
-def _meta(cfg: ModelConfig, dtype: str, device: str, num_threads: int, grid: Grid
-          ) -> dict[str, Any]:
+def _meta(cfg: ModelConfig, dtype: str, device: str, num_threads: int, grid: Grid,
+          tp_sizes: Sequence[int]) -> dict[str, Any]:
     import torch
 
     return {
@@ -156,7 +156,8 @@ def _meta(cfg: ModelConfig, dtype: str, device: str, num_threads: int, grid: Gri
         "num_threads": num_threads, "model": cfg.to_dict(),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "source": "measured",
         "cpu": _cpu_name(), "num_cpus": os.cpu_count(), "memory_bytes": _ram_bytes(),
-        "grid": grid.to_json(), "compute_clock": clock_for(num_threads),
+        "grid": grid.to_json(),
+        "compute_clock": {str(tp): clock_for(num_threads, tp) for tp in tp_sizes},
         "split": "attention = end of each attention input projection (qkv; T5 cross q) to the "
                  "start of its output projection o; rest = layer - attention - all-reduces",
     }
@@ -245,17 +246,20 @@ def _read(path: Path) -> tuple[int, str]:
 
 
 # ---- entry points of the spawned ranks (JSON in, JSON out) ---------------------------------
-def clock_for(num_threads: int) -> str:
-    return "cpu" if num_threads == 1 else "wall"
+def clock_for(num_threads: int, tp_size: int) -> str:
+    """Thread CPU time when every rank has a core of its own and one thread (see timing.py);
+    wall time when ranks share cores (their waiting for each other is then real cost)."""
+    fits = tp_size * num_threads <= (os.cpu_count() or 1)
+    return "cpu" if num_threads == 1 and fits else "wall"
 
 
-def _setup(payload: dict[str, Any]) -> tuple[ModelConfig, Grid, Any]:
+def _setup(payload: dict[str, Any], world_size: int) -> tuple[ModelConfig, Grid, Any]:
     import torch
 
     from common.profiling.timing import use_clock
 
     torch.set_num_threads(int(payload["num_threads"]))
-    use_clock(clock_for(int(payload["num_threads"])))
+    use_clock(clock_for(int(payload["num_threads"]), world_size))
     return (ModelConfig.from_dict(payload["model"]), Grid.from_json(payload["grid"]),
             getattr(torch, payload["dtype"]))
 
@@ -267,7 +271,7 @@ def spmd_layers(payload: dict[str, Any], rank: int, world_size: int) -> dict[str
     from common.profiling.layers import layer_rows, measure_layers, overhead_rows
     from common.profiling.timing import Group, ProgressFile, TimedTP
 
-    cfg, grid, dtype = _setup(payload)
+    cfg, grid, dtype = _setup(payload, world_size)
     group = dist.group.WORLD if world_size > 1 else None
     tp = TimedTP(tp_size=world_size, tp_rank=rank, group=group)
     sync = Group(world_size, group)
@@ -285,6 +289,6 @@ def spmd_transport(payload: dict[str, Any], rank: int, world_size: int) -> list[
     from common.profiling.comm import measure_transport
     from common.profiling.timing import ProgressFile
 
-    cfg, grid, dtype = _setup(payload)
+    cfg, grid, dtype = _setup(payload, world_size)
     return measure_transport(cfg, grid, dtype, rank, ProgressFile(payload.get("progress"),
                                                                   rank == 0))

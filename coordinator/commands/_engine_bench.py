@@ -198,6 +198,7 @@ def hardware() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {"cpu": model, "logical_cpus": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "mkldnn": torch.backends.mkldnn.is_available(),
-            "python": platform.python_version()}
+            "python": platform.python_version(), "load_avg_1m_at_end": load}

@@ -144,6 +144,11 @@ def _print_report(result: dict[str, Any]) -> None:
                   f", {hw['threads']} threads; copy bandwidth "
                   f"{machine['copy_bandwidth_Bps'] / 1e9:.1f} GB/s (read+write), "
                   f"{result['dtype']} matmul peak {machine['matmul_peak_flops'] / 1e9:.0f} GFLOP/s")
+    load, cpus = hw.get("load_avg_1m_at_end"), hw["logical_cpus"] or 1
+    if load is not None and load > cpus:
+        console.print(f"[yellow]warning[/]: load average {load:.1f} on {cpus} CPUs: other "
+                      "processes shared the cores, absolute times are inflated (with more than "
+                      "one torch thread, badly); compare the ratio, measured in the same run")
     table = Table(show_lines=False)
     for col in ("batch", "ours ms/step", "ours tok/s", "HF ms/step", "HF tok/s", "ratio",
                 "BW floor ms", "BW+KV floor ms", "compute floor ms", "ours / BW floor"):

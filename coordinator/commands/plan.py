@@ -32,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    choices=["auto", "rra", "waa", "waa-c", "waa-m", "static", "continuous", "all"])
     p.add_argument("--sla", default="b", choices=["a", "b"],
                    help="b: p99-length request (the paper's); a: 99%% of all requests")
+    p.add_argument("--tokenizer", help="tokenizer.json to count tokens of trace prompts")
     p.add_argument("--model", help="model preset the profile must be for (checked)")
     p.add_argument("--dtype", help="dtype the profile must be for (checked)")
     p.add_argument("--memory-gb", type=float, help="override a worker's memory (GB)")
@@ -56,7 +57,13 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
     profile.check_compatible(ModelConfig.preset(args.model) if args.model else None, args.dtype)
     if args.memory_gb is not None:
         profile.meta["memory_bytes"] = args.memory_gb * 1e9
-    return profile, parse_workload(args.workload)
+    tokenize = None
+    if args.tokenizer:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(args.tokenizer)
+        tokenize = lambda text: tok.encode(text).ids  # noqa: E731
+    return profile, parse_workload(args.workload, tokenize)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -160,8 +167,14 @@ def _timeline(args: argparse.Namespace, plan, workload, profile) -> None:  # noq
 
     cand = Candidate(plan.policy, plan.num_workers, plan.search["tp"],
                      plan.search["num_tp_workers"], plan.B_E, plan.N_D or 1, plan.B_m or 1)
-    result = run_des(cand, workload.with_arrival(None), Costs(profile), num_requests=3000,
-                     seed=args.seed, record_timeline=True)
+    for num in (3000, 12000, 48000):  # long-lived requests need a longer run to settle
+        try:
+            result = run_des(cand, workload.with_arrival(None), Costs(profile),
+                             num_requests=num, seed=args.seed, record_timeline=True)
+            break
+        except ValueError:
+            if num == 48000:
+                raise
     pr = plan.predicted
     span = (1.5 * pr["cycle_s"] if "cycle_s" in pr
             else 8 * pr.get("round_s", pr.get("iteration_s", pr["tpot_s"])))

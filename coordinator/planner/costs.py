@@ -31,6 +31,19 @@ class Costs:
         object.__setattr__(self, "dec_allreduces", 3 if m.is_encoder_decoder else 2)
 
     # ---- compute -----------------------------------------------------------------------------
+    def expected_encode(self, pipe: Pipeline, batch: int, stats: Any) -> list[float]:
+        """Per-stage encode time of ``batch`` inputs averaged over batch compositions
+        (``stats.encode_nodes``); memoised, since the search revisits each B_E often."""
+        cache = self.__dict__.setdefault("_enc_cache", {})
+        out = []
+        for st in pipe:
+            key = (st, batch, id(stats))
+            if key not in cache:
+                means, effs, weights = stats.encode_nodes(batch)
+                cache[key] = (float(weights @ self.encode_stage(st, batch, means, effs)), stats)
+            out.append(cache[key][0])
+        return out
+
     def encode_stage(self, st: Stage, batch: float, mean_len: Any, eff_len: Any) -> Any:
         """One encode pass of ``batch`` ragged inputs through this stage's encode layers
         (``mean_len``/``eff_len`` may be arrays of scenarios: an array comes back)."""
@@ -58,11 +71,28 @@ class Costs:
         batch = np.asarray(batch, np.float64)
         return np.where(batch > 0, self._decode(st, batch, ctx), 0.0)
 
-    def _decode(self, st: Stage, batch: Any, ctx: Any) -> Any:
+    def decode_pipeline(self, pipe: Pipeline, batch: np.ndarray, ctx: np.ndarray
+                        ) -> list[np.ndarray]:
+        """decode_stage for every stage, computing each TP degree's per-layer cost once."""
+        batch = np.asarray(batch, np.float64)
+        layer: dict[int, Any] = {}
+        out = []
+        for st in pipe:
+            if st.tp not in layer:
+                layer[st.tp] = self._decode_layer(st.tp, batch, ctx)
+            out.append(np.where(batch > 0, self._decode(st, batch, ctx, layer[st.tp]), 0.0))
+        return out
+
+    def _decode_layer(self, tp: int, batch: Any, ctx: Any) -> Any:
         p = self.profile
-        per_layer = p.attn("dec", st.tp, batch, ctx) + p.rest("dec", st.tp, batch)
-        ar = self.dec_allreduces * p.op("allreduce", st.tp, batch * self.hidden_bytes)
-        t = st.num_dec * (per_layer + ar)
+        per_layer = p.attn("dec", tp, batch, ctx) + p.rest("dec", tp, batch)
+        return per_layer + self.dec_allreduces * p.op("allreduce", tp, batch * self.hidden_bytes)
+
+    def _decode(self, st: Stage, batch: Any, ctx: Any, layer: Any = None) -> Any:
+        p = self.profile
+        if layer is None:
+            layer = self._decode_layer(st.tp, batch, ctx)
+        t = st.num_dec * layer
         if st.first:
             t = t + p.op("embed", st.tp, batch)
         if st.last:
@@ -80,6 +110,12 @@ class Costs:
     # ---- memory ------------------------------------------------------------------------------
     def weight_bytes(self, st: Stage) -> float:
         """Weights one worker of the stage holds (TP shards everything by tp)."""
+        cache = self.__dict__.setdefault("_weights", {})
+        if st not in cache:
+            cache[st] = self._weight_bytes(st)
+        return cache[st]
+
+    def _weight_bytes(self, st: Stage) -> float:
         m, d = self.profile.model, self.profile.dtype_bytes
         params = st.num_dec * m.params_per_layer("decoder")
         if m.is_encoder_decoder:

@@ -86,8 +86,7 @@ class _Table1D:
         x = np.asarray(x, dtype=np.float64)
         if self.xs.size == 1:
             return self.ys[0] * np.maximum(x, 1.0) / max(self.xs[0], 1.0)
-        i, w = _axis(self.xs, np.minimum(x, self.xs[-1]))
-        inside = self.ys[i] + w * (self.ys[i + 1] - self.ys[i])
+        inside = np.interp(x, self.xs, self.ys)  # clamps below the grid, as intended
         return inside + np.maximum(x - self.xs[-1], 0.0) * self.tail
 
 

@@ -61,8 +61,8 @@ def _fmt(bound: float) -> str:
     return "inf" if not math.isfinite(bound) else f"{bound:.2f}"
 
 
-def render() -> str:
-    bounds, points = reproduction_points()
+def render(computed: tuple[list[float], list[SweepPoint]] | None = None) -> str:
+    bounds, points = computed or reproduction_points()
     win = winners(points)
     family = {b: ("WAA" if w.startswith("waa") else w.upper()) for b, w in win.items()}
     pattern = ", ".join(f"{_fmt(b)} s: {family[b]}" for b in bounds)

@@ -63,8 +63,7 @@ def _per_worker(pipe: Pipeline, values: list[float]) -> list[float]:
 def expected_encode(costs: Costs, pipe: Pipeline, batch: int, stats: WorkloadStats
                     ) -> list[float]:
     """Per-stage encode time of a batch of ``batch`` inputs, averaged over batch compositions."""
-    means, effs, weights = stats.encode_nodes(batch)
-    return [float(weights @ costs.encode_stage(st, batch, means, effs)) for st in pipe]
+    return costs.expected_encode(pipe, batch, stats)
 
 
 def rra_cycle(cand: Candidate, stats: WorkloadStats) -> tuple[np.ndarray, np.ndarray]:
@@ -84,7 +83,7 @@ def _rra(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline) ->
     streams = len(pipe)
     batch, ctx = rra_cycle(cand, stats)
     enc = expected_encode(costs, pipe, cand.B_E, stats)
-    dec = [costs.decode_stage(st, batch, ctx) for st in pipe]
+    dec = costs.decode_pipeline(pipe, batch, ctx)
     t_enc = float(round_time(enc, streams)[()])
     t_dec = round_time(dec, streams)
     cycle = t_enc + float(t_dec.sum())
@@ -105,7 +104,7 @@ def _static(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline)
     steps = np.arange(1, stats.s_max + 1, dtype=np.float64)
     ctx = stats.mean_in + steps
     enc = expected_encode(costs, pipe, b, stats)
-    dec = [costs.decode_stage(st, np.full(steps.size, float(b)), ctx) for st in pipe]
+    dec = costs.decode_pipeline(pipe, np.full(steps.size, float(b)), ctx)
     t_enc = float(round_time(enc, streams)[()])
     t_dec = round_time(dec, streams)
     out = stats.workload.output
@@ -185,9 +184,23 @@ def waa_pipelines(cand: Candidate, stats: WorkloadStats, costs: Costs
     return enc_pipe, dec_pipe
 
 
-def waa_round(costs: Costs, pipe: Pipeline, b_d: float, ctx: float, num_micro: int) -> float:
+def waa_stage_times(costs: Costs, pipe: Pipeline, b_d: float, ctx: float, num_micro: int
+                    ) -> list[float]:
+    """Each decoder stage's time for one micro-batch step (per-layer cost once per TP degree)."""
     b = b_d / num_micro
-    return float(round_time([costs.decode_stage(st, b, ctx) for st in pipe], num_micro))
+    if b <= 0:
+        return [0.0] * len(pipe)
+    layer: dict[int, float] = {}
+    out = []
+    for st in pipe:
+        if st.tp not in layer:
+            layer[st.tp] = costs._decode_layer(st.tp, b, ctx)
+        out.append(float(costs._decode(st, b, ctx, layer[st.tp])))
+    return out
+
+
+def waa_round(costs: Costs, pipe: Pipeline, b_d: float, ctx: float, num_micro: int) -> float:
+    return float(round_time(waa_stage_times(costs, pipe, b_d, ctx, num_micro), num_micro))
 
 
 def _waa(cand: Candidate, stats: WorkloadStats, costs: Costs) -> Metrics:
@@ -215,10 +228,8 @@ def _waa(cand: Candidate, stats: WorkloadStats, costs: Costs) -> Metrics:
         rnd = waa_round(costs, dec_pipe, b_d, ctx, cand.B_m)
         pre = e_lat + hand + rnd / 2
     lat = pre + stats.s99 * rnd
-    dec_b = np.array([b_d / cand.B_m])
     util = [x / cand.B_E * e for e in enc] + [
-        cand.B_m * float(costs.decode_stage(st, dec_b, np.array([ctx]))[0]) / rnd
-        for st in dec_pipe]
+        cand.B_m * t / rnd for t in waa_stage_times(costs, dec_pipe, b_d, ctx, cand.B_m)]
     in_flight = max(1.0, np.ceil((e_lat + hand) / rnd)) * cand.B_E * stats.mean_in
     mem = [costs.weight_bytes(st) + costs.encoder_kv_bytes(st, float(in_flight))
            for st in enc_pipe]

@@ -124,3 +124,29 @@ def test_default_model_answers_the_readme_question() -> None:
                           capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
+
+
+def test_hf_directory_matches_transformers(capsys: pytest.CaptureFixture[str],
+                                           tmp_path: Path, tiny_gguf: Path) -> None:
+    """An HF directory (safetensors + tokenizer.json + chat template): the CLI's tokens equal
+    transformers' greedy generate on the same prompt ids."""
+    transformers = pytest.importorskip("transformers")
+    tokenizer = load_model_spec(tiny_gguf).tokenizer
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(4)
+    model = transformers.LlamaForCausalLM(hf_cfg).eval()
+    model.save_pretrained(tmp_path)
+    tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": TEMPLATE, "eos_token": "<|im_end|>", "bos_token": "<|im_start|>"}))
+    out = run_json(capsys, "--model", str(tmp_path), "--prompt", "What is the capital?",
+                   "--max-new-tokens", "10", "--dtype", "float32")
+    assert out["chat_template"] is True
+    ids = torch.tensor([out["prompt_ids"]])
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=10, pad_token_id=2)
+    assert out["token_ids"] == ref[0, ids.shape[1]:].tolist()

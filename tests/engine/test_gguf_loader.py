@@ -184,7 +184,44 @@ def test_smollm2_layers_match_transformers_processing(smollm: tuple[ModelConfig,
         expected = processor.process(weights=dequantize(tensor.data, tensor.tensor_type),
                                      name=tensor.name).weights
         ours = weights.get(f"model.layers.{layer}.{hf_part}.weight")
-        assert torch.equal(ours, torch.from_numpy(np.ascontiguousarray(expected))), hf_part
+        assert torch.equal(ours, torch.from_numpy(np.array(expected, copy=True))), hf_part
     q = weights.get(f"model.layers.{layer}.self_attn.q_proj.weight")
     assert torch.equal(weights.get(f"model.layers.{layer}.self_attn.q_proj.weight", 0, 192, 384),
                        q[192:384])  # a TP-2-style head-aligned shard of the permuted rows
+
+
+# byte offsets of the fp16 scale fields inside one 256-value K-quant block (ggml's block layouts)
+K_QUANT_HALF_OFFSETS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2),
+                        "Q6_K": (208,)}
+
+
+@pytest.mark.parametrize("quant", sorted(K_QUANT_HALF_OFFSETS))
+def test_k_quants_match_transformers_dequantizer(tmp_path: Path, quant: str) -> None:
+    """K-quant blocks of random bits (valid fp16 scales) read through GGUFWeights equal
+    transformers' own torch dequantizer, including a block-aligned column slice."""
+    import gguf
+    from transformers.integrations.gguf.dequant import dequantize as hf_dequantize
+
+    qtype = gguf.GGMLQuantizationType[quant]
+    _, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, size=(6, 2 * block_bytes), dtype=np.uint8)
+    for block in range(2):
+        for offset in K_QUANT_HALF_OFFSETS[quant]:
+            scales = rng.uniform(0.001, 0.05, size=6).astype(np.float16).view(np.uint8)
+            raw[:, block * block_bytes + offset: block * block_bytes + offset + 2] = \
+                scales.reshape(6, 2)
+    path = tmp_path / f"{quant}.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_head_count(1)
+    writer.add_tensor("blk.0.ffn_up.weight", raw, raw_dtype=qtype)
+    for step in (writer.write_header_to_file, writer.write_kv_data_to_file,
+                 writer.write_tensors_to_file, writer.close):
+        step()
+    weights = GGUFWeights(path)
+    ours = weights.get("model.layers.0.mlp.up_proj.weight")
+    expected = hf_dequantize(torch.from_numpy(raw.copy()).reshape(-1), int(qtype)).reshape(6, 512)
+    assert ours.shape == (6, 512) and torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(weights.get("model.layers.0.mlp.up_proj.weight", 1, 256, 512),
+                               expected[:, 256:], rtol=1e-6, atol=1e-6)

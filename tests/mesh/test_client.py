@@ -237,3 +237,4 @@ def test_close_fails_waiting_requests_and_loops_are_checked(server: FakeServer) 
 
     asyncio.run(first())
     asyncio.run(second())
+    asyncio.run(other.close())

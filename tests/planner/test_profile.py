@@ -93,3 +93,13 @@ def test_noisy_measurements_stay_monotone_beyond_the_grid() -> None:
     assert all(b >= a for a, b in zip(costs, costs[1:], strict=False))
     assert costs[-1] > costs[3] > 0
     assert noisy.attn("dec", 1, 64, 64) == pytest.approx(p.attn("dec", 1, 4, 64) * 16)
+
+
+def test_profile_command_writes_a_loadable_analytic_profile(tmp_path) -> None:  # noqa: ANN001
+    from coordinator.cli import main
+
+    out = tmp_path / "t5.json"
+    assert main(["profile", "--analytic", "h100", "--model", "tiny-t5", "--tp", "1,2",
+                 "--out", str(out)]) == 0
+    prof = Profile.load(out, ModelConfig.preset("tiny-t5"), "float16")
+    assert prof.tp_sizes == [1, 2] and prof.meta["source"] == "analytic:h100"

@@ -13,11 +13,10 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "paper-reproduction.md"
 
 
 def test_doc_is_current_and_pattern_holds() -> None:
-    text = reproduce.render()
-    assert DOC.read_text() == text, (
+    bounds, points = reproduce.reproduction_points()
+    assert DOC.read_text() == reproduce.render((bounds, points)), (
         "docs/paper-reproduction.md is stale: run "
         "`python -m coordinator.planner.reproduce > docs/paper-reproduction.md`")
-    bounds, points = reproduce.reproduction_points()
     win = winners(points)
     assert win[bounds[0]].startswith("waa")
     assert win[math.inf] == "rra"

@@ -28,7 +28,8 @@ def test_bnb_on_a_monotone_function_equals_exhaustive() -> None:
     assert fast.evaluated < slow.evaluated / 4
 
 
-@pytest.mark.parametrize("task,bound", [("S", 4.0), ("C1", 9.0),
+@pytest.mark.parametrize("task,bound", [("S", 4.0),
+                                        pytest.param("C1", 9.0, marks=pytest.mark.slow),
                                         pytest.param("G", 25.0, marks=pytest.mark.slow)])
 def test_bnb_matches_exhaustive_on_the_planner_space(task: str, bound: float,
                                                      a40_t5_costs) -> None:  # noqa: ANN001

@@ -106,9 +106,16 @@ def _check_prediction(cfg: ModelConfig, attempts: int = 3) -> Profile:
                          f"{TOLERANCE:.0%}")
 
 
-def test_llama_profile_predicts_whole_model_decode_step() -> None:
+@pytest.fixture(scope="module")
+def llama_profile() -> tuple[ModelConfig, Profile]:
+    torch.set_num_threads(1)
     cfg = ModelConfig.preset("tiny-llama").with_(num_layers=6, name="tiny-llama-6")
-    profile = _check_prediction(cfg)
+    return cfg, _check_prediction(cfg)
+
+
+def test_llama_profile_predicts_whole_model_decode_step(
+        llama_profile: tuple[ModelConfig, Profile]) -> None:
+    _cfg, profile = llama_profile
     assert profile.meta["source"] == "measured"
     assert profile.meta["num_threads"] == 1
     assert profile.meta["torch_version"] == torch.__version__
@@ -123,11 +130,10 @@ def test_t5_profile_predicts_whole_model_decode_step() -> None:
             "lm_head"} <= ops
 
 
-def test_profile_for_another_model_is_refused() -> None:
-    cfg = ModelConfig.preset("tiny-llama")
-    data = measure_profile(cfg, (1,), "bfloat16", quick=True, progress=False, isolate=False,
-                           transport=False)
+def test_profile_for_another_model_or_dtype_is_refused(
+        llama_profile: tuple[ModelConfig, Profile]) -> None:
+    cfg, profile = llama_profile
     with pytest.raises(ValueError, match="profile"):
-        Profile.from_json(json.dumps(data)).check_compatible(ModelConfig.preset("tiny-opt"))
+        profile.check_compatible(ModelConfig.preset("tiny-opt"))
     with pytest.raises(ValueError, match="dtype"):
-        Profile.from_json(json.dumps(data)).check_compatible(cfg, "float32")
+        profile.check_compatible(cfg, "float32")
