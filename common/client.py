@@ -81,7 +81,9 @@ class AsyncClient:
             raise RuntimeError("an AsyncClient belongs to the event loop that first used it; "
                                "create one client per event loop (or close() it first)")
         if self._sock is None:
-            self._ctx = zmq.asyncio.Context()
+            # the process-wide context: a private one would block in term() at garbage
+            # collection if a user forgot close()
+            self._ctx = zmq.asyncio.Context.instance()
             self._sock = make_socket(self._ctx, "DEALER", connect=self.endpoint,
                                      curve_client=self._curve)
             self._reader = loop.create_task(self._read_forever())
@@ -98,7 +100,6 @@ class AsyncClient:
             queue.put_nowait(Cancelled("client closed"))
         if self._sock is not None:
             self._sock.close(linger=0)
-            self._ctx.term()  # type: ignore[union-attr]
         self._sock = self._ctx = self._reader = None
 
     async def _read_forever(self) -> None:

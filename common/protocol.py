@@ -215,7 +215,10 @@ class Ready(Message):
 @register
 @dataclass(frozen=True)
 class Heartbeat(Message):
-    """Both directions: liveness plus the sender's load (queue lengths, KV use ...)."""
+    """Both directions: liveness plus the sender's load (queue lengths, KV use ...).
+
+    Encoders report completed encode batches as `load["batches_done"]` (a running count).
+    """
 
     TYPE: ClassVar[int] = 0x04
     worker_id: str

@@ -238,3 +238,34 @@ def test_close_fails_waiting_requests_and_loops_are_checked(server: FakeServer) 
     asyncio.run(first())
     asyncio.run(second())
     asyncio.run(other.close())
+
+
+def test_forgetting_close_does_not_hang_the_process(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import asyncio, gc
+        from common.client import AsyncClient, Client
+        from common.errors import Timeout
+        a = AsyncClient("ipc://{tmp_path}/none.sock")
+        async def main():
+            try:
+                await a.generate("x", timeout_s=0.1)
+            except Timeout:
+                pass
+        asyncio.run(main())
+        c = Client("ipc://{tmp_path}/none.sock")
+        try:
+            c.generate("x", timeout_s=0.1)
+        except Timeout:
+            pass
+        del a
+        gc.collect()
+        print("exited")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "exited"
