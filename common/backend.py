@@ -48,6 +48,7 @@ class EncodeItem:
     req_id: str
     prompt: tuple[int, ...]
     max_new_tokens: int
+    sampling: Any = None  # protocol.Sampling (None: greedy); the null model ignores it
 
     def __post_init__(self) -> None:
         if not self.prompt:
@@ -77,6 +78,8 @@ class DecodeSeq:
     kv: dict[str, Any] = field(repr=False)
     num_generated: int = 1  # tokens produced so far, the first included
     head_range: tuple[int, int] | None = None  # KV heads the sender sent (None: this rank's)
+    layer_range: tuple[int, int] | None = None  # layers the sender sent (None: this stage's)
+    sampling: Any = None  # protocol.Sampling (None: greedy)
 
 
 class StepToken(NamedTuple):
@@ -86,6 +89,7 @@ class StepToken(NamedTuple):
     token: int
     position: int
     finished: bool
+    reason: str | None = None  # "stop" (EOS / stop token) or "length"; None while running
 
 
 class EncodeBackend(Protocol):
@@ -95,6 +99,7 @@ class EncodeBackend(Protocol):
 class DecodeBackend(Protocol):
     """A decoder's running batch: sequences join with their KV, leave when finished/cancelled."""
 
+    def first_reason(self, seq: DecodeSeq) -> str | None: ...
     def add(self, seq: DecodeSeq) -> None: ...
     def remove(self, req_id: str) -> None: ...
     def step(self) -> list[StepToken]: ...
@@ -194,6 +199,10 @@ class NullDecodeBackend:
     def num_active(self) -> int:
         return len(self._seqs)
 
+    def first_reason(self, seq: DecodeSeq) -> str | None:
+        """The null model stops on length only."""
+        return "length" if seq.max_new_tokens <= 1 else None
+
     def add(self, seq: DecodeSeq) -> None:
         self._check_kv(seq)
         if seq.req_id in self._seqs:
@@ -212,7 +221,8 @@ class NullDecodeBackend:
             seq.num_generated += 1
             finished = seq.num_generated >= seq.max_new_tokens
             token = (seq.first_token + position * 1009) % vocab
-            out.append(StepToken(seq.req_id, token, position, finished))
+            out.append(StepToken(seq.req_id, token, position, finished,
+                                 "length" if finished else None))
             if finished:
                 del self._seqs[seq.req_id]
         return out

@@ -11,7 +11,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-BACKENDS = ("null",)
+BACKENDS = ("null", "engine")
 
 
 def _env(name: str, default: str) -> str:
@@ -40,6 +40,8 @@ class WorkerConfig:
     decode_cost_ms: float = 0.0
     stream_interval: int = 1
     publish_interval_ms: float = 1.0
+    model: str | None = None  # engine backend: HF directory, .gguf file or preset name
+    dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
         if self.role not in ("encoder", "decoder"):
@@ -55,6 +57,11 @@ class WorkerConfig:
             raise ValueError(f"capacity must be >= 1, got {self.capacity}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; available: {BACKENDS}")
+        if self.backend == "engine" and not self.model:
+            raise ValueError("the engine backend needs --model (an HF directory, a .gguf file "
+                             "or a preset name); or pass --null-model")
+        if self.dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"dtype must be bfloat16 or float32, got {self.dtype!r}")
         if min(self.encode_cost_ms, self.encode_cost_ms_per_token, self.decode_cost_ms) < 0:
             raise ValueError("costs must be >= 0 ms")
         if self.publish_interval_ms < 0:
@@ -88,7 +95,11 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
         help="exit when the coordinator is silent this long")
     add("--startup-timeout", type=float, default=float(_env("STARTUP_TIMEOUT", "60")))
     add("--null-model", action="store_const", const="null", dest="backend",
-        default=_env("BACKEND", "null"), help="no math: real-sized KV, deterministic tokens")
+        default=_env("BACKEND", ""), help="no math: real-sized KV, deterministic tokens")
+    add("--model", default=_env("MODEL", "") or None,
+        help="run the real model (engine backend): HF directory, .gguf file or preset name")
+    add("--dtype", default=_env("DTYPE", "bfloat16"), choices=("bfloat16", "float32"),
+        help="engine backend compute dtype (float32 for exactness checks)")
     if role == "encoder":
         add("--encode-cost-ms", type=float, default=float(_env("ENCODE_COST_MS", "0")))
         add("--encode-cost-ms-per-token", type=float,
@@ -112,7 +123,9 @@ def from_args(args: argparse.Namespace, role: str) -> WorkerConfig:
         tp_rank=args.tp_rank, tp_size=args.tp_size, device=args.device, capacity=args.capacity,
         kv_bind=getattr(args, "kv_bind", None), kv_advertise=getattr(args, "kv_advertise", None),
         heartbeat_interval_s=args.heartbeat_interval, heartbeat_timeout_s=args.heartbeat_timeout,
-        startup_timeout_s=args.startup_timeout, backend=args.backend,
+        startup_timeout_s=args.startup_timeout,
+        backend=args.backend or ("engine" if args.model else "null"),
+        model=args.model, dtype=args.dtype,
         encode_cost_ms=getattr(args, "encode_cost_ms", 0.0),
         encode_cost_ms_per_token=getattr(args, "encode_cost_ms_per_token", 0.0),
         decode_cost_ms=getattr(args, "decode_cost_ms", 0.0),

@@ -37,6 +37,8 @@ class CoordinatorConfig:
     heartbeat_timeout_s: float = 5.0
     drain_timeout_s: float = 10.0
     model_shape: str = "tiny-llama"
+    model_config: str | None = None  # JSON file of the served model's ModelConfig
+    tokenizer: str | None = None  # the model's HF directory or .gguf (text prompts)
     ready_fd: int | None = None
 
     def __post_init__(self) -> None:
@@ -78,6 +80,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--drain-timeout", type=float, default=float(_env("DRAIN_TIMEOUT", "10") or 10))
     add("--model-shape", default=_env("MODEL_SHAPE", "tiny-llama"),
         help="ModelConfig preset the workers size their work by")
+    add("--model-config", default=_env("MODEL_CONFIG"),
+        help="JSON file with the served model's ModelConfig (overrides --model-shape)")
+    add("--tokenizer", default=_env("TOKENIZER"),
+        help="HF model directory (tokenizer.json) or .gguf whose tokenizer turns text "
+             "prompts into ids and outputs back into text")
     add("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -87,5 +94,7 @@ def from_args(args: argparse.Namespace) -> CoordinatorConfig:
         num_encoders=args.encoders, num_decoders=args.decoders,
         max_encode_batch=args.encode_batch, max_queued=args.max_queued,
         heartbeat_interval_s=args.heartbeat_interval, heartbeat_timeout_s=args.heartbeat_timeout,
-        drain_timeout_s=args.drain_timeout, model_shape=args.model_shape, ready_fd=args.ready_fd,
+        drain_timeout_s=args.drain_timeout, model_shape=args.model_shape,
+        model_config=args.model_config,
+        tokenizer=args.tokenizer, ready_fd=args.ready_fd,
     )

@@ -10,6 +10,7 @@ requests and sends Shutdown to the workers), then the workers get a grace period
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -65,6 +66,11 @@ class LaunchSpec:
     heartbeat_timeout_s: float = 5.0
     drain_timeout_s: float = 10.0
     run_id: str = field(default_factory=new_run_id)
+    # The real model (engine backend); None: the null model sized by model_shape.
+    model: str | None = None
+    dtype: str = "bfloat16"
+    model_config: dict | None = None  # its ModelConfig.to_dict(): the coordinator's view of it
+    tokenizer: str | None = None  # where the coordinator finds the tokenizer (text prompts)
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:
@@ -72,6 +78,9 @@ class LaunchSpec:
         roles = {g.role for g in self.groups}
         if roles != {"encoder", "decoder"}:
             raise ValueError("a launch spec needs at least one encoder and one decoder group")
+        if (self.model is None) != (self.model_config is None):
+            raise ValueError("a real-model launch spec needs both model and model_config (the "
+                             "coordinator validates requests against the model's shape)")
 
     @property
     def run_dir(self) -> Path:
@@ -83,6 +92,11 @@ class LaunchSpec:
 
     def num_processes(self, role: str) -> int:
         return sum(g.count * g.tp_size for g in self.groups if g.role == role)
+
+    @property
+    def model_config_file(self) -> Path:
+        """Where the launcher writes ``model_config`` for the coordinator to read."""
+        return self.run_dir / "model.json"
 
     @property
     def ipc_dir(self) -> str:
@@ -105,6 +119,10 @@ class LaunchSpec:
                 "--heartbeat-timeout", str(self.heartbeat_timeout_s),
                 "--drain-timeout", str(self.drain_timeout_s),
                 "--ready-fd", str(status_fd)]
+        if self.model_config is not None:
+            argv += ["--model-config", str(self.model_config_file)]
+        if self.tokenizer is not None:
+            argv += ["--tokenizer", self.tokenizer]
         return ChildSpec("coordinator", tuple(argv), env=self.env(), pass_fds=(status_fd,))
 
     def worker_children(self, worker_endpoint: str) -> list[ChildSpec]:
@@ -124,7 +142,8 @@ class LaunchSpec:
         argv = [sys.executable, "-m", f"{group.role}_worker", "--coordinator", worker_endpoint,
                 "--worker-id", worker_id, "--tp-rank", str(rank),
                 "--tp-size", str(group.tp_size), "--capacity", str(group.capacity),
-                "--null-model",
+                *(("--model", self.model, "--dtype", self.dtype) if self.model is not None
+                  else ("--null-model",)),
                 "--heartbeat-interval", str(self.heartbeat_interval_s),
                 "--heartbeat-timeout", str(self.heartbeat_timeout_s)]
         if group.role == "encoder":
@@ -158,6 +177,8 @@ class LocalMesh:
     def start(self, signals: SignalWatch | None = None) -> str:
         """Start everything; raises StartupError (after cleaning up) if the mesh fails."""
         self.spec.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.spec.model_config is not None:
+            self.spec.model_config_file.write_text(json.dumps(self.spec.model_config))
         self.status = StatusPipe()
         try:
             self._start(signals)

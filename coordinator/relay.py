@@ -21,8 +21,10 @@ from coordinator.requests import Request
 
 
 class Relay:
-    def __init__(self, sock: zmq.Socket, log: Any, counters: dict[str, int]) -> None:
+    def __init__(self, sock: zmq.Socket, log: Any, counters: dict[str, int],
+                 tokenizer: Any = None) -> None:
         self.sock = sock
+        self.tokenizer = tokenizer  # decodes the Result text of text-prompt requests
         self.log = log
         self.counters = counters
         self.counters.setdefault("undeliverable", 0)
@@ -48,9 +50,13 @@ class Relay:
 
     def result(self, request: Request, reason: str) -> None:
         self._flush_one(request.req_id)
+        text = None
+        if request.text_prompt and self.tokenizer is not None:
+            text = self.tokenizer.decode(request.tokens)
         self.send_now(request.client, P.Result(
             req_id=request.req_id, tokens=tuple(request.tokens), finish_reason=reason,
-            num_prompt_tokens=request.num_prompt_tokens, lifecycle=request.times.lifecycle()))
+            text=text, num_prompt_tokens=request.num_prompt_tokens,
+            lifecycle=request.times.lifecycle()))
 
     def error(self, request: Request, exc: ServerError) -> None:
         self._flush_one(request.req_id)

@@ -83,6 +83,7 @@ class Request:
     decoder: str | None = None
     tokens: list[int] = field(default_factory=list)
     times: Timestamps = field(default_factory=Timestamps)
+    text_prompt: bool = False  # submitted as text: the Result carries the output as text
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import time
 from typing import Any
@@ -53,13 +54,37 @@ PUMP_BUDGET_S = 0.02  # ... and this much time, before yielding to tick()
 WORKER_RCVHWM = 100  # per worker: a decoder running ahead blocks (and coalesces) on its side
 
 
+def load_model_config(cfg: CoordinatorConfig) -> ModelConfig:
+    """The served model's shape: a JSON file the launcher wrote, else a preset (null model)."""
+    if cfg.model_config is None:
+        return ModelConfig.preset(cfg.model_shape)
+    with open(cfg.model_config, encoding="utf-8") as handle:
+        return ModelConfig.from_dict(json.load(handle))
+
+
+def load_tokenizer(source: str | None) -> Any:
+    """The model's tokenizer (torch-free: the ``tokenizers`` library), or None (ids only)."""
+    if source is None:
+        return None
+    if source.endswith(".gguf"):
+        from gguf import GGUFReader
+
+        from common.models.tokenizer import tokenizer_from_gguf
+
+        return tokenizer_from_gguf(GGUFReader(source))
+    from common.models.tokenizer import load_hf_tokenizer
+
+    return load_hf_tokenizer(source)
+
+
 class Coordinator:
     """State and I/O of the control plane; see the module docstring for the loop."""
 
     def __init__(self, cfg: CoordinatorConfig, log: Any) -> None:
         self.cfg = cfg
         self.log = log
-        self.model = ModelConfig.preset(cfg.model_shape)
+        self.model = load_model_config(cfg)
+        self.tokenizer = load_tokenizer(cfg.tokenizer)
         self.table = RequestTable()
         self.draining = False
         self.counters = {"submitted": 0, "completed": 0, "failed": 0, "tokens_out": 0,
@@ -104,7 +129,7 @@ class Coordinator:
         self._worker_raw.setsockopt(zmq.RCVHWM, WORKER_RCVHWM)
         self.client_endpoint = bound_endpoint(self._client_raw)
         self.worker_endpoint = bound_endpoint(self._worker_raw)
-        self.relay = Relay(self._client_raw, self.log, self.counters)
+        self.relay = Relay(self._client_raw, self.log, self.counters, self.tokenizer)
         self.members = Membership(self, self._worker_raw)
         write_status(self.cfg.ready_fd, "bound", client_endpoint=self.client_endpoint,
                      worker_endpoint=self.worker_endpoint)
@@ -205,7 +230,8 @@ class Coordinator:
             return
         try:
             admission.admit(msg, client, self.cfg, self.table, self.draining,
-                            self.model.vocab_size)
+                            self.model.vocab_size, tokenizer=self.tokenizer,
+                            max_position=self.model.max_position)
         except ServerError as exc:
             self.relay.send_now(client, admission.error_message(exc))
             return

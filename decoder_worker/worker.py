@@ -24,6 +24,14 @@ from common.workerlink import Stop, WorkerLink
 
 
 def build_backend(cfg: WorkerConfig, assign: P.Assign) -> DecodeBackend:
+    if cfg.backend == "engine":
+        from common.backend_engine import EngineDecodeBackend, load_spec
+        from encoder_worker.worker import check_same_model
+
+        assert cfg.model is not None
+        spec = load_spec(cfg.model, cfg.tp_size)
+        check_same_model(spec.config, assign)
+        return EngineDecodeBackend(spec, cfg.dtype, cfg.device)
     model = ModelConfig.from_dict(assign.config["model"])
     shape = NullShape(model, tp_rank=cfg.tp_rank, tp_size=cfg.tp_size)
     return NullDecodeBackend(shape, cfg.decode_cost_ms)
@@ -97,18 +105,20 @@ class DecoderLoop:
         seq = DecodeSeq(req_id=handoff.req_id, prompt_len=handoff.prompt_len,
                         first_token=handoff.first_token, max_new_tokens=handoff.max_new_tokens,
                         kv=dict(handoff.kv.tensors),
-                        head_range=(handoff.kv.head_start, handoff.kv.head_end))
-        done = handoff.max_new_tokens <= 1
+                        head_range=(handoff.kv.head_start, handoff.kv.head_end),
+                        layer_range=(handoff.kv.layer_start, handoff.kv.layer_end),
+                        sampling=handoff.sampling)
         try:
-            if not done:
+            reason = self.backend.first_reason(seq)
+            if reason is None:
                 self.backend.add(seq)
         except ValueError as exc:
             self.log.error("bad_handoff", req_id=handoff.req_id, error=str(exc))
             self.link.send(P.Error(code="internal", req_id=handoff.req_id, message=str(exc)))
             return
         self._pending[handoff.req_id] = P.TokenUpdate(
-            req_id=handoff.req_id, tokens=(handoff.first_token,), finished=done,
-            finish_reason="length" if done else None, lifecycle=lifecycle)
+            req_id=handoff.req_id, tokens=(handoff.first_token,), finished=reason is not None,
+            finish_reason=reason, lifecycle=lifecycle)
 
     def step(self) -> list[P.TokenUpdate]:
         """One decode iteration. A new sequence's first token goes out at once (TTFT); later
@@ -139,7 +149,7 @@ class DecoderLoop:
             tokens = (head.tokens if head else ()) + tuple(self._held.pop(tok.req_id, ()))
             updates.append(P.TokenUpdate(
                 req_id=tok.req_id, tokens=tokens + (tok.token,), finished=tok.finished,
-                finish_reason="length" if tok.finished else None,
+                finish_reason=tok.reason or ("length" if tok.finished else None),
                 lifecycle=head.lifecycle if head else None))
         updates.extend(first.values())
         return updates

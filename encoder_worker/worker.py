@@ -23,9 +23,27 @@ MAX_CANCELLED = 65536
 
 
 def build_backend(cfg: WorkerConfig, assign: P.Assign) -> tuple[EncodeBackend, NullShape]:
+    if cfg.backend == "engine":
+        from common.backend_engine import EngineEncodeBackend, load_spec
+
+        assert cfg.model is not None
+        spec = load_spec(cfg.model, cfg.tp_size)
+        check_same_model(spec.config, assign)
+        backend = EngineEncodeBackend(spec, cfg.dtype, cfg.device)
+        return backend, NullShape(spec.config, tp_rank=cfg.tp_rank, tp_size=cfg.tp_size)
     model = ModelConfig.from_dict(assign.config["model"])
     shape = NullShape(model, tp_rank=cfg.tp_rank, tp_size=cfg.tp_size)
     return NullEncodeBackend(shape, cfg.encode_cost_ms, cfg.encode_cost_ms_per_token), shape
+
+
+def check_same_model(mine: ModelConfig, assign: P.Assign) -> None:
+    """The worker's weights must be the model the coordinator validates requests against."""
+    theirs = ModelConfig.from_dict(assign.config["model"])
+    if mine.to_dict() != theirs.to_dict():
+        raise ValueError(f"this worker loaded {mine.family} (vocab {mine.vocab_size}, "
+                         f"{mine.num_layers} layers) but the coordinator serves "
+                         f"{theirs.family} (vocab {theirs.vocab_size}, {theirs.num_layers} "
+                         "layers); start both with the same --model")
 
 
 class EncoderLoop:
@@ -73,8 +91,8 @@ class EncoderLoop:
             self.cancelled.pop(r.req_id, None)
         t_start = time.time()
         try:
-            encoded = self.backend.encode([EncodeItem(r.req_id, r.prompt_ids, r.max_new_tokens)
-                                           for r in todo])
+            encoded = self.backend.encode([EncodeItem(r.req_id, r.prompt_ids, r.max_new_tokens,
+                                                      r.sampling) for r in todo])
         except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not us
             self.log.exception("encode_failed", batch_id=batch.batch_id)
             for r in todo:

@@ -173,7 +173,9 @@ def run_generation(pipe: Pipeline, prompts: list[list[int]], params: list[Sampli
             outputs[r].append(tok)
             reason = finish_reason(tok, len(outputs[r]), pipe.sampler.params(r),
                                    cfg.eos_token_ids)
-            if reason is None and lengths[r] + len(outputs[r]) > cfg.max_position:
+            # T5's decoder length does not depend on its input length.
+            used = len(outputs[r]) + (1 if cfg.is_encoder_decoder else lengths[r])
+            if reason is None and used > cfg.max_position:
                 reason = FINISH_LENGTH
             if reason is not None:
                 reasons[r] = reason

@@ -163,6 +163,8 @@ class ModelConfig:
         if self.is_encoder_decoder:
             layers += self.num_encoder_layers * self.params_per_layer("encoder")
             layers += self._norm_params()  # the encoder's final norm
+            # one relative-position bias table per stack (encoder and decoder)
+            layers += 2 * self.relative_attention_num_buckets * self.num_heads
         return layers + self.embedding_params() + self.lm_head_params()
 
     def kv_bytes_per_token_per_layer(self, dtype_bytes: int = 2) -> int:

@@ -71,19 +71,18 @@ def _input(ps: ProbedStage, cfg: ModelConfig, seq_lens: list[int], device: str,
 
 def _encode_cell(ps: ProbedStage, cfg: ModelConfig, batch: int, seq_len: int, device: str,
                  grid: Grid, group: Group) -> dict[str, float]:
-    live: list[str] = []
+    """Fresh requests every pass (encode adds them to the cache); inputs built untimed."""
+    live: list[StageBatch] = []
 
     def reset() -> None:
         cache = getattr(ps.stage, "cache", None)
-        for r in live:
+        for r in live[0].req_ids if live else []:
             if cache is not None and r in cache:
                 cache.free(r)
-        live[:] = [f"e{next(_ids)}" for _ in range(batch)]
+        req_ids = [f"e{next(_ids)}" for _ in range(batch)]
+        live[:] = [_input(ps, cfg, [seq_len] * batch, device, req_ids)]
 
-    def run() -> Any:
-        return ps.stage.encode(_input(ps, cfg, [seq_len] * batch, device, live))
-
-    out = run_cell(_timed(ps, run), grid.timing, group, reset)
+    out = run_cell(_timed(ps, lambda: ps.stage.encode(live[0])), grid.timing, group, reset)
     reset()
     return out
 

@@ -28,6 +28,7 @@ CLIENT_PORT = 5555
 WORKER_PORT = 5556
 KV_PORT = 6000
 PLAN_IN_CONTAINER = "/etc/exegpt/plan.json"
+MODEL_CONFIG_IN_CONTAINER = "/etc/exegpt/model.json"
 RUNS_IN_CONTAINER = "/runs"
 MODELS_IN_CONTAINER = "/models"
 
@@ -39,6 +40,7 @@ class ComposeOptions:
     image: str = "exegpt:latest"
     build: str | None = "."
     plan_file: str = "./plan.json"
+    model_config_file: str = "./model.json"  # the plan's ModelConfig, written beside the file
     models_dir: str = "./models"
     model_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
     runs_dir: str = "./runs"
@@ -46,6 +48,7 @@ class ComposeOptions:
     client_port: int = CLIENT_PORT
     null_model: bool = False
     model_shape: str = "smollm2-135m"
+    dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
         if not 0 < self.client_port < 65536:
@@ -105,9 +108,13 @@ def compose_dict(plan: Any, opts: ComposeOptions,
     """The whole compose file for ``plan`` as plain data."""
     flags = build_flags() if flags is None else flags
     plan_mode = "--plan" in flags["coordinator"]
-    if not opts.null_model and not ({"--model"} & flags["decoder"] or plan_mode):
+    if not opts.null_model and not ("--model" in flags["decoder"] or plan_mode):
         raise ValueError("the workers of this build cannot load a real model yet (no --model "
                          "or --plan option); pass --null-model to generate a null-model mesh")
+    if not opts.null_model and not plan_mode:
+        from coordinator.commands._mesh_proc import _check_expressible
+
+        _check_expressible(plan)
     units = worker_units(plan, plan_mode)
     services = {"coordinator": _coordinator(plan, opts, flags["coordinator"], units)}
     for unit in units:
@@ -134,6 +141,12 @@ def _coordinator(plan: Any, opts: ComposeOptions, flags: set[str],
     if "--plan" in flags:
         cmd += ["--plan", PLAN_IN_CONTAINER]
         service["volumes"].append(f"{opts.plan_file}:{PLAN_IN_CONTAINER}:ro")
+    elif not opts.null_model and "--model-config" in flags:
+        cmd += ["--model-config", MODEL_CONFIG_IN_CONTAINER]
+        service["volumes"].append(f"{opts.model_config_file}:{MODEL_CONFIG_IN_CONTAINER}:ro")
+    if not opts.null_model and "--tokenizer" in flags:
+        cmd += ["--tokenizer", f"{MODELS_IN_CONTAINER}/{opts.model_file}"]
+        service["volumes"].append(f"{opts.models_dir}:{MODELS_IN_CONTAINER}:ro")
     _check(cmd, flags, "python -m coordinator")
     service.update(command=cmd, ports=[f"{opts.client_port}:{CLIENT_PORT}"],
                    stop_grace_period="20s")
@@ -152,6 +165,7 @@ def _worker(unit: WorkerUnit, opts: ComposeOptions, flags: set[str]) -> dict[str
         cmd.append("--null-model")
     elif "--model" in flags:
         cmd += ["--model", f"{MODELS_IN_CONTAINER}/{opts.model_file}"]
+        cmd += ["--dtype", opts.dtype] if "--dtype" in flags else []
     if not opts.null_model:
         service["volumes"].append(f"{opts.models_dir}:{MODELS_IN_CONTAINER}:ro")
     _check(cmd, flags, f"python -m {unit.role}_worker")

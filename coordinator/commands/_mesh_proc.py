@@ -42,35 +42,59 @@ def free_tcp_endpoint(host: str = "127.0.0.1") -> str:
 
 
 def serve_argv(plan: Any, plan_path: Path, *, model_path: str | None, endpoint: str,
-               runs_dir: Path, null_model: bool, flags: set[str] | None = None) -> list[str]:
+               runs_dir: Path, null_model: bool, dtype: str = "bfloat16",
+               flags: set[str] | None = None) -> list[str]:
     """`exegpt serve` arguments that run ``plan``.
 
-    With a serve that takes ``--plan`` the plan file is the whole contract. Without it (a build
-    where only the null model serves), the plan's encoder/decoder groups become
-    ``--encoders/--decoders/--encoder-tp/--decoder-tp`` and B_E the encode batch.
+    With a serve that takes ``--plan`` the plan file is the whole contract. Without it, the
+    plan's encoder/decoder groups become ``--encoders/--decoders/--encoder-tp/--decoder-tp``
+    and B_E the encode batch: exact for a plan with one group per role (every worker holds
+    all layers); the null model (no layers to split) also accepts any other plan, one encoder
+    and one decoder per group or pipeline stage, for trying the mesh.
     """
     flags = serve_flags() if flags is None else flags
     argv = [*EXEGPT, "serve", "--transport", "tcp", "--endpoint", endpoint,
             "--runs-dir", str(runs_dir)]
-    if null_model:
-        argv.append("--null-model")
+    real = [] if null_model else _real_model_flags(model_path, dtype, flags)
+    argv += ["--null-model"] if null_model else real
     if "--plan" in flags:
-        argv += ["--plan", str(plan_path)]
-        if model_path and "--model" in flags:
-            argv += ["--model", model_path]
-        return argv
+        return argv + ["--plan", str(plan_path)]
     if not null_model:
-        raise ValueError("this build's `exegpt serve` cannot run a plan with a real model yet "
-                         "(it has no --plan option); run `exegpt up --null-model` to try the "
-                         "mesh with the null model")
+        _check_expressible(plan)
     return argv + _group_flags(plan)
 
 
+def _real_model_flags(model_path: str | None, dtype: str, flags: set[str]) -> list[str]:
+    if "--model" not in flags and "--plan" not in flags:
+        raise ValueError("this build's `exegpt serve` cannot run a real model yet (no --model "
+                         "or --plan option); run `exegpt up --null-model` to try the mesh")
+    if "--model" not in flags:
+        return []
+    if model_path is None:
+        raise ValueError("serving a real model needs its files: pass --model PATH (a .gguf "
+                         "file or a Hugging Face directory), or --null-model")
+    return ["--model", model_path] + (["--dtype", dtype] if "--dtype" in flags else [])
+
+
+def _check_expressible(plan: Any) -> None:
+    """Without --plan, serve's flags hold one encoder group and one decoder group, each with
+    every layer: refuse (with what to do) a plan that needs more."""
+    roles = [g.role for g in plan.worker_groups]
+    if sorted(roles) != ["decoder", "encoder"]:
+        shape = ", ".join(f"{g.role} layers {g.layer_range[0]}-{g.layer_range[1]} tp{g.tp_size}"
+                          for g in plan.worker_groups)
+        raise ValueError(
+            f"the plan is {plan.policy} with groups [{shape}], but this build's `exegpt serve` "
+            "runs a real model only as one encoder group plus one decoder group (it has no "
+            "--plan option yet). Ask for such a plan (`--policy waa` with a bound it meets, "
+            "e.g. --latency-bound 60 on 2 workers) or try the plan with --null-model")
+
+
 def _group_flags(plan: Any) -> list[str]:
-    """A plan's groups as serve's per-role flags (null model only: no layer ranges)."""
+    """A plan's groups as serve's per-role flags (a pipeline stage: one encoder + one decoder)."""
     by_role: dict[str, list[Any]] = {"encoder": [], "decoder": []}
     for group in plan.worker_groups:
-        if group.role == "pipeline":  # RRA stages encode and decode: one of each per stage
+        if group.role == "pipeline":
             by_role["encoder"].append(group)
             by_role["decoder"].append(group)
         else:

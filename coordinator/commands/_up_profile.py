@@ -21,9 +21,10 @@ from typing import Any
 
 from common.models.config import ModelConfig
 
-# Wall time of a full-grid `exegpt profile` of SmolLM2-135M (1 thread, tp 1) on the 2-vCPU
-# development machine while shared with other jobs; shown to the user as an expectation.
-PROFILE_MINUTES_HINT = "about 5-10 minutes on a 2-core CPU"
+# Wall time of a full-grid `exegpt profile` of SmolLM2-135M (1 thread, tp 1): 7 min 13 s on the
+# 2-vCPU development machine while other jobs shared it (1 min 51 s of CPU time); shown to the
+# user as an expectation.
+PROFILE_MINUTES_HINT = "a few minutes (about 7 on a busy 2-core machine)"
 
 Measure = Callable[..., dict[str, Any]]
 

@@ -39,6 +39,8 @@ def register(subparsers: Any) -> None:
                    help="model file name inside the ./models volume")
     p.add_argument("--model-shape", default="smollm2-135m",
                    help="model preset the coordinator sizes requests by")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="compute dtype of the real model")
     p.add_argument("--client-port", type=int, default=5555, help="published client port")
     p.add_argument("--image", default="exegpt:latest", help="image the services run")
     p.set_defaults(func=run)
@@ -57,8 +59,11 @@ def run(args: argparse.Namespace) -> int:
         plan = Plan.from_json(args.plan.read_text())
         opts = ComposeOptions(image=args.image, plan_file=_relative_plan(args),
                               model_file=args.model_file, client_port=args.client_port,
-                              null_model=args.null_model, model_shape=args.model_shape)
+                              null_model=args.null_model, model_shape=args.model_shape,
+                              dtype=args.dtype)
         data = compose_dict(plan, opts)
+        if not args.null_model and str(args.out) != "-":
+            _write_model_config(plan, args.out.resolve().parent / "model.json")
         base = _base_path(args)
         if base is not None:
             data = override_dict(data, base.read_text())
@@ -77,6 +82,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {args.out} ({kind}): {len(data['services'])} services; "
           f"`docker compose up` starts the mesh (docs/deploy.md)")
     return 0
+
+
+def _write_model_config(plan: Any, path: Path) -> None:
+    """The coordinator validates requests against the model's shape: the plan's ModelConfig."""
+    import json
+
+    path.write_text(json.dumps(plan.model, indent=1) + "\n")
 
 
 def _base_path(args: argparse.Namespace) -> Path | None:

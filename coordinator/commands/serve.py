@@ -21,6 +21,11 @@ def register(subparsers: Any) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--null-model", action="store_true",
                    help="workers do no math: real-sized KV, deterministic tokens")
+    p.add_argument("--model", default=None,
+                   help="serve this model for real: an HF directory, a .gguf file or a preset "
+                        "name (random weights)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="compute dtype of the real model (default bfloat16)")
     p.add_argument("--encoders", type=int, default=1, help="encoder workers (default 1)")
     p.add_argument("--decoders", type=int, default=1, help="decoder workers (default 1)")
     p.add_argument("--encoder-tp", type=int, default=1, help="tp_size of each encoder")
@@ -52,7 +57,11 @@ def register(subparsers: Any) -> None:
 def spec_from_args(args: argparse.Namespace) -> Any:
     from coordinator.launch import LaunchSpec, WorkerGroup
 
+    model: dict[str, Any] = {}
+    if not args.null_model:
+        model = model_fields(args.model)
     return LaunchSpec(
+        **model, dtype=args.dtype,
         groups=(WorkerGroup("encoder", args.encoders, args.encoder_tp),
                 WorkerGroup("decoder", args.decoders, args.decoder_tp, args.decoder_capacity)),
         runs_path=args.runs_dir, transport=args.transport, client_endpoint=args.endpoint,
@@ -68,13 +77,13 @@ def run(args: argparse.Namespace) -> int:
     from common.procs import SignalWatch, StartupError
     from coordinator.launch import LocalMesh
 
-    if not args.null_model:
-        print("exegpt serve: only --null-model is available until the runner lands; "
-              "pass --null-model", file=sys.stderr)
+    if args.null_model == (args.model is not None):
+        print("exegpt serve: pass exactly one of --model PATH (the real model) or --null-model",
+              file=sys.stderr)
         return 2
     try:
         spec = spec_from_args(args)
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         print(f"exegpt serve: {exc}", file=sys.stderr)
         return 2
     signals = SignalWatch()
@@ -84,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     except StartupError as exc:
         print(f"exegpt serve: startup failed: {exc}", file=sys.stderr)
         return 1
-    print(f"exegpt serving (null model, {spec.model_shape}) on {endpoint}\n"
+    what = f"{spec.model}, {spec.dtype}" if spec.model else f"null model, {spec.model_shape}"
+    print(f"exegpt serving ({what}) on {endpoint}\n"
           f"  run {spec.run_id}: logs in {spec.run_dir} (exegpt logs -f --run {spec.run_id})\n"
           f"  clients: Client({endpoint!r}) or export EXEGPT_COORDINATOR_ENDPOINT={endpoint}\n"
           f"  Ctrl-C stops (in-flight requests drain for up to {spec.drain_timeout_s:g} s)",
@@ -96,6 +106,20 @@ def run(args: argparse.Namespace) -> int:
         if killed:
             print(f"exegpt serve: killed unresponsive {', '.join(killed)}", file=sys.stderr)
         signals.close()
+
+
+def model_fields(model: str) -> dict[str, Any]:
+    """LaunchSpec fields of a real model: the path the workers load, its ModelConfig for the
+    (torch-free) coordinator, and where its tokenizer is (None: token ids only)."""
+    from common.models.registry import load_model_spec
+
+    spec = load_model_spec(model)
+    path = Path(model)
+    tokenizer = None
+    if model.endswith(".gguf") or (path / "tokenizer.json").is_file():
+        tokenizer = str(path.resolve())
+    return {"model": str(path.resolve()) if path.exists() else model,
+            "model_config": spec.config.to_dict(), "tokenizer": tokenizer}
 
 
 def supervise(mesh: Any, signals: Any) -> int:

@@ -24,7 +24,7 @@ from typing import Any
 # Defaults sized for a 2-core CPU (docs/deploy.md explains them): short chat turns, two worker
 # processes of one thread each, and a bound the planner can meet there with room to batch.
 DEFAULT_WORKLOAD = "in=normal:64,32,256;out=normal:48,24,128;name=chat"
-DEFAULT_LATENCY_BOUND_S = 30.0
+DEFAULT_LATENCY_BOUND_S = 15.0
 DEFAULT_PORT = 5555
 DEFAULT_DTYPE = "bfloat16"
 
@@ -57,7 +57,9 @@ def register(subparsers: Any) -> None:
                    help="run the plan's mesh with the null model (no math; for trying the mesh)")
     p.add_argument("--demo", action="store_true",
                    help="send a batch of real prompts, print answers and numbers, then exit")
-    p.add_argument("--demo-requests", type=int, default=16, help="requests in the demo batch")
+    p.add_argument("--demo-requests", type=int, default=None,
+                   help="requests in the demo batch (default: the sequences the plan keeps in "
+                        "flight, B_E x microbatches, within 8..64)")
     p.add_argument("--demo-probes", type=int, default=4,
                    help="of which p99-length probes (ignore EOS, run to the p99 output length)")
     p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="parent of run dirs")
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         plan_path = _save_plan(plan, args.runs_dir)
         argv, endpoint = _serve_argv(args, plan, plan_path, model)
     except InfeasibleBound as exc:
-        print(f"exegpt up: no plan meets the bound: {exc}", file=sys.stderr)
+        print(f"exegpt up: {exc}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError) as exc:
         print(f"exegpt up: {exc}", file=sys.stderr)
@@ -107,8 +109,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
-    if not 1 <= args.demo_requests or not 0 <= args.demo_probes <= args.demo_requests:
-        raise ValueError("need --demo-requests >= 1 and 0 <= --demo-probes <= --demo-requests")
+    if args.demo_requests is not None and not 0 <= args.demo_probes <= args.demo_requests:
+        raise ValueError("need 0 <= --demo-probes <= --demo-requests")
+    if args.demo_probes < 0:
+        raise ValueError(f"--demo-probes must be >= 0, got {args.demo_probes}")
 
 
 class Model:
@@ -145,9 +149,10 @@ class Model:
 
 def resolve_model(text: str | None) -> Model:
     from common.models.config import ModelConfig
-    from common.models.gguf_loader import default_gguf_path
 
     if text is None:
+        from common.models.gguf_loader import default_gguf_path
+
         text = str(default_gguf_path())
     if text in ModelConfig.preset_names():
         return Model(ModelConfig.preset(text), text, None)
@@ -201,8 +206,9 @@ def _serve_argv(args: argparse.Namespace, plan: Any, plan_path: Path,
                 else f"tcp://{args.host}:{args.port}")
     flags = serve_flags()
     argv = serve_argv(plan, plan_path, model_path=model.path, endpoint=endpoint,
-                      runs_dir=args.runs_dir, null_model=args.null_model, flags=flags)
-    if args.null_model and "--plan" not in flags:
+                      runs_dir=args.runs_dir, null_model=args.null_model, dtype=args.dtype,
+                      flags=flags)
+    if "--plan" not in flags and "--model-shape" in flags and args.null_model:
         shape = model.preset_shape()
         if shape is None:
             raise ValueError(f"the null model needs a preset shaped like {model.label}")
@@ -219,8 +225,9 @@ def _demo(args: argparse.Namespace, plan: Any, argv: list[str], endpoint: str,
 
     tokenizer = model.tokenizer()
     info = plan.workload_info
+    num = args.demo_requests or min(64, max(8, plan.B_E * plan.microbatches))
     requests = demo.build_requests(
-        tokenizer, num_requests=args.demo_requests, num_probes=args.demo_probes,
+        tokenizer, num_requests=num, num_probes=min(args.demo_probes, num),
         p99_output=int(info.get("p99_output") or 64),
         max_output=int(info.get("p99_output") or 64), vocab_size=model.cfg.vocab_size)
     mesh = ServeProcess(argv, endpoint)
@@ -230,7 +237,8 @@ def _demo(args: argparse.Namespace, plan: Any, argv: list[str], endpoint: str,
         print(f"exegpt up: {exc}", file=sys.stderr)
         return 1
     try:
-        say(f"demo: {len(requests)} requests at once ({args.demo_probes} p99-length probes)")
+        probes = sum(r.probe for r in requests)
+        say(f"demo: {len(requests)} requests at once ({probes} p99-length probes)")
         answers, wall = asyncio.run(demo.run_batch(endpoint, requests, tokenizer,
                                                    timeout_s=max(60.0, 4 * args.latency_bound)))
         outcome = demo.DemoOutcome(tuple(answers), wall, plan.latency_bound_s, plan.predicted)

@@ -83,13 +83,19 @@ def _rra(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline) ->
     streams = len(pipe)
     batch, ctx = rra_cycle(cand, stats)
     enc = expected_encode(costs, pipe, cand.B_E, stats)
-    dec = costs.decode_pipeline(pipe, batch, ctx)
+    # A step runs only if someone is alive (P ~ 1 - exp(-b), Poisson): with a long N_D the
+    # tail of a cycle is often empty and the stream moves on to its next encode.
+    p_any = -np.expm1(-batch)
+    dec = [d * p_any for d in costs.decode_pipeline(pipe, batch / np.maximum(p_any, 1e-12), ctx)]
     t_enc = float(round_time(enc, streams)[()])
     t_dec = round_time(dec, streams)
     cycle = t_enc + float(t_dec.sum())
+    # the p99-length request is itself alive in every step it waits for
+    t_alive = round_time(costs.decode_pipeline(pipe, np.maximum(batch, 1.0), ctx), streams)
     s = stats.s99
     offset = 1 + (s - 1) % cand.N_D
-    lat = (-(-s // cand.N_D) - 1) * cycle + t_enc + float(t_dec[:offset].sum())
+    lat = ((-(-s // cand.N_D) - 1) * (t_enc + float(t_alive.sum())) + t_enc
+           + float(t_alive[:offset].sum()))
     util = [streams * (e + float(d.sum())) / cycle for e, d in zip(enc, dec, strict=True)]
     peak_tokens = float(np.max(batch * ctx)) * streams
     mem = [costs.weight_bytes(st) + costs.kv_bytes_held(st, peak_tokens) for st in pipe]

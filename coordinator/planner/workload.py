@@ -174,7 +174,8 @@ def _length(rec: dict, len_key: str, text_key: str,
     if rec.get(text_key) is not None:
         if tokenize is None:
             raise ValueError(f"{where}: record has {text_key!r} text but no tokenizer was given; "
-                             f"pass tokenize= or store {len_key!r}")
+                             f"use `exegpt plan --tokenizer tokenizer.json` (tokenize= in "
+                             f"Python) or store {len_key!r}")
         return max(len(tokenize(str(rec[text_key]))), 1)
     raise ValueError(f"{where}: record needs {len_key!r} (or {text_key!r} text)")
 

@@ -77,8 +77,8 @@ class LocalCompose:
         self.procs[service] = subprocess.Popen(self.argv(service), env=self.env(service),
                                                cwd=self.workdir, stdout=log, stderr=log)
 
-    def stderr(self, service: str) -> str:
-        return (self.workdir / f"{service}.stderr").read_text(errors="replace")[-3000:]
+    def stderr(self, service: str, tail: int = 3000) -> str:
+        return (self.workdir / f"{service}.stderr").read_text(errors="replace")[-tail:]
 
     def stop(self) -> None:
         for proc in self.procs.values():
@@ -145,5 +145,5 @@ def stop_and_check_logs(local: LocalCompose, workers: list[str]) -> None:
     assert "coordinator.jsonl" in files and len(files) == 1 + len(workers), files
     for line in (run_dir / "coordinator.jsonl").read_text().splitlines():
         json.loads(line)
-    console = local.stderr("coordinator").strip().splitlines()  # EXEGPT_LOG_CONSOLE=json
+    console = local.stderr("coordinator", tail=10**7).strip().splitlines()  # EXEGPT_LOG_CONSOLE=json
     assert console and all(json.loads(line)["role"] == "coordinator" for line in console)

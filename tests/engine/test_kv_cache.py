@@ -128,3 +128,19 @@ def test_handoff_between_stages_continues_identically() -> None:
     for exp in exports:
         decoder.cache.import_(exp)
     assert run(decoder, first) == run(encoder, first)
+
+
+def test_decode_in_any_slot_order_gives_the_same_logits() -> None:
+    """A batch whose slots are not consecutive (a micro-batch, another order) gathers instead
+    of viewing; the results must not change."""
+    torch.set_num_threads(1)
+    spec = load_model_spec("tiny-opt")
+    outs = []
+    for order in (["a", "b", "c"], ["c", "a"]):
+        stage = build_stage(spec.config, weights=spec.weights, dtype="float32")
+        stage.encode(StageBatch.from_prompts(["a", "b", "c"], [[5, 6, 7], [9], [3, 4]]))
+        tokens = {"a": 11, "b": 12, "c": 13}
+        logits = stage.decode(StageBatch.from_tokens(order, [tokens[r] for r in order]))
+        outs.append(dict(zip(order, logits, strict=True)))
+    for r in ("a", "c"):
+        torch.testing.assert_close(outs[0][r], outs[1][r], atol=1e-5, rtol=0)

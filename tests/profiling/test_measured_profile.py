@@ -137,3 +137,16 @@ def test_profile_for_another_model_or_dtype_is_refused(
         profile.check_compatible(ModelConfig.preset("tiny-opt"))
     with pytest.raises(ValueError, match="dtype"):
         profile.check_compatible(cfg, "float32")
+
+
+@pytest.mark.parametrize("preset", ["tiny-opt", "tiny-gpt2"])
+def test_families_with_position_embeddings_give_complete_profiles(preset: str) -> None:
+    cfg = ModelConfig.preset(preset)
+    data = measure_profile(cfg, (1,), "bfloat16", quick=True, progress=False, isolate=False,
+                           transport=False)
+    profile = _load(data, cfg)
+    assert {r["op"] for r in profile.rows} == {
+        "enc_layer_attn", "enc_layer_rest", "dec_layer_attn", "dec_layer_rest", "embed",
+        "lm_head"}
+    assert all(r["time_s"] > 0 for r in profile.rows)
+    assert profile.attn("enc", 1, 2, 16) > 0 and profile.op("embed", 1, 8) > 0
