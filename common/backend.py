@@ -65,6 +65,8 @@ class Encoded:
     first_token: int
     seq_len: int
     kv: dict[str, Any]  # name -> tensor, [num_layers, num_kv_heads_in_range, len, head_dim]
+    head_range: tuple[int, int] | None = None  # KV heads in kv (None: the worker's own)
+    layer_range: tuple[int, int] | None = None  # layers in kv (None: all of the model's)
 
 
 @dataclass
@@ -94,6 +96,8 @@ class StepToken(NamedTuple):
 
 class EncodeBackend(Protocol):
     def encode(self, items: Sequence[EncodeItem]) -> list[Encoded]: ...
+    def idle(self) -> None: ...  # called about once a second while no batch comes
+    def close(self) -> None: ...  # the worker is stopping
 
 
 class DecodeBackend(Protocol):
@@ -167,6 +171,12 @@ class NullEncodeBackend:
         self.shape = shape
         self.cost_ms_per_batch = cost_ms_per_batch
         self.cost_ms_per_token = cost_ms_per_token
+
+    def idle(self) -> None:
+        """Nothing runs between batches."""
+
+    def close(self) -> None:
+        """Nothing to release."""
 
     def encode(self, items: Sequence[EncodeItem]) -> list[Encoded]:
         tokens = sum(len(item.prompt) for item in items)

@@ -29,6 +29,7 @@ from common.backend import DecodeSeq, Encoded, EncodeItem, StepToken
 from common.engine.batch import StageBatch
 from common.engine.kv_cache import KVExport
 from common.engine.sampling import FINISH_LENGTH, Sampler, SamplingParams, finish_reason
+from common.engine.tp import TPGroup
 from common.models.config import ModelConfig
 from common.models.registry import ModelSpec, build_stage, load_model_spec
 from common.tensorframe import to_wire
@@ -44,11 +45,8 @@ def sampling_params(sampling: P.Sampling | None, max_new_tokens: int) -> Samplin
                           stop_token_ids=tuple(s.stop_token_ids))
 
 
-def load_spec(model: str, tp_size: int) -> ModelSpec:
-    """The model every worker of the mesh loads; TP groups are not built by these backends."""
-    if tp_size != 1:
-        raise ValueError(f"the engine backend runs tp_size 1 workers; got tp_size {tp_size} "
-                         "(tensor-parallel worker groups are not available in the runner yet)")
+def load_spec(model: str) -> ModelSpec:
+    """The model every worker of the mesh loads (each process: one intra-op thread)."""
     torch.set_num_threads(1)
     return load_model_spec(model)
 
@@ -61,10 +59,12 @@ def _check_dtype(dtype: str) -> None:
 class EngineEncodeBackend:
     """A whole-model stage that only runs encode passes; its cache holds a batch at a time."""
 
-    def __init__(self, spec: ModelSpec, dtype: str = "bfloat16", device: str = "cpu") -> None:
+    def __init__(self, spec: ModelSpec, dtype: str = "bfloat16", device: str = "cpu",
+                 tp: TPGroup | None = None) -> None:
         _check_dtype(dtype)
         self.cfg: ModelConfig = spec.config
-        self.stage = build_stage(self.cfg, weights=spec.weights, dtype=dtype, device=device)
+        self.stage = build_stage(self.cfg, weights=spec.weights, dtype=dtype, device=device,
+                                 tp=tp or TPGroup.single())
         self.device = torch.device(device)
 
     def encode(self, items: Sequence[EncodeItem]) -> list[Encoded]:
@@ -72,7 +72,7 @@ class EngineEncodeBackend:
             return []
         ids = [item.req_id for item in items]
         for item in items:
-            _check_prompt(item, self.cfg)
+            check_prompt(item, self.cfg)
         sampler = Sampler()
         for item in items:
             sampler.add(item.req_id, sampling_params(item.sampling, item.max_new_tokens))
@@ -92,14 +92,14 @@ class EngineEncodeBackend:
                     self.stage.free(r)
             self.stage.compact()
 
-    def kv_ranges(self) -> tuple[tuple[int, int], tuple[int, int], int]:
-        """(layer range, KV-head range, total KV heads) of the exports this side sends."""
-        cache = self.stage.cache
-        return ((cache.layer_start, cache.layer_end), (cache.head_start, cache.head_end),
-                cache.num_kv_heads)
+    def idle(self) -> None:
+        """Nothing to keep alive in a single process."""
+
+    def close(self) -> None:
+        """Nothing to release beyond what the process exit frees."""
 
 
-def _check_prompt(item: EncodeItem, cfg: ModelConfig) -> None:
+def check_prompt(item: EncodeItem, cfg: ModelConfig) -> None:
     if len(item.prompt) > cfg.max_position:
         raise ValueError(f"request {item.req_id}: prompt of {len(item.prompt)} tokens exceeds "
                          f"the model's context of {cfg.max_position}")

@@ -40,6 +40,7 @@ class WorkerConfig:
     decode_cost_ms: float = 0.0
     stream_interval: int = 1
     publish_interval_ms: float = 1.0
+    tp_init: str | None = None  # gloo rendezvous of this worker's TP group (tcp://host:port)
     model: str | None = None  # engine backend: HF directory, .gguf file or preset name
     dtype: str = "bfloat16"
 
@@ -60,6 +61,12 @@ class WorkerConfig:
         if self.backend == "engine" and not self.model:
             raise ValueError("the engine backend needs --model (an HF directory, a .gguf file "
                              "or a preset name); or pass --null-model")
+        if self.backend == "engine" and self.tp_size > 1 and not self.tp_init:
+            raise ValueError("a tp_size > 1 worker needs --tp-init tcp://HOST:PORT, the "
+                             "rendezvous address shared by the ranks of its group")
+        if self.backend == "engine" and self.tp_size > 1 and self.role == "decoder":
+            raise ValueError("tensor-parallel decoder groups are not available yet; run "
+                             "decoders with tp_size 1 (encoders may use tp_size > 1)")
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be bfloat16 or float32, got {self.dtype!r}")
         if min(self.encode_cost_ms, self.encode_cost_ms_per_token, self.decode_cost_ms) < 0:
@@ -87,6 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
                                                  f"{os.getpid()}"))
     add("--tp-rank", type=int, default=int(_env("TP_RANK", "0")))
     add("--tp-size", type=int, default=int(_env("TP_SIZE", "1")))
+    add("--tp-init", default=_env("TP_INIT", "") or None,
+        help="tcp://HOST:PORT where the ranks of this worker's TP group meet (tp_size > 1)")
     add("--device", default=_env("DEVICE", "cpu"))
     add("--capacity", type=int, default=int(_env("CAPACITY", "256")),
         help="decoder: max running sequences; encoder: max requests per batch")
@@ -125,7 +134,7 @@ def from_args(args: argparse.Namespace, role: str) -> WorkerConfig:
         heartbeat_interval_s=args.heartbeat_interval, heartbeat_timeout_s=args.heartbeat_timeout,
         startup_timeout_s=args.startup_timeout,
         backend=args.backend or ("engine" if args.model else "null"),
-        model=args.model, dtype=args.dtype,
+        model=args.model, dtype=args.dtype, tp_init=args.tp_init,
         encode_cost_ms=getattr(args, "encode_cost_ms", 0.0),
         encode_cost_ms_per_token=getattr(args, "encode_cost_ms_per_token", 0.0),
         decode_cost_ms=getattr(args, "decode_cost_ms", 0.0),

@@ -39,6 +39,8 @@ class CoordinatorConfig:
     model_shape: str = "tiny-llama"
     model_config: str | None = None  # JSON file of the served model's ModelConfig
     tokenizer: str | None = None  # the model's HF directory or .gguf (text prompts)
+    adjust_token_sum: str | None = None  # "LO,HI": the plan's band for an encode batch's tokens
+    adjust_decode_batch: str | None = None  # "LO,HI": the plan's band for the decode batch
     ready_fd: int | None = None
 
     def __post_init__(self) -> None:
@@ -56,6 +58,10 @@ class CoordinatorConfig:
                              f"(got {self.heartbeat_interval_s}, {self.heartbeat_timeout_s})")
         if self.drain_timeout_s < 0:
             raise ValueError("drain_timeout_s must be >= 0")
+        from coordinator.adjust import Band
+
+        Band.parse(self.adjust_token_sum)  # a malformed band fails at startup, with its text
+        Band.parse(self.adjust_decode_batch)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--tokenizer", default=_env("TOKENIZER"),
         help="HF model directory (tokenizer.json) or .gguf whose tokenizer turns text "
              "prompts into ids and outputs back into text")
+    add("--adjust-token-sum", default=_env("ADJUST_TOKEN_SUM"),
+        help="LO,HI: keep each encode batch's input-token sum in this band by adjusting B_E "
+             "(the plan's adjust.token_sum)")
+    add("--adjust-decode-batch", default=_env("ADJUST_DECODE_BATCH"),
+        help="LO,HI: keep the decoders' running batch in this band by adjusting B_E "
+             "(the plan's adjust.decode_batch)")
     add("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -96,5 +108,6 @@ def from_args(args: argparse.Namespace) -> CoordinatorConfig:
         heartbeat_interval_s=args.heartbeat_interval, heartbeat_timeout_s=args.heartbeat_timeout,
         drain_timeout_s=args.drain_timeout, model_shape=args.model_shape,
         model_config=args.model_config,
-        tokenizer=args.tokenizer, ready_fd=args.ready_fd,
+        tokenizer=args.tokenizer, adjust_token_sum=args.adjust_token_sum,
+        adjust_decode_batch=args.adjust_decode_batch, ready_fd=args.ready_fd,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,8 @@ class LaunchSpec:
     dtype: str = "bfloat16"
     model_config: dict | None = None  # its ModelConfig.to_dict(): the coordinator's view of it
     tokenizer: str | None = None  # where the coordinator finds the tokenizer (text prompts)
+    adjust_token_sum: str | None = None  # "LO,HI" bands of the dynamic B_E adjustment
+    adjust_decode_batch: str | None = None
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:
@@ -123,6 +126,10 @@ class LaunchSpec:
             argv += ["--model-config", str(self.model_config_file)]
         if self.tokenizer is not None:
             argv += ["--tokenizer", self.tokenizer]
+        if self.adjust_token_sum is not None:
+            argv += ["--adjust-token-sum", self.adjust_token_sum]
+        if self.adjust_decode_batch is not None:
+            argv += ["--adjust-decode-batch", self.adjust_decode_batch]
         return ChildSpec("coordinator", tuple(argv), env=self.env(), pass_fds=(status_fd,))
 
     def worker_children(self, worker_endpoint: str) -> list[ChildSpec]:
@@ -132,18 +139,21 @@ class LaunchSpec:
             index = sum(g.count for g in self.groups[:self.groups.index(group)]
                         if g.role == group.role)
             for i in range(index, index + group.count):
+                tp_init = f"tcp://127.0.0.1:{free_port()}" if group.tp_size > 1 else None
                 for rank in range(group.tp_size):
                     worker_id = f"{prefix}{i}" + (f".r{rank}" if group.tp_size > 1 else "")
-                    out.append(self._worker_child(group, worker_id, rank, worker_endpoint))
+                    out.append(self._worker_child(group, worker_id, rank, worker_endpoint,
+                                                  tp_init))
         return out
 
     def _worker_child(self, group: WorkerGroup, worker_id: str, rank: int,
-                      worker_endpoint: str) -> ChildSpec:
+                      worker_endpoint: str, tp_init: str | None) -> ChildSpec:
         argv = [sys.executable, "-m", f"{group.role}_worker", "--coordinator", worker_endpoint,
                 "--worker-id", worker_id, "--tp-rank", str(rank),
                 "--tp-size", str(group.tp_size), "--capacity", str(group.capacity),
                 *(("--model", self.model, "--dtype", self.dtype) if self.model is not None
                   else ("--null-model",)),
+                *(("--tp-init", tp_init) if tp_init is not None else ()),
                 "--heartbeat-interval", str(self.heartbeat_interval_s),
                 "--heartbeat-timeout", str(self.heartbeat_timeout_s)]
         if group.role == "encoder":
@@ -156,6 +166,13 @@ class LaunchSpec:
                      "--stream-interval", str(self.stream_interval),
                      "--publish-interval-ms", str(self.publish_interval_ms)]
         return ChildSpec(f"{group.role}-{worker_id}", tuple(argv), env=self.env())
+
+
+def free_port() -> int:
+    """A loopback port free right now (the TP group's rendezvous binds it moments later)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class LocalMesh:

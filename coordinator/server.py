@@ -43,6 +43,7 @@ from common.models.config import ModelConfig
 from common.procs import write_status
 from common.sockets import bound_endpoint, make_socket
 from coordinator import admission
+from coordinator.adjust import Band, BatchSizer
 from coordinator.batching import pick_encoder, place_batch
 from coordinator.config import CoordinatorConfig
 from coordinator.membership import Membership
@@ -85,10 +86,13 @@ class Coordinator:
         self.log = log
         self.model = load_model_config(cfg)
         self.tokenizer = load_tokenizer(cfg.tokenizer)
+        self.sizer = BatchSizer(cfg.max_encode_batch, cap=1 << 30,
+                                token_sum=Band.parse(cfg.adjust_token_sum),
+                                decode_batch=Band.parse(cfg.adjust_decode_batch))
         self.table = RequestTable()
         self.draining = False
         self.counters = {"submitted": 0, "completed": 0, "failed": 0, "tokens_out": 0,
-                         "protocol_errors": 0}
+                         "protocol_errors": 0, "be_adjustments": 0}
         self._ctx = zmq.Context()
         self._pump_pending = False
         self._stop = asyncio.Event()
@@ -252,11 +256,18 @@ class Coordinator:
                                    self.cfg.max_outstanding_batches)
             if encoder is None:
                 return
-            limit = min(self.cfg.max_encode_batch, encoder.capacity)
-            placed = place_batch(self.table.peek_queued(limit), self.members.ready("decoder"),
-                                 limit)
+            decoders = self.members.ready("decoder")
+            queued = self.table.peek_queued(min(2 * self.cfg.max_encode_batch, encoder.capacity))
+            running = sum(d.num_active for d in decoders)
+            decision = self.sizer.size([r.num_prompt_tokens for r in queued], running)
+            placed = place_batch(queued, decoders, min(decision.size, encoder.capacity))
             if not placed:
                 return
+            if decision.reason != "plan":
+                self.counters["be_adjustments"] += 1
+                self.log.info("be_adjusted", size=len(placed), plan_B_E=self.cfg.max_encode_batch,
+                              running=running, reason=decision.reason,
+                              token_sum=sum(r.num_prompt_tokens for r, _ in placed))
             self._batch_id += 1
             self.members.send_batch(encoder, self._batch_id, placed)
             self.log.debug("encode_batch", batch_id=self._batch_id, encoder=encoder.worker_id,

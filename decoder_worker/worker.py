@@ -29,7 +29,7 @@ def build_backend(cfg: WorkerConfig, assign: P.Assign) -> DecodeBackend:
         from encoder_worker.worker import check_same_model
 
         assert cfg.model is not None
-        spec = load_spec(cfg.model, cfg.tp_size)
+        spec = load_spec(cfg.model)
         check_same_model(spec.config, assign)
         return EngineDecodeBackend(spec, cfg.dtype, cfg.device)
     model = ModelConfig.from_dict(assign.config["model"])

@@ -10,6 +10,7 @@ late report never undercounts); requests cancelled while their batch waited are 
 
 from __future__ import annotations
 
+import queue
 import time
 from typing import Any
 
@@ -20,6 +21,20 @@ from common.workerconfig import WorkerConfig
 from common.workerlink import Stop, WorkerLink
 
 MAX_CANCELLED = 65536
+IDLE_TICK_S = 1.0  # the backend's idle() runs this often while no batch comes
+
+
+class FollowerLoop:
+    """TP ranks > 0 of an encoder group: no mesh traffic, just rank 0's batches."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+
+    def load(self) -> dict[str, Any]:
+        return {"follower": True}
+
+    def run(self) -> int:
+        return int(self.backend.follow())
 
 
 def build_backend(cfg: WorkerConfig, assign: P.Assign) -> tuple[EncodeBackend, NullShape]:
@@ -27,10 +42,16 @@ def build_backend(cfg: WorkerConfig, assign: P.Assign) -> tuple[EncodeBackend, N
         from common.backend_engine import EngineEncodeBackend, load_spec
 
         assert cfg.model is not None
-        spec = load_spec(cfg.model, cfg.tp_size)
+        spec = load_spec(cfg.model)
         check_same_model(spec.config, assign)
-        backend = EngineEncodeBackend(spec, cfg.dtype, cfg.device)
-        return backend, NullShape(spec.config, tp_rank=cfg.tp_rank, tp_size=cfg.tp_size)
+        shape = NullShape(spec.config, tp_rank=cfg.tp_rank, tp_size=cfg.tp_size)
+        if cfg.tp_size == 1:
+            return EngineEncodeBackend(spec, cfg.dtype, cfg.device), shape
+        from common.backend_engine_tp import TPEncodeBackend, init_tp_group
+
+        assert cfg.tp_init is not None
+        tp = init_tp_group(cfg.tp_init, cfg.tp_rank, cfg.tp_size, cfg.heartbeat_timeout_s * 4)
+        return TPEncodeBackend(spec, tp, cfg.dtype, cfg.device), shape
     model = ModelConfig.from_dict(assign.config["model"])
     shape = NullShape(model, tp_rank=cfg.tp_rank, tp_size=cfg.tp_size)
     return NullEncodeBackend(shape, cfg.encode_cost_ms, cfg.encode_cost_ms_per_token), shape
@@ -63,8 +84,18 @@ class EncoderLoop:
 
     def run(self) -> int:
         """Returns the process exit code (0: told to stop; 1: lost the coordinator)."""
+        try:
+            return self._run()
+        finally:
+            self.backend.close()
+
+    def _run(self) -> int:
         while True:
-            msg = self.link.inbox.get()
+            try:
+                msg = self.link.inbox.get(timeout=IDLE_TICK_S)
+            except queue.Empty:
+                self.backend.idle()
+                continue
             if isinstance(msg, Stop):
                 self.log.error("stopping", reason=msg.reason) if msg.error else None
                 return 1 if msg.error else 0
@@ -111,9 +142,10 @@ class EncoderLoop:
 
     def hand_off(self, request: P.EncodeRequest, out: Encoded, t_start: float,
                  t_end: float) -> None:
-        first, last = self.shape.head_range()
-        kv = P.KVPayload(req_id=out.req_id, seq_len=out.seq_len, layer_start=0,
-                         layer_end=self.shape.model.num_layers, head_start=first, head_end=last,
+        first, last = out.head_range or self.shape.head_range()
+        layers = out.layer_range or (0, self.shape.model.num_layers)
+        kv = P.KVPayload(req_id=out.req_id, seq_len=out.seq_len, layer_start=layers[0],
+                         layer_end=layers[1], head_start=first, head_end=last,
                          num_kv_heads=self.shape.model.kv_heads, tensors=out.kv)
         lifecycle = request.lifecycle.with_(t_encode_start=t_start, t_encode_end=t_end,
                                             t_kv_sent=time.time())

@@ -28,7 +28,6 @@ CLIENT_PORT = 5555
 WORKER_PORT = 5556
 KV_PORT = 6000
 PLAN_IN_CONTAINER = "/etc/exegpt/plan.json"
-MODEL_CONFIG_IN_CONTAINER = "/etc/exegpt/model.json"
 RUNS_IN_CONTAINER = "/runs"
 MODELS_IN_CONTAINER = "/models"
 
@@ -40,14 +39,12 @@ class ComposeOptions:
     image: str = "exegpt:latest"
     build: str | None = "."
     plan_file: str = "./plan.json"
-    model_config_file: str = "./model.json"  # the plan's ModelConfig, written beside the file
     models_dir: str = "./models"
     model_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
     runs_dir: str = "./runs"
     run_id: str = "compose"
     client_port: int = CLIENT_PORT
     null_model: bool = False
-    model_shape: str = "smollm2-135m"
     dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
@@ -56,6 +53,12 @@ class ComposeOptions:
         if "/" in self.model_file:
             raise ValueError(f"model file must be a file name inside {self.models_dir}, "
                              f"got {self.model_file!r}")
+
+    @property
+    def model_config_name(self) -> str:
+        """The model's ModelConfig JSON beside it in the models volume (`exegpt compose`
+        writes it from the model file: the workers refuse any other config)."""
+        return f"{self.model_file}.config.json"
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,23 @@ def worker_units(plan: Any, plan_mode: bool) -> list[WorkerUnit]:
     return units
 
 
+# What the coordinator takes from the model config: a preset equal on these may stand in for it.
+COORDINATOR_FIELDS = ("family", "vocab_size", "hidden_size", "num_layers", "num_encoder_layers",
+                      "num_heads", "num_kv_heads", "head_dim", "ffn_size", "max_position",
+                      "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def matching_preset(model: dict[str, Any]) -> str | None:
+    """The preset the coordinator can use for ``model`` (no model.json file needed)."""
+    from common.models.config import ModelConfig
+
+    for name in ModelConfig.preset_names():
+        preset = ModelConfig.preset(name).to_dict()
+        if all(preset.get(k) == model.get(k) for k in COORDINATOR_FIELDS):
+            return name
+    return None
+
+
 def compose_dict(plan: Any, opts: ComposeOptions,
                  flags: dict[str, set[str]] | None = None) -> dict[str, Any]:
     """The whole compose file for ``plan`` as plain data."""
@@ -136,16 +156,22 @@ def _coordinator(plan: Any, opts: ComposeOptions, flags: set[str],
            "--worker-endpoint", f"tcp://0.0.0.0:{WORKER_PORT}",
            "--encoders", str(sum(u.role == "encoder" for u in units)),
            "--decoders", str(sum(u.role == "decoder" for u in units)),
-           "--encode-batch", str(plan.B_E), "--model-shape", opts.model_shape]
+           "--encode-batch", str(plan.B_E)]
     service = _common(opts)
+    if opts.null_model:
+        preset = matching_preset(plan.model)
+        if preset is None:
+            raise ValueError("the null model sizes its work by a model preset and no preset "
+                             "has the plan's model shape; plan for a preset model")
+        cmd += ["--model-shape", preset]
     if "--plan" in flags:
         cmd += ["--plan", PLAN_IN_CONTAINER]
         service["volumes"].append(f"{opts.plan_file}:{PLAN_IN_CONTAINER}:ro")
     elif not opts.null_model and "--model-config" in flags:
-        cmd += ["--model-config", MODEL_CONFIG_IN_CONTAINER]
-        service["volumes"].append(f"{opts.model_config_file}:{MODEL_CONFIG_IN_CONTAINER}:ro")
+        cmd += ["--model-config", f"{MODELS_IN_CONTAINER}/{opts.model_config_name}"]
     if not opts.null_model and "--tokenizer" in flags:
         cmd += ["--tokenizer", f"{MODELS_IN_CONTAINER}/{opts.model_file}"]
+    if not opts.null_model:
         service["volumes"].append(f"{opts.models_dir}:{MODELS_IN_CONTAINER}:ro")
     _check(cmd, flags, "python -m coordinator")
     service.update(command=cmd, ports=[f"{opts.client_port}:{CLIENT_PORT}"],

@@ -37,8 +37,6 @@ def register(subparsers: Any) -> None:
                    help="workers run the null model (no weights; for trying the mesh)")
     p.add_argument("--model-file", default="SmolLM2-135M-Instruct.Q4_1.gguf",
                    help="model file name inside the ./models volume")
-    p.add_argument("--model-shape", default="smollm2-135m",
-                   help="model preset the coordinator sizes requests by")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                    help="compute dtype of the real model")
     p.add_argument("--client-port", type=int, default=5555, help="published client port")
@@ -59,11 +57,10 @@ def run(args: argparse.Namespace) -> int:
         plan = Plan.from_json(args.plan.read_text())
         opts = ComposeOptions(image=args.image, plan_file=_relative_plan(args),
                               model_file=args.model_file, client_port=args.client_port,
-                              null_model=args.null_model, model_shape=args.model_shape,
-                              dtype=args.dtype)
+                              null_model=args.null_model, dtype=args.dtype)
         data = compose_dict(plan, opts)
-        if not args.null_model and str(args.out) != "-":
-            _write_model_config(plan, args.out.resolve().parent / "model.json")
+        if "--model-config" in data["services"].get("coordinator", {}).get("command", []):
+            _write_model_config(plan, opts, _out_dir(args))
         base = _base_path(args)
         if base is not None:
             data = override_dict(data, base.read_text())
@@ -84,11 +81,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_model_config(plan: Any, path: Path) -> None:
-    """The coordinator validates requests against the model's shape: the plan's ModelConfig."""
+def _write_model_config(plan: Any, opts: Any, out_dir: Path) -> None:
+    """The coordinator validates requests against the served model's exact ModelConfig (the
+    workers refuse any other): read it from the model file in the models volume when it is
+    there, else take the plan's (the profile's) and say so."""
     import json
 
-    path.write_text(json.dumps(plan.model, indent=1) + "\n")
+    models = out_dir / opts.models_dir
+    model_file = models / opts.model_file
+    if model_file.is_file():
+        from common.profiling.measure import resolve_model
+
+        config = resolve_model(str(model_file)).to_dict()
+    else:
+        config = plan.model
+        print(f"exegpt compose: {model_file} is not there yet: wrote the plan's model config; "
+              f"put the model file in {models} and run this again so they match exactly",
+              file=sys.stderr)
+    models.mkdir(parents=True, exist_ok=True)
+    (models / opts.model_config_name).write_text(json.dumps(config, indent=1) + "\n")
+
+
+def _out_dir(args: argparse.Namespace) -> Path:
+    return Path.cwd() if str(args.out) == "-" else args.out.resolve().parent
 
 
 def _base_path(args: argparse.Namespace) -> Path | None:
@@ -101,7 +116,7 @@ def _base_path(args: argparse.Namespace) -> Path | None:
 
 def _relative_plan(args: argparse.Namespace) -> str:
     """The plan's path as the compose file (in --out's directory) refers to it."""
-    out_dir = Path.cwd() if str(args.out) == "-" else args.out.resolve().parent
+    out_dir = _out_dir(args)
     try:
         return "./" + str(args.plan.resolve().relative_to(out_dir))
     except ValueError:

@@ -26,6 +26,17 @@ def register(subparsers: Any) -> None:
                         "name (random weights)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                    help="compute dtype of the real model (default bfloat16)")
+    p.add_argument("--plan", type=Path, default=None,
+                   help="run this plan (`exegpt plan --out`): its worker groups, B_E and B_E "
+                        "adjustment bands replace --encoders/--decoders/--*-tp/--encode-batch")
+    p.add_argument("--workload", default=None,
+                   help="with --model, --latency-bound and --workers: plan for this workload "
+                        "(`exegpt plan --help`) from this machine's cached (else measured) "
+                        "profile, then serve the plan")
+    p.add_argument("--latency-bound", type=float, default=None, help="seconds (auto plan)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (auto plan)")
+    p.add_argument("--policy", default="waa", choices=("waa", "waa-c", "waa-m"),
+                   help="policies the auto plan may choose from (this build runs WAA plans)")
     p.add_argument("--encoders", type=int, default=1, help="encoder workers (default 1)")
     p.add_argument("--decoders", type=int, default=1, help="decoder workers (default 1)")
     p.add_argument("--encoder-tp", type=int, default=1, help="tp_size of each encoder")
@@ -60,6 +71,19 @@ def spec_from_args(args: argparse.Namespace) -> Any:
     model: dict[str, Any] = {}
     if not args.null_model:
         model = model_fields(args.model)
+    plan = load_plan(args, model.get("model_config"))
+    if plan is not None:
+        from coordinator.plan_launch import plan_fields
+
+        fields = plan_fields(plan, null_model=args.null_model,
+                             decoder_capacity=args.decoder_capacity)
+        return LaunchSpec(**model, **fields, dtype=args.dtype, runs_path=args.runs_dir,
+                          transport=args.transport, client_endpoint=args.endpoint,
+                          host=args.host, model_shape=args.model_shape,
+                          publish_interval_ms=args.publish_interval_ms,
+                          heartbeat_interval_s=args.heartbeat_interval,
+                          heartbeat_timeout_s=args.heartbeat_timeout,
+                          drain_timeout_s=args.drain_timeout)
     return LaunchSpec(
         **model, dtype=args.dtype,
         groups=(WorkerGroup("encoder", args.encoders, args.encoder_tp),
@@ -102,10 +126,63 @@ def run(args: argparse.Namespace) -> int:
     try:
         return supervise(mesh, signals)
     finally:
-        killed = mesh.stop()
+        killed = mesh.stop(grace_s=30.0 if spec.model else 5.0)  # torch exits take seconds
         if killed:
             print(f"exegpt serve: killed unresponsive {', '.join(killed)}", file=sys.stderr)
         signals.close()
+
+
+def load_plan(args: argparse.Namespace, model_config: dict[str, Any] | None) -> Any:
+    """The plan to run: --plan FILE, an auto plan (--workload ...), or None (flags)."""
+    from coordinator.planner.plan import Plan
+
+    auto = (args.workload, args.latency_bound, args.workers)
+    if args.plan is not None and any(x is not None for x in auto):
+        raise ValueError("pass --plan or --workload/--latency-bound/--workers, not both")
+    if args.plan is not None:
+        try:
+            plan = Plan.from_json(args.plan.read_text())
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"cannot read plan {args.plan}: {exc}") from exc
+    elif any(x is not None for x in auto):
+        if None in auto or model_config is None:
+            raise ValueError("an auto plan needs --model, --workload, --latency-bound and "
+                             "--workers")
+        plan = auto_plan(args, model_config)
+    else:
+        return None
+    if model_config is not None:
+        served = {k: v for k, v in model_config.items() if k != "name"}
+        planned = {k: v for k, v in plan.model.items() if k != "name"}
+        if served != planned:
+            raise ValueError(f"the plan was made for another model shape than {args.model}; "
+                             "re-plan with this model's profile")
+    print(f"exegpt serve: plan {plan.policy}, B_E {plan.B_E}, groups "
+          + ", ".join(f"{g.role} tp{g.tp_size} layers {list(g.layer_range)}"
+                      for g in plan.worker_groups), flush=True)
+    return plan
+
+
+def auto_plan(args: argparse.Namespace, model_config: dict[str, Any]) -> Any:
+    """Profile (cached per model/device/dtype/torch/threads) -> plan, like `exegpt up`."""
+    try:
+        from common.profiling import measure_profile  # noqa: F401  (the measured profiler)
+    except ImportError as exc:
+        raise ValueError(f"serving without --plan needs the measured profiler "
+                         f"(common.profiling.measure_profile), which failed to import: {exc}; "
+                         "make a plan with `exegpt plan` and pass --plan") from exc
+    from common.models.config import ModelConfig
+    from coordinator.commands._up_profile import ProfileKey, load_or_measure, torch_version
+    from coordinator.planner.planning import make_plan
+    from coordinator.planner.workload import parse_workload
+
+    cfg = ModelConfig.from_dict(model_config)
+    key = ProfileKey(label=Path(args.model).stem or "model", model=cfg, device="cpu",
+                     dtype=args.dtype, torch_version=torch_version(), num_threads=1,
+                     tp_sizes=(1,))
+    profile, _, _ = load_or_measure(key, say=lambda m: print(f"exegpt serve: {m}", flush=True))
+    return make_plan(parse_workload(args.workload), profile, args.workers, args.latency_bound,
+                     policy=args.policy)
 
 
 def model_fields(model: str) -> dict[str, Any]:

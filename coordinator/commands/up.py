@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         _check_args(args)
         model = resolve_model(args.model)
         profile = _profile(args, model)
-        plan = _plan(args, profile)
+        plan = _plan(args, profile, _policy(args))
         plan_path = _save_plan(plan, args.runs_dir)
         argv, endpoint = _serve_argv(args, plan, plan_path, model)
     except InfeasibleBound as exc:
@@ -181,14 +181,26 @@ def _profile(args: argparse.Namespace, model: Model) -> Any:
     return profile
 
 
-def _plan(args: argparse.Namespace, profile: Any) -> Any:
+def _policy(args: argparse.Namespace) -> str:
+    """``auto`` means the best plan this build can run: a serve without ``--plan`` runs a real
+    model only as one encoder group plus one decoder group (a WAA layout)."""
+    from coordinator.commands._mesh_proc import serve_flags
+
+    if args.policy != "auto" or args.null_model or "--plan" in serve_flags():
+        return str(args.policy)
+    say("this build's `exegpt serve` has no --plan yet: it runs a real model only as one "
+        "encoder group + one decoder group, so only WAA layouts are planned")
+    return "waa"
+
+
+def _plan(args: argparse.Namespace, profile: Any, policy: str) -> Any:
     from coordinator.planner.planning import make_plan
     from coordinator.planner.workload import parse_workload
 
     say(f"planning for {args.workload!r} under a {args.latency_bound:g} s bound on "
         f"{args.workers} worker(s)")
     return make_plan(parse_workload(args.workload), profile, args.workers, args.latency_bound,
-                     policy=args.policy)
+                     policy=policy)
 
 
 def _save_plan(plan: Any, runs_dir: Path) -> Path:

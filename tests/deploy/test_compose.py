@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -84,8 +86,6 @@ def test_services_follow_the_plan(plan_file) -> None:  # noqa: ANN001
 
 
 def test_tp_groups_become_one_service_per_rank(plan_file) -> None:  # noqa: ANN001
-    from dataclasses import replace
-
     from coordinator.planner.plan import WorkerGroup
 
     plan, _ = plan_file("waa", 3)
@@ -101,17 +101,39 @@ def test_real_model_needs_a_build_that_loads_models(plan_file) -> None:  # noqa:
     plan, _ = plan_file("waa", 3)
     with pytest.raises(ValueError, match="--null-model"):
         compose_dict(plan, ComposeOptions(), LEGACY)
-    flags = {"coordinator": LEGACY["coordinator"] | {"--plan"},
-             "encoder": LEGACY["encoder"] | {"--model"},
-             "decoder": LEGACY["decoder"] | {"--model"}}
-    data = compose_dict(plan, ComposeOptions(), flags)
+    two, _ = plan_file("waa", 2, "two.json")  # one encoder + one decoder: no --plan needed
+    flags = {"coordinator": LEGACY["coordinator"] | {"--model-config", "--tokenizer"},
+             "encoder": LEGACY["encoder"] | {"--model", "--dtype"},
+             "decoder": LEGACY["decoder"] | {"--model", "--dtype"}}
+    data = compose_dict(two, ComposeOptions(), flags)
     coord = data["services"]["coordinator"]
+    gguf = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert coord["command"][-4:] == ["--model-config", gguf + ".config.json", "--tokenizer", gguf]
+    assert "--model-shape" not in coord["command"]  # the exact config, not a look-alike preset
+    assert "./models:/models:ro" in coord["volumes"]
+    assert data["services"]["enc0"]["command"][-4:] == ["--model", gguf, "--dtype", "bfloat16"]
+    with pytest.raises(ValueError, match="one encoder group plus one decoder group"):
+        compose_dict(plan, ComposeOptions(), flags)  # layer-split stages need --plan
+    other = replace(two, model=two.model | {"eos_token_id": 7})
+    with pytest.raises(ValueError, match="no preset"):
+        compose_dict(other, ComposeOptions(null_model=True), flags)
+    with_plan = {**flags, "coordinator": flags["coordinator"] | {"--plan"}}
+    coord = compose_dict(plan, ComposeOptions(), with_plan)["services"]["coordinator"]
     assert "--plan" in coord["command"]
     assert "./plan.json:/etc/exegpt/plan.json:ro" in coord["volumes"]
-    worker = data["services"]["dec0"]
-    assert worker["command"][worker["command"].index("--model") + 1] == \
-        "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert "./models:/models:ro" in worker["volumes"]
+
+
+def test_compose_writes_the_exact_model_config(tmp_path: Path, plan_file) -> None:  # noqa: ANN001
+    from coordinator.commands._compose_spec import build_flags
+
+    if "--model-config" not in build_flags()["coordinator"]:
+        pytest.skip("this build's coordinator takes no --model-config")
+    _, path = plan_file("waa", 2)
+    done = _compose(path, tmp_path / "docker-compose.yml")
+    assert done.returncode == 0, done.stderr
+    written = json.loads((tmp_path / "models" /
+                          "SmolLM2-135M-Instruct.Q4_1.gguf.config.json").read_text())
+    assert written["num_layers"] == 30 and "is not there yet" in done.stderr
 
 
 def test_unknown_flag_is_refused(plan_file) -> None:  # noqa: ANN001

@@ -145,5 +145,35 @@ def stop_and_check_logs(local: LocalCompose, workers: list[str]) -> None:
     assert "coordinator.jsonl" in files and len(files) == 1 + len(workers), files
     for line in (run_dir / "coordinator.jsonl").read_text().splitlines():
         json.loads(line)
-    console = local.stderr("coordinator", tail=10**7).strip().splitlines()  # EXEGPT_LOG_CONSOLE=json
+    # EXEGPT_LOG_CONSOLE=json: the console (docker logs) is JSON lines too
+    console = local.stderr("coordinator", tail=10**7).strip().splitlines()
     assert console and all(json.loads(line)["role"] == "coordinator" for line in console)
+
+
+@pytest.mark.slow
+def test_top_level_compose_file_serves_the_real_model(tmp_path: Path, free_port) -> None:  # noqa: ANN001
+    """The shipped docker-compose.yml with the real SmolLM2 GGUF in ./models (slow: loads it)."""
+    from common.models.gguf_loader import default_gguf_path
+    from common.profiling.measure import resolve_model
+
+    gguf = default_gguf_path()
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / gguf.name).symlink_to(gguf)
+    # what `exegpt compose` writes beside the model file (docs/deploy.md, step 2)
+    (tmp_path / "models" / f"{gguf.name}.config.json").write_text(
+        json.dumps(resolve_model(str(gguf)).to_dict()))
+    data = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    local = LocalCompose(data, tmp_path, free_port)
+    try:
+        for service in local.services:
+            local.start(service)
+        prompts = [[1, 9690, 198, 2683, 359] * (i + 1) for i in range(3)]
+        try:
+            results = asyncio.run(_serve_when_ready(local.published("coordinator"), prompts, 240))
+        except Exception:
+            pytest.fail("mesh did not serve; stderr:\n" +
+                        "\n".join(f"--- {s}\n{local.stderr(s)}" for s in local.procs))
+        assert [len(r.tokens) for r in results] == [8, 9, 10]
+        stop_and_check_logs(local, [s for s in local.services if s != "coordinator"])
+    finally:
+        local.stop()

@@ -86,7 +86,7 @@ def test_measures_once_then_reads_the_cache(monkeypatch: pytest.MonkeyPatch,
 
 
 def test_serve_argv(plan_file, tmp_path: Path) -> None:  # noqa: ANN001
-    plan, path = plan_file("waa", 3)
+    plan, path = plan_file("waa", 3)  # two encoder stages and a decoder
     common = {"model_path": "/m/model.gguf", "endpoint": "tcp://127.0.0.1:1",
               "runs_dir": tmp_path}
     with_plan = serve_argv(plan, path, null_model=False, flags={"--plan", "--model"}, **common)
@@ -94,11 +94,24 @@ def test_serve_argv(plan_file, tmp_path: Path) -> None:  # noqa: ANN001
     assert with_plan[with_plan.index("--model") + 1] == "/m/model.gguf"
     with pytest.raises(ValueError, match="--null-model"):
         serve_argv(plan, path, null_model=False, flags=set(), **common)
+    with pytest.raises(ValueError, match="one encoder group plus one decoder group"):
+        serve_argv(plan, path, null_model=False, flags={"--model"}, **common)
     legacy = serve_argv(plan, path, null_model=True, flags=set(), **common)
     enc = sum(g.count for g in plan.groups("encoder"))
     assert legacy[legacy.index("--encoders") + 1] == str(enc)
     assert legacy[legacy.index("--encode-batch") + 1] == str(plan.B_E)
     assert "--null-model" in legacy and "--plan" not in legacy
+
+
+def test_serve_argv_real_model_without_plan_support(plan_file, tmp_path: Path) -> None:  # noqa: ANN001
+    plan, path = plan_file("waa", 2, "two.json")
+    assert sorted(g.role for g in plan.worker_groups) == ["decoder", "encoder"]
+    argv = serve_argv(plan, path, model_path="/m/x.gguf", endpoint="tcp://127.0.0.1:1",
+                      runs_dir=tmp_path, null_model=False, dtype="float32",
+                      flags={"--model", "--dtype"})
+    assert argv[argv.index("--model") + 1] == "/m/x.gguf" and "--null-model" not in argv
+    assert argv[argv.index("--dtype") + 1] == "float32"
+    assert argv[argv.index("--encoders") + 1] == "1" == argv[argv.index("--decoders") + 1]
 
 
 def test_demo_requests_and_numbers() -> None:
@@ -131,8 +144,9 @@ def test_up_demo_end_to_end_null_model(tmp_path: Path) -> None:
     cached = _seed_cache(tmp_path / "cache", SMOL)
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
     done = subprocess.run([*EXEGPT, "up", "--model", "smollm2-135m", "--null-model", "--demo",
-                           "--port", "0", "--latency-bound", "1000", "--policy", "waa", "--demo-requests", "6",
-                           "--demo-probes", "2", "--runs-dir", str(tmp_path / "runs")],
+                           "--port", "0", "--latency-bound", "1000", "--policy", "waa",
+                           "--demo-requests", "6", "--demo-probes", "2",
+                           "--runs-dir", str(tmp_path / "runs")],
                           capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout

@@ -19,8 +19,8 @@ ORDER = ("t_arrival", "t_queued", "t_encode_start", "t_encode_end", "t_kv_sent",
          "t_kv_received", "t_first_token", "t_finish")
 
 
-def _mesh(model: Path, runs: Path, encoders: int = 1, decoders: int = 1) -> LocalMesh:
-    spec = LaunchSpec(groups=(WorkerGroup("encoder", encoders),
+def _mesh(model: Path, runs: Path, encoder_tp: int, decoders: int) -> LocalMesh:
+    spec = LaunchSpec(groups=(WorkerGroup("encoder", 1, encoder_tp),
                               WorkerGroup("decoder", decoders)),
                       runs_path=runs, transport="ipc", encode_batch=4, dtype="float32",
                       **model_fields(str(model)))
@@ -33,13 +33,16 @@ async def _run_all(endpoint: str, work: list[tuple[list[int], int]]) -> list:
                                       for p, n in work))
 
 
+# Llama: one encoder of tp_size 2 (a real gloo group; its KV is gathered and re-sharded for
+# tp_size 1 decoders) feeding two decoders; T5: tp_size 1 on both sides.
 @pytest.fixture(scope="module", params=["llama", "t5"])
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
            ) -> Iterator[tuple[str, Path, int]]:
     root = tmp_path_factory.mktemp(request.param)
     maker, vocab = (make_llama, 128) if request.param == "llama" else (make_t5, 96)
     model = maker(root / "model")
-    mesh = _mesh(model, root / "runs", encoders=1, decoders=2)
+    mesh = _mesh(model, root / "runs", encoder_tp=2 if request.param == "llama" else 1,
+                 decoders=2)
     endpoint = mesh.start()
     yield endpoint, model, vocab
     assert mesh.stop(grace_s=30) == []  # torch processes exit slowly on a loaded machine
@@ -49,7 +52,7 @@ def test_greedy_matches_transformers(served: tuple[str, Path, int]) -> None:
     endpoint, model, vocab = served
     work = workload(vocab, 10, seed=1)
     expected = hf_greedy(model, work)
-    assert sum(len(set(row)) > 2 for row in expected) >= 3  # the reference is not degenerate
+    assert max(len(set(row)) for row in expected) > 4  # the reference is not degenerate
     results = asyncio.run(_run_all(endpoint, work))
     assert [list(r.tokens) for r in results] == expected
     for r, row in zip(results, expected, strict=True):

@@ -1,0 +1,71 @@
+"""Dynamic B_E adjustment rule and plan -> launch mapping (pure, no processes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.adjust import Band, BatchSizer
+from coordinator.plan_launch import plan_fields
+from coordinator.planner.plan import Plan, WorkerGroup
+
+
+def test_without_bands_the_batch_is_b_e() -> None:
+    sizer = BatchSizer(4, cap=100)
+    assert sizer.size([10] * 10, running=50).size == 4
+    assert sizer.size([10] * 3, running=0).size == 3  # fewer queued than B_E: not an adjustment
+    assert sizer.size([10] * 3, running=0).reason == "plan"
+
+
+def test_token_sum_band_moves_the_cut() -> None:
+    sizer = BatchSizer(4, cap=100, token_sum=Band(30, 50))
+    over = sizer.size([20, 20, 20, 20, 1], running=0)
+    assert over.size == 2 and "over" in over.reason  # 40 <= 50 < 60
+    under = sizer.size([5, 5, 5, 5, 5, 5, 5, 5], running=0)
+    assert under.size == 6 and "under" in under.reason  # grows to reach 30
+    assert sizer.size([10, 10, 10, 10, 10], running=0) == sizer.size([10] * 4, running=0)
+    assert sizer.size([10] * 8, running=0).reason == "plan"
+
+
+def test_decode_batch_band_scales_b_e() -> None:
+    sizer = BatchSizer(8, cap=100, decode_batch=Band(10, 20))
+    assert sizer.size([1] * 50, running=40).size == 4  # 8 * 20 / 40
+    assert sizer.size([1] * 50, running=5).size == 16  # 8 * 10 / 5, capped at 2 x B_E
+    assert sizer.size([1] * 50, running=15).size == 8
+
+
+def test_bad_band_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="LO,HI"):
+        Band.parse("3")
+    with pytest.raises(ValueError, match="lo <= hi"):
+        Band.parse("5,3")
+
+
+def _plan(policy: str, groups: list[WorkerGroup]) -> Plan:
+    return Plan(policy=policy, model={"num_layers": 4}, workload="S", latency_bound_s=1.0,
+                sla="b", num_workers=sum(g.count for g in groups), worker_groups=tuple(groups),
+                B_E=3, B_D=6.0, N_D=None, B_m=1, microbatches=1,
+                adjust={"token_sum": [10.0, 50.0], "decode_batch": [2.0, 9.5]}, predicted={},
+                search={}, profile_meta={})
+
+
+def test_plan_fields_follow_the_plan() -> None:
+    plan = _plan("waa-c", [WorkerGroup("encoder", 2, 2, (0, 4)),
+                           WorkerGroup("decoder", 1, 1, (0, 4))])
+    fields = plan_fields(plan, null_model=False, decoder_capacity=64)
+    assert [(g.role, g.count, g.tp_size) for g in fields["groups"]] == [("encoder", 1, 2),
+                                                                       ("decoder", 1, 1)]
+    assert fields["encode_batch"] == 3
+    assert fields["adjust_token_sum"] == "10,50" and fields["adjust_decode_batch"] == "2,9.5"
+
+
+def test_unrunnable_plans_are_refused() -> None:
+    rra = _plan("rra", [WorkerGroup("pipeline", 1, 1, (0, 2)),
+                        WorkerGroup("pipeline", 1, 1, (2, 4))])
+    with pytest.raises(ValueError, match="not runnable"):
+        plan_fields(rra, null_model=False, decoder_capacity=64)
+    staged = _plan("waa-m", [WorkerGroup("encoder", 1, 1, (0, 4)),
+                           WorkerGroup("decoder", 1, 1, (0, 2)),
+                           WorkerGroup("decoder", 1, 1, (2, 4))])
+    with pytest.raises(ValueError, match="pipelines"):
+        plan_fields(staged, null_model=False, decoder_capacity=64)
+    assert len(plan_fields(staged, null_model=True, decoder_capacity=64)["groups"]) == 3
