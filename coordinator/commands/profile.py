@@ -11,7 +11,9 @@ docs/planner.md ("Profile format"); it is validated by the planner's Profile bef
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,8 +45,18 @@ def _tp_sizes(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
     return sizes
 
 
+def _check_writable(out: str) -> None:
+    """Fail before a measurement that takes minutes, not after it."""
+    parent = Path(out).resolve().parent
+    if not parent.is_dir():
+        raise ValueError(f"--out {out}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (Path(out).exists() and not os.access(out, os.W_OK)):
+        raise ValueError(f"--out {out}: not writable")
+
+
 def run(args: argparse.Namespace) -> int:
     try:
+        _check_writable(args.out)
         profile = _analytic(args) if args.analytic else _measured(args)
     except (ValueError, ImportError) as exc:
         print(f"exegpt profile: {exc}", file=sys.stderr)

@@ -102,7 +102,7 @@ def compose_run(tmp_path: Path, plan_file, free_port) -> Iterator[LocalCompose]:
 async def _serve_when_ready(endpoint: str, prompts: list[list[int]], timeout_s: float) -> list:
     """Retry while the coordinator says unavailable (workers still registering), then send."""
     deadline = time.monotonic() + timeout_s
-    async with AsyncClient(endpoint, default_timeout_s=30) as client:
+    async with AsyncClient(endpoint, default_timeout_s=timeout_s) as client:
         while True:
             try:
                 await client.generate(prompt_ids=[1, 2, 3], max_new_tokens=1)

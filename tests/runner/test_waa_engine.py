@@ -3,28 +3,56 @@ are token-identical to transformers under concurrent requests with mixed lengths
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from common import protocol as P
 from common.client import AsyncClient
 from common.errors import BadRequest
 from coordinator.commands.serve import model_fields
 from coordinator.launch import LaunchSpec, LocalMesh, WorkerGroup
+from coordinator.planner.plan import Plan
+from coordinator.planner.plan import WorkerGroup as PlanGroup
 from tests.runner.tinymodels import hf_greedy, make_llama, make_t5, workload
 
 ORDER = ("t_arrival", "t_queued", "t_encode_start", "t_encode_end", "t_kv_sent",
          "t_kv_received", "t_first_token", "t_finish")
 
 
-def _mesh(model: Path, runs: Path, encoder_tp: int, decoders: int) -> LocalMesh:
-    spec = LaunchSpec(groups=(WorkerGroup("encoder", 1, encoder_tp),
-                              WorkerGroup("decoder", decoders)),
+def _flags_mesh(model: Path, runs: Path) -> LocalMesh:
+    """One encoder and two decoders, tp_size 1, from LaunchSpec fields."""
+    spec = LaunchSpec(groups=(WorkerGroup("encoder", 1), WorkerGroup("decoder", 2)),
                       runs_path=runs, transport="ipc", encode_batch=4, dtype="float32",
                       **model_fields(str(model)))
     return LocalMesh(spec, startup_timeout_s=120)
+
+
+def _plan_mesh(model: Path, runs: Path) -> LocalMesh:
+    """What `exegpt serve --model DIR --plan plan.json` launches for a WAA plan with an
+    encoder group of tp_size 2 (a real gloo group; its KV is gathered and re-sharded for the
+    tp_size 1 decoders) and two decoders, with tight B_E adjustment bands."""
+    from coordinator.commands import serve
+
+    cfg = model_fields(str(model))["model_config"]
+    layers = [0, cfg["num_layers"]]
+    plan = Plan(policy="waa-c", model=cfg, workload="test", latency_bound_s=10.0, sla="b",
+                num_workers=4, worker_groups=(
+                    PlanGroup("encoder", 2, 2, layers), PlanGroup("decoder", 1, 1, layers),
+                    PlanGroup("decoder", 1, 1, layers)),
+                B_E=3, B_D=4.0, N_D=None, B_m=1, microbatches=1,
+                adjust={"token_sum": [10.0, 40.0], "decode_batch": [1.0, 5.0]},
+                predicted={}, search={}, profile_meta={})
+    path = runs.parent / "plan.json"
+    path.write_text(plan.to_json())
+    parser = argparse.ArgumentParser()
+    serve.register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--model", str(model), "--dtype", "float32",
+                              "--plan", str(path), "--runs-dir", str(runs)])
+    return LocalMesh(serve.spec_from_args(args), startup_timeout_s=120)
 
 
 async def _run_all(endpoint: str, work: list[tuple[list[int], int]]) -> list:
@@ -33,18 +61,21 @@ async def _run_all(endpoint: str, work: list[tuple[list[int], int]]) -> list:
                                       for p, n in work))
 
 
-# Llama: one encoder of tp_size 2 (a real gloo group; its KV is gathered and re-sharded for
-# tp_size 1 decoders) feeding two decoders; T5: tp_size 1 on both sides.
+# Llama: the plan path (encoder tp_size 2, B_E adjustment); T5: plain flags, tp_size 1.
 @pytest.fixture(scope="module", params=["llama", "t5"])
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
            ) -> Iterator[tuple[str, Path, int]]:
     root = tmp_path_factory.mktemp(request.param)
     maker, vocab = (make_llama, 128) if request.param == "llama" else (make_t5, 96)
     model = maker(root / "model")
-    mesh = _mesh(model, root / "runs", encoder_tp=2 if request.param == "llama" else 1,
-                 decoders=2)
+    make_mesh = _plan_mesh if request.param == "llama" else _flags_mesh
+    mesh = make_mesh(model, root / "runs")
     endpoint = mesh.start()
     yield endpoint, model, vocab
+    if request.param == "llama":
+        log = (mesh.spec.run_dir / "coordinator.jsonl").read_text()
+        assert '"be_adjusted"' in log  # the bands above force adjustments, each one logged
+        assert (mesh.spec.run_dir / "encoder-enc0.r1.jsonl").is_file()  # the TP follower ran
     assert mesh.stop(grace_s=30) == []  # torch processes exit slowly on a loaded machine
 
 
@@ -72,3 +103,19 @@ def test_context_limit_is_a_clear_error(served: tuple[str, Path, int]) -> None:
                 await client.generate(prompt_ids=[5] * 600, max_new_tokens=4)
 
     asyncio.run(go())
+
+
+def test_text_prompts_are_tokenized_and_answered_as_text(served: tuple[str, Path, int]) -> None:
+    endpoint, model, vocab = served
+    if not (model / "tokenizer.json").is_file():
+        pytest.skip("this tiny model has no tokenizer")
+    ids = [5, 9, 33, 70, 12]
+    expected = hf_greedy(model, [(ids, 6)])[0]
+
+    async def go() -> P.Result:
+        async with AsyncClient(endpoint) as client:
+            return await client.generate(" ".join(f"w{i}" for i in ids), max_new_tokens=6)
+
+    result = asyncio.run(go())
+    assert list(result.tokens) == expected and result.num_prompt_tokens == len(ids)
+    assert result.text == " ".join(f"w{t}" for t in expected)

@@ -26,7 +26,17 @@ def make_llama(directory: Path) -> Path:
         for p in model.parameters():
             p.mul_(4.0)
     model.save_pretrained(directory)
+    save_word_tokenizer(directory, cfg.vocab_size)
     return directory
+
+
+def save_word_tokenizer(directory: Path, vocab_size: int) -> None:
+    """tokenizer.json of a word-level vocabulary "w0" .. "wN" (text prompts through the mesh)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(directory / "tokenizer.json"))
 
 
 def make_t5(directory: Path) -> Path:
