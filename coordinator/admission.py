@@ -62,7 +62,7 @@ def _tokenize(msg: P.Submit, tokenizer: Any) -> P.Submit:
         raise BadRequest(f"cannot tokenize the prompt: {exc}", req_id=msg.req_id) from exc
     if not ids:
         raise BadRequest("the prompt tokenizes to no tokens", req_id=msg.req_id)
-    return dataclasses.replace(msg, prompt_ids=tuple(ids))
+    return dataclasses.replace(msg, prompt=None, prompt_ids=tuple(ids))
 
 
 def _check_limits(msg: P.Submit, cfg: CoordinatorConfig, vocab_size: int) -> None:

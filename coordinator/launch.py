@@ -134,10 +134,9 @@ class LaunchSpec:
 
     def worker_children(self, worker_endpoint: str) -> list[ChildSpec]:
         out = []
-        for group in self.groups:
+        for position, group in enumerate(self.groups):
             prefix = group.role[:3]
-            index = sum(g.count for g in self.groups[:self.groups.index(group)]
-                        if g.role == group.role)
+            index = sum(g.count for g in self.groups[:position] if g.role == group.role)
             for i in range(index, index + group.count):
                 tp_init = f"tcp://127.0.0.1:{free_port()}" if group.tp_size > 1 else None
                 for rank in range(group.tp_size):

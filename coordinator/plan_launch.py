@@ -3,7 +3,9 @@
 What each plan field becomes at run time:
     worker_groups   one worker per group, ``tp_size`` rank processes in a gloo group
     B_E             the coordinator's encode batch size (``--encode-batch``)
-    adjust          the dynamic B_E adjustment bands (coordinator.adjust)
+    adjust          the dynamic B_E adjustment bands (coordinator.adjust); the decode band's
+                    upper end also caps each decoder's running batch (its capacity), so a
+                    flood of requests waits in the coordinator instead of slowing every token
     B_m, N_D        not enforced: this runner's decoders run their whole batch each iteration
 
 This build runs WAA plans whose groups each hold every layer (one encoder group and decoder
@@ -13,6 +15,7 @@ WAA decode pipeline) are refused with a clear message instead of being run diffe
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 WAA_POLICIES = ("waa-c", "waa-m")  # the plan names of WAA (policy "waa" plans pick one)
@@ -27,6 +30,10 @@ def plan_fields(plan: Any, *, null_model: bool, decoder_capacity: int) -> dict[s
                          f"(it runs {', '.join(WAA_POLICIES)} plans); re-plan with "
                          "--policy waa")
     num_layers = int(plan.model.get("num_layers", 0)) if isinstance(plan.model, dict) else 0
+    decoders = sum(g.count // g.tp_size for g in plan.worker_groups if g.role == "decoder")
+    band = plan.adjust.get("decode_batch")
+    if band and decoders:
+        decoder_capacity = min(decoder_capacity, max(1, math.ceil(band[1] / decoders)))
     groups = []
     for g in plan.worker_groups:
         if g.role not in ("encoder", "decoder"):

@@ -54,12 +54,15 @@ class KVExport:
 
 @dataclass(frozen=True)
 class CacheBatch:
-    """Slots of a batch and their lengths before this step; ``span`` is set when consecutive."""
+    """Slots of a batch and their lengths before this step; ``span`` is set when consecutive,
+    ``uniform`` when also every sequence has length ``max_len`` (the cheap decode path: plain
+    slice writes and no length mask)."""
 
     slots: torch.Tensor
     lengths: torch.Tensor
     max_len: int
     span: tuple[int, int] | None
+    uniform: bool = False
 
 
 class KVCache:
@@ -190,9 +193,11 @@ class KVCache:
         span = None
         if slots == list(range(slots[0], slots[0] + len(slots))):
             span = (slots[0], slots[0] + len(slots))
+        longest = max(lengths)
         return CacheBatch(slots=torch.tensor(slots, device=self.device),
                           lengths=torch.tensor(lengths, device=self.device),
-                          max_len=max(lengths), span=span)
+                          max_len=longest, span=span,
+                          uniform=span is not None and min(lengths) == longest)
 
     def write(self, layer: int, name: str, slot: int, start: int, values: torch.Tensor) -> None:
         """Store ``values`` [heads, T, D] at positions [start, start+T) of one sequence."""
@@ -203,7 +208,10 @@ class KVCache:
     def append(self, layer: int, name: str, batch: CacheBatch, values: torch.Tensor) -> None:
         """Store one position per sequence (``values`` [B, heads, D]) at its current length."""
         buf = self._bufs[name][layer - self.layer_start]
-        buf[batch.slots, :, batch.lengths] = values
+        if batch.uniform and batch.span is not None:
+            buf[batch.span[0]: batch.span[1], :, batch.max_len].copy_(values)
+        else:
+            buf[batch.slots, :, batch.lengths] = values
 
     def view(self, layer: int, name: str, batch: CacheBatch, length: int) -> torch.Tensor:
         """[B, heads, length, D]; a zero-copy view when the batch's slots are consecutive."""

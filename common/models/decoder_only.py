@@ -174,7 +174,8 @@ class DecoderOnlyStage(nn.Module):
 
     def _run(self, batch: StageBatch, ctx: PassContext) -> torch.Tensor:
         if self.rope is not None:
-            ctx.rope = self.rope.tables(ctx.positions, self.dtype)
+            cos, sin = self.rope.tables(ctx.positions, self.dtype)
+            ctx.rope = cos.unsqueeze(1), sin.unsqueeze(1)
         x = self._embed(batch.input_ids, ctx.positions) if self.is_first else batch.hidden
         if x is None:
             raise ValueError("a first stage needs input_ids; later stages need hidden")

@@ -44,7 +44,7 @@ class PassContext:
     positions: torch.Tensor  # [T] absolute position of every new token
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [T, D]
     batch: CacheBatch | None = None  # decode only
-    score_bias: torch.Tensor | None = None  # decode only: [B, 1, 1, L] 0 / -inf
+    score_bias: torch.Tensor | None = None  # decode: [B, 1, 1, L] 0 / -inf; None if uniform
 
     @property
     def is_decode(self) -> bool:
@@ -98,9 +98,11 @@ class Rope(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D]; cos and sign-folded sin (``Rope.tables``): [T, D]."""
+    """x: [T, heads, D]; cos and sign-folded sin (``Rope.tables``): [T, D] or [T, 1, D]."""
+    if cos.dim() == 2:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     rotated = torch.roll(x, x.shape[-1] // 2, dims=-1)
-    return torch.addcmul(x * cos.unsqueeze(1), rotated, sin.unsqueeze(1))
+    return torch.addcmul(x * cos, rotated, sin)
 
 
 ACTIVATIONS = {
@@ -139,7 +141,7 @@ class MLP(nn.Module):
         h = self.up(x)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            h = self.act(gate) * up
+            h = self.act(gate).mul_(up)
         else:
             h = self.act(h)
         return self.down(h)
@@ -208,7 +210,7 @@ class Attention(nn.Module):
 
     def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 ctx: PassContext) -> torch.Tensor:
-        assert ctx.batch is not None and ctx.score_bias is not None
+        assert ctx.batch is not None
         ctx.cache.append(self.layer, "k", ctx.batch, k)
         ctx.cache.append(self.layer, "v", ctx.batch, v)
         length = ctx.batch.max_len + 1
@@ -225,10 +227,14 @@ class DecoderLayer(nn.Module):
         self.attn, self.mlp, self.norm1, self.norm2 = attn, mlp, norm1, norm2
 
     def forward(self, x: torch.Tensor, ctx: PassContext) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), ctx)
-        return x + self.mlp(self.norm2(x))
+        # In-place adds on the fresh block outputs (never on ``x``: it may be the caller's).
+        x = self.attn(self.norm1(x), ctx).add_(x)
+        return self.mlp(self.norm2(x)).add_(x)
 
 
-def decode_bias(batch: CacheBatch, dtype: torch.dtype) -> torch.Tensor:
-    """Score bias of a decode step: each sequence sees its cached positions plus the new one."""
+def decode_bias(batch: CacheBatch, dtype: torch.dtype) -> torch.Tensor | None:
+    """Score bias of a decode step: each sequence sees its cached positions plus the new one
+    (None when all have the same length: nothing to mask)."""
+    if batch.uniform:
+        return None
     return mask_bias(length_mask(batch.lengths + 1, batch.max_len + 1), dtype)

@@ -27,6 +27,7 @@ from typing import Any
 CLIENT_PORT = 5555
 WORKER_PORT = 5556
 KV_PORT = 6000
+TP_INIT_PORT = 29500  # rank 0 of a TP group hosts the group's gloo rendezvous
 PLAN_IN_CONTAINER = "/etc/exegpt/plan.json"
 RUNS_IN_CONTAINER = "/runs"
 MODELS_IN_CONTAINER = "/models"
@@ -131,15 +132,33 @@ def compose_dict(plan: Any, opts: ComposeOptions,
     if not opts.null_model and not ("--model" in flags["decoder"] or plan_mode):
         raise ValueError("the workers of this build cannot load a real model yet (no --model "
                          "or --plan option); pass --null-model to generate a null-model mesh")
-    if not opts.null_model and not plan_mode:
+    fields = launch_fields(plan, opts.null_model)
+    if not opts.null_model and not plan_mode and not fields:
         from coordinator.commands._mesh_proc import _check_expressible
 
         _check_expressible(plan)
     units = worker_units(plan, plan_mode)
-    services = {"coordinator": _coordinator(plan, opts, flags["coordinator"], units)}
+    services = {"coordinator": _coordinator(plan, opts, flags["coordinator"], units, fields)}
     for unit in units:
-        services[unit.service] = _worker(unit, opts, flags[unit.role])
+        services[unit.service] = _worker(unit, opts, flags[unit.role], fields)
     return {"name": "exegpt", "x-exegpt-plan": _plan_summary(plan), "services": services}
+
+
+def launch_fields(plan: Any, null_model: bool) -> dict[str, Any]:
+    """What `exegpt serve --plan` would launch for ``plan`` (coordinator.plan_launch): the
+    same refusals, capacities and B_E adjustment bands, so compose runs what serve runs.
+    Empty when this build has no plan_launch, or (null model only) when it refuses the plan:
+    the null model then tries the mesh with one encoder and one decoder per stage."""
+    try:
+        from coordinator.plan_launch import plan_fields
+    except ImportError:
+        return {}
+    try:
+        return dict(plan_fields(plan, null_model=null_model, decoder_capacity=256))
+    except ValueError:
+        if null_model:
+            return {}
+        raise
 
 
 def _common(opts: ComposeOptions) -> dict[str, Any]:
@@ -149,14 +168,18 @@ def _common(opts: ComposeOptions) -> dict[str, Any]:
             "volumes": [f"{opts.runs_dir}:{RUNS_IN_CONTAINER}"]}
 
 
-def _coordinator(plan: Any, opts: ComposeOptions, flags: set[str],
-                 units: list[WorkerUnit]) -> dict[str, Any]:
+def _coordinator(plan: Any, opts: ComposeOptions, flags: set[str], units: list[WorkerUnit],
+                 fields: dict[str, Any]) -> dict[str, Any]:
     cmd = ["python", "-m", "coordinator",
            "--client-endpoint", f"tcp://0.0.0.0:{CLIENT_PORT}",
            "--worker-endpoint", f"tcp://0.0.0.0:{WORKER_PORT}",
            "--encoders", str(sum(u.role == "encoder" for u in units)),
            "--decoders", str(sum(u.role == "decoder" for u in units)),
-           "--encode-batch", str(plan.B_E)]
+           "--encode-batch", str(fields.get("encode_batch", plan.B_E))]
+    for key in ("adjust_token_sum", "adjust_decode_batch"):
+        flag = "--" + key.replace("_", "-")
+        if key in fields and flag in flags:
+            cmd += [flag, fields[key]]
     service = _common(opts)
     if opts.null_model:
         preset = matching_preset(plan.model)
@@ -179,10 +202,17 @@ def _coordinator(plan: Any, opts: ComposeOptions, flags: set[str],
     return service
 
 
-def _worker(unit: WorkerUnit, opts: ComposeOptions, flags: set[str]) -> dict[str, Any]:
+def _worker(unit: WorkerUnit, opts: ComposeOptions, flags: set[str],
+            fields: dict[str, Any]) -> dict[str, Any]:
     cmd = ["python", "-m", f"{unit.role}_worker",
            "--coordinator", f"tcp://coordinator:{WORKER_PORT}", "--worker-id", unit.worker_id,
            "--tp-rank", str(unit.tp_rank), "--tp-size", str(unit.tp_size)]
+    capacity = next((g.capacity for g in fields.get("groups", ()) if g.role == unit.role), None)
+    if capacity is not None and "--capacity" in flags:
+        cmd += ["--capacity", str(capacity)]
+    if unit.tp_size > 1 and "--tp-init" in flags:
+        rank0 = unit.service.rsplit("-r", 1)[0] + "-r0"
+        cmd += ["--tp-init", f"tcp://{rank0}:{TP_INIT_PORT}"]
     if unit.role == "decoder":
         cmd += ["--kv-bind", f"tcp://0.0.0.0:{KV_PORT}",
                 "--kv-advertise", f"tcp://{unit.service}:{KV_PORT}"]

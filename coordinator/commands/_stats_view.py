@@ -106,12 +106,24 @@ def summarize(msg: Any, plan: dict[str, Any] | None = None) -> dict[str, Any]:
         "overall": request_metrics(lifecycles, p99_output),
         "workers": [_worker_row(w) for w in tree.get("workers", [])],
         "encode_batches": batches, "B_E_changes": _changes(batches, tree.get("adjustments")),
+        "B_E_adjustments": (tree.get("requests") or {}).get("be_adjustments"),
         "decode_batch": decode_batch_over_time(lifecycles),
         "plan": None if plan is None else {
             "policy": plan.get("policy"), "B_E": plan.get("B_E"), "B_D": plan.get("B_D"),
             "latency_bound_s": plan.get("latency_bound_s"), "predicted": plan.get("predicted")},
         "lifecycles_reported": bool(lifecycles),
     }
+
+
+def interval_rates(before: dict[str, Any], after: dict[str, Any], seconds: float,
+                   ) -> dict[str, float] | None:
+    """Requests and tokens per second between two counter snapshots (``--watch``): measured
+    throughput even when the coordinator reports no lifecycles."""
+    if seconds <= 0 or not before or not after:
+        return None
+    done = after.get("completed", 0) - before.get("completed", 0)
+    tokens = after.get("tokens_out", 0) - before.get("tokens_out", 0)
+    return {"seq_s": done / seconds, "tok_s": tokens / seconds, "interval_s": seconds}
 
 
 def _changes(batches: list[dict[str, float]], reported: Any) -> list[dict[str, Any]]:
@@ -154,9 +166,10 @@ def render_summary(s: dict[str, Any]) -> str:
         lines.append("(the coordinator returned no request lifecycles: latency, TTFT, TPOT "
                      "and batch history are n/a)")
     lines.append(f"{'':22}{'measured':>26}   {'plan predicted':>16}")
-    rows = [("throughput seq/s", _fmt(o.get("throughput_seq_s")),
+    rate = s.get("interval") or {}
+    rows = [("throughput seq/s", _fmt(o.get("throughput_seq_s", rate.get("seq_s"))),
              _fmt(pr.get("throughput_seq_s"))),
-            ("throughput tok/s", _fmt(o.get("throughput_tok_s")),
+            ("throughput tok/s", _fmt(o.get("throughput_tok_s", rate.get("tok_s"))),
              _fmt(pr.get("throughput_tok_s"))),
             ("latency p50/p90/p99 s", _trio(o["latency_s"]), _fmt(pr.get("latency_p99_s"))),
             ("p99-length latency s", _fmt(o.get("latency_p99len_s")),
@@ -202,7 +215,10 @@ def _batch_lines(s: dict[str, Any]) -> list[str]:
              f"(plan B_D {_fmt(plan.get('B_D'))})"]
     changes = s["B_E_changes"]
     shown = ", ".join(f"{c.get('from')}->{c.get('to')}" for c in changes[-8:])
-    lines.append(f"B_E adjustments       {len(changes)}{': ' + shown if shown else ''}")
+    counted = s.get("B_E_adjustments")
+    total = f"{counted} batches sized off B_E (coordinator)" if counted is not None else \
+        f"{len(changes)} size changes"
+    lines.append(f"B_E adjustments       {total}{'; recent: ' + shown if shown else ''}")
     return lines
 
 

@@ -175,3 +175,51 @@ def render(outcome: DemoOutcome, *, width: int = 100) -> str:
     lines.append(f"latency      p99-length request {shown} vs bound {outcome.bound_s:g} s: "
                  f"{verdict} (predicted {pr.get('latency_p99len_s', float('nan')):.2f} s)")
     return "\n".join(lines)
+
+
+def run_demo(args: Any, plan: Any, argv: list[str], endpoint: str, tokenizer: Any,
+             vocab_size: int) -> int:
+    """`up --demo` after planning: start serve, send the batch, print, stop; the exit code."""
+    import sys
+
+    from coordinator.commands._mesh_proc import ServeProcess
+
+    info = plan.workload_info
+    num = args.demo_requests or min(64, max(8, plan.B_E * plan.microbatches))
+    requests = build_requests(
+        tokenizer, num_requests=num, num_probes=min(args.demo_probes, num),
+        p99_output=int(info.get("p99_output") or 64),
+        max_output=int(info.get("p99_output") or 64), vocab_size=vocab_size)
+    mesh = ServeProcess(argv, endpoint)
+    try:
+        mesh.start(args.startup_timeout + 30.0)
+    except RuntimeError as exc:
+        print(f"exegpt up: {exc}", file=sys.stderr)
+        return 1
+    try:
+        probes = sum(r.probe for r in requests)
+        print(f"exegpt up: demo: {len(requests)} requests at once ({probes} p99-length probes)")
+        timeout_s = max(60.0, 4 * plan.latency_bound_s)
+        answers, wall = asyncio.run(run_batch(endpoint, requests, tokenizer, timeout_s))
+        outcome = DemoOutcome(tuple(answers), wall, plan.latency_bound_s, plan.predicted)
+        print(render(outcome), flush=True)
+        _print_stats(endpoint, plan)
+        alive = mesh.alive()
+    finally:
+        code = mesh.stop()
+    if outcome.failed or not alive:
+        print(f"exegpt up: demo failed ({len(outcome.failed)} failed requests, mesh "
+              f"{'alive' if alive else 'died'}, serve exit {code})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_stats(endpoint: str, plan: Any) -> None:
+    from coordinator.commands._stats_view import fetch_stats, render_stats
+
+    try:
+        stats = fetch_stats(endpoint, timeout_s=10.0)
+    except Exception as exc:  # noqa: BLE001 - stats are informative; the demo verdict stands
+        print(f"exegpt up: (stats unavailable: {exc})", flush=True)
+        return
+    print(render_stats(stats, plan.to_dict()), flush=True)

@@ -59,7 +59,12 @@ def load_plan(path: Path | None) -> dict[str, Any] | None:
 
 def run(args: argparse.Namespace) -> int:
     from common.errors import ExegptError
-    from coordinator.commands._stats_view import fetch_stats, render_summary, summarize
+    from coordinator.commands._stats_view import (
+        fetch_stats,
+        interval_rates,
+        render_summary,
+        summarize,
+    )
 
     try:
         if args.watch is not None and not args.watch > 0:
@@ -69,10 +74,16 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"exegpt stats: {exc}", file=sys.stderr)
         return 2
+    before: tuple[float, dict[str, Any]] | None = None
     try:
         while True:
             try:
                 summary = summarize(fetch_stats(endpoint, args.timeout), plan)
+                now = time.monotonic()
+                if before is not None:  # --watch: rates over the last interval
+                    summary["interval"] = interval_rates(before[1], summary["counters"],
+                                                         now - before[0])
+                before = (now, summary["counters"])
             except ExegptError as exc:
                 print(f"exegpt stats: no answer from {endpoint} ({exc}); is a mesh serving "
                       "there (`exegpt up`, `exegpt serve`)?", file=sys.stderr)
@@ -89,4 +100,7 @@ def run(args: argparse.Namespace) -> int:
                 return 0
             time.sleep(args.watch)
     except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # `exegpt stats --watch | head`: the reader left; so do we
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -15,7 +15,6 @@ Exit status: 0 served (or demo answered), 1 the mesh failed, 2 bad input or no f
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from pathlib import Path
@@ -39,8 +38,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=("bfloat16", "float32"))
     p.add_argument("--workload", default=DEFAULT_WORKLOAD,
                    help=f"what to plan for (`exegpt plan --help`; default {DEFAULT_WORKLOAD!r})")
-    p.add_argument("--latency-bound", type=float, default=DEFAULT_LATENCY_BOUND_S,
-                   help="seconds a p99-length request may take (default %(default)g)")
+    p.add_argument("--latency-bound", type=float, default=None,
+                   help=f"seconds a p99-length request may take (default "
+                        f"{DEFAULT_LATENCY_BOUND_S:g}; when no plan this build runs meets the "
+                        "default, the tightest reachable latency plus 25%%)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="worker processes (default: 2, or 1 on a 1-core machine)")
     p.add_argument("--policy", default="auto",
@@ -88,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"exegpt up: {exc}", file=sys.stderr)
         return 2
+    except (RuntimeError, TimeoutError, OSError) as exc:  # e.g. a profiling process died
+        print(f"exegpt up: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     from coordinator.commands.plan import render
 
     print(render(plan), flush=True)
@@ -97,13 +101,15 @@ def run(args: argparse.Namespace) -> int:
             f"(common/client.py) or `exegpt stats --endpoint {endpoint}`; Ctrl-C stops")
         sys.stdout.flush()
         os.execv(argv[0], argv)  # serve owns signals and supervision from here on
-    return _demo(args, plan, argv, endpoint, model)
+    from coordinator.commands._up_demo import run_demo
+
+    return run_demo(args, plan, argv, endpoint, model.tokenizer(), model.cfg.vocab_size)
 
 
 def _check_args(args: argparse.Namespace) -> None:
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
-    if not args.latency_bound > 0:
+    if args.latency_bound is not None and not args.latency_bound > 0:
         raise ValueError(f"--latency-bound must be > 0 seconds, got {args.latency_bound}")
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -193,14 +199,57 @@ def _policy(args: argparse.Namespace) -> str:
     return "waa"
 
 
+def runnable_problem(plan: Any, null_model: bool) -> str | None:
+    """Why this build's `serve --plan` would refuse ``plan`` (None: it runs it)."""
+    try:
+        from coordinator.plan_launch import plan_fields
+    except ImportError:
+        return None  # a serve without plan_launch validates the plan itself
+    try:
+        plan_fields(plan, null_model=null_model, decoder_capacity=256)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _plan(args: argparse.Namespace, profile: Any, policy: str) -> Any:
-    from coordinator.planner.planning import make_plan
     from coordinator.planner.workload import parse_workload
 
-    say(f"planning for {args.workload!r} under a {args.latency_bound:g} s bound on "
-        f"{args.workers} worker(s)")
-    return make_plan(parse_workload(args.workload), profile, args.workers, args.latency_bound,
-                     policy=policy)
+    bound = DEFAULT_LATENCY_BOUND_S if args.latency_bound is None else args.latency_bound
+    say(f"planning for {args.workload!r} under a {bound:g} s bound on {args.workers} worker(s)")
+    workload = parse_workload(args.workload)
+    plan = _plan_or_relax(args, workload, profile, bound, policy)
+    problem = runnable_problem(plan, args.null_model)
+    if problem is None or policy != "auto":
+        return plan
+    best = plan.predicted["throughput_seq_s"]
+    say(f"the best plan is {plan.policy} ({best:.2f} seq/s), which this build's `exegpt serve` "
+        f"cannot run ({problem}); planning the best WAA layout instead")
+    return _plan_or_relax(args, workload, profile, bound, "waa")
+
+
+def _plan_or_relax(args: argparse.Namespace, workload: Any, profile: Any, bound: float,
+                   policy: str) -> Any:
+    """The plan under ``bound``; if the user left the bound at its default and nothing meets
+    it, the tightest reachable latency plus 25% (said out loud: the user did not choose it)."""
+    from coordinator.planner.candidate import WorkloadStats
+    from coordinator.planner.costs import Costs
+    from coordinator.planner.planning import make_plan, policies_for
+    from coordinator.planner.scheduler import InfeasibleBound, tightest_latency
+
+    try:
+        return make_plan(workload, profile, args.workers, bound, policy=policy)
+    except InfeasibleBound:
+        if args.latency_bound is not None:
+            raise
+        tight, cand = tightest_latency(WorkloadStats(workload), Costs(profile), args.workers,
+                                       policies=policies_for(policy), sla="b")
+        if cand is None:
+            raise
+    relaxed = float(f"{tight * 1.25:.2g}")
+    say(f"no {policy} plan meets the default {bound:g} s bound here (the tightest p99-length "
+        f"latency is {tight:.1f} s): planning for {relaxed:g} s; pass --latency-bound to choose")
+    return make_plan(workload, profile, args.workers, relaxed, policy=policy)
 
 
 def _save_plan(plan: Any, runs_dir: Path) -> Path:
@@ -220,7 +269,7 @@ def _serve_argv(args: argparse.Namespace, plan: Any, plan_path: Path,
     argv = serve_argv(plan, plan_path, model_path=model.path, endpoint=endpoint,
                       runs_dir=args.runs_dir, null_model=args.null_model, dtype=args.dtype,
                       flags=flags)
-    if "--plan" not in flags and "--model-shape" in flags and args.null_model:
+    if args.null_model and "--model-shape" in flags:
         shape = model.preset_shape()
         if shape is None:
             raise ValueError(f"the null model needs a preset shaped like {model.label}")
@@ -228,50 +277,3 @@ def _serve_argv(args: argparse.Namespace, plan: Any, plan_path: Path,
     if "--startup-timeout" in flags:
         argv += ["--startup-timeout", str(args.startup_timeout)]
     return argv, endpoint
-
-
-def _demo(args: argparse.Namespace, plan: Any, argv: list[str], endpoint: str,
-          model: Model) -> int:
-    from coordinator.commands import _up_demo as demo
-    from coordinator.commands._mesh_proc import ServeProcess
-
-    tokenizer = model.tokenizer()
-    info = plan.workload_info
-    num = args.demo_requests or min(64, max(8, plan.B_E * plan.microbatches))
-    requests = demo.build_requests(
-        tokenizer, num_requests=num, num_probes=min(args.demo_probes, num),
-        p99_output=int(info.get("p99_output") or 64),
-        max_output=int(info.get("p99_output") or 64), vocab_size=model.cfg.vocab_size)
-    mesh = ServeProcess(argv, endpoint)
-    try:
-        mesh.start(args.startup_timeout + 30.0)
-    except RuntimeError as exc:
-        print(f"exegpt up: {exc}", file=sys.stderr)
-        return 1
-    try:
-        probes = sum(r.probe for r in requests)
-        say(f"demo: {len(requests)} requests at once ({probes} p99-length probes)")
-        answers, wall = asyncio.run(demo.run_batch(endpoint, requests, tokenizer,
-                                                   timeout_s=max(60.0, 4 * args.latency_bound)))
-        outcome = demo.DemoOutcome(tuple(answers), wall, plan.latency_bound_s, plan.predicted)
-        print(demo.render(outcome), flush=True)
-        _print_stats(endpoint, plan)
-        alive = mesh.alive()
-    finally:
-        code = mesh.stop()
-    if outcome.failed or not alive:
-        print(f"exegpt up: demo failed ({len(outcome.failed)} failed requests, mesh "
-              f"{'alive' if alive else 'died'}, serve exit {code})", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _print_stats(endpoint: str, plan: Any) -> None:
-    from coordinator.commands._stats_view import fetch_stats, render_stats
-
-    try:
-        stats = fetch_stats(endpoint, timeout_s=10.0)
-    except Exception as exc:  # noqa: BLE001 - stats are informative; the demo verdict stands
-        say(f"(stats unavailable: {exc})")
-        return
-    print(render_stats(stats, plan.to_dict()), flush=True)

@@ -113,3 +113,15 @@ def test_stats_without_a_server_fails_fast() -> None:
                            "--timeout", "1"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "no answer from tcp://127.0.0.1:9" in done.stderr
     assert time.monotonic() - started < 20
+
+
+def test_interval_rates_from_counter_snapshots() -> None:
+    from coordinator.commands._stats_view import interval_rates
+
+    rates = interval_rates({"completed": 10, "tokens_out": 500},
+                           {"completed": 16, "tokens_out": 800}, 2.0)
+    assert rates == {"seq_s": 3.0, "tok_s": 150.0, "interval_s": 2.0}
+    assert interval_rates({}, {"completed": 1}, 1.0) is None
+    summary = summarize(P.Stats(req_id="x", stats={"requests": {}}))
+    summary["interval"] = rates
+    assert "3" in render_summary(summary).split("throughput seq/s")[1].split("\n")[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -152,6 +153,7 @@ def test_up_demo_end_to_end_null_model(tmp_path: Path) -> None:
     out = done.stdout
     assert f"profile: {cached}" in out and "profiling" not in out
     assert "policy" in out and "worker groups" in out  # the plan
+    assert "exegpt serving (null model, smollm2-135m) on tcp://127.0.0.1:" in out
     assert out.count("Q: ") == 6 and out.count("p99-length probe (") == 2
     assert "within the bound" in out and "(6 ok, 0 failed)" in out
     assert (tmp_path / "runs" / "up-plan.json").is_file()
@@ -164,3 +166,60 @@ def test_up_reports_an_infeasible_bound(tmp_path: Path) -> None:
                            "--latency-bound", "0.0001", "--runs-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "no plan meets the 0.0001 s bound" in done.stderr
+
+
+def test_auto_policy_falls_back_to_a_plan_this_build_runs(capsys: pytest.CaptureFixture) -> None:
+    import argparse
+
+    from coordinator.commands import up
+    from coordinator.planner.profile import Profile
+
+    pytest.importorskip("coordinator.plan_launch")
+    profile = Profile(**_analytic_data())
+    args = argparse.Namespace(workload="in=normal:32,16,64;out=normal:16,8,32", workers=2,
+                              latency_bound=1e9, null_model=False)
+    from coordinator.planner import make_plan, parse_workload
+
+    unrestricted = make_plan(parse_workload(args.workload), profile, 2, 1e9, policy="auto")
+    plan = up._plan(args, profile, "auto")
+    assert up.runnable_problem(plan, null_model=False) is None
+    out = capsys.readouterr().out
+    if up.runnable_problem(unrestricted, null_model=False) is None:
+        assert plan.to_dict() | {"search": None} == unrestricted.to_dict() | {"search": None}
+        assert "cannot run" not in out
+    else:  # e.g. RRA on a build that runs WAA plans only: the best WAA plan, and why
+        assert plan.policy.startswith("waa") and "planning the best WAA layout" in out
+        assert f"the best plan is {unrestricted.policy}" in out
+
+
+def test_up_serves_until_interrupted(tmp_path: Path) -> None:
+    """Without --demo, `up` becomes `exegpt serve` (exec): it prints where to connect, serves,
+    and stops the mesh in order on Ctrl-C."""
+    import signal
+
+    from common.client import Client
+
+    profile = tmp_path / "p.json"
+    profile.write_text(json.dumps(_analytic_data()))
+    proc = subprocess.Popen([*EXEGPT, "up", "--model", "smollm2-135m", "--null-model",
+                             "--profile", str(profile), "--policy", "waa", "--workers", "2",
+                             "--latency-bound", "1000", "--port", "0", "--runs-dir",
+                             str(tmp_path / "runs")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        endpoint = None
+        for line in proc.stdout:
+            found = re.search(r"serving on (tcp://[\d.]+:\d+)", line)
+            if found and endpoint is None:
+                endpoint = found[1]
+            if line.startswith("exegpt serving"):
+                break
+        assert endpoint is not None
+        with Client(endpoint, default_timeout_s=30) as client:
+            assert len(client.generate(prompt_ids=[1, 2, 3], max_new_tokens=5).tokens) == 5
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -4,7 +4,10 @@
 
 smollm2-135m shapes, random weights, bf16, 128-token prompts. Each step of ours is followed by
 one of transformers, so both see the same machine load; medians are printed with the ratio.
-The official benchmark is ``exegpt bench engine``.
+Besides wall time it prints process CPU time per step ("cpu"): on a shared, overloaded machine
+the wall time includes the time the scheduler ran other processes, CPU time does not (with one
+thread it is the step's compute time; with more it sums the threads). The official benchmark
+is ``exegpt bench engine``.
 """
 
 from __future__ import annotations
@@ -41,21 +44,26 @@ def main() -> None:
         for r in list(stage.cache.order()):
             stage.free(r)
         toks = stage.encode(StageBatch.from_prompts(ids, prompts.tolist())).argmax(-1).tolist()
-        ours, theirs = [], []
+        ours, theirs, ours_cpu, theirs_cpu = [], [], [], []
         with torch.inference_mode():
             out = hf(prompts, use_cache=True)
             cache, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
             for _ in range(steps):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 toks = stage.decode(StageBatch.from_tokens(ids, toks)).argmax(-1).tolist()
                 ours.append(time.perf_counter() - t)
-                t = time.perf_counter()
+                ours_cpu.append(time.process_time() - c)
+                t, c = time.perf_counter(), time.process_time()
                 out = hf(tok, past_key_values=cache, use_cache=True)
                 cache, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
                 theirs.append(time.perf_counter() - t)
+                theirs_cpu.append(time.process_time() - c)
         o, h = statistics.median(ours[1:]), statistics.median(theirs[1:])
+        oc, hc = statistics.median(ours_cpu[1:]), statistics.median(theirs_cpu[1:])
         print(f"batch {b:3d}: ours {o * 1e3:7.1f} ms/step {b / o:7.1f} tok/s | transformers "
-              f"{h * 1e3:7.1f} ms/step {b / h:7.1f} tok/s | speedup {h / o:4.2f}x", flush=True)
+              f"{h * 1e3:7.1f} ms/step {b / h:7.1f} tok/s | speedup {h / o:4.2f}x | cpu ms/step "
+              f"ours {oc * 1e3:6.1f} transformers {hc * 1e3:6.1f} speedup {hc / oc:4.2f}x",
+              flush=True)
 
 
 if __name__ == "__main__":

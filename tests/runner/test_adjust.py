@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from coordinator.adjust import Band, BatchSizer
@@ -55,6 +59,7 @@ def test_plan_fields_follow_the_plan() -> None:
     assert [(g.role, g.count, g.tp_size) for g in fields["groups"]] == [("encoder", 1, 2),
                                                                        ("decoder", 1, 1)]
     assert fields["encode_batch"] == 3
+    assert fields["groups"][1].capacity == 10  # ceil(9.5): the decode band caps the batch
     assert fields["adjust_token_sum"] == "10,50" and fields["adjust_decode_batch"] == "2,9.5"
 
 
@@ -69,3 +74,17 @@ def test_unrunnable_plans_are_refused() -> None:
     with pytest.raises(ValueError, match="pipelines"):
         plan_fields(staged, null_model=False, decoder_capacity=64)
     assert len(plan_fields(staged, null_model=True, decoder_capacity=64)["groups"]) == 3
+
+
+def test_coordinator_stays_torch_free(tmp_path: Path) -> None:
+    """Admission with a real tokenizer and the plan machinery must not import torch."""
+    from tests.runner.tinymodels import save_word_tokenizer
+
+    save_word_tokenizer(tmp_path, 16)
+    script = (f"import sys\nfrom coordinator.server import load_tokenizer\n"
+              f"import coordinator.adjust, coordinator.plan_launch, coordinator.admission\n"
+              f"tok = load_tokenizer({str(tmp_path)!r})\nassert tok.encode('w3 w5') == [3, 5]\n"
+              f"print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).parents[2])
+    assert out.stdout.strip() == "False", out.stderr

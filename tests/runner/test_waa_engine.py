@@ -57,8 +57,8 @@ def _plan_mesh(model: Path, runs: Path) -> LocalMesh:
 
 async def _run_all(endpoint: str, work: list[tuple[list[int], int]]) -> list:
     async with AsyncClient(endpoint) as client:
-        return await asyncio.gather(*(client.generate(prompt_ids=p, max_new_tokens=n)
-                                      for p, n in work))
+        return await asyncio.gather(*(
+            client.generate(prompt_ids=p, max_new_tokens=n, timeout_s=120) for p, n in work))
 
 
 # Llama: the plan path (encoder tp_size 2, B_E adjustment); T5: plain flags, tp_size 1.
@@ -114,7 +114,8 @@ def test_text_prompts_are_tokenized_and_answered_as_text(served: tuple[str, Path
 
     async def go() -> P.Result:
         async with AsyncClient(endpoint) as client:
-            return await client.generate(" ".join(f"w{i}" for i in ids), max_new_tokens=6)
+            return await client.generate(" ".join(f"w{i}" for i in ids), max_new_tokens=6,
+                                         timeout_s=120)
 
     result = asyncio.run(go())
     assert list(result.tokens) == expected and result.num_prompt_tokens == len(ids)
