@@ -107,6 +107,8 @@ class DecodeBackend(Protocol):
     def add(self, seq: DecodeSeq) -> None: ...
     def remove(self, req_id: str) -> None: ...
     def step(self) -> list[StepToken]: ...
+    def idle(self) -> None: ...  # called about once a second while nothing runs
+    def close(self) -> None: ...  # the worker is stopping
     @property
     def num_active(self) -> int: ...
 
@@ -208,6 +210,12 @@ class NullDecodeBackend:
     @property
     def num_active(self) -> int:
         return len(self._seqs)
+
+    def idle(self) -> None:
+        """Nothing runs between steps."""
+
+    def close(self) -> None:
+        """Nothing to release."""
 
     def first_reason(self, seq: DecodeSeq) -> str | None:
         """The null model stops on length only."""

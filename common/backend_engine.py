@@ -112,14 +112,15 @@ def check_prompt(item: EncodeItem, cfg: ModelConfig) -> None:
 class EngineDecodeBackend:
     """The running batch of one decoder worker (the DecodeBackend protocol)."""
 
-    def __init__(self, spec: ModelSpec, dtype: str = "bfloat16", device: str = "cpu") -> None:
+    def __init__(self, spec: ModelSpec, dtype: str = "bfloat16", device: str = "cpu",
+                 tp: TPGroup | None = None) -> None:
         _check_dtype(dtype)
         self.cfg: ModelConfig = spec.config
         kwargs: dict[str, Any] = {}
         if self.cfg.is_encoder_decoder:
             kwargs["encoder_layer_range"] = (0, 0)  # the encoder runs on the encoder workers
         self.stage = build_stage(self.cfg, weights=spec.weights, dtype=dtype, device=device,
-                                 **kwargs)
+                                 tp=tp or TPGroup.single(), **kwargs)
         self.device = torch.device(device)
         self.sampler = Sampler()
         self._seqs: dict[str, DecodeSeq] = {}
@@ -128,6 +129,12 @@ class EngineDecodeBackend:
     @property
     def num_active(self) -> int:
         return len(self._seqs)
+
+    def idle(self) -> None:
+        """Nothing to keep alive in a single process."""
+
+    def close(self) -> None:
+        """Nothing to release beyond what the process exit frees."""
 
     def first_reason(self, seq: DecodeSeq) -> str | None:
         """Why a sequence stops at its first token (EOS, a stop token, max_new_tokens 1)."""
@@ -154,6 +161,10 @@ class EngineDecodeBackend:
         if seq.req_id not in cache:
             raise ValueError(f"request {seq.req_id}: the KV sent (layers {layers}, "
                              f"heads [{first}, {last})) does not cover this decoder")
+        self.register(seq)
+
+    def register(self, seq: DecodeSeq) -> None:
+        """Track a sequence whose KV is in the cache: its sampler and its last token."""
         self.sampler.add(seq.req_id, sampling_params(seq.sampling, seq.max_new_tokens))
         self._seqs[seq.req_id] = seq
         self._last[seq.req_id] = seq.first_token
@@ -171,7 +182,15 @@ class EngineDecodeBackend:
         self.stage.compact()
         order = [r for r in self.stage.cache.order() if r in self._seqs]
         batch = StageBatch.from_tokens(order, [self._last[r] for r in order], self.device)
-        tokens = self.sampler.sample(order, self.stage.decode(batch))
+        out = self.finish_step(order, self.sampler.sample(order, self.stage.decode(batch)))
+        for tok in out:
+            if tok.finished:
+                self.remove(tok.req_id)
+        return out
+
+    def finish_step(self, order: list[str], tokens: list[int]) -> list[StepToken]:
+        """Count each sequence's new token and decide which ones stop (EOS, stop token,
+        max_new_tokens, or a full context); the caller frees the finished ones."""
         out = []
         for r, token in zip(order, tokens, strict=True):
             seq = self._seqs[r]
@@ -183,8 +202,6 @@ class EngineDecodeBackend:
             if reason is None and self._context_full(seq.prompt_len, seq.num_generated):
                 reason = FINISH_LENGTH
             out.append(StepToken(r, int(token), position, reason is not None, reason))
-            if reason is not None:
-                self.remove(r)
         return out
 
     def _context_full(self, prompt_len: int, generated: int) -> bool:

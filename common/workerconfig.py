@@ -64,9 +64,6 @@ class WorkerConfig:
         if self.backend == "engine" and self.tp_size > 1 and not self.tp_init:
             raise ValueError("a tp_size > 1 worker needs --tp-init tcp://HOST:PORT, the "
                              "rendezvous address shared by the ranks of its group")
-        if self.backend == "engine" and self.tp_size > 1 and self.role == "decoder":
-            raise ValueError("tensor-parallel decoder groups are not available yet; run "
-                             "decoders with tp_size 1 (encoders may use tp_size > 1)")
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be bfloat16 or float32, got {self.dtype!r}")
         if min(self.encode_cost_ms, self.encode_cost_ms_per_token, self.decode_cost_ms) < 0:

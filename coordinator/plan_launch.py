@@ -43,10 +43,6 @@ def plan_fields(plan: Any, *, null_model: bool, decoder_capacity: int) -> dict[s
             raise ValueError(f"plan group {g.role} holds layers {list(g.layer_range)}: decode "
                              "pipelines across workers are not available in this build; "
                              "plan with fewer workers per role or run --null-model")
-        if g.role == "decoder" and g.tp_size > 1 and not null_model:
-            raise ValueError("plan has a decoder group of tp_size "
-                             f"{g.tp_size}: tensor-parallel decoders are not available in this "
-                             "build (encoders may be tensor-parallel); re-plan")
         capacity = decoder_capacity if g.role == "decoder" else max(plan.B_E * 2, 1)
         groups.append(WorkerGroup(g.role, g.count // g.tp_size, g.tp_size, capacity))
     bands = {name: ",".join(f"{x:g}" for x in plan.adjust[key])

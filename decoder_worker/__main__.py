@@ -11,6 +11,7 @@ from common import workerconfig
 from common.workerlink import WorkerLink
 from common.workermain import run_worker
 from decoder_worker.worker import DecoderLoop, build_backend
+from encoder_worker.worker import FollowerLoop
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,8 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
 
-    def make_loop(link: WorkerLink, assign: P.Assign, log: Any) -> DecoderLoop:
-        return DecoderLoop(cfg, link, build_backend(cfg, assign), log)
+    def make_loop(link: WorkerLink, assign: P.Assign, log: Any) -> DecoderLoop | FollowerLoop:
+        backend = build_backend(cfg, assign)
+        if cfg.tp_rank > 0 and cfg.backend == "engine":
+            return FollowerLoop(backend)  # rank 0 of its TP group carries the data
+        return DecoderLoop(cfg, link, backend, log)
 
     return run_worker(cfg, make_loop)
 

@@ -31,7 +31,14 @@ def build_backend(cfg: WorkerConfig, assign: P.Assign) -> DecodeBackend:
         assert cfg.model is not None
         spec = load_spec(cfg.model)
         check_same_model(spec.config, assign)
-        return EngineDecodeBackend(spec, cfg.dtype, cfg.device)
+        if cfg.tp_size == 1:
+            return EngineDecodeBackend(spec, cfg.dtype, cfg.device)
+        from common.backend_engine_tp import init_tp_group
+        from common.backend_engine_tpdec import TPDecodeBackend
+
+        assert cfg.tp_init is not None
+        tp = init_tp_group(cfg.tp_init, cfg.tp_rank, cfg.tp_size, cfg.heartbeat_timeout_s * 4)
+        return TPDecodeBackend(spec, tp, cfg.dtype, cfg.device)
     model = ModelConfig.from_dict(assign.config["model"])
     shape = NullShape(model, tp_rank=cfg.tp_rank, tp_size=cfg.tp_size)
     return NullDecodeBackend(shape, cfg.decode_cost_ms)
@@ -58,6 +65,12 @@ class DecoderLoop:
                 "queued_messages": self.link.inbox.qsize()}
 
     def run(self) -> int:
+        try:
+            return self._run()
+        finally:
+            self.backend.close()
+
+    def _run(self) -> int:
         while self.exit_code is None:
             self.take_messages(block=self.backend.num_active == 0 and not self._pending)
             if self.exit_code is not None:
@@ -70,6 +83,8 @@ class DecoderLoop:
         try:
             msg = self.link.inbox.get(timeout=1.0) if block else self.link.inbox.get_nowait()
         except queue.Empty:
+            if block:
+                self.backend.idle()  # a TP group's keep-alive
             return
         while True:
             self.handle(msg)

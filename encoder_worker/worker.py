@@ -25,7 +25,8 @@ IDLE_TICK_S = 1.0  # the backend's idle() runs this often while no batch comes
 
 
 class FollowerLoop:
-    """TP ranks > 0 of an encoder group: no mesh traffic, just rank 0's batches."""
+    """TP ranks > 0 of a worker group (encoder or decoder): no mesh data traffic (the link
+    still heartbeats), just mirror rank 0 through the group's gloo broadcasts."""
 
     def __init__(self, backend: Any) -> None:
         self.backend = backend

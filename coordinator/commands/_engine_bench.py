@@ -1,8 +1,9 @@
 """Measurements behind `exegpt bench engine`: decode steps of our engine and of transformers on
 the same weights, plus this machine's copy bandwidth and bf16 matmul peak (all in one run).
 
-Each system runs ``repeats`` times after one warm-up: prefill ``batch`` random prompts of
-``prompt_len`` tokens, then time ``steps`` greedy decode steps one by one. A repeat's step time
+Each system runs ``repeats`` times after one warm-up (the systems alternate repeat by repeat):
+prefill ``batch`` random prompts of ``prompt_len`` tokens, then time ``steps`` greedy decode
+steps one by one. A repeat's step time
 is its mean; the reported step time is the median over repeats (the machine may be shared).
 The reference is ``LlamaForCausalLM`` (eager PyTorch, its default attention) with a real KV
 cache: a manual ``past_key_values`` loop, the same loop ``model.generate`` runs.
@@ -140,17 +141,24 @@ class TransformersDecoder:
         return prefill, times
 
 
-def time_decoder(decoder: Any, prompts: list[list[int]], steps: int, repeats: int,
-                 warmup_steps: int) -> DecodeTiming:
-    decoder.run(prompts, warmup_steps)  # warm-up: allocator, oneDNN primitive caches
-    prefills, means = [], []
+def time_decoders(decoders: list[Any], prompts: list[list[int]], steps: int, repeats: int,
+                  warmup_steps: int) -> dict[str, DecodeTiming]:
+    """Warm every system up, then alternate them repeat by repeat, so a burst of load from
+    other processes on a shared machine hits both systems rather than one."""
+    for decoder in decoders:
+        decoder.run(prompts, warmup_steps)  # warm-up: allocator, oneDNN primitive caches
+    prefills: dict[str, list[float]] = {d.system: [] for d in decoders}
+    means: dict[str, list[float]] = {d.system: [] for d in decoders}
     for _ in range(repeats):
-        prefill, times = decoder.run(prompts, steps)
-        prefills.append(prefill * 1000.0)
-        means.append(1000.0 * sum(times) / len(times))
-    return DecodeTiming(system=decoder.system, batch=len(prompts),
-                        ms_per_step=statistics.median(means), step_ms_repeats=tuple(means),
-                        prefill_ms=statistics.median(prefills))
+        for decoder in decoders:
+            prefill, times = decoder.run(prompts, steps)
+            prefills[decoder.system].append(prefill * 1000.0)
+            means[decoder.system].append(1000.0 * sum(times) / len(times))
+    return {name: DecodeTiming(system=name, batch=len(prompts),
+                               ms_per_step=statistics.median(means[name]),
+                               step_ms_repeats=tuple(means[name]),
+                               prefill_ms=statistics.median(prefills[name]))
+            for name in means}
 
 
 def copy_bandwidth(num_bytes: int = 512 << 20, repeats: int = 5) -> float:

@@ -2,7 +2,7 @@
 batch and machine, in one run, next to the memory-bandwidth and compute floors of this machine.
 
 Numbers from a shared machine move 10-20% between runs; the ratio (both systems measured in
-the same run, interleaved per batch size) is the figure to compare across runs.
+the same run, alternating repeat by repeat) is the figure to compare across runs.
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for batch in batches:
         prompts = eb.make_prompts(cfg, batch, args.prompt_len, args.seed + batch)
-        timings = {d.system: eb.time_decoder(d, prompts, args.steps, args.repeats,
-                                             args.warmup_steps) for d in decoders}
+        timings = eb.time_decoders(decoders, prompts, args.steps, args.repeats,
+                                   args.warmup_steps)
         rows.append(_row(cfg, batch, args, timings, machine))
         print(f"  batch {batch}: done", file=sys.stderr, flush=True)
     return {"model": args.model, "model_name": cfg.name, "dtype": args.dtype,

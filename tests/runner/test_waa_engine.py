@@ -24,8 +24,9 @@ ORDER = ("t_arrival", "t_queued", "t_encode_start", "t_encode_end", "t_kv_sent",
 
 
 def _flags_mesh(model: Path, runs: Path) -> LocalMesh:
-    """One encoder and two decoders, tp_size 1, from LaunchSpec fields."""
-    spec = LaunchSpec(groups=(WorkerGroup("encoder", 1), WorkerGroup("decoder", 2)),
+    """One tp_size 1 encoder and one decoder group of tp_size 2 (its ranks mirror the
+    running batch over gloo, each holding half the KV heads), from LaunchSpec fields."""
+    spec = LaunchSpec(groups=(WorkerGroup("encoder", 1), WorkerGroup("decoder", 1, 2)),
                       runs_path=runs, transport="ipc", encode_batch=4, dtype="float32",
                       **model_fields(str(model)))
     return LocalMesh(spec, startup_timeout_s=120)
@@ -61,7 +62,8 @@ async def _run_all(endpoint: str, work: list[tuple[list[int], int]]) -> list:
             client.generate(prompt_ids=p, max_new_tokens=n, timeout_s=120) for p, n in work))
 
 
-# Llama: the plan path (encoder tp_size 2, B_E adjustment); T5: plain flags, tp_size 1.
+# Llama: the plan path (encoder tp_size 2, two tp_size 1 decoders, B_E adjustment);
+# T5: plain flags, encoder tp_size 1 feeding a tp_size 2 decoder group.
 @pytest.fixture(scope="module", params=["llama", "t5"])
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
            ) -> Iterator[tuple[str, Path, int]]:
@@ -75,7 +77,8 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     if request.param == "llama":
         log = (mesh.spec.run_dir / "coordinator.jsonl").read_text()
         assert '"be_adjusted"' in log  # the bands above force adjustments, each one logged
-        assert (mesh.spec.run_dir / "encoder-enc0.r1.jsonl").is_file()  # the TP follower ran
+    follower = "encoder-enc0.r1" if request.param == "llama" else "decoder-dec0.r1"
+    assert '"event": "ready"' in (mesh.spec.run_dir / f"{follower}.jsonl").read_text()
     assert mesh.stop(grace_s=30) == []  # torch processes exit slowly on a loaded machine
 
 
