@@ -1,0 +1,81 @@
+"""The optimised closed form returns exactly the metrics of the pre-optimisation simulator.
+
+``data/simulator_golden.json`` was written by the simulator before the performance work (caches,
+de-duplicated stages, memoised WAA splits) from the candidates ``golden_cases()`` lists;
+regenerate it only for an intended change of the model: ``python tests/planner/
+test_simulator_golden.py --write``. Floats round-trip through JSON exactly (repr), so the
+comparison is for equality, not a tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from common.models.config import ModelConfig
+from coordinator.planner.analytic import analytic_profile
+from coordinator.planner.candidate import Candidate, Metrics, WorkloadStats
+from coordinator.planner.costs import Costs
+from coordinator.planner.simulator import simulate
+from coordinator.planner.workload import preset
+
+GOLDEN = Path(__file__).parent / "data" / "simulator_golden.json"
+CLUSTERS = {"opt-13b": ("a40", 4), "t5-11b": ("a40", 8), "gpt3-175b": ("a100", 16)}
+
+
+def golden_cases() -> list[tuple[str, str, Candidate]]:
+    """(model, task, candidate): every policy, TP degree, partial TP, small/large knobs."""
+    cases = []
+    for model, (_, n) in CLUSTERS.items():
+        for task in ("S", "T", "G", "C2"):
+            for b_e, n_d in ((1, 1), (8, 7), (64, 40), (256, 128)):
+                cases.append((model, task, Candidate("rra", n, 1, 0, b_e, n_d)))
+                cases.append((model, task, Candidate("rra", n, 2, n // 2, b_e, n_d)))
+                cases.append((model, task, Candidate("rra", n, 4, n, b_e, n_d)))
+            for b_e, b_m in ((1, 1), (6, 2), (40, 3), (200, 1)):
+                for pol in ("waa-c", "waa-m"):
+                    cases.append((model, task, Candidate(pol, n, 1, 0, b_e, 1, b_m)))
+                    cases.append((model, task, Candidate(pol, n, 2, 2, b_e, 1, b_m)))
+            for b in (1, 16, 128):
+                cases.append((model, task, Candidate("static", n, 2, 2, b)))
+                cases.append((model, task, Candidate("continuous", n, 1, 0, b)))
+    return cases
+
+
+def metrics_dict(m: Metrics) -> dict[str, Any]:
+    pipes = {k: [[st.tp, list(st.enc_layers), list(st.dec_layers), st.first, st.last]
+                 for st in v] for k, v in m.pipelines.items()}
+    return {"feasible": m.feasible, "reason": m.reason,
+            "values": [_num(x) for x in (m.throughput_seq_s, m.throughput_tok_s,
+                                         m.latency_p99len_s, m.latency_p99_s, m.ttft_s, m.tpot_s,
+                                         m.B_D, m.mem_capacity_bytes)],
+            "util": [_num(x) for x in m.worker_util], "mem": [_num(x) for x in m.worker_mem_bytes],
+            "pipelines": pipes, "extra": {k: _num(v) for k, v in sorted(m.extra.items())}}
+
+
+def _num(x: float) -> float | str:
+    x = float(x)
+    return x if math.isfinite(x) else repr(x)
+
+
+def compute_all() -> list[dict[str, Any]]:
+    costs = {m: Costs(analytic_profile(g, ModelConfig.preset(m))) for m, (g, _) in
+             CLUSTERS.items()}
+    stats = {t: WorkloadStats(preset(t)) for t in ("S", "T", "G", "C2")}
+    return [{"case": [model, task, repr(c)], **metrics_dict(simulate(c, stats[task], costs[model]))}
+            for model, task, c in golden_cases()]
+
+
+def test_simulator_matches_the_pre_optimisation_golden_metrics() -> None:
+    want = json.loads(GOLDEN.read_text())
+    got = compute_all()
+    assert len(got) == len(want) > 300
+    mismatches = [(w["case"], w, g) for w, g in zip(want, got, strict=True) if w != g]
+    assert not mismatches, f"{len(mismatches)} candidates differ; first: {mismatches[0]}"
+
+
+if __name__ == "__main__" and "--write" in sys.argv:
+    GOLDEN.write_text(json.dumps(compute_all(), indent=0) + "\n")
