@@ -8,7 +8,7 @@ Topology (endpoints come from config or the environment, `ipc://` or `tcp://`):
 
     client DEALER  --Submit/Cancel-->     ROUTER coordinator (EXEGPT_COORDINATOR_ENDPOINT)
     worker DEALER  --Hello/Ready/...-->   ROUTER coordinator (EXEGPT_WORKER_ENDPOINT)
-    encoder DEALER --KVHandoff-->         ROUTER decoder (its own kv_endpoint; errors go back to the sender)
+    encoder DEALER --KVHandoff-->         ROUTER decoder (its kv_endpoint; errors go back)
 
 A ROUTER sees every message as [identity, type, body, tensors...]: `recv_routed` splits the
 identity off, `send_routed` puts it back. DEALERs send [type, body, tensors...] (no empty

@@ -11,7 +11,8 @@ from coordinator import commands
 
 
 def _command_modules() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_"))
+    modules = pkgutil.iter_modules(commands.__path__)
+    return sorted(m.name for m in modules if not m.name.startswith("_"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,8 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         if name.startswith("bench_"):
             if bench_sub is None:
-                bench = sub.add_parser("bench", help="benchmarks: " + "engine, transport, planner ...")
-                bench_sub = bench.add_subparsers(dest="bench_command", metavar="TARGET", required=True)
+                bench = sub.add_parser("bench", help="benchmarks: engine, transport, planner ...")
+                bench_sub = bench.add_subparsers(
+                    dest="bench_command", metavar="TARGET", required=True
+                )
             module.register(bench_sub)
         else:
             module.register(sub)

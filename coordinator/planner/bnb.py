@@ -71,12 +71,19 @@ def branch_and_bound(axes: Sequence[Axis], evaluate: Evaluate, *, eps_t: float =
             best, best_f = x, f
 
     root = (tuple(0 for _ in axes), tuple(a.size - 1 for a in axes))
-    heap = [(-ev(_corner(*root, f_dirs))[0], root)]
+    # Entries: (-bound, lazy, box). A child enters with its parent's bound (lazy = 1, an upper
+    # bound of its own) and its f-maximising corner is only evaluated when it reaches the top:
+    # boxes the incumbent prunes meanwhile cost nothing. A box is processed only with its exact
+    # bound at the top, so boxes are still processed best-bound first.
+    heap = [(-ev(_corner(*root, f_dirs))[0], 0, root)]
     while heap:
-        neg_ub, (lo, hi) = heapq.heappop(heap)
+        neg_ub, lazy, (lo, hi) = heapq.heappop(heap)
         if -neg_ub <= best_f * (1.0 + eps_t):
             continue
         top = _corner(lo, hi, f_dirs)
+        if lazy:
+            heapq.heappush(heap, (-ev(top)[0], 0, (lo, hi)))
+            continue
         consider(top)
         if ev(top)[1] <= 1.0:
             continue  # the box's best point is feasible
@@ -94,7 +101,7 @@ def branch_and_bound(axes: Sequence[Axis], evaluate: Evaluate, *, eps_t: float =
                 consider(x)
             continue
         for child in _split(lo, hi):
-            heapq.heappush(heap, (-ev(_corner(*child, f_dirs))[0], child))
+            heapq.heappush(heap, (neg_ub, 1, child))
     return BnBResult(best, best_f, len(ev.cache))
 
 

@@ -9,6 +9,7 @@ not full, throughput-bound when it is. Decode contexts are the tokens each seque
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -71,16 +72,49 @@ class Costs:
         batch = np.asarray(batch, np.float64)
         return np.where(batch > 0, self._decode(st, batch, ctx), 0.0)
 
-    def decode_pipeline(self, pipe: Pipeline, batch: np.ndarray, ctx: np.ndarray
+    def decode_pipeline(self, pipe: Pipeline, batch: np.ndarray, ctx: np.ndarray,
+                        known: tuple[dict[int, Any], dict[tuple[str, int], Any]] | None = None
                         ) -> list[np.ndarray]:
-        """decode_stage for every stage, computing each TP degree's per-layer cost once."""
+        """decode_stage for every stage, computing each TP degree's per-layer cost once
+        (``known``: per-layer costs per tp and op costs already computed, see rra_table.py)."""
         batch = np.asarray(batch, np.float64)
-        layer: dict[int, Any] = {}
+        alive = batch > 0
+        return self.per_stage(pipe, batch, ctx, lambda t: np.where(alive, t, 0.0), known)
+
+    def per_stage(self, pipe: Pipeline, batch: Any, ctx: Any, finish: Callable[[Any], Any],
+                  known: tuple[dict[int, Any], dict[tuple[str, int], Any]] | None = None
+                  ) -> list[Any]:
+        """``finish(_decode(stage, batch, ctx))`` for every stage of the pipeline.
+
+        The search's hot path. Pipelines repeat stages (same tp, layer count and position), the
+        per-layer cost depends only on tp and the stage-send cost on nothing but the batch, so
+        each distinct stage is costed once and each op once; the arithmetic per stage is the
+        same as ``_decode``'s, so results are identical."""
+        p = self.profile
+        layer: dict[int, Any] = dict(known[0]) if known else {}
+        ops: dict[tuple[str, int], Any] = dict(known[1]) if known else {}
+        done: dict[tuple[int, int, bool, bool], Any] = {}
+
+        def op(name: str, tp: int, size: Any) -> Any:
+            if (name, tp) not in ops:
+                ops[name, tp] = p.op(name, tp, size)
+            return ops[name, tp]
+
         out = []
         for st in pipe:
-            if st.tp not in layer:
-                layer[st.tp] = self._decode_layer(st.tp, batch, ctx)
-            out.append(np.where(batch > 0, self._decode(st, batch, ctx, layer[st.tp]), 0.0))
+            key = (st.tp, st.num_dec, st.first, st.last)
+            if key not in done:
+                if st.tp not in layer:
+                    layer[st.tp] = self._decode_layer(st.tp, batch, ctx)
+                t = st.num_dec * layer[st.tp]
+                if st.first:
+                    t = t + op("embed", st.tp, batch)
+                if st.last:
+                    t = t + op("lm_head", st.tp, batch)
+                else:
+                    t = t + op("stage_send", 1, batch * self.hidden_bytes)
+                done[key] = finish(t)
+            out.append(done[key])
         return out
 
     def _decode_layer(self, tp: int, batch: Any, ctx: Any) -> Any:

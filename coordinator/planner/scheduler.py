@@ -22,14 +22,10 @@ from dataclasses import dataclass, field
 from coordinator.planner.bnb import Axis, BnBResult, branch_and_bound, exhaustive
 from coordinator.planner.candidate import Candidate, Metrics, WorkloadStats
 from coordinator.planner.costs import Costs
-from coordinator.planner.simulator import nearest_split, simulate, waa_share
+from coordinator.planner.rra_table import batch_grid
+from coordinator.planner.simulator import nearest_split, simulate, waa_pipelines, waa_share
 
 EXEGPT_POLICIES = ("rra", "waa-c", "waa-m")
-
-
-def batch_grid(limit: int = 512) -> list[int]:
-    grid = list(range(1, 17)) + list(range(18, 33, 2)) + list(range(36, 129, 4))
-    return [b for b in grid + list(range(136, 513, 8)) if b <= limit]
 
 
 def nd_grid(s_max: int) -> list[int]:
@@ -93,8 +89,11 @@ class _Run:
                                 self.costs) for b in batches]
             for k in self.tp_counts():
                 segments = self._split_segments(batches, shares, k)
+                micro = {i: self._max_micro(seg[0], k, eps_l) for i, seg in enumerate(segments)}
                 for b_m in range(1, self.num_workers):
-                    for seg in segments:
+                    for i, seg in enumerate(segments):
+                        if not use_exhaustive and b_m > micro[i]:
+                            continue  # no point of this run can meet g <= 1 + eps_L: skip
                         make = self._maker(seg, [1], [k], b_m)
                         found += self._run(algo, [Axis(len(seg), 1, 1)], make)
             return found
@@ -102,6 +101,22 @@ class _Run:
         ks = self.tp_counts()
         axes = [Axis(len(batches), 1, 1), Axis(len(nds), -1, -1), Axis(len(ks), -1, -1)]
         return self._run(algo, axes, self._maker(batches, nds, ks, 1))
+
+    def _max_micro(self, b_e: int, k: int, eps_l: float) -> int:
+        """The largest B_m a WAA run over B_E values with ``b_e``'s split can use; 0 when the
+        split cannot hold the TP workers or its weights alone exceed (1 + eps_L) x capacity.
+
+        Every point of such a run has g > 1 + eps_L (memory >= weights; too many micro-batches
+        or no fitting split is infeasible outright), so branch and bound would evaluate two
+        corners and prune the run: skipping it changes nothing but the evaluation count."""
+        pipes = waa_pipelines(Candidate(self.policy, self.num_workers, self.tp, k, b_e),
+                              self.stats, self.costs)
+        if pipes is None:
+            return 0
+        heaviest = max(self.costs.weight_bytes(st) for pipe in pipes for st in pipe)
+        if heaviest > self.costs.capacity * (1.0 + eps_l):
+            return 0
+        return len(pipes[1])
 
     def _split_segments(self, batches: list[int], shares: list[float], k: int
                         ) -> list[list[int]]:

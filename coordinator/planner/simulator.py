@@ -16,6 +16,8 @@ Saturated and offline, like the paper (arrivals are the discrete-event simulator
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 from scipy.optimize import brentq
 
@@ -28,6 +30,7 @@ from coordinator.planner.layout import (
     tp_stage_sizes,
 )
 from coordinator.planner.profile import Profile
+from coordinator.planner.rra_table import cycle_sums, decode_parts, step_batches
 from coordinator.planner.workload import Workload
 
 
@@ -68,15 +71,8 @@ def expected_encode(costs: Costs, pipe: Pipeline, batch: int, stats: WorkloadSta
 
 def rra_cycle(cand: Candidate, stats: WorkloadStats) -> tuple[np.ndarray, np.ndarray]:
     """Expected decode batch and mean context at offsets u = 1..N_D of a cycle."""
-    n_d = cand.N_D
-    cycles = -(-stats.s_max // n_d)
-    surv = np.zeros(cycles * n_d)
-    surv[: stats.s_max] = stats.surv
-    grid = surv.reshape(cycles, n_d)
-    ages = np.arange(1, cycles * n_d + 1, dtype=np.float64).reshape(cycles, n_d)
-    batch = cand.B_E * grid.sum(axis=0)
-    mean_age = (grid * ages).sum(axis=0) / np.maximum(grid.sum(axis=0), 1e-300)
-    return batch, stats.in_decode_weighted + mean_age
+    sums, ctx = cycle_sums(stats, cand.N_D)
+    return cand.B_E * sums, ctx
 
 
 def _rra(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline) -> Metrics:
@@ -86,12 +82,17 @@ def _rra(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline) ->
     # A step runs only if someone is alive (P ~ 1 - exp(-b), Poisson): with a long N_D the
     # tail of a cycle is often empty and the stream moves on to its next encode.
     p_any = -np.expm1(-batch)
-    dec = [d * p_any for d in costs.decode_pipeline(pipe, batch / np.maximum(p_any, 1e-12), ctx)]
+    tps = {st.tp for st in pipe}
+    dec = [d * p_any for d in costs.decode_pipeline(pipe, step_batches(batch, True), ctx,
+                                                      decode_parts(costs, stats, tps, cand.N_D,
+                                                                   cand.B_E, True))]
     t_enc = float(round_time(enc, streams)[()])
     t_dec = round_time(dec, streams)
     cycle = t_enc + float(t_dec.sum())
     # the p99-length request is itself alive in every step it waits for
-    t_alive = round_time(costs.decode_pipeline(pipe, np.maximum(batch, 1.0), ctx), streams)
+    t_alive = round_time(costs.decode_pipeline(pipe, step_batches(batch, False), ctx,
+                                               decode_parts(costs, stats, tps, cand.N_D,
+                                                            cand.B_E, False)), streams)
     s = stats.s99
     offset = 1 + (s - 1) % cand.N_D
     lat = ((-(-s // cand.N_D) - 1) * (t_enc + float(t_alive.sum())) + t_enc
@@ -146,7 +147,16 @@ def _continuous(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipel
 # ---- WAA ----------------------------------------------------------------------------------------
 def waa_share(cand: Candidate, stats: WorkloadStats, costs: Costs) -> float:
     """Ideal encoder workers: WAA-C balances compute per encoded batch, WAA-M balances memory.
-    Depends only on the policy, B_E and the worker count."""
+    Depends only on the policy, B_E and the worker count (memoised: asked at every B_E of
+    every WAA run)."""
+    cache = costs.__dict__.setdefault("_waa_share", {})
+    key = (cand.policy, cand.B_E, cand.num_workers, id(stats))
+    if key not in cache:
+        cache[key] = (_waa_share(cand, stats, costs), stats)  # stats kept alive: id stays valid
+    return cache[key][0]
+
+
+def _waa_share(cand: Candidate, stats: WorkloadStats, costs: Costs) -> float:
     whole = build_pipeline(costs.profile, [1], enc=True, dec=True)
     assert whole is not None
     st = whole[0]
@@ -167,9 +177,15 @@ def waa_share(cand: Candidate, stats: WorkloadStats, costs: Costs) -> float:
 
 def nearest_split(share: float, num_workers: int, tp: int, num_tp_workers: int) -> int:
     """The split nearest the ideal share whose groups can hold the TP workers (0: none)."""
-    fits = [n for n in range(1, num_workers) if split_tp_workers(
-        n, num_workers - n, tp, num_tp_workers) is not None]
+    fits = _fitting_splits(num_workers, tp, num_tp_workers)
     return min(fits, key=lambda n: (abs(n - share), n)) if fits else 0
+
+
+@lru_cache(maxsize=4096)
+def _fitting_splits(num_workers: int, tp: int, num_tp_workers: int) -> tuple[int, ...]:
+    """Encoder-group sizes whose two groups can hold the TP workers (pure; asked per B_E)."""
+    return tuple(n for n in range(1, num_workers) if split_tp_workers(
+        n, num_workers - n, tp, num_tp_workers) is not None)
 
 
 def waa_split(cand: Candidate, stats: WorkloadStats, costs: Costs) -> int:
@@ -196,13 +212,7 @@ def waa_stage_times(costs: Costs, pipe: Pipeline, b_d: float, ctx: float, num_mi
     b = b_d / num_micro
     if b <= 0:
         return [0.0] * len(pipe)
-    layer: dict[int, float] = {}
-    out = []
-    for st in pipe:
-        if st.tp not in layer:
-            layer[st.tp] = costs._decode_layer(st.tp, b, ctx)
-        out.append(float(costs._decode(st, b, ctx, layer[st.tp])))
-    return out
+    return costs.per_stage(pipe, b, ctx, float)
 
 
 def waa_round(costs: Costs, pipe: Pipeline, b_d: float, ctx: float, num_micro: int) -> float:

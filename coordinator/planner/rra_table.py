@@ -1,0 +1,122 @@
+"""RRA cycle quantities shared by many candidates, computed once (the search's hot loop).
+
+Within one search, RRA candidates differ in B_E, N_D and the TP workers. What they share:
+
+- the survival sums of a cycle, ``sum_c P(S >= c N_D + u)`` and the mean context at each
+  offset u: they depend on the workload and N_D only (``cycle_sums``);
+- the per-layer decode cost of every step of a cycle at a TP degree, and the embedding, LM head
+  and stage-send costs: they depend on the batch (B_E times the sums), the context and tp, not
+  on how the layers are split into stages. So ``decode_parts`` interpolates the profile for *every* B_E of ``batch_grid()`` at once (one
+  numpy call on a B_E x N_D array instead of one per candidate) and keeps the table; a
+  candidate reads its row. Every element goes through the same arithmetic as a one-row call,
+  so results are identical to costing the candidate alone (tests/planner/
+  test_simulator_golden.py).
+
+Tables live on the ``Costs`` object, keyed by the workload, and are bounded in total size
+(least recently used first out) so an exhaustive search cannot grow them without limit.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from coordinator.planner.candidate import WorkloadStats
+from coordinator.planner.costs import Costs
+
+MAX_TABLE_FLOATS = 4_000_000  # 32 MB of float64 across all tables of one Costs object
+BLOCK = 8  # grid B_E values costed together
+
+
+def batch_grid(limit: int = 512) -> list[int]:
+    """The B_E values the search tries: fine steps where batches are small, coarser above."""
+    grid = list(range(1, 17)) + list(range(18, 33, 2)) + list(range(36, 129, 4))
+    return [b for b in grid + list(range(136, 513, 8)) if b <= limit]
+
+
+_GRID = np.array(batch_grid(), dtype=np.float64)
+_ROW = {int(b): i for i, b in enumerate(_GRID)}
+
+
+def cycle_sums(stats: WorkloadStats, n_d: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sum over cycles of P(S >= c N_D + u), mean context) at offsets u = 1..N_D."""
+    cache = stats.__dict__.setdefault("_cycle_sums", {})
+    if n_d not in cache:
+        cycles = -(-stats.s_max // n_d)
+        surv = np.zeros(cycles * n_d)
+        surv[: stats.s_max] = stats.surv
+        grid = surv.reshape(cycles, n_d)
+        ages = np.arange(1, cycles * n_d + 1, dtype=np.float64).reshape(cycles, n_d)
+        sums = grid.sum(axis=0)
+        mean_age = (grid * ages).sum(axis=0) / np.maximum(sums, 1e-300)
+        cache[n_d] = (sums, stats.in_decode_weighted + mean_age)
+    return cache[n_d]
+
+
+def step_batches(batch: Any, alive_only: bool) -> Any:
+    """The batch a decode step runs with. ``alive_only``: the expected batch given that the step
+    runs at all (P(any alive) = 1 - e^-b, Poisson); else at least the request itself."""
+    if alive_only:
+        return batch / np.maximum(-np.expm1(-batch), 1e-12)
+    return np.maximum(batch, 1.0)
+
+
+def decode_parts(costs: Costs, stats: WorkloadStats, tps: set[int], n_d: int, b_e: int,
+                 alive_only: bool) -> tuple[dict[int, np.ndarray], dict[tuple[str, int], Any]]:
+    """Per-layer decode cost per tp and the per-step ops (embed, LM head per tp; stage send)
+    of each step u = 1..N_D of a cycle started by B_E requests: ``Costs.per_stage``'s inputs."""
+    layers = {tp: _row(costs, stats, ("layer", tp), n_d, b_e, alive_only) for tp in tps}
+    ops = {(name, tp): _row(costs, stats, (name, tp), n_d, b_e, alive_only)
+           for name in ("embed", "lm_head") for tp in tps}
+    ops["stage_send", 1] = _row(costs, stats, ("stage_send", 1), n_d, b_e, alive_only)
+    return layers, ops
+
+
+def _row(costs: Costs, stats: WorkloadStats, what: tuple[str, int], n_d: int, b_e: int,
+         alive_only: bool) -> np.ndarray:
+    """One B_E's row of a table over a block of ``BLOCK`` neighbouring grid B_E values (the
+    search moves locally, so neighbours are usually asked for next; off-grid B_E: one row)."""
+    index = _ROW.get(b_e)
+    block = None if index is None else index // BLOCK
+    key = (id(stats), what, n_d, alive_only, block if block is not None else -b_e)
+    tables: _Tables = costs.__dict__.setdefault("_rra_tables", _Tables())
+    table = tables.get(key)
+    if table is None:
+        sums, ctx = cycle_sums(stats, n_d)
+        rows = (_GRID[block * BLOCK:(block + 1) * BLOCK] if block is not None
+                else np.array([float(b_e)]))
+        batch = step_batches(rows[:, None] * sums, alive_only)
+        name, tp = what
+        if name == "layer":
+            table = costs._decode_layer(tp, batch, ctx)
+        elif name == "stage_send":
+            table = costs.profile.op(name, tp, batch * costs.hidden_bytes)
+        else:
+            table = costs.profile.op(name, tp, batch)
+        tables.put(key, stats, table)
+    return table[index % BLOCK if index is not None else 0]
+
+
+class _Tables:
+    """Least-recently-used tables bounded in total floats. Values keep their workload alive so
+    that the ``id`` in a key cannot be reused by another workload while the entry exists."""
+
+    def __init__(self) -> None:
+        self.items: OrderedDict[Any, tuple[WorkloadStats, np.ndarray]] = OrderedDict()
+        self.floats = 0
+
+    def get(self, key: Any) -> np.ndarray | None:
+        item = self.items.get(key)
+        if item is None:
+            return None
+        self.items.move_to_end(key)
+        return item[1]
+
+    def put(self, key: Any, stats: WorkloadStats, table: np.ndarray) -> None:
+        self.items[key] = (stats, table)
+        self.floats += table.size
+        while self.floats > MAX_TABLE_FLOATS and len(self.items) > 1:
+            _, (_, old) = self.items.popitem(last=False)
+            self.floats -= old.size
