@@ -66,7 +66,12 @@ class CacheBatch:
 
 
 class KVCache:
-    """Slot-based cache of one stage; see the module docstring for the layout."""
+    """Slot-based cache of one stage; see the module docstring for the layout.
+
+    The buffers are never part of autograd: every method that allocates or writes them runs in
+    inference mode, so workers may manage the cache between steps outside the stages' own
+    inference mode (torch refuses in-place updates of inference tensors there otherwise).
+    """
 
     def __init__(self, *, layer_start: int, layer_end: int, head_start: int, head_end: int,
                  num_kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -94,6 +99,7 @@ class KVCache:
     def num_heads(self) -> int:
         return self.head_end - self.head_start
 
+    @torch.inference_mode()
     def _alloc(self, name: str, slots: int, capacity: int) -> torch.Tensor:
         """A logical [layers, slots, heads, capacity, D] buffer. Keys are stored as
         [..., D, capacity] (a transposed view): the decode QK^T matmul then reads rows of
@@ -142,6 +148,7 @@ class KVCache:
         for lengths in self._lengths.values():
             lengths[slot] = 0
 
+    @torch.inference_mode()
     def compact(self) -> None:
         """Move the highest-slot sequences into holes so the active ones occupy slots 0..n-1."""
         while True:
@@ -162,6 +169,7 @@ class KVCache:
             lengths[dst], lengths[src] = lengths[src], 0
 
     # ---- capacity ----------------------------------------------------------------------
+    @torch.inference_mode()
     def _grow_slots(self, slots: int) -> None:
         extra = slots - len(self._req_of)
         self._req_of.extend([None] * extra)
@@ -172,6 +180,7 @@ class KVCache:
             new[:, : buf.shape[1]].copy_(buf)
             self._bufs[name] = new
 
+    @torch.inference_mode()
     def reserve(self, group: str, length: int) -> None:
         """Make every buffer of ``group`` hold at least ``length`` positions."""
         for name, buf in self._bufs.items():
@@ -199,12 +208,14 @@ class KVCache:
                           max_len=longest, span=span,
                           uniform=span is not None and min(lengths) == longest)
 
+    @torch.inference_mode()
     def write(self, layer: int, name: str, slot: int, start: int, values: torch.Tensor) -> None:
         """Store ``values`` [heads, T, D] at positions [start, start+T) of one sequence."""
         end = start + values.shape[1]
         self.reserve(self.group_of[name], end)
         self._bufs[name][layer - self.layer_start, slot, :, start:end].copy_(values)
 
+    @torch.inference_mode()
     def append(self, layer: int, name: str, batch: CacheBatch, values: torch.Tensor) -> None:
         """Store one position per sequence (``values`` [B, heads, D]) at its current length."""
         buf = self._bufs[name][layer - self.layer_start]
@@ -263,6 +274,7 @@ class KVCache:
                         layer_end=l1, head_start=h0, head_end=h1,
                         num_kv_heads=self.num_kv_heads, tensors=tensors)
 
+    @torch.inference_mode()
     def import_(self, exp: KVExport) -> None:
         """Take the part of ``exp`` overlapping this cache's layers and heads (a receiver with
         another tp_size imports several exports, or a slice of one)."""

@@ -144,3 +144,19 @@ def test_decode_in_any_slot_order_gives_the_same_logits() -> None:
         outs.append(dict(zip(order, logits, strict=True)))
     for r in ("a", "c"):
         torch.testing.assert_close(outs[0][r], outs[1][r], atol=1e-5, rtol=0)
+
+
+def test_cache_filled_in_inference_mode_can_be_managed_outside_it() -> None:
+    """Workers fill the cache inside the stages' inference mode and free/compact/import
+    between steps outside it; torch refuses in-place updates of inference tensors there."""
+    cache = _cache()
+    with torch.inference_mode():
+        for i, n in enumerate([3, 9, 2, 5]):  # buffers allocated and grown as inference tensors
+            _fill(cache, f"r{i}", n, base=1000 * i)
+    before = cache.export("r3")
+    cache.free("r0")
+    cache.compact()
+    cache.import_(KVExport(**{**before.__dict__, "req_id": "r9"}))
+    cache.reserve("k", 64)
+    for name in ("k", "v"):
+        assert torch.equal(cache.export("r9").tensors[name], before.tensors[name])
