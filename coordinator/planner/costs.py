@@ -8,8 +8,8 @@ not full, throughput-bound when it is. Decode contexts are the tokens each seque
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -138,8 +138,9 @@ class Costs:
     def handoff(self, pipe: Pipeline, tokens: float) -> float:
         """KV of ``tokens`` encoded tokens sent to each decoder stage (in parallel per rank)."""
         p = self.profile
-        return max(float(p.op("kv_handoff", 1, tokens * self.kv_bytes * st.num_dec / st.tp))
-                   for st in pipe)
+        shards = {(st.num_dec, st.tp) for st in pipe}  # stages repeat: each shard size once
+        return max(float(p.op("kv_handoff", 1, tokens * self.kv_bytes * num_dec / tp))
+                   for num_dec, tp in shards)
 
     # ---- memory ------------------------------------------------------------------------------
     def weight_bytes(self, st: Stage) -> float:
@@ -148,6 +149,15 @@ class Costs:
         if st not in cache:
             cache[st] = self._weight_bytes(st)
         return cache[st]
+
+    def pipeline_weights(self, pipe: Pipeline) -> list[float]:
+        """weight_bytes of every stage; memoised per pipeline object (pipelines are built once
+        per layout by build_pipeline, and hashing every stage per candidate is measurable)."""
+        cache = self.__dict__.setdefault("_pipe_weights", {})
+        item = cache.get(id(pipe))
+        if item is None or item[0] is not pipe:
+            item = cache[id(pipe)] = (pipe, [self.weight_bytes(st) for st in pipe])
+        return item[1]
 
     def _weight_bytes(self, st: Stage) -> float:
         m, d = self.profile.model, self.profile.dtype_bytes
@@ -175,7 +185,9 @@ class Costs:
 
     @property
     def capacity(self) -> float:
-        return self.profile.memory_bytes * MEMORY_RESERVE
+        if "_capacity" not in self.__dict__:
+            self.__dict__["_capacity"] = self.profile.memory_bytes * MEMORY_RESERVE
+        return self.__dict__["_capacity"]
 
 
 def round_time(stage_times: list[np.ndarray], num_micro: int) -> np.ndarray:

@@ -6,9 +6,10 @@ Within one search, RRA candidates differ in B_E, N_D and the TP workers. What th
   offset u: they depend on the workload and N_D only (``cycle_sums``);
 - the per-layer decode cost of every step of a cycle at a TP degree, and the embedding, LM head
   and stage-send costs: they depend on the batch (B_E times the sums), the context and tp, not
-  on how the layers are split into stages. So ``decode_parts`` interpolates the profile for *every* B_E of ``batch_grid()`` at once (one
-  numpy call on a B_E x N_D array instead of one per candidate) and keeps the table; a
-  candidate reads its row. Every element goes through the same arithmetic as a one-row call,
+  on how the layers are split into stages. So ``decode_parts`` interpolates the profile for a
+  block of neighbouring B_E values of ``batch_grid()`` at once (one numpy call on a B_E x N_D
+  array instead of one per candidate) and keeps the tables; a candidate reads its row, shared
+  by every TP-worker count. Every element goes through the same arithmetic as a one-row call,
   so results are identical to costing the candidate alone (tests/planner/
   test_simulator_golden.py).
 
@@ -26,7 +27,7 @@ import numpy as np
 from coordinator.planner.candidate import WorkloadStats
 from coordinator.planner.costs import Costs
 
-MAX_TABLE_FLOATS = 4_000_000  # 32 MB of float64 across all tables of one Costs object
+MAX_TABLE_FLOATS = 16_000_000  # 128 MB of float64 at most per Costs object (a search uses ~40)
 BLOCK = 8  # grid B_E values costed together
 
 
@@ -66,37 +67,28 @@ def step_batches(batch: Any, alive_only: bool) -> Any:
 def decode_parts(costs: Costs, stats: WorkloadStats, tps: set[int], n_d: int, b_e: int,
                  alive_only: bool) -> tuple[dict[int, np.ndarray], dict[tuple[str, int], Any]]:
     """Per-layer decode cost per tp and the per-step ops (embed, LM head per tp; stage send)
-    of each step u = 1..N_D of a cycle started by B_E requests: ``Costs.per_stage``'s inputs."""
-    layers = {tp: _row(costs, stats, ("layer", tp), n_d, b_e, alive_only) for tp in tps}
-    ops = {(name, tp): _row(costs, stats, (name, tp), n_d, b_e, alive_only)
-           for name in ("embed", "lm_head") for tp in tps}
-    ops["stage_send", 1] = _row(costs, stats, ("stage_send", 1), n_d, b_e, alive_only)
-    return layers, ops
+    of each step u = 1..N_D of a cycle started by B_E requests: ``Costs.per_stage``'s inputs.
 
-
-def _row(costs: Costs, stats: WorkloadStats, what: tuple[str, int], n_d: int, b_e: int,
-         alive_only: bool) -> np.ndarray:
-    """One B_E's row of a table over a block of ``BLOCK`` neighbouring grid B_E values (the
-    search moves locally, so neighbours are usually asked for next; off-grid B_E: one row)."""
+    Costed for a block of ``BLOCK`` neighbouring grid B_E values at once (the search moves
+    locally, so neighbours are usually asked for next; an off-grid B_E gets a one-row block)."""
     index = _ROW.get(b_e)
     block = None if index is None else index // BLOCK
-    key = (id(stats), what, n_d, alive_only, block if block is not None else -b_e)
+    key = (id(stats), tuple(sorted(tps)), n_d, alive_only, block if block is not None else -b_e)
     tables: _Tables = costs.__dict__.setdefault("_rra_tables", _Tables())
-    table = tables.get(key)
-    if table is None:
+    parts = tables.get(key)
+    if parts is None:
         sums, ctx = cycle_sums(stats, n_d)
         rows = (_GRID[block * BLOCK:(block + 1) * BLOCK] if block is not None
                 else np.array([float(b_e)]))
         batch = step_batches(rows[:, None] * sums, alive_only)
-        name, tp = what
-        if name == "layer":
-            table = costs._decode_layer(tp, batch, ctx)
-        elif name == "stage_send":
-            table = costs.profile.op(name, tp, batch * costs.hidden_bytes)
-        else:
-            table = costs.profile.op(name, tp, batch)
-        tables.put(key, stats, table)
-    return table[index % BLOCK if index is not None else 0]
+        layers = {tp: costs._decode_layer(tp, batch, ctx) for tp in tps}
+        ops = {(name, tp): costs.profile.op(name, tp, batch)
+               for name in ("embed", "lm_head") for tp in tps}
+        ops["stage_send", 1] = costs.profile.op("stage_send", 1, batch * costs.hidden_bytes)
+        parts = (layers, ops)
+        tables.put(key, stats, parts, batch.size * (len(layers) + len(ops)))
+    i = index % BLOCK if index is not None else 0
+    return {tp: t[i] for tp, t in parts[0].items()}, {k: t[i] for k, t in parts[1].items()}
 
 
 class _Tables:
@@ -104,19 +96,19 @@ class _Tables:
     that the ``id`` in a key cannot be reused by another workload while the entry exists."""
 
     def __init__(self) -> None:
-        self.items: OrderedDict[Any, tuple[WorkloadStats, np.ndarray]] = OrderedDict()
+        self.items: OrderedDict[Any, tuple[WorkloadStats, Any, int]] = OrderedDict()
         self.floats = 0
 
-    def get(self, key: Any) -> np.ndarray | None:
+    def get(self, key: Any) -> Any:
         item = self.items.get(key)
         if item is None:
             return None
         self.items.move_to_end(key)
         return item[1]
 
-    def put(self, key: Any, stats: WorkloadStats, table: np.ndarray) -> None:
-        self.items[key] = (stats, table)
-        self.floats += table.size
+    def put(self, key: Any, stats: WorkloadStats, value: Any, floats: int) -> None:
+        self.items[key] = (stats, value, floats)
+        self.floats += floats
         while self.floats > MAX_TABLE_FLOATS and len(self.items) > 1:
-            _, (_, old) = self.items.popitem(last=False)
-            self.floats -= old.size
+            _, (_, _, size) = self.items.popitem(last=False)
+            self.floats -= size

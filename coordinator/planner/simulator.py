@@ -52,11 +52,12 @@ def _finish(costs: Costs, stats: WorkloadStats, pipes: dict[str, Pipeline], *, x
             lat_b: float, lat_a: float, ttft: float, tpot: float, b_d: float,
             util: list[float], mem: list[float], extra: dict[str, float] | None = None
             ) -> Metrics:
-    over = [i for i, m in enumerate(mem) if m > costs.capacity]
+    capacity = costs.capacity
+    over = [i for i, m in enumerate(mem) if m > capacity]
     reason = (f"out of memory on worker {over[0]}: {mem[over[0]] / 1e9:.1f} GB > "
-              f"{costs.capacity / 1e9:.1f} GB usable") if over else ""
+              f"{capacity / 1e9:.1f} GB usable") if over else ""
     return Metrics(not over, reason, x, x * stats.mean_s, lat_b, lat_a, ttft, tpot, b_d,
-                   tuple(util), tuple(mem), costs.capacity, pipes, extra or {})
+                   tuple(util), tuple(mem), capacity, pipes, extra or {})
 
 
 def _per_worker(pipe: Pipeline, values: list[float]) -> list[float]:
@@ -99,7 +100,8 @@ def _rra(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline) ->
            + float(t_alive[:offset].sum()))
     util = [streams * (e + float(d.sum())) / cycle for e, d in zip(enc, dec, strict=True)]
     peak_tokens = float(np.max(batch * ctx)) * streams
-    mem = [costs.weight_bytes(st) + costs.kv_bytes_held(st, peak_tokens) for st in pipe]
+    mem = [w + costs.kv_bytes_held(st, peak_tokens)
+           for st, w in zip(pipe, costs.pipeline_weights(pipe), strict=True)]
     return _finish(costs, stats, {"pipeline": pipe}, x=streams * cand.B_E / cycle, lat_b=lat,
                    lat_a=lat, ttft=t_enc + float(t_dec[0]), tpot=cycle / cand.N_D,
                    b_d=float(batch[0]), util=_per_worker(pipe, util),
@@ -175,6 +177,7 @@ def _waa_share(cand: Candidate, stats: WorkloadStats, costs: Costs) -> float:
     return cand.num_workers * need_e / (need_e + need_d)
 
 
+@lru_cache(maxsize=65536)
 def nearest_split(share: float, num_workers: int, tp: int, num_tp_workers: int) -> int:
     """The split nearest the ideal share whose groups can hold the TP workers (0: none)."""
     fits = _fitting_splits(num_workers, tp, num_tp_workers)
@@ -247,9 +250,10 @@ def _waa(cand: Candidate, stats: WorkloadStats, costs: Costs) -> Metrics:
     util = [x / cand.B_E * e for e in enc] + [
         cand.B_m * t / rnd for t in waa_stage_times(costs, dec_pipe, b_d, ctx, cand.B_m)]
     in_flight = max(1.0, np.ceil((e_lat + hand) / rnd)) * cand.B_E * stats.mean_in
-    mem = [costs.weight_bytes(st) + costs.encoder_kv_bytes(st, float(in_flight))
-           for st in enc_pipe]
-    mem += [costs.weight_bytes(st) + costs.kv_bytes_held(st, b_d * ctx) for st in dec_pipe]
+    mem = [w + costs.encoder_kv_bytes(st, float(in_flight))
+           for st, w in zip(enc_pipe, costs.pipeline_weights(enc_pipe), strict=True)]
+    mem += [w + costs.kv_bytes_held(st, b_d * ctx)
+            for st, w in zip(dec_pipe, costs.pipeline_weights(dec_pipe), strict=True)]
     workers = _per_worker(enc_pipe, util[: len(enc_pipe)]) + _per_worker(
         dec_pipe, util[len(enc_pipe):])
     mems = _per_worker(enc_pipe, mem[: len(enc_pipe)]) + _per_worker(dec_pipe, mem[len(enc_pipe):])

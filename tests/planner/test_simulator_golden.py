@@ -15,10 +15,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from common.models.config import ModelConfig
 from coordinator.planner.analytic import analytic_profile
 from coordinator.planner.candidate import Candidate, Metrics, WorkloadStats
 from coordinator.planner.costs import Costs
+from coordinator.planner.rra_table import cycle_sums, decode_parts, step_batches
 from coordinator.planner.simulator import simulate
 from coordinator.planner.workload import preset
 
@@ -75,6 +78,25 @@ def test_simulator_matches_the_pre_optimisation_golden_metrics() -> None:
     assert len(got) == len(want) > 300
     mismatches = [(w["case"], w, g) for w, g in zip(want, got, strict=True) if w != g]
     assert not mismatches, f"{len(mismatches)} candidates differ; first: {mismatches[0]}"
+
+
+def test_block_tables_equal_costing_each_candidate_alone() -> None:
+    """A row of a B_E-block table is bit-identical to costing that B_E's cycle by itself, for
+    grid and off-grid B_E, at every TP degree and both step-batch rules."""
+    costs = Costs(analytic_profile("a40", ModelConfig.preset("opt-13b")))
+    stats = WorkloadStats(preset("G"))
+    for n_d in (1, 13, 200):
+        sums, ctx = cycle_sums(stats, n_d)
+        for b_e in (1, 7, 17, 64, 300, 512):
+            for alive in (True, False):
+                batch = step_batches(b_e * sums, alive)
+                layers, ops = decode_parts(costs, stats, {1, 2, 4}, n_d, b_e, alive)
+                for tp in (1, 2, 4):
+                    assert np.array_equal(layers[tp], costs._decode_layer(tp, batch, ctx))
+                    for name in ("embed", "lm_head"):
+                        assert np.array_equal(ops[name, tp], costs.profile.op(name, tp, batch))
+                assert np.array_equal(ops["stage_send", 1], costs.profile.op(
+                    "stage_send", 1, batch * costs.hidden_bytes))
 
 
 if __name__ == "__main__" and "--write" in sys.argv:
