@@ -111,3 +111,20 @@ def test_admission_limits_are_clear_errors() -> None:
     assert over.value.retry_after_s is not None
     with pytest.raises(ShuttingDown):
         admit(submit("c"), b"c", cfg, table, True, 100)
+
+
+def test_coordinator_timestamps_track_the_wire_lifecycle_fields() -> None:
+    """The coordinator's mutable accumulator and the frozen wire value must name the same
+    stamps, or a stamp added to one is silently dropped on the way to the client."""
+    from dataclasses import fields
+
+    from common.protocol import Lifecycle
+    from coordinator.requests import Timestamps
+
+    assert [f.name for f in fields(Timestamps)] == [f.name for f in fields(Lifecycle)]
+    # Workers' stamps merge in; per-token times are the coordinator's own (taken as it relays).
+    stamps = Timestamps(t_arrival=1.0, t_queued=2.0, t_first_token=3.0, t_tokens=[3.0, 4.0])
+    back = Timestamps(t_tokens=[5.0])
+    back.take(stamps.lifecycle())
+    assert back.lifecycle() == Lifecycle(t_arrival=1.0, t_queued=2.0, t_first_token=3.0,
+                                         t_tokens=(5.0,))
