@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from common import protocol as P
+from common.models.config import ModelConfig
 from common.workerconfig import WorkerConfig
 from common.workerlink import WorkerLink
 
@@ -57,3 +58,27 @@ def setup_worker_logs(cfg: WorkerConfig) -> Any:
 
     setup_logging(cfg.role, cfg.worker_id, tp_rank=cfg.tp_rank)
     return get_logger()
+
+
+class FollowerLoop:
+    """TP ranks > 0 of a worker group (encoder or decoder): no mesh data traffic (the link
+    still heartbeats), just mirror rank 0 through the group's gloo broadcasts."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+
+    def load(self) -> dict[str, Any]:
+        return {"follower": True}
+
+    def run(self) -> int:
+        return int(self.backend.follow())
+
+
+def check_same_model(mine: ModelConfig, assign: P.Assign) -> None:
+    """The worker's weights must be the model the coordinator validates requests against."""
+    theirs = ModelConfig.from_dict(assign.config["model"])
+    if mine.to_dict() != theirs.to_dict():
+        raise ValueError(f"this worker loaded {mine.family} (vocab {mine.vocab_size}, "
+                         f"{mine.num_layers} layers) but the coordinator serves "
+                         f"{theirs.family} (vocab {theirs.vocab_size}, {theirs.num_layers} "
+                         "layers); start both with the same --model")

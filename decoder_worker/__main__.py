@@ -9,9 +9,8 @@ from typing import Any
 from common import protocol as P
 from common import workerconfig
 from common.workerlink import WorkerLink
-from common.workermain import run_worker
+from common.workermain import FollowerLoop, run_worker
 from decoder_worker.worker import DecoderLoop, build_backend
-from encoder_worker.worker import FollowerLoop
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,12 +21,12 @@ from common.backend import DecodeBackend, DecodeSeq, NullDecodeBackend, NullShap
 from common.models.config import ModelConfig
 from common.workerconfig import WorkerConfig
 from common.workerlink import Stop, WorkerLink
+from common.workermain import check_same_model
 
 
 def build_backend(cfg: WorkerConfig, assign: P.Assign) -> DecodeBackend:
     if cfg.backend == "engine":
         from common.backend_engine import EngineDecodeBackend, load_spec
-        from encoder_worker.worker import check_same_model
 
         assert cfg.model is not None
         spec = load_spec(cfg.model)

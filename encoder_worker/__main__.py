@@ -9,8 +9,8 @@ from typing import Any
 from common import protocol as P
 from common import workerconfig
 from common.workerlink import WorkerLink
-from common.workermain import run_worker
-from encoder_worker.worker import EncoderLoop, FollowerLoop, build_backend
+from common.workermain import FollowerLoop, run_worker
+from encoder_worker.worker import EncoderLoop, build_backend
 
 
 def main(argv: list[str] | None = None) -> int:

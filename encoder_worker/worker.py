@@ -19,23 +19,10 @@ from common.backend import EncodeBackend, Encoded, EncodeItem, NullEncodeBackend
 from common.models.config import ModelConfig
 from common.workerconfig import WorkerConfig
 from common.workerlink import Stop, WorkerLink
+from common.workermain import check_same_model
 
 MAX_CANCELLED = 65536
 IDLE_TICK_S = 1.0  # the backend's idle() runs this often while no batch comes
-
-
-class FollowerLoop:
-    """TP ranks > 0 of a worker group (encoder or decoder): no mesh data traffic (the link
-    still heartbeats), just mirror rank 0 through the group's gloo broadcasts."""
-
-    def __init__(self, backend: Any) -> None:
-        self.backend = backend
-
-    def load(self) -> dict[str, Any]:
-        return {"follower": True}
-
-    def run(self) -> int:
-        return int(self.backend.follow())
 
 
 def build_backend(cfg: WorkerConfig, assign: P.Assign) -> tuple[EncodeBackend, NullShape]:
@@ -56,16 +43,6 @@ def build_backend(cfg: WorkerConfig, assign: P.Assign) -> tuple[EncodeBackend, N
     model = ModelConfig.from_dict(assign.config["model"])
     shape = NullShape(model, tp_rank=cfg.tp_rank, tp_size=cfg.tp_size)
     return NullEncodeBackend(shape, cfg.encode_cost_ms, cfg.encode_cost_ms_per_token), shape
-
-
-def check_same_model(mine: ModelConfig, assign: P.Assign) -> None:
-    """The worker's weights must be the model the coordinator validates requests against."""
-    theirs = ModelConfig.from_dict(assign.config["model"])
-    if mine.to_dict() != theirs.to_dict():
-        raise ValueError(f"this worker loaded {mine.family} (vocab {mine.vocab_size}, "
-                         f"{mine.num_layers} layers) but the coordinator serves "
-                         f"{theirs.family} (vocab {theirs.vocab_size}, {theirs.num_layers} "
-                         "layers); start both with the same --model")
 
 
 class EncoderLoop:
