@@ -47,7 +47,7 @@ __all__ = [
     "ROLES", "FINISH_REASONS", "Sampling", "Lifecycle", "Hello", "Assign", "Ready",
     "Heartbeat", "Shutdown", "Submit", "StreamChunk", "Result", "Cancel", "Error",
     "StatsRequest", "Stats", "EncodeRequest", "EncodeBatch", "KVPayload", "KVHandoff",
-    "TokenUpdate", "DecodeTokens", "error_for",
+    "TokenUpdate", "DecodeTokens", "StagePass", "PassDone", "PASS_KINDS", "error_for",
 ]
 
 ROLES = ("encoder", "decoder", "pipeline", "any")
@@ -465,3 +465,66 @@ class DecodeTokens(Message):
     step: int
     t_emitted: float
     updates: tuple[TokenUpdate, ...]
+
+
+# ---------------------------------------------------------------- pipeline plans (0x23-0x24)
+PASS_KINDS = ("encode", "decode")
+
+
+@register
+@dataclass(frozen=True)
+class StagePass(Message):
+    """One pass of one stream through a pipeline of stage workers (RRA, static, continuous).
+
+    Coordinator -> stage 0 without ``hidden``; stage s -> stage s+1 (direct, to the next
+    stage's ``kv_endpoint``) with ``hidden`` = stage s's output rows, packed as the engine's
+    StageBatch (``sum(seq_lens)`` rows for encode, one row per sequence for decode). Every stage
+    first frees ``free`` (finished or cancelled requests), then runs the pass over ``req_ids``
+    in that order. Encode: ``requests`` holds the prompts (same order as ``req_ids``), and
+    ``tokens`` is empty. Decode: ``tokens`` holds each sequence's last token and ``requests``
+    is empty. ``kind == "decode"`` with no ``req_ids`` only frees.
+    """
+
+    TYPE: ClassVar[int] = 0x23
+    pass_id: int
+    stream: int
+    kind: str
+    req_ids: tuple[str, ...]
+    tokens: tuple[int, ...] = ()
+    requests: tuple[EncodeRequest, ...] = ()
+    free: tuple[str, ...] = ()
+    hidden: Tensor | None = None
+    stage_times: tuple[float, ...] = ()  # seconds each earlier stage computed this pass
+
+    def check(self) -> None:
+        if self.kind not in PASS_KINDS:
+            raise ValueError(f"kind must be one of {PASS_KINDS}, got {self.kind!r}")
+        if self.pass_id < 0 or self.stream < 0:
+            raise ValueError("pass_id and stream must be >= 0")
+        if self.kind == "encode" and tuple(r.req_id for r in self.requests) != self.req_ids:
+            raise ValueError("an encode pass needs requests in the order of req_ids")
+        if self.kind == "decode" and len(self.tokens) != len(self.req_ids):
+            raise ValueError(f"a decode pass needs one token per request: "
+                             f"{len(self.tokens)} tokens for {len(self.req_ids)} requests")
+
+
+@register
+@dataclass(frozen=True)
+class PassDone(Message):
+    """Last pipeline stage -> coordinator: the pass's new token for each sequence, in the
+    pass's order (``finished`` ones are freed by the last stage at once; the coordinator puts
+    them in the stream's next ``free`` so the other stages free them too). ``error`` set: the
+    pass failed on ``worker_id`` and no tokens came out (every stage dropped its requests)."""
+
+    TYPE: ClassVar[int] = 0x24
+    worker_id: str
+    pass_id: int
+    stream: int
+    kind: str
+    updates: tuple[TokenUpdate, ...] = ()
+    stage_times: tuple[float, ...] = ()  # seconds each stage computed, stage 0 first
+    error: str | None = None
+
+    def check(self) -> None:
+        if self.kind not in PASS_KINDS:
+            raise ValueError(f"kind must be one of {PASS_KINDS}, got {self.kind!r}")

@@ -18,7 +18,8 @@ def test_type_bytes_are_pinned() -> None:
         "Hello": 0x01, "Assign": 0x02, "Ready": 0x03, "Heartbeat": 0x04, "Shutdown": 0x05,
         "Submit": 0x10, "StreamChunk": 0x11, "Result": 0x12, "Cancel": 0x13, "Error": 0x14,
         "StatsRequest": 0x15, "Stats": 0x16,
-        "EncodeBatch": 0x20, "KVHandoff": 0x21, "DecodeTokens": 0x22,
+        "EncodeBatch": 0x20, "KVHandoff": 0x21, "DecodeTokens": 0x22, "StagePass": 0x23,
+        "PassDone": 0x24,
     }
 
 

@@ -40,6 +40,11 @@ def samples() -> list[P.Message]:
         P.KVHandoff("r1", "enc-0", 99, 3, 8, SAMPLING, kv, LIFE),
         P.DecodeTokens("dec-0", 17, 99.5, (P.TokenUpdate("r1", (5,)),
                                            P.TokenUpdate("r2", (6, 7), True, "stop", LIFE))),
+        P.StagePass(3, 1, "encode", ("r1",), requests=(P.EncodeRequest("r1", (5, 6), 4),),
+                    free=("r0",), stage_times=(0.5,)),
+        P.StagePass(4, 0, "decode", ("r1", "r2"), tokens=(9, 10)),
+        P.PassDone("stage-1", 4, 0, "decode", (P.TokenUpdate("r1", (11,)),), (0.1, 0.2)),
+        P.PassDone("stage-1", 5, 0, "encode", error="boom"),
     ]
 
 
@@ -53,6 +58,19 @@ def test_round_trip(msg: P.Message) -> None:
     assert frames[0] == bytes((type(msg).TYPE,))
     assert P.decode(frames) == msg
     assert P.decode([bytes(f) for f in frames]) == msg
+
+
+def test_stage_pass_carries_hidden_rows() -> None:
+    hidden = np.arange(2 * 8, dtype=np.float32).reshape(2, 8)
+    msg = P.StagePass(3, 1, "decode", ("r1", "r2"), tokens=(4, 5), hidden=hidden)
+    got = P.decode(P.encode(msg))
+    assert got.req_ids == ("r1", "r2") and got.tokens == (4, 5)
+    assert np.array_equal(np.asarray(got.hidden.as_numpy()), hidden)
+
+
+def test_stage_pass_rejects_mismatched_tokens() -> None:
+    with pytest.raises(ValueError, match="one token per request"):
+        P.StagePass(1, 0, "decode", ("r1", "r2"), tokens=(4,))
 
 
 def test_lists_become_tuples_so_round_trips_compare_equal() -> None:
