@@ -42,7 +42,7 @@ def sampling_params(sampling: P.Sampling | None, max_new_tokens: int) -> Samplin
     s = sampling or P.Sampling()
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=s.temperature,
                           top_k=s.top_k, top_p=s.top_p, seed=s.seed,
-                          stop_token_ids=tuple(s.stop_token_ids))
+                          stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos)
 
 
 def load_spec(model: str) -> ModelSpec:

@@ -166,13 +166,14 @@ def submit_message(
     top_p: float = 1.0,
     seed: int | None = None,
     stop_token_ids: Sequence[int] = (),
+    ignore_eos: bool = False,
     chat: bool = False,
     timeout_s: float | None = None,
     req_id: str | None = None,
     stream: bool = True,
 ) -> P.Submit:
     """The Submit for these arguments (ValueError names a bad one before anything is sent)."""
-    sampling = P.Sampling(temperature, top_k, top_p, seed, tuple(stop_token_ids))
+    sampling = P.Sampling(temperature, top_k, top_p, seed, tuple(stop_token_ids), ignore_eos)
     return P.Submit(req_id or uuid.uuid4().hex, prompt,
                     None if prompt_ids is None else tuple(prompt_ids), max_new_tokens,
                     sampling, stream, timeout_s, chat)

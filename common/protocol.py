@@ -83,6 +83,7 @@ class Sampling(Struct):
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False  # run to max_new_tokens (benchmarks force output lengths)
 
     def check(self) -> None:
         if not self.temperature >= 0.0:

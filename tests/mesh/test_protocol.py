@@ -165,7 +165,7 @@ def test_too_few_frames() -> None:
     assert "at least 2 frames" in _decode_error([b"\x13"])
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", None, 1.0])
+@pytest.mark.parametrize("version", [1, 3, 0, "2", None, 2.0])
 def test_wrong_version(version: object) -> None:
     body = _body(CANCEL) | {"v": version}
     assert "protocol version" in _decode_error(_frames(0x13, body))
@@ -237,7 +237,7 @@ def test_invalid_utf8_is_refused() -> None:
 
 
 def test_msgpack_ext_types_are_refused() -> None:
-    body = msgpack.packb({"v": 1, "req_id": msgpack.ExtType(1, b"x"), "reason": ""})
+    body = msgpack.packb({"v": P.PROTOCOL_VERSION, "req_id": msgpack.ExtType(1, b"x"), "reason": ""})
     assert "ext" in _decode_error([b"\x13", body])
 
 
