@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import threading
 import time
 import uuid
@@ -33,20 +34,57 @@ from typing import Any, TypeVar
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from common import protocol as P
-from common.errors import Cancelled, ProtocolError, Timeout, error_from_code
+from common.errors import (
+    AuthenticationFailed,
+    Cancelled,
+    ProtocolError,
+    Timeout,
+    error_from_code,
+)
 from common.sockets import (
     ENV_COORDINATOR_ENDPOINT,
     CurveKeys,
     arecv_msg,
     asend_msg,
     endpoint_from_env,
+    load_curve_client,
     make_socket,
+    read_public_key,
 )
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 600.0
+ENV_CURVE_SERVER_PUBLIC = "EXEGPT_CURVE_SERVER_PUBLIC"
+ENV_CURVE_CLIENT_KEY = "EXEGPT_CURVE_CLIENT_KEY"
+HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+_HANDSHAKE_WHY = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "this client's public key is not on its allow-list "
+                                     "(authentication failed)",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "security mismatch",
+}
+_HANDSHAKE_HINT = ("; a CURVE server needs server_public_key= and client_keys= (CLI: "
+                   "--server-key/--client-key), a plain server refuses CURVE clients")
+
+
+def curve_client_keys(server_public_key: str | None,
+                      client_keys: str | tuple[str, str] | None) -> CurveKeys | None:
+    """CURVE client keys from SDK arguments or the environment; None: plain connection."""
+    server_public_key = server_public_key or os.environ.get(ENV_CURVE_SERVER_PUBLIC) or None
+    client_keys = client_keys or os.environ.get(ENV_CURVE_CLIENT_KEY) or None
+    if server_public_key is None and client_keys is None:
+        return None
+    if server_public_key is None or client_keys is None:
+        raise ValueError("CURVE needs both server_public_key (the server.key file or its "
+                         "40-character key) and client_keys (this client's .key_secret file)")
+    if isinstance(client_keys, str):
+        return load_curve_client(client_keys, server_public_key)
+    public, secret = client_keys
+    return CurveKeys(public=public, secret=secret,
+                     server_public=read_public_key(server_public_key))
 _CLOSED = object()
 
 
@@ -60,13 +98,22 @@ class AsyncClient:
         default_timeout_s: float | None = DEFAULT_TIMEOUT_S,
         curve: CurveKeys | None = None,
         limits: P.Limits = P.DEFAULT_LIMITS,
+        server_public_key: str | None = None,
+        client_keys: str | tuple[str, str] | None = None,
     ) -> None:
+        """``server_public_key`` (z85 text or the server.key file) and ``client_keys`` (this
+        client's .key_secret file, or (public, secret) z85 text) turn on CURVE; both default
+        to ``EXEGPT_CURVE_SERVER_PUBLIC`` / ``EXEGPT_CURVE_CLIENT_KEY`` when set."""
         self.endpoint = endpoint or endpoint_from_env(ENV_COORDINATOR_ENDPOINT)
         self.default_timeout_s = default_timeout_s
-        self._curve, self._limits = curve, limits
+        self._curve = curve or curve_client_keys(server_public_key, client_keys)
+        self._limits = limits
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: Any = None
         self._reader: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._auth_error: AuthenticationFailed | None = None
+        self._refused: asyncio.Event = asyncio.Event()
         self._pending: dict[str, asyncio.Queue[Any]] = {}
 
     async def __aenter__(self) -> AsyncClient:
@@ -87,20 +134,47 @@ class AsyncClient:
             self._sock = make_socket(self._ctx, "DEALER", connect=self.endpoint,
                                      curve_client=self._curve)
             self._reader = loop.create_task(self._read_forever())
+            self._refused = asyncio.Event()
+            self._watcher = loop.create_task(self._watch_handshakes(
+                self._sock.get_monitor_socket(HANDSHAKE_EVENTS)))
 
     async def close(self) -> None:
         """Stop reading, fail waiting requests with Cancelled, close the socket."""
-        reader = self._reader
-        if reader is not None and not reader.done():
-            reader.cancel()
-            if reader.get_loop() is asyncio.get_running_loop():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader
+        for task in (self._reader, self._watcher):
+            if task is not None and not task.done():
+                task.cancel()
+                if task.get_loop() is asyncio.get_running_loop():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
         for queue in self._pending.values():
             queue.put_nowait(Cancelled("client closed"))
         if self._sock is not None:
+            self._sock.disable_monitor()
             self._sock.close(linger=0)
-        self._sock = self._ctx = self._reader = None
+        self._sock = self._ctx = self._reader = self._watcher = None
+
+    async def _watch_handshakes(self, monitor: Any) -> None:
+        """Turn a refused handshake into AuthenticationFailed for every waiting request.
+
+        Why: the server cannot answer a peer it did not authenticate, and libzmq retries the
+        connection silently; without this a caller would only ever see a Timeout."""
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self._auth_error = None
+                    self._refused.clear()
+                    continue
+                self._auth_error = AuthenticationFailed(
+                    f"the server at {self.endpoint} refused the connection: "
+                    f"{_HANDSHAKE_WHY.get(event['event'], 'the handshake failed')}"
+                    + ("" if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                       else _HANDSHAKE_HINT))
+                self._refused.set()
+                for queue in self._pending.values():
+                    queue.put_nowait(self._auth_error)
+        finally:
+            monitor.close(linger=0)
 
     async def _read_forever(self) -> None:
         while True:
@@ -133,22 +207,52 @@ class AsyncClient:
         if queue is not None:
             queue.put_nowait(Cancelled(reason, req_id=req_id))
         if self._sock is not None:
-            await asend_msg(self._sock, P.Cancel(req_id, reason))
+            self._send_nowait(P.Cancel(req_id, reason))
 
     async def stats(self, *, include_requests: bool = False, timeout_s: float = 10.0) -> P.Stats:
+        """What the coordinator measured (docs/stats.md): ``.stats`` is the dict (counters,
+        workers, ``overall``, ``per_worker``, ``plan``/``vs_plan``); with ``include_requests``
+        ``.requests`` maps the recent finished requests' ids to their Lifecycle timestamps."""
         req_id = uuid.uuid4().hex
         queue = self._register(req_id)
         try:
-            await asend_msg(self._sock, P.StatsRequest(req_id, include_requests))
-            msg = await _get(queue, time.monotonic() + timeout_s, req_id)
+            deadline = time.monotonic() + timeout_s
+            await self._send(P.StatsRequest(req_id, include_requests), deadline, req_id)
+            msg = await _get(queue, deadline, req_id)
         finally:
             self._pending.pop(req_id, None)
         if isinstance(msg, P.Stats):
             return msg
         raise ProtocolError(f"expected Stats, got {type(msg).__name__}")
 
+    async def _send(self, msg: P.Message, deadline: float | None, req_id: str) -> None:
+        """Send, giving up on a refused handshake or at the deadline: a DEALER whose
+        connection never completes (refused by CURVE) would otherwise block the send forever."""
+        send = asyncio.ensure_future(asend_msg(self._sock, msg))
+        refused = asyncio.ensure_future(self._refused.wait())
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done, _ = await asyncio.wait({send, refused}, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        refused.cancel()
+        if send in done:
+            send.result()
+            return
+        send.cancel()
+        if self._auth_error is not None:
+            raise self._auth_error
+        raise Timeout("could not send the request before its timeout (is the server up?)",
+                      req_id=req_id)
+
+    def _send_nowait(self, msg: P.Message) -> None:
+        """Best-effort (Cancel): never blocks; a full or refused connection drops it."""
+        if self._sock is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.send_multipart(P.encode(msg), zmq.NOBLOCK, copy=False)
+
     def _register(self, req_id: str) -> asyncio.Queue[Any]:
         self._ensure_started()
+        if self._auth_error is not None:
+            raise self._auth_error
         if req_id in self._pending:
             raise ValueError(f"req_id {req_id!r} is already in flight on this client")
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -229,7 +333,7 @@ class AsyncStream:
             self.submit = dataclasses.replace(self.submit, timeout_s=timeout)
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._queue = self.client._register(self.req_id)  # noqa: SLF001
-        await asend_msg(self.client._sock, self.submit)  # noqa: SLF001
+        await self.client._send(self.submit, self._deadline, self.req_id)  # noqa: SLF001
 
     async def _chunks(self) -> AsyncIterator[P.StreamChunk]:
         await self.start()
@@ -267,8 +371,7 @@ class AsyncStream:
         if self.client._pending.pop(self.req_id, None) is None:  # noqa: SLF001
             return
         if not self._done and self.client._sock is not None:  # noqa: SLF001
-            with contextlib.suppress(zmq.ZMQError):
-                await asend_msg(self.client._sock, P.Cancel(self.req_id, "client gave up"))  # noqa: SLF001
+            self.client._send_nowait(P.Cancel(self.req_id, "client gave up"))  # noqa: SLF001
         self._done = True
 
 
@@ -305,8 +408,10 @@ class Client:
     def cancel(self, req_id: str) -> None:
         self._run(self._async.cancel(req_id))
 
-    def stats(self, **kwargs: Any) -> P.Stats:
-        return self._run(self._async.stats(**kwargs))
+    def stats(self, *, include_requests: bool = False, timeout_s: float = 10.0) -> P.Stats:
+        """See :meth:`AsyncClient.stats`: ``.stats`` the dict, ``.requests`` the lifecycles."""
+        return self._run(self._async.stats(include_requests=include_requests,
+                                           timeout_s=timeout_s))
 
     def close(self) -> None:
         if self._loop.is_closed():

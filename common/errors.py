@@ -15,6 +15,7 @@ one table from code to class, and that table lives here (torch-free, zmq-free).
         +-- ShuttingDown         the server is stopping and no longer takes work
         +-- Unavailable          no worker of a needed role is available
         +-- InternalError        a bug or unexpected failure on the server
+        +-- AuthenticationFailed the server refused this client's CURVE keys (or their absence)
 """
 
 from __future__ import annotations
@@ -98,6 +99,14 @@ class InternalError(ServerError):
     code = "internal"
 
 
+class AuthenticationFailed(ServerError):
+    """The CURVE handshake failed: no keys, a key not on the server's allow-list, or the wrong
+    server key. Raised by the SDK from its socket's handshake events (the server never gets
+    to answer an unauthenticated peer)."""
+
+    code = "unauthenticated"
+
+
 class RemoteProtocolError(ServerError):
     """The peer could not decode a message we sent (it answered with code `protocol_error`)."""
 
@@ -114,6 +123,7 @@ _CLASSES: tuple[type[ServerError], ...] = (
     Unavailable,
     InternalError,
     RemoteProtocolError,
+    AuthenticationFailed,
 )
 
 ERROR_CODES: dict[str, type[ServerError]] = {cls.code: cls for cls in _CLASSES}

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
+from common import protocol_fast
 from common.errors import ProtocolError
 from common.protocol_fields import (
     DecodeCtx,
@@ -75,6 +76,7 @@ class Message(Struct):
 
 
 _REGISTRY: dict[int, type[Message]] = {}
+_TYPE_BYTES = [bytes((i,)) for i in range(256)]
 
 
 def register(cls: type[Message]) -> type[Message]:
@@ -100,16 +102,21 @@ def encode(msg: Message, *, inline_threshold: int = DEFAULT_INLINE_THRESHOLD) ->
     Tensor frames are views over the tensors' own memory: send them with copy=False and do
     not modify the tensors until the send has completed.
     """
-    if type(msg).TYPE not in _REGISTRY or _REGISTRY[type(msg).TYPE] is not type(msg):
-        raise ProtocolError(f"{type(msg).__name__} is not a registered message type")
-    ctx = EncodeCtx([], inline_threshold)
-    body = {"v": PROTOCOL_VERSION}
-    body.update(encode_fields(msg, ctx))
+    cls = type(msg)
+    if _REGISTRY.get(cls.TYPE) is not cls:
+        raise ProtocolError(f"{cls.__name__} is not a registered message type")
+    frames: list[Any] = []
+    try:
+        body = protocol_fast.encoder(cls, PROTOCOL_VERSION)(msg, frames, inline_threshold)
+    except Exception:  # noqa: BLE001 - not plainly valid: the generic path decides and words it
+        frames.clear()
+        body = {"v": PROTOCOL_VERSION}
+        body.update(encode_fields(msg, EncodeCtx(frames, inline_threshold)))
     try:
         packed = msgpack.packb(body, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ProtocolError(f"{type(msg).__name__}: cannot pack body: {exc}") from None
-    return [bytes((msg.TYPE,)), packed, *ctx.frames]
+    return [_TYPE_BYTES[cls.TYPE], packed, *frames]
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
@@ -118,8 +125,7 @@ def _refuse_ext(code: int, data: bytes) -> Any:
 
 def _buffer(frame: Any) -> memoryview:
     """bytes / bytearray / memoryview / zmq.Frame -> memoryview without copying."""
-    buf = getattr(frame, "buffer", None)  # zmq.Frame from recv_multipart(copy=False)
-    return buf if isinstance(buf, memoryview) else memoryview(frame)
+    return memoryview(frame)  # a zmq.Frame (recv_multipart(copy=False)) exports its buffer
 
 
 def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
@@ -128,7 +134,7 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
         raise ProtocolError(f"a message needs at least 2 frames (type, body), got {len(frames)}")
     if len(frames) > limits.max_frames:
         raise ProtocolError(f"{len(frames)} frames exceed the limit of {limits.max_frames}")
-    bufs = [_buffer(f) for f in frames]
+    bufs = list(map(memoryview, frames))  # no copies (zmq.Frame exports its buffer)
     cls = _message_class(bufs[0])
     body = _unpack_body(bufs[1], limits, cls.__name__)
     for i, b in enumerate(bufs[2:], start=2):
@@ -145,9 +151,13 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
             f"(this side speaks v{PROTOCOL_VERSION})"
         )
     del body["v"]
-    ctx = DecodeCtx(bufs, [True, True] + [False] * (len(bufs) - 2), limits)
-    msg = decode_fields(cls, body, ctx, cls.__name__)
-    unused = [i for i, u in enumerate(ctx.used) if not u]
+    used = [True, True] + [False] * (len(bufs) - 2)
+    try:
+        msg = protocol_fast.decoder(cls)(body, bufs, used, limits)
+    except protocol_fast.BAIL_ERRORS:  # not plainly valid: the generic path decides
+        used = [True, True] + [False] * (len(bufs) - 2)
+        msg = decode_fields(cls, body, DecodeCtx(bufs, used, limits), cls.__name__)
+    unused = [i for i, u in enumerate(used) if not u]
     if unused:
         raise ProtocolError(f"{cls.__name__}: frame(s) {unused} are not referenced by the body")
     return msg

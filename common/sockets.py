@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+import zmq.auth
 
 from common.errors import ProtocolError
 from common.protocol import DEFAULT_LIMITS, Limits, Message, decode, encode, peek_req_id
@@ -101,12 +102,15 @@ def make_socket(
     router_mandatory: bool = False,
     curve_server: CurveKeys | None = None,
     curve_client: CurveKeys | None = None,
+    zap_domain: str | None = None,
 ) -> zmq.Socket:
     """Create, configure and bind/connect a socket (works for sync and asyncio contexts).
 
     `hwm` bounds queued messages per peer in each direction (0 = unbounded, avoid);
     `linger_ms` = how long close() may wait to flush (0: never hang at exit); `max_msg_bytes`
     makes libzmq drop a peer that sends a bigger message before we allocate it.
+    `curve_server` makes the socket a CURVE server; which clients it admits is decided by the
+    ZAP handler serving `zap_domain` (`coordinator/auth.py`); `curve_client` makes it a client.
     """
     sock_type = _SOCKET_TYPES.get(kind.upper())
     if sock_type is None:
@@ -119,6 +123,8 @@ def make_socket(
         if router_mandatory and sock_type == zmq.ROUTER:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         _apply_curve(sock, curve_server, curve_client)
+        if zap_domain is not None:
+            sock.setsockopt(zmq.ZAP_DOMAIN, zap_domain.encode())
         if bind is not None:
             _bind(sock, bind)
         else:
@@ -168,6 +174,48 @@ def _apply_curve(sock: zmq.Socket, server: CurveKeys | None, client: CurveKeys |
         sock.curve_serverkey = client.server_public.encode()
         sock.curve_publickey = client.public.encode()
         sock.curve_secretkey = client.secret.encode()
+
+
+def read_public_key(source: str) -> str:
+    """A z85 public key given as the key itself (40 characters) or as a key file path."""
+    if len(source) == 40 and not os.path.exists(source):
+        return source
+    try:
+        public, _ = zmq.auth.load_certificate(source)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read a CURVE public key from {source!r}: {exc} (give the "
+                         "server.key file `exegpt keys` wrote, or the 40-character key)") from exc
+    return public.decode()
+
+
+def load_curve_server(secret_file: str) -> CurveKeys:
+    """The server's key pair from its ``.key_secret`` file (``exegpt keys``)."""
+    public, secret = _load_pair(secret_file)
+    return CurveKeys(public=public, secret=secret)
+
+
+def load_curve_client(secret_file: str, server_public: str) -> CurveKeys:
+    """A client's key pair (its ``.key_secret`` file) plus the server's public key (text or
+    file), ready for ``make_socket(curve_client=...)``."""
+    public, secret = _load_pair(secret_file)
+    return CurveKeys(public=public, secret=secret, server_public=read_public_key(server_public))
+
+
+def _load_pair(secret_file: str) -> tuple[str, str]:
+    try:
+        public, secret = zmq.auth.load_certificate(secret_file)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read CURVE keys from {secret_file!r}: {exc}") from exc
+    if secret is None:
+        raise ValueError(f"{secret_file!r} holds only a public key; give the .key_secret file")
+    return public.decode(), secret.decode()
+
+
+def load_allow_list(directory: str) -> frozenset[str]:
+    """The z85 public keys of every ``*.key`` file in ``directory`` (a CURVE allow-list)."""
+    if not os.path.isdir(directory):
+        raise ValueError(f"CURVE allow-list {directory!r} is not a directory")
+    return frozenset(k.decode() for k in zmq.auth.load_certificates(directory))
 
 
 def _bind(sock: zmq.Socket, endpoint: str) -> None:

@@ -1,4 +1,4 @@
-"""Worker settings (both roles): one frozen value from args or ``EXEGPT_*`` environment.
+"""Worker settings (every role): one frozen value from args or ``EXEGPT_*`` environment.
 
 The same flags start a worker under ``exegpt serve`` and as a docker-compose service; the
 coordinator's Assign then supplies what the whole mesh must agree on (the model shape).
@@ -12,6 +12,7 @@ import socket
 from dataclasses import dataclass
 
 BACKENDS = ("null", "engine")
+ROLES = ("encoder", "decoder", "pipeline")
 
 
 def _env(name: str, default: str) -> str:
@@ -20,7 +21,8 @@ def _env(name: str, default: str) -> str:
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """``capacity``: decoder = max running sequences; encoder = max requests per batch."""
+    """``capacity``: decoder = max running sequences; encoder = max requests per batch.
+    ``stage``: a pipeline stage worker's place in its pipeline (0 = first)."""
 
     role: str
     coordinator: str
@@ -43,14 +45,19 @@ class WorkerConfig:
     tp_init: str | None = None  # gloo rendezvous of this worker's TP group (tcp://host:port)
     model: str | None = None  # engine backend: HF directory, .gguf file or preset name
     dtype: str = "bfloat16"
+    stage: int | None = None
 
     def __post_init__(self) -> None:
-        if self.role not in ("encoder", "decoder"):
-            raise ValueError(f"worker role must be encoder or decoder, got {self.role!r}")
+        if self.role not in ROLES:
+            raise ValueError(f"worker role must be one of {ROLES}, got {self.role!r}")
+        if self.role == "pipeline" and (self.stage is None or self.stage < 0):
+            raise ValueError("a pipeline worker needs --stage S (0 = the first stage), got "
+                             f"{self.stage!r}")
         if not self.coordinator.startswith(("ipc://", "tcp://", "inproc://")):
             raise ValueError(f"coordinator endpoint {self.coordinator!r} must be ipc:// or tcp://")
-        if self.role == "decoder" and not self.kv_bind:
-            raise ValueError("a decoder needs --kv-bind (where encoders send KV), e.g. "
+        if self.role in ("decoder", "pipeline") and not self.kv_bind:
+            raise ValueError(f"a {self.role} worker needs --kv-bind (where encoders send KV or "
+                             "the previous stage sends hidden rows), e.g. "
                              "tcp://0.0.0.0:* or ipc:///tmp/kv-dec0")
         if not 0 <= self.tp_rank < self.tp_size:
             raise ValueError(f"need 0 <= tp_rank < tp_size, got {self.tp_rank}/{self.tp_size}")
@@ -106,11 +113,14 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
         help="run the real model (engine backend): HF directory, .gguf file or preset name")
     add("--dtype", default=_env("DTYPE", "bfloat16"), choices=("bfloat16", "float32"),
         help="engine backend compute dtype (float32 for exactness checks)")
-    if role == "encoder":
+    if role == "pipeline":
+        add("--stage", type=int, default=int(_env("STAGE", "-1")),
+            help="this worker's pipeline stage (0 = first; the plan's stage order)")
+    if role in ("encoder", "pipeline"):
         add("--encode-cost-ms", type=float, default=float(_env("ENCODE_COST_MS", "0")))
         add("--encode-cost-ms-per-token", type=float,
             default=float(_env("ENCODE_COST_MS_PER_TOKEN", "0")))
-    else:
+    if role in ("decoder", "pipeline"):
         add("--kv-bind", default=_env("KV_BIND", "tcp://127.0.0.1:*"),
             help="where encoders send KV (bind); tcp://host:* picks a free port")
         add("--kv-advertise", default=os.environ.get("EXEGPT_KV_ADVERTISE"),
@@ -137,4 +147,5 @@ def from_args(args: argparse.Namespace, role: str) -> WorkerConfig:
         decode_cost_ms=getattr(args, "decode_cost_ms", 0.0),
         stream_interval=getattr(args, "stream_interval", 1),
         publish_interval_ms=getattr(args, "publish_interval_ms", 1.0),
+        stage=getattr(args, "stage", None),
     )

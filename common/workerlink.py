@@ -4,6 +4,10 @@
     encoders' DEALERs --> ROUTER -+-- I/O thread (poll) -+
     (decoder's KV endpoint)       +-- DEALER per decoder <-- inproc PULL <-- compute loop sends
 
+A pipeline stage worker uses the same two paths: its KV endpoint takes StagePasses from the
+previous stage, and ``send(msg, decoder_id="next")`` reaches the peer the coordinator named
+"next" (the next stage's KV endpoint).
+
 The compute loop never touches a socket: it takes decoded messages from ``inbox`` and hands
 outgoing ones to :meth:`WorkerLink.send` (encoded on the compute thread, forwarded over an
 inproc pipe). The I/O thread answers what needs no math itself: heartbeats (and the
@@ -68,7 +72,7 @@ class WorkerLink:
         self._peers: dict[str, str] = {}
         self._thread = threading.Thread(target=self._run, name="worker-io", daemon=True)
         self._coord = self._make_coordinator_socket()
-        self._kv_in = self._bind_kv() if cfg.role == "decoder" else None
+        self._kv_in = self._bind_kv() if cfg.role in ("decoder", "pipeline") else None
         self._kv_out: dict[str, zmq.Socket] = {}
 
     # ---- compute-thread API ---------------------------------------------------------------
@@ -187,8 +191,13 @@ class WorkerLink:
         hello = P.Hello(worker_id=self.cfg.worker_id, role=self.cfg.role,
                         tp_rank=self.cfg.tp_rank, tp_size=self.cfg.tp_size,
                         device=self.cfg.device, pid=os.getpid(), host=socket.gethostname(),
-                        kv_endpoint=self.kv_endpoint, capacity={"max_seqs": self.cfg.capacity})
+                        kv_endpoint=self.kv_endpoint, capacity=self._capacity())
         self._to_coordinator(P.encode(hello))
+
+    def _capacity(self) -> dict[str, Any]:
+        if self.cfg.role == "pipeline":
+            return {"max_seqs": self.cfg.capacity, "stage": self.cfg.stage}
+        return {"max_seqs": self.cfg.capacity}
 
     def _beat(self, seq: int) -> tuple[float, int]:
         if not self._assigned.is_set():
@@ -224,9 +233,9 @@ class WorkerLink:
             self._stop.set()
             return
         if isinstance(msg, P.Assign):
-            self._peers = dict(msg.peers)
-            for gone in set(self._kv_out) - set(self._peers):  # lost decoders: drop queued KV
-                self._kv_out.pop(gone).close(linger=0)
+            old, self._peers = self._peers, dict(msg.peers)
+            for gone in [p for p in self._kv_out if self._peers.get(p) != old.get(p)]:
+                self._kv_out.pop(gone).close(linger=0)  # lost or moved peers: drop queued KV
             first = self._assign is None
             self._assign = msg
             if first:
@@ -259,11 +268,23 @@ class WorkerLink:
             self._report_no_route(decoder_id, "timed out sending KV to", frames)
 
     def _report_no_route(self, decoder_id: str, what: str, frames: list[Any]) -> None:
+        if self.cfg.role == "pipeline":
+            self._report_stage_pass_lost(decoder_id, what, frames)
+            return
         req_id = P.peek_req_id(frames)
         self.log.error("kv_handoff_failed", decoder=decoder_id, req_id=req_id, why=what)
         self._to_coordinator(P.encode(P.Error(
             code="internal", req_id=req_id,
             message=f"encoder {self.cfg.worker_id} {what} decoder {decoder_id}")))
+
+    def _report_stage_pass_lost(self, peer: str, what: str, frames: list[Any]) -> None:
+        """A pass that cannot reach the next stage fails like a bad pass: PassDone(error)."""
+        msg = P.decode(frames)  # our own compute thread encoded it
+        assert isinstance(msg, P.StagePass)
+        self.log.error("stage_pass_lost", peer=peer, pass_id=msg.pass_id, why=what)
+        self._to_coordinator(P.encode(P.PassDone(
+            worker_id=self.cfg.worker_id, pass_id=msg.pass_id, stream=msg.stream, kind=msg.kind,
+            error=f"stage worker {self.cfg.worker_id} {what} peer {peer!r}")))
 
     def _drain_kv(self) -> None:
         assert self._kv_in is not None
@@ -274,8 +295,9 @@ class WorkerLink:
                 return
             try:
                 msg = P.decode(frames)
-                if not isinstance(msg, P.KVHandoff):
-                    raise ProtocolError(f"the KV endpoint takes KVHandoff, got "
+                want = P.StagePass if self.cfg.role == "pipeline" else P.KVHandoff
+                if not isinstance(msg, want):
+                    raise ProtocolError(f"the KV endpoint takes {want.__name__}, got "
                                         f"{type(msg).__name__}")
             except ProtocolError as exc:
                 self.log.warning("bad_kv_message", error=str(exc))

@@ -27,11 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         if name.startswith("bench_"):
             if bench_sub is None:
-                bench = sub.add_parser("bench", help="benchmarks: engine, transport, planner ...")
+                bench = sub.add_parser(
+                    "bench", help="the evaluation (exegpt vs baselines on the mesh); "
+                    "microbenchmarks: engine, transport, planner ...",
+                    description="Without TARGET: the evaluation (`exegpt bench eval --help`).")
                 bench_sub = bench.add_subparsers(
-                    dest="bench_command", metavar="TARGET", required=True
+                    dest="bench_command", metavar="TARGET", required=False
                 )
             module.register(bench_sub)
+            if hasattr(module, "register_default"):  # bare `exegpt bench` runs this one
+                module.register_default(bench)
         else:
             module.register(sub)
     return parser

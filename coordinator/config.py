@@ -31,6 +31,7 @@ class CoordinatorConfig:
     max_encode_batch: int = 16
     max_outstanding_batches: int = 2
     max_queued: int = 100_000
+    max_client_requests: int = 10_000  # in flight (queued or running) per client connection
     max_prompt_tokens: int = 8192
     max_new_tokens: int = 8192
     heartbeat_interval_s: float = 0.5
@@ -39,18 +40,31 @@ class CoordinatorConfig:
     model_shape: str = "tiny-llama"
     model_config: str | None = None  # JSON file of the served model's ModelConfig
     tokenizer: str | None = None  # the model's HF directory or .gguf (text prompts)
+    policy: str = "waa"  # waa: encoder + decoder workers; rra/static/continuous: stage workers
+    pipeline_stages: int = 0  # pipeline policies: stage workers (TP groups) to wait for
+    stage_layers: str | None = None  # "0:15,15:30": decoder layers per stage (None: even split)
+    stage_encoder_layers: str | None = None  # T5: encoder layers per stage (None: even split)
+    n_d: int = 1  # rra: decode passes per encode pass (the plan's N_D)
+    streams: int = 0  # pipeline policies: request groups in flight (0: one per stage)
     adjust_token_sum: str | None = None  # "LO,HI": the plan's band for an encode batch's tokens
     adjust_decode_batch: str | None = None  # "LO,HI": the plan's band for the decode batch
+    plan: str | None = None  # the plan JSON served; stats set its predictions beside measured
+    profile: str | None = None  # the profile the plan was made from (JSON or analytic:GPU:MODEL)
+    adapt: bool = False  # watch for workload drift, re-plan, switch knobs (coordinator/adapt.py)
+    adapt_options: str | None = None  # drift thresholds "key=value,..." (coordinator.drift)
     ready_fd: int | None = None
+    curve_server_key: str | None = None  # the server's key_secret file (exegpt keys): CURVE on
+    curve_allow: str | None = None  # ... the client port, admitting the public keys in this dir
+    curve_worker_allow: str | None = None  # dir of worker public keys: CURVE on the worker port
 
     def __post_init__(self) -> None:
         check_endpoint(self.client_endpoint, "client")
         check_endpoint(self.worker_endpoint, "worker")
         for name in ("num_encoders", "num_decoders"):
-            if getattr(self, name) < 1:
+            if self.policy == "waa" and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (the mesh needs both roles)")
         for name in ("max_encode_batch", "max_outstanding_batches", "max_queued",
-                     "max_prompt_tokens", "max_new_tokens"):
+                     "max_client_requests", "max_prompt_tokens", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.heartbeat_interval_s < self.heartbeat_timeout_s:
@@ -58,10 +72,70 @@ class CoordinatorConfig:
                              f"(got {self.heartbeat_interval_s}, {self.heartbeat_timeout_s})")
         if self.drain_timeout_s < 0:
             raise ValueError("drain_timeout_s must be >= 0")
+        check_pipeline(self)
         from coordinator.adjust import Band
 
         Band.parse(self.adjust_token_sum)  # a malformed band fails at startup, with its text
         Band.parse(self.adjust_decode_batch)
+        if self.adapt:
+            from coordinator.drift import DriftConfig
+
+            if not self.plan or not self.profile:
+                raise ValueError("--adapt needs --plan and --profile (the plan served and the "
+                                 "profile it was made from)")
+            DriftConfig.parse(self.adapt_options)  # bad thresholds fail at startup
+        self._check_curve()
+
+    def _check_curve(self) -> None:
+        if (self.curve_allow or self.curve_worker_allow) and not self.curve_server_key:
+            raise ValueError("--curve-allow / --curve-worker-allow need --curve-server-key "
+                             "(the server.key_secret file `exegpt keys` wrote)")
+        if self.curve_server_key and not (self.curve_allow or self.curve_worker_allow):
+            raise ValueError("--curve-server-key needs --curve-allow DIR (the client public "
+                             "keys to admit; `exegpt keys` writes DIR/allow)")
+        for name in ("curve_allow", "curve_worker_allow"):
+            path = getattr(self, name)
+            if path and not os.path.isdir(path):
+                raise ValueError(f"{name}: {path!r} is not a directory of public keys")
+        if self.curve_server_key and not os.path.isfile(self.curve_server_key):
+            raise ValueError(f"curve_server_key: no such file {self.curve_server_key!r}")
+
+
+POLICIES = ("waa", "rra", "static", "continuous")
+
+
+def parse_ranges(text: str | None, what: str) -> tuple[tuple[int, int], ...] | None:
+    """``"0:15,15:30"`` -> ((0, 15), (15, 30)); None stays None (an even split)."""
+    if text is None:
+        return None
+    out = []
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition(":")
+        if not sep or not lo.strip().isdigit() or not hi.strip().isdigit() or int(lo) > int(hi):
+            raise ValueError(f"{what} {text!r}: expected LO:HI[,LO:HI...] with LO <= HI, "
+                             "e.g. 0:15,15:30")
+        out.append((int(lo), int(hi)))
+    return tuple(out)
+
+
+def check_pipeline(cfg: CoordinatorConfig) -> None:
+    """A pipeline policy's stage count, layer ranges, N_D and streams agree (the model's layer
+    count is checked once the model is known: coordinator.pipeline_driver)."""
+    if cfg.policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {cfg.policy!r}")
+    if cfg.n_d < 1 or cfg.streams < 0 or cfg.pipeline_stages < 0:
+        raise ValueError("need n_d >= 1, streams >= 0 and pipeline_stages >= 0")
+    if cfg.policy == "waa":
+        return
+    for text, what in ((cfg.stage_layers, "stage_layers"),
+                       (cfg.stage_encoder_layers, "stage_encoder_layers")):
+        ranges = parse_ranges(text, what)
+        if ranges is not None and len(ranges) != cfg.pipeline_stages:
+            raise ValueError(f"{what} names {len(ranges)} stages but pipeline_stages is "
+                             f"{cfg.pipeline_stages}")
+    if cfg.pipeline_stages < 1:
+        raise ValueError(f"policy {cfg.policy} runs on stage workers: pass --pipeline-stages "
+                         "(and optionally --stage-layers)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +153,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--decoders", type=int, default=int(_env("DECODERS", "1") or 1))
     add("--encode-batch", type=int, default=int(_env("ENCODE_BATCH", "16") or 16),
         help="max requests per encode batch (the plan's B_E)")
-    add("--max-queued", type=int, default=int(_env("MAX_QUEUED", "100000") or 100000))
+    add("--max-queued", type=int, default=int(_env("MAX_QUEUED", "100000") or 100000),
+        help="requests waiting for an encoder; beyond it Submit gets 'overloaded' with a "
+             "retry-after estimated from the drain rate")
+    add("--max-client-requests", type=int,
+        default=int(_env("MAX_CLIENT_REQUESTS", "10000") or 10000),
+        help="requests in flight per client connection (overloaded beyond it)")
+    add("--max-prompt-tokens", type=int,
+        default=int(_env("MAX_PROMPT_TOKENS", "8192") or 8192))
+    add("--max-new-tokens", type=int, default=int(_env("MAX_NEW_TOKENS", "8192") or 8192))
+    add("--curve-server-key", default=_env("CURVE_SERVER_KEY"),
+        help="server.key_secret from `exegpt keys`: the client port speaks CURVE and admits "
+             "only the public keys in --curve-allow")
+    add("--curve-allow", default=_env("CURVE_ALLOW"),
+        help="directory of client public keys (*.key) allowed on the client port")
+    add("--curve-worker-allow", default=_env("CURVE_WORKER_ALLOW"),
+        help="directory of worker public keys: the worker port speaks CURVE too")
     add("--heartbeat-interval", type=float,
         default=float(_env("HEARTBEAT_INTERVAL", "0.5") or 0.5))
     add("--heartbeat-timeout", type=float, default=float(_env("HEARTBEAT_TIMEOUT", "5") or 5))
@@ -97,6 +186,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--adjust-decode-batch", default=_env("ADJUST_DECODE_BATCH"),
         help="LO,HI: keep the decoders' running batch in this band by adjusting B_E "
              "(the plan's adjust.decode_batch)")
+    add("--policy", default=_env("POLICY", "waa"), choices=POLICIES,
+        help="waa: encoder and decoder workers; rra/static/continuous: a pipeline of stage "
+             "workers (python -m decoder_worker --role pipeline) scheduled by streams")
+    add("--pipeline-stages", type=int, default=int(_env("PIPELINE_STAGES", "0") or 0),
+        help="pipeline policies: how many stages (TP groups) to wait for")
+    add("--stage-layers", default=_env("STAGE_LAYERS"),
+        help="LO:HI,...: decoder layers of each stage (default: an even split)")
+    add("--stage-encoder-layers", default=_env("STAGE_ENCODER_LAYERS"),
+        help="LO:HI,...: T5 encoder layers of each stage (default: an even split)")
+    add("--n-d", type=int, default=int(_env("N_D", "1") or 1),
+        help="rra: decode passes per encode pass (the plan's N_D)")
+    add("--streams", type=int, default=int(_env("STREAMS", "0") or 0),
+        help="pipeline policies: request groups in flight (default: one per stage)")
+    add("--plan", default=_env("PLAN"),
+        help="the plan JSON this mesh runs (`exegpt plan --out`): stats report its predicted "
+             "throughput/latency beside the measured ones")
+    add("--profile", default=_env("PROFILE"),
+        help="the profile --plan was made from (JSON, or analytic:GPU:MODEL); --adapt re-plans "
+             "with it")
+    add("--adapt", action="store_true", default=_env("ADAPT", "") not in ("", "0"),
+        help="detect workload drift and switch the plan's knobs live (docs/adaptation.md)")
+    add("--adapt-options", default=_env("ADAPT_OPTIONS"),
+        help="drift thresholds, e.g. window=256,alpha=1e-5,mean_shift=0.15,min_dwell_s=10")
     add("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -105,9 +217,16 @@ def from_args(args: argparse.Namespace) -> CoordinatorConfig:
         client_endpoint=args.client_endpoint, worker_endpoint=args.worker_endpoint,
         num_encoders=args.encoders, num_decoders=args.decoders,
         max_encode_batch=args.encode_batch, max_queued=args.max_queued,
+        max_client_requests=args.max_client_requests,
+        max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+        curve_server_key=args.curve_server_key, curve_allow=args.curve_allow,
+        curve_worker_allow=args.curve_worker_allow,
         heartbeat_interval_s=args.heartbeat_interval, heartbeat_timeout_s=args.heartbeat_timeout,
         drain_timeout_s=args.drain_timeout, model_shape=args.model_shape,
         model_config=args.model_config,
         tokenizer=args.tokenizer, adjust_token_sum=args.adjust_token_sum,
-        adjust_decode_batch=args.adjust_decode_batch, ready_fd=args.ready_fd,
+        adjust_decode_batch=args.adjust_decode_batch, ready_fd=args.ready_fd, plan=args.plan,
+        profile=args.profile, adapt=args.adapt, adapt_options=args.adapt_options,
+        policy=args.policy, pipeline_stages=args.pipeline_stages, stage_layers=args.stage_layers,
+        stage_encoder_layers=args.stage_encoder_layers, n_d=args.n_d, streams=args.streams,
     )

@@ -1,7 +1,11 @@
 """Launch spec -> a running local mesh (coordinator + worker processes), and its shutdown.
 
 A :class:`LaunchSpec` names worker groups (role, count, tp_size) and how to reach the
-coordinator; a real plan (planner) fills the groups later. :class:`LocalMesh` starts the
+coordinator; a plan fills them (coordinator.plan_launch). WAA (``policy="waa"``) runs encoder
+and decoder groups; rra / static / continuous run one ``pipeline`` group per stage, in pipeline
+order, each a ``python -m decoder_worker --role pipeline --stage S`` TP group holding its
+layer range, with the coordinator scheduling passes by streams (``--policy``, ``--n-d``,
+``--streams``). :class:`LocalMesh` starts the
 coordinator first (it binds and reports its real endpoints on the status pipe, so ``tcp://..:*``
 needs no port guessing), then every worker rank, then waits for the handshake while watching
 every child's exit. Shutdown is ordered: SIGTERM to the coordinator (it drains in-flight
@@ -31,22 +35,39 @@ from common.procs import (
 )
 
 TRANSPORTS = ("ipc", "tcp")
+POLICIES = ("waa", "rra", "static", "continuous")
 
 
 @dataclass(frozen=True)
 class WorkerGroup:
-    """``count`` workers of one role, each a TP group of ``tp_size`` rank processes."""
+    """``count`` workers of one role, each a TP group of ``tp_size`` rank processes.
+
+    ``pipeline`` groups are one stage each (count 1) holding ``layer_range`` (and, for T5,
+    ``encoder_layer_range``); None leaves the coordinator to split the layers evenly."""
 
     role: str
     count: int
     tp_size: int = 1
     capacity: int = 256
+    layer_range: tuple[int, int] | None = None
+    encoder_layer_range: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        if self.role not in ("encoder", "decoder"):
-            raise ValueError(f"worker group role must be encoder or decoder, got {self.role!r}")
+        if self.role not in ("encoder", "decoder", "pipeline"):
+            raise ValueError(f"worker group role must be encoder, decoder or pipeline, got "
+                             f"{self.role!r}")
         if self.count < 1 or self.tp_size < 1 or self.capacity < 1:
             raise ValueError(f"{self.role} group: count, tp_size and capacity must be >= 1")
+        if self.role == "pipeline" and self.count != 1:
+            raise ValueError("a pipeline group is one stage: count must be 1 (list a group "
+                             "per stage)")
+        ranges = (self.layer_range, self.encoder_layer_range)
+        if self.role != "pipeline" and ranges != (None, None):
+            raise ValueError("layer ranges belong to pipeline groups (encoders and decoders "
+                             "hold every layer)")
+        for rng in ranges:
+            if rng is not None and (len(rng) != 2 or not 0 <= rng[0] < rng[1]):
+                raise ValueError(f"a layer range is [lo, hi) with 0 <= lo < hi, got {rng!r}")
 
 
 @dataclass(frozen=True)
@@ -74,16 +95,54 @@ class LaunchSpec:
     tokenizer: str | None = None  # where the coordinator finds the tokenizer (text prompts)
     adjust_token_sum: str | None = None  # "LO,HI" bands of the dynamic B_E adjustment
     adjust_decode_batch: str | None = None
+    policy: str = "waa"  # waa: encoder/decoder groups; rra/static/continuous: pipeline groups
+    n_d: int = 1  # rra: decode passes per encode pass
+    streams: int = 0  # pipeline policies: request groups in flight (0: one per stage)
+    plan_file: str | None = None  # the plan JSON run: the coordinator's stats compare with it
+    coordinator_args: tuple[str, ...] = ()  # extra coordinator flags (limits, CURVE keys)
+    worker_args: tuple[str, ...] = ()  # extra flags for every worker rank
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         roles = {g.role for g in self.groups}
-        if roles != {"encoder", "decoder"}:
-            raise ValueError("a launch spec needs at least one encoder and one decoder group")
+        if self.policy == "waa" and roles != {"encoder", "decoder"}:
+            raise ValueError("a waa launch spec needs at least one encoder and one decoder "
+                             "group")
+        if self.policy != "waa":
+            self._check_pipeline(roles)
         if (self.model is None) != (self.model_config is None):
             raise ValueError("a real-model launch spec needs both model and model_config (the "
                              "coordinator validates requests against the model's shape)")
+
+    def _check_pipeline(self, roles: set[str]) -> None:
+        if roles != {"pipeline"}:
+            raise ValueError(f"a {self.policy} launch spec runs pipeline groups (one per "
+                             f"stage) only, got {sorted(roles)}")
+        for attr in ("layer_range", "encoder_layer_range"):
+            if len({getattr(g, attr) is None for g in self.groups}) > 1:
+                raise ValueError(f"give every pipeline group a {attr}, or none (even split)")
+        if self.n_d < 1 or self.streams < 0:
+            raise ValueError(f"need n_d >= 1 and streams >= 0, got {self.n_d}, {self.streams}")
+
+    @property
+    def stages(self) -> tuple[WorkerGroup, ...]:
+        return tuple(g for g in self.groups if g.role == "pipeline")
+
+    def pipeline_flags(self) -> list[str]:
+        """The coordinator flags of a pipeline plan: policy, stages, layer ranges, knobs."""
+        if self.policy == "waa":
+            return []
+        flags = ["--policy", self.policy, "--pipeline-stages", str(len(self.stages)),
+                 "--n-d", str(self.n_d), "--streams", str(self.streams)]
+        for flag, attr in (("--stage-layers", "layer_range"),
+                           ("--stage-encoder-layers", "encoder_layer_range")):
+            ranges = [getattr(g, attr) for g in self.stages]
+            if ranges[0] is not None:
+                flags += [flag, ",".join(f"{lo}:{hi}" for lo, hi in ranges)]
+        return flags
 
     @property
     def run_dir(self) -> Path:
@@ -121,7 +180,7 @@ class LaunchSpec:
                 "--heartbeat-interval", str(self.heartbeat_interval_s),
                 "--heartbeat-timeout", str(self.heartbeat_timeout_s),
                 "--drain-timeout", str(self.drain_timeout_s),
-                "--ready-fd", str(status_fd)]
+                "--ready-fd", str(status_fd), *self.pipeline_flags()]
         if self.model_config is not None:
             argv += ["--model-config", str(self.model_config_file)]
         if self.tokenizer is not None:
@@ -130,24 +189,29 @@ class LaunchSpec:
             argv += ["--adjust-token-sum", self.adjust_token_sum]
         if self.adjust_decode_batch is not None:
             argv += ["--adjust-decode-batch", self.adjust_decode_batch]
+        if self.plan_file is not None:
+            argv += ["--plan", str(self.plan_file)]
+        argv += list(self.coordinator_args)
         return ChildSpec("coordinator", tuple(argv), env=self.env(), pass_fds=(status_fd,))
 
     def worker_children(self, worker_endpoint: str) -> list[ChildSpec]:
         out = []
         for position, group in enumerate(self.groups):
-            prefix = group.role[:3]
+            prefix = "stage" if group.role == "pipeline" else group.role[:3]
             index = sum(g.count for g in self.groups[:position] if g.role == group.role)
             for i in range(index, index + group.count):
                 tp_init = f"tcp://127.0.0.1:{free_port()}" if group.tp_size > 1 else None
                 for rank in range(group.tp_size):
                     worker_id = f"{prefix}{i}" + (f".r{rank}" if group.tp_size > 1 else "")
                     out.append(self._worker_child(group, worker_id, rank, worker_endpoint,
-                                                  tp_init))
+                                                  tp_init, index=i))
         return out
 
     def _worker_child(self, group: WorkerGroup, worker_id: str, rank: int,
-                      worker_endpoint: str, tp_init: str | None) -> ChildSpec:
-        argv = [sys.executable, "-m", f"{group.role}_worker", "--coordinator", worker_endpoint,
+                      worker_endpoint: str, tp_init: str | None, index: int = 0) -> ChildSpec:
+        """One rank's argv; ``index`` counts groups of its role (a pipeline group's stage)."""
+        module = "decoder_worker" if group.role == "pipeline" else f"{group.role}_worker"
+        argv = [sys.executable, "-m", module, "--coordinator", worker_endpoint,
                 "--worker-id", worker_id, "--tp-rank", str(rank),
                 "--tp-size", str(group.tp_size), "--capacity", str(group.capacity),
                 *(("--model", self.model, "--dtype", self.dtype) if self.model is not None
@@ -155,7 +219,14 @@ class LaunchSpec:
                 *(("--tp-init", tp_init) if tp_init is not None else ()),
                 "--heartbeat-interval", str(self.heartbeat_interval_s),
                 "--heartbeat-timeout", str(self.heartbeat_timeout_s)]
-        if group.role == "encoder":
+        if group.role == "pipeline":
+            kv = (f"ipc://{self.ipc_dir}/kv-{worker_id}"
+                  if self.transport == "ipc" else f"tcp://{self.host}:*")
+            argv += ["--role", "pipeline", "--stage", str(index),
+                     "--kv-bind", kv, "--encode-cost-ms", str(self.encode_cost_ms),
+                     "--encode-cost-ms-per-token", str(self.encode_cost_ms_per_token),
+                     "--decode-cost-ms", str(self.decode_cost_ms)]
+        elif group.role == "encoder":
             argv += ["--encode-cost-ms", str(self.encode_cost_ms),
                      "--encode-cost-ms-per-token", str(self.encode_cost_ms_per_token)]
         else:
@@ -164,6 +235,7 @@ class LaunchSpec:
             argv += ["--kv-bind", kv, "--decode-cost-ms", str(self.decode_cost_ms),
                      "--stream-interval", str(self.stream_interval),
                      "--publish-interval-ms", str(self.publish_interval_ms)]
+        argv += list(self.worker_args)
         return ChildSpec(f"{group.role}-{worker_id}", tuple(argv), env=self.env())
 
 

@@ -24,7 +24,7 @@ import zmq
 from common import protocol as P
 from common.errors import ProtocolError, WorkerLost, error_from_code
 from common.procs import write_status
-from coordinator.registry import ROLES, Registry, WorkerInfo, WorkerState
+from coordinator.registry import PIPELINE_ROLE, ROLES, Registry, WorkerInfo, WorkerState
 from coordinator.requests import Request
 
 if TYPE_CHECKING:
@@ -46,6 +46,8 @@ class Membership:
         return self.registry.ready(role)
 
     def missing_roles(self) -> list[str]:
+        if self.co.pipeline is not None:  # a pipeline plan: every stage, or nothing
+            return [] if self.co.pipeline.stages_ready() else [PIPELINE_ROLE]
         return [role for role in ROLES if not self.registry.ready(role)]
 
     def can_serve(self) -> bool:
@@ -55,7 +57,8 @@ class Membership:
         return [{"worker_id": w.worker_id, "role": w.role, "state": w.state.value,
                  "tp_rank": w.tp_rank, "tp_size": w.tp_size, "capacity": w.capacity,
                  "active": w.num_active, "outstanding_batches": w.outstanding_batches,
-                 "kv_endpoint": w.kv_endpoint, "load": w.load} for w in self.registry]
+                 "kv_endpoint": w.kv_endpoint, "load": w.load, "stage": w.stage}
+                for w in self.registry]
 
     # ---- sending --------------------------------------------------------------------------
     def send(self, worker: WorkerInfo, msg: P.Message) -> None:
@@ -122,6 +125,8 @@ class Membership:
     def _dispatch(self, worker: WorkerInfo, msg: P.Message) -> None:
         if isinstance(msg, P.DecodeTokens):
             self.on_decode_tokens(worker, msg)
+        elif isinstance(msg, P.PassDone) and self.co.pipeline is not None:
+            self.co.pipeline.on_pass_done(worker, msg)
         elif isinstance(msg, P.Heartbeat):
             self.on_heartbeat(worker, msg)
         elif isinstance(msg, P.Ready):
@@ -139,10 +144,17 @@ class Membership:
             pass
 
     def on_hello(self, route: bytes, msg: P.Hello) -> None:
-        role = msg.role if msg.role in ROLES else None
+        roles = ROLES if self.co.pipeline is None else (PIPELINE_ROLE,)
+        role = msg.role if msg.role in roles else None
         if role is None:
-            self._send_raw(route, P.Error(code="bad_request", message=f"this coordinator "
-                                          f"assigns encoder/decoder roles, not {msg.role!r}"))
+            self._send_raw(route, P.Error(code="bad_request", message=f"this coordinator runs "
+                                          f"a {self.cfg.policy} plan: it assigns "
+                                          f"{'/'.join(roles)} roles, not {msg.role!r}"))
+            return
+        try:
+            stage = self.co.pipeline.stage_of(msg) if self.co.pipeline is not None else None
+        except ValueError as exc:
+            self._send_raw(route, P.Error(code="bad_request", message=str(exc)))
             return
         capacity = msg.capacity.get("max_seqs", 256) if isinstance(msg.capacity, dict) else None
         if type(capacity) is not int or capacity < 1:
@@ -155,7 +167,7 @@ class Membership:
         info = WorkerInfo(worker_id=msg.worker_id, role=role, routing_id=route,
                           tp_rank=msg.tp_rank, tp_size=msg.tp_size, device=msg.device,
                           capacity=capacity,
-                          kv_endpoint=msg.kv_endpoint, last_seen=time.time())
+                          kv_endpoint=msg.kv_endpoint, last_seen=time.time(), stage=stage)
         self.registry.add(info)
         self.log.info("worker_hello", worker=msg.worker_id, worker_role=role, worker_pid=msg.pid,
                       host=msg.host, tp_rank=msg.tp_rank, tp_size=msg.tp_size)
@@ -163,6 +175,8 @@ class Membership:
         self.send(info, self._assign(info))
 
     def _assign(self, info: WorkerInfo) -> P.Assign:
+        if self.co.pipeline is not None:
+            return self.co.pipeline.assign(info)
         peers = ({d.worker_id: d.kv_endpoint for d in self.registry.ready("decoder")
                   if d.kv_endpoint} if info.role == "encoder" else {})
         return P.Assign(worker_id=info.worker_id, role=info.role, tp_rank=info.tp_rank,
@@ -178,6 +192,8 @@ class Membership:
                       kv_endpoint=worker.kv_endpoint)
         if worker.role == "decoder":
             self._update_encoders()
+        if self.co.pipeline is not None:
+            self.co.pipeline.on_stage_ready()  # peers refresh: before serving starts
         self._check_serving()
 
     def _update_encoders(self) -> None:
@@ -189,7 +205,8 @@ class Membership:
         if self.serving:
             return
         need = {"encoder": self.cfg.num_encoders, "decoder": self.cfg.num_decoders}
-        if all(self.registry.count_ready(role) >= n for role, n in need.items()):
+        if (self.co.pipeline.stages_ready() if self.co.pipeline is not None else
+                all(self.registry.count_ready(role) >= n for role, n in need.items())):
             self.serving = True
             self.log.info("serving", workers=len(self.registry))
             write_status(self.cfg.ready_fd, "ready", client_endpoint=self.co.client_endpoint,
@@ -198,6 +215,7 @@ class Membership:
     def on_heartbeat(self, worker: WorkerInfo, msg: P.Heartbeat) -> None:
         if isinstance(msg.load, dict):
             worker.load = msg.load
+            self.co.metrics.on_worker_load(worker.worker_id, msg.load)
         done = worker.load.get("batches_done")
         if worker.role == "encoder" and isinstance(done, int):
             worker.outstanding_batches = max(0, worker.batches_sent - done)
@@ -239,3 +257,5 @@ class Membership:
                                                  req_id=request.req_id))
         if worker.role == "decoder":
             self._update_encoders()
+        if worker.role == PIPELINE_ROLE and self.co.pipeline is not None:
+            self.co.pipeline.on_stage_lost(worker.worker_id, why)

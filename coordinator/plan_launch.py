@@ -1,16 +1,27 @@
 """A Plan (coordinator.planner.plan) -> the LaunchSpec fields that run it on local processes.
 
 What each plan field becomes at run time:
-    worker_groups   one worker per group, ``tp_size`` rank processes in a gloo group
-    B_E             the coordinator's encode batch size (``--encode-batch``)
-    adjust          the dynamic B_E adjustment bands (coordinator.adjust); the decode band's
-                    upper end also caps each decoder's running batch (its capacity), so a
-                    flood of requests waits in the coordinator instead of slowing every token
-    B_m, N_D        not enforced: this runner's decoders run their whole batch each iteration
+    policy          waa-c / waa-m: encoder and decoder workers (the coordinator's ``waa``);
+                    rra / static / continuous: a pipeline of stage workers whose passes the
+                    coordinator schedules by streams (``--policy``; coordinator/streams.py)
+    worker_groups   one worker per group, ``tp_size`` rank processes in a gloo group; pipeline
+                    groups in plan order are stages 0..P-1 holding their ``layer_range`` (T5:
+                    also ``encoder_layer_range``)
+    B_E             WAA: the coordinator's encode batch size (``--encode-batch``); pipeline
+                    plans: each stream's batch (static: the batch; continuous: its slots;
+                    rra: the requests one encode pass takes)
+    N_D             rra: decode passes per encode pass (``--n-d``)
+    microbatches    pipeline plans: the streams (request groups in flight, ``--streams``)
+    adjust          WAA: the dynamic B_E adjustment bands (coordinator.adjust); the decode
+                    band's upper end also caps each decoder's running batch (its capacity), so
+                    a flood of requests waits in the coordinator instead of slowing every
+                    token. Pipeline plans run their plan's B_E unadjusted.
+    B_m             not enforced: this runner's WAA decoders run their whole batch each
+                    iteration (there is no decode pipeline of micro-batches)
 
-This build runs WAA plans whose groups each hold every layer (one encoder group and decoder
-groups, or several of each); plans that need pipeline stages (RRA, static, continuous, or a
-WAA decode pipeline) are refused with a clear message instead of being run differently.
+A WAA plan whose decoder groups hold only some layers (a decode pipeline) is refused for a real
+model, as is T5 over several pipeline stages (stage workers run T5 as one stage): each with a
+clear message instead of being run differently.
 """
 
 from __future__ import annotations
@@ -19,16 +30,45 @@ import math
 from typing import Any
 
 WAA_POLICIES = ("waa-c", "waa-m")  # the plan names of WAA (policy "waa" plans pick one)
+PIPELINE_POLICIES = ("rra", "static", "continuous")
 
 
 def plan_fields(plan: Any, *, null_model: bool, decoder_capacity: int) -> dict[str, Any]:
-    """``groups``, ``encode_batch`` and the adjustment bands for a LaunchSpec."""
-    from coordinator.launch import WorkerGroup
-
+    """``groups``, ``encode_batch`` and the policy's knobs for a LaunchSpec."""
+    if plan.policy in PIPELINE_POLICIES:
+        return pipeline_fields(plan, null_model=null_model)
     if plan.policy not in WAA_POLICIES:
         raise ValueError(f"plan policy {plan.policy!r} is not runnable by this build's serve "
-                         f"(it runs {', '.join(WAA_POLICIES)} plans); re-plan with "
-                         "--policy waa")
+                         f"(it runs {', '.join(WAA_POLICIES + PIPELINE_POLICIES)} plans)")
+    return waa_fields(plan, null_model=null_model, decoder_capacity=decoder_capacity)
+
+
+def pipeline_fields(plan: Any, *, null_model: bool) -> dict[str, Any]:
+    """One ``pipeline`` group per stage, the policy, B_E, N_D and the streams."""
+    from coordinator.launch import WorkerGroup
+
+    stages = [g for g in plan.worker_groups if g.role == "pipeline"]
+    if not stages or len(stages) != len(plan.worker_groups):
+        raise ValueError(f"a {plan.policy} plan has pipeline groups only, got "
+                         f"{[g.role for g in plan.worker_groups]}")
+    encoder_layers = int(plan.model.get("num_encoder_layers", 0) or 0)
+    if encoder_layers and len(stages) > 1 and not null_model:
+        raise ValueError(f"the plan runs T5 ({plan.model.get('name')}) over {len(stages)} "
+                         "pipeline stages; stage workers run T5 as one stage: re-plan with "
+                         "--workers 1 (or --policy waa), or try the plan with --null-model")
+    groups = tuple(WorkerGroup("pipeline", 1, g.tp_size, layer_range=tuple(g.layer_range),
+                               encoder_layer_range=(tuple(g.encoder_layer_range)
+                                                    if encoder_layers and g.encoder_layer_range
+                                                    else None))
+                   for g in stages)
+    return {"groups": groups, "encode_batch": int(plan.B_E), "policy": plan.policy,
+            "n_d": int(plan.N_D or 1), "streams": int(plan.microbatches or len(stages))}
+
+
+def waa_fields(plan: Any, *, null_model: bool, decoder_capacity: int) -> dict[str, Any]:
+    """Encoder and decoder groups (each holding every layer), B_E and its adjustment bands."""
+    from coordinator.launch import WorkerGroup
+
     num_layers = int(plan.model.get("num_layers", 0)) if isinstance(plan.model, dict) else 0
     decoders = sum(g.count // g.tp_size for g in plan.worker_groups if g.role == "decoder")
     band = plan.adjust.get("decode_batch")

@@ -15,7 +15,8 @@ import enum
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-ROLES = ("encoder", "decoder")
+ROLES = ("encoder", "decoder")  # a WAA mesh needs both
+PIPELINE_ROLE = "pipeline"  # stage workers of RRA / static / continuous plans
 
 
 class WorkerState(enum.Enum):
@@ -41,6 +42,7 @@ class WorkerInfo:
     outstanding_batches: int = 0  # encoder: batches sent, not yet reported encoded
     batches_sent: int = 0
     load: dict[str, object] = field(default_factory=dict)  # its latest Heartbeat.load
+    stage: int | None = None  # pipeline role: its stage (Hello.capacity["stage"])
 
     @property
     def free_slots(self) -> int:
@@ -66,8 +68,9 @@ class Registry:
 
     def add(self, info: WorkerInfo) -> None:
         """Register a HELLO; a known id re-registering (restart) replaces the old entry."""
-        if info.role not in ROLES:
-            raise ValueError(f"unknown worker role {info.role!r}; expected one of {ROLES}")
+        if info.role not in (*ROLES, PIPELINE_ROLE):
+            raise ValueError(f"unknown worker role {info.role!r}; expected one of "
+                             f"{(*ROLES, PIPELINE_ROLE)}")
         old = self._by_id.get(info.worker_id)
         if old is not None:
             self._by_route.pop(old.routing_id, None)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -123,6 +124,7 @@ class RequestTable:
     def __init__(self) -> None:
         self._by_id: dict[str, Request] = {}
         self._queue: dict[str, None] = {}  # insertion-ordered set of QUEUED req_ids
+        self._per_client: Counter[bytes] = Counter()  # requests in flight per client
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -145,6 +147,11 @@ class RequestTable:
             request.times.t_arrival = now
         self._by_id[request.req_id] = request
         self._queue[request.req_id] = None
+        self._per_client[request.client] += 1
+
+    def num_for(self, client: bytes) -> int:
+        """Requests in flight for one client (the per-client admission limit)."""
+        return self._per_client.get(client, 0)
 
     @property
     def num_queued(self) -> int:
@@ -163,7 +170,14 @@ class RequestTable:
 
     def remove(self, req_id: str) -> Request | None:
         self._queue.pop(req_id, None)
-        return self._by_id.pop(req_id, None)
+        request = self._by_id.pop(req_id, None)
+        if request is not None:
+            left = self._per_client[request.client] - 1
+            if left > 0:
+                self._per_client[request.client] = left
+            else:
+                del self._per_client[request.client]
+        return request
 
     def held_by(self, worker: str) -> list[Request]:
         """Requests a lost worker takes down: all on a decoder, those not yet past an encoder."""

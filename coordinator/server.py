@@ -42,17 +42,22 @@ from common.errors import (
 from common.models.config import ModelConfig
 from common.procs import write_status
 from common.sockets import bound_endpoint, make_socket
-from coordinator import admission
+from coordinator import admission, auth
 from coordinator.adjust import Band, BatchSizer
 from coordinator.batching import pick_encoder, place_batch
 from coordinator.config import CoordinatorConfig
 from coordinator.membership import Membership
+from coordinator.metrics import Metrics, load_plan
+from coordinator.pipeline_driver import PipelineDriver
 from coordinator.relay import Relay
 from coordinator.requests import Request, RequestTable, State
 
 DRAIN_BUDGET = 4096  # messages per socket per pump, at most ...
 PUMP_BUDGET_S = 0.02  # ... and this much time, before yielding to tick()
 WORKER_RCVHWM = 100  # per worker: a decoder running ahead blocks (and coalesces) on its side
+# a client message is a type byte and a body (<= 16 MiB, Limits.max_body_bytes); libzmq drops
+# a peer that sends more than this before the coordinator allocates it
+CLIENT_MAX_MSG_BYTES = 32 << 20
 
 
 def load_model_config(cfg: CoordinatorConfig) -> ModelConfig:
@@ -90,6 +95,15 @@ class Coordinator:
                                 token_sum=Band.parse(cfg.adjust_token_sum),
                                 decode_batch=Band.parse(cfg.adjust_decode_batch))
         self.table = RequestTable()
+        # rra / static / continuous plans: stage workers driven by streams (pipeline_driver)
+        self.pipeline = PipelineDriver(self) if cfg.policy != "waa" else None
+        self.metrics = Metrics(plan=load_plan(cfg.plan) if cfg.plan else None)
+        self.adapter = None  # --adapt: drift -> background re-plan -> live knobs (adapt.py)
+        if cfg.adapt:
+            from coordinator.adapt import Adapter
+
+            self.adapter = Adapter.from_coordinator(self, log)
+        self.drain_meter = admission.DrainMeter()
         self.draining = False
         self.counters = {"submitted": 0, "completed": 0, "failed": 0, "tokens_out": 0,
                          "protocol_errors": 0, "be_adjustments": 0}
@@ -115,9 +129,13 @@ class Coordinator:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self.adapter is not None:
+                self.adapter.close()
             for raw in (self._client_raw, self._worker_raw):
                 loop.remove_reader(raw.getsockopt(zmq.FD))
             self.members.shutdown_all("coordinator stopping")
+            if self.curve is not None:
+                self.curve.stop()
             self._client_raw.close(linger=200)
             self._worker_raw.close(linger=500)
             self._ctx.term()
@@ -125,10 +143,21 @@ class Coordinator:
         return 0
 
     def _bind(self) -> None:
+        self.curve = auth.gate_from_config(self._ctx, self.log, self.cfg)
+        if self.curve is not None:
+            self.curve.start()  # the ZAP handler must exist before the first handshake
         self._client_raw = make_socket(self._ctx, "ROUTER", bind=self.cfg.client_endpoint,
-                                       hwm=1_000_000, router_mandatory=True)
+                                       hwm=1_000_000, router_mandatory=True,
+                                       max_msg_bytes=CLIENT_MAX_MSG_BYTES,
+                                       **self._curve_options(auth.CLIENT_DOMAIN))
         self._worker_raw = make_socket(self._ctx, "ROUTER", bind=self.cfg.worker_endpoint,
-                                       hwm=1_000_000, router_mandatory=True)
+                                       hwm=1_000_000, router_mandatory=True,
+                                       **self._curve_options(auth.WORKER_DOMAIN))
+        if self.curve is not None:
+            for sock, domain in ((self._client_raw, auth.CLIENT_DOMAIN),
+                                 (self._worker_raw, auth.WORKER_DOMAIN)):
+                if domain in self.curve.allow:
+                    self.curve.watch(sock, domain)
         # applies to every worker pipe (they connect after this): bounded inbound queues
         self._worker_raw.setsockopt(zmq.RCVHWM, WORKER_RCVHWM)
         self.client_endpoint = bound_endpoint(self._client_raw)
@@ -139,6 +168,12 @@ class Coordinator:
                      worker_endpoint=self.worker_endpoint)
         self.log.info("listening", client_endpoint=self.client_endpoint,
                       worker_endpoint=self.worker_endpoint, model=self.model.name)
+
+    def _curve_options(self, domain: str) -> dict[str, Any]:
+        """CURVE server options for one port, when ``--curve-*`` asked for it there."""
+        if self.curve is None or domain not in self.curve.allow:
+            return {}
+        return {"curve_server": self.curve.keys, "zap_domain": domain}
 
     def request_stop(self) -> None:
         if not self.draining:
@@ -195,6 +230,8 @@ class Coordinator:
             await asyncio.sleep(self.cfg.heartbeat_interval_s)
             now = time.time()
             self.members.tick(now)
+            if self.adapter is not None:
+                self.adapter.tick(now)
             for request in self.table.expired(now):
                 self.fail(request, Timeout("the request's deadline passed",
                                            req_id=request.req_id))
@@ -220,7 +257,9 @@ class Coordinator:
         elif isinstance(msg, P.Cancel):
             self.on_cancel(client, msg)
         elif isinstance(msg, P.StatsRequest):
-            self.relay.send_now(client, P.Stats(req_id=msg.req_id, stats=self.stats()))
+            self.relay.send_now(client, P.Stats(
+                req_id=msg.req_id, stats=self.stats(msg.include_requests),
+                requests=self.metrics.lifecycles() if msg.include_requests else {}))
         else:
             self.relay.send_now(client, P.Error(
                 code="bad_request", message=f"clients may not send {type(msg).__name__}",
@@ -232,14 +271,19 @@ class Coordinator:
             self.relay.send_now(client, P.Error(code="unavailable", req_id=msg.req_id,
                                                 message=f"no {missing} worker is available"))
             return
+        self.drain_meter.observe(time.monotonic(),
+                                 self.counters["completed"] + self.counters["failed"])
         try:
-            admission.admit(msg, client, self.cfg, self.table, self.draining,
-                            self.model.vocab_size, tokenizer=self.tokenizer,
-                            max_position=self.model.max_position)
+            request = admission.admit(msg, client, self.cfg, self.table, self.draining,
+                                      self.model.vocab_size, tokenizer=self.tokenizer,
+                                      max_position=self.model.max_position,
+                                      drain=self.drain_meter)
         except ServerError as exc:
             self.relay.send_now(client, admission.error_message(exc))
             return
         self.counters["submitted"] += 1
+        if self.adapter is not None:
+            self.adapter.observe_arrival(request)
 
     def on_cancel(self, client: bytes, msg: P.Cancel) -> None:
         request = self.table.get(msg.req_id)
@@ -251,13 +295,16 @@ class Coordinator:
     # ---- requests -------------------------------------------------------------------------
     def schedule(self) -> None:
         """Send encode batches while an encoder and decoder slots are free."""
+        if self.pipeline is not None:
+            self.pipeline.schedule()  # pipeline plans: each idle stream's next pass
+            return
         while self.table.num_queued and self.members.serving:
             encoder = pick_encoder(self.members.ready("encoder"),
                                    self.cfg.max_outstanding_batches)
             if encoder is None:
                 return
             decoders = self.members.ready("decoder")
-            queued = self.table.peek_queued(min(2 * self.cfg.max_encode_batch, encoder.capacity))
+            queued = self.table.peek_queued(min(2 * self.sizer.plan_batch, encoder.capacity))
             running = sum(d.num_active for d in decoders)
             decision = self.sizer.size([r.num_prompt_tokens for r in queued], running)
             placed = place_batch(queued, decoders, min(decision.size, encoder.capacity))
@@ -265,9 +312,12 @@ class Coordinator:
                 return
             if decision.reason != "plan":
                 self.counters["be_adjustments"] += 1
-                self.log.info("be_adjusted", size=len(placed), plan_B_E=self.cfg.max_encode_batch,
+                self.log.info("be_adjusted", size=len(placed), plan_B_E=self.sizer.plan_batch,
                               running=running, reason=decision.reason,
                               token_sum=sum(r.num_prompt_tokens for r, _ in placed))
+            self.metrics.on_encode_batch(encoder.worker_id, len(placed),
+                                         sum(r.num_prompt_tokens for r, _ in placed),
+                                         decision.reason != "plan", decision.reason)
             self._batch_id += 1
             self.members.send_batch(encoder, self._batch_id, placed)
             self.log.debug("encode_batch", batch_id=self._batch_id, encoder=encoder.worker_id,
@@ -292,6 +342,9 @@ class Coordinator:
         self.members.release(request)
         self.counters["completed"] += 1
         self.counters["tokens_out"] += len(request.tokens)
+        self.metrics.on_finish(request, reason)
+        if self.adapter is not None:
+            self.adapter.observe_finish(request)
         self.relay.result(request, reason)
         self.log.debug("request_done", req_id=request.req_id, tokens=len(request.tokens),
                        decoder=request.decoder)
@@ -305,6 +358,9 @@ class Coordinator:
         self.table.remove(request.req_id)
         self.members.release(request, cancel=True, encoding=was_encoding)
         self.counters["failed"] += 1
+        self.metrics.on_fail(request, exc.code)
+        if self.adapter is not None:
+            self.adapter.observe_finish(request, exact=False)
         self.log.info("request_failed", req_id=request.req_id, code=exc.code, error=exc.message)
         self.relay.error(request, exc)
 
@@ -314,11 +370,16 @@ class Coordinator:
             self.fail(request, Unavailable(f"no {'/'.join(missing)} worker is available",
                                            req_id=request.req_id))
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, include_requests: bool = False) -> dict[str, Any]:
+        """Counters and workers, plus what coordinator/metrics.py measured (docs/stats.md)."""
+        workers = self.members.describe()
         return {"requests": {**self.counters, "in_flight": len(self.table),
                              "queued": self.table.num_queued},
-                "workers": self.members.describe(), "model": self.model.name,
-                "draining": self.draining}
+                "workers": workers, "model": self.model.name,
+                "draining": self.draining,
+                **({"pipeline": self.pipeline.describe()} if self.pipeline else {}),
+                **({"adapt": self.adapter.describe()} if self.adapter else {}),
+                **self.metrics.snapshot(include_requests, workers)}
 
 
 async def serve(cfg: CoordinatorConfig, log: Any) -> int:

@@ -1,8 +1,10 @@
-"""``python -m decoder_worker``: one decoder worker, configured by flags or EXEGPT_* env."""
+"""``python -m decoder_worker``: one decoder worker (``--role decoder``, the default) or one
+pipeline stage worker (``--role pipeline --stage S``), configured by flags or EXEGPT_* env."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -10,25 +12,53 @@ from common import protocol as P
 from common import workerconfig
 from common.workerlink import WorkerLink
 from common.workermain import FollowerLoop, run_worker
-from decoder_worker.worker import DecoderLoop, build_backend
+
+ROLES = ("decoder", "pipeline")
+DESCRIPTIONS = {
+    "decoder": "An exegpt decoder worker: binds a KV endpoint for encoders, runs decode "
+               "iterations and streams tokens to the coordinator.",
+    "pipeline": "An exegpt pipeline stage worker (RRA, static, continuous plans): holds one "
+                "layer range, takes StagePasses from the coordinator or the previous stage at "
+                "its KV endpoint, hands hidden rows to the next stage; the last stage samples "
+                "and reports PassDone to the coordinator.",
+}
+
+
+def _role(argv: list[str] | None) -> str:
+    """--role picks which flags the parser has, so it is read first."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--role", choices=ROLES, default=os.environ.get("EXEGPT_ROLE", "decoder"))
+    known, _ = pre.parse_known_args(argv)
+    return known.role
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m decoder_worker",
-        description="An exegpt decoder worker: binds a KV endpoint for encoders, runs decode "
-                    "iterations and streams tokens to the coordinator.")
-    workerconfig.add_arguments(parser, "decoder")
+    role = _role(argv)
+    parser = argparse.ArgumentParser(prog="python -m decoder_worker",
+                                     description=DESCRIPTIONS[role])
+    parser.add_argument("--role", choices=ROLES, default=role,
+                        help="decoder (WAA plans) or pipeline (a stage of an RRA, static or "
+                             "continuous plan); default from EXEGPT_ROLE, else decoder")
+    workerconfig.add_arguments(parser, role)
     args = parser.parse_args(argv)
     try:
-        cfg = workerconfig.from_args(args, "decoder")
+        cfg = workerconfig.from_args(args, role)
     except ValueError as exc:
         parser.error(str(exc))
 
-    def make_loop(link: WorkerLink, assign: P.Assign, log: Any) -> DecoderLoop | FollowerLoop:
+    def make_loop(link: WorkerLink, assign: P.Assign, log: Any) -> Any:
+        if role == "pipeline":
+            from decoder_worker.pipeline import StageLoop, build_stage_backend
+
+            stage_backend = build_stage_backend(cfg, assign)
+            if cfg.tp_rank > 0 and cfg.backend == "engine":
+                return FollowerLoop(stage_backend)  # rank 0 of its TP group carries the data
+            return StageLoop(cfg, link, stage_backend, log)
+        from decoder_worker.worker import DecoderLoop, build_backend
+
         backend = build_backend(cfg, assign)
         if cfg.tp_rank > 0 and cfg.backend == "engine":
-            return FollowerLoop(backend)  # rank 0 of its TP group carries the data
+            return FollowerLoop(backend)
         return DecoderLoop(cfg, link, backend, log)
 
     return run_worker(cfg, make_loop)

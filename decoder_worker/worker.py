@@ -51,8 +51,10 @@ class DecoderLoop:
                  log: Any) -> None:
         self.cfg, self.link, self.backend, self.log = cfg, link, backend, log
         self.steps = 0
+        self.seq_steps = 0  # sequences summed over steps: steps' mean batch (`exegpt stats`)
         self.tokens_out = 0
         self.updates_out = 0
+        self.kv_bytes_received = 0  # KV payload bytes taken from encoders (`exegpt stats`)
         self._last_publish = 0.0
         self.exit_code: int | None = None
         self._pending: dict[str, P.TokenUpdate] = {}  # first tokens not yet published
@@ -62,6 +64,7 @@ class DecoderLoop:
     def load(self) -> dict[str, Any]:
         return {"active": self.backend.num_active, "steps": self.steps,
                 "tokens_out": self.tokens_out, "updates_out": self.updates_out,
+                "kv_bytes_received": self.kv_bytes_received, "seq_steps": self.seq_steps,
                 "queued_messages": self.link.inbox.qsize()}
 
     def run(self) -> int:
@@ -115,6 +118,7 @@ class DecoderLoop:
     def admit(self, handoff: P.KVHandoff) -> None:
         """Join the batch; the encode pass's token is this request's first output token."""
         lifecycle = handoff.lifecycle.with_(t_kv_received=time.time())
+        self.kv_bytes_received += sum(int(t.nbytes) for t in handoff.kv.tensors.values())
         self.log.debug("kv_received", req_id=handoff.req_id, encoder=handoff.encoder_id,
                        seq_len=handoff.kv.seq_len)
         seq = DecodeSeq(req_id=handoff.req_id, prompt_len=handoff.prompt_len,
@@ -142,6 +146,7 @@ class DecoderLoop:
         out = self.backend.step() if self.backend.num_active else []
         if out:
             self.steps += 1
+            self.seq_steps += len(out)
         # While the coordinator reads slower than we decode, tokens wait here and leave as one
         # update per sequence (fewer, larger messages) instead of queueing message by message.
         # Steps faster than publish_interval_ms (the null model, tiny models) are merged too:

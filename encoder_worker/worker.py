@@ -53,12 +53,13 @@ class EncoderLoop:
         self.cfg, self.link, self.backend, self.shape, self.log = cfg, link, backend, shape, log
         self.batches_done = 0
         self.requests_done = 0
+        self.kv_bytes_sent = 0  # KV payload bytes handed to decoders (`exegpt stats`)
         self.cancelled: dict[str, None] = {}  # insertion-ordered, bounded by MAX_CANCELLED
         link.load = self.load
 
     def load(self) -> dict[str, Any]:
         return {"batches_done": self.batches_done, "requests_done": self.requests_done,
-                "queued_messages": self.link.inbox.qsize()}
+                "kv_bytes_sent": self.kv_bytes_sent, "queued_messages": self.link.inbox.qsize()}
 
     def run(self) -> int:
         """Returns the process exit code (0: told to stop; 1: lost the coordinator)."""
@@ -133,3 +134,4 @@ class EncoderLoop:
                               kv=kv, lifecycle=lifecycle)
         assert request.decoder_id is not None
         self.link.send(handoff, decoder_id=request.decoder_id)
+        self.kv_bytes_sent += sum(int(t.nbytes) for t in kv.tensors.values())

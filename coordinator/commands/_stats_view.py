@@ -1,124 +1,62 @@
-"""What `exegpt stats` computes from one Stats message, and how it prints it against the plan.
+"""What `exegpt stats` prints: the coordinator's measurements (coordinator/metrics.py) as rich
+tables -- overall, per worker, measured beside the plan's predictions, and on request the recent
+requests' lifecycles.
 
-Sources, in the order they are trusted:
-- the request lifecycles the coordinator returns for ``StatsRequest(include_requests=True)``
-  (``Stats.requests``): latency, TTFT, time per token, throughput and the encode batches are
-  computed here from those timestamps, the one source the whole project uses for latency;
-  requests of one encode batch share ``t_encode_start``, so batch sizes (and B_E adjustments
-  as changes of the size) fall out of the same data;
-- the stats tree (``Stats.stats``): counters, the worker list with each worker's latest
-  heartbeat ``load``, and, when the coordinator reports them, ``plan``, ``adjustments``
-  (B_E changes) and per-worker ``kv_bytes_sent`` / ``kv_bytes_received`` / ``batch_size``.
-A number no source provides prints as ``n/a``; nothing is estimated.
+Every number comes from the coordinator's Stats answer; this module only formats (and, for a
+``--plan`` given here, puts that plan's predictions beside the measured numbers with the same
+rule the coordinator uses). A number nobody measured prints as ``n/a``.
 """
 
 from __future__ import annotations
 
-import math
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
+import io
+from collections.abc import Sequence
 from typing import Any
 
-PERCENTILES = (50, 90, 99)
+from rich.console import Console, Group
+from rich.table import Table
+
+from coordinator.metrics_report import decode_batch_mean, json_safe, vs_plan
+
+RECENT_REQUESTS_SHOWN = 20
 
 
-def fetch_stats(endpoint: str, timeout_s: float = 10.0) -> Any:
-    """One Stats message (with request lifecycles) through the SDK."""
+def fetch_stats(endpoint: str, timeout_s: float = 10.0, include_requests: bool = False) -> Any:
+    """One Stats message through the SDK."""
     from common.client import Client
 
     with Client(endpoint, default_timeout_s=timeout_s) as client:
-        return client.stats(include_requests=True, timeout_s=timeout_s)
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile (no interpolation: every reported value was observed)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
-def _pcts(values: Sequence[float]) -> dict[str, float | None]:
-    return {f"p{q}": percentile(values, q) for q in PERCENTILES} | {
-        "mean": sum(values) / len(values) if values else None, "count": len(values)}
-
-
-def request_metrics(lifecycles: Iterable[Any], p99_output: int | None) -> dict[str, Any]:
-    """Latency/TTFT/TPOT percentiles and throughput over the finished requests."""
-    done = [life for life in lifecycles
-            if life.t_finish is not None and life.t_arrival is not None]
-    latency = [lf.t_finish - lf.t_arrival for lf in done]
-    ttft = [lf.t_first_token - lf.t_arrival for lf in done if lf.t_first_token is not None]
-    tpot = [(lf.t_finish - lf.t_first_token) / (len(lf.t_tokens) - 1) for lf in done
-            if lf.t_first_token is not None and len(lf.t_tokens) > 1]
-    kv = [lf.t_kv_received - lf.t_kv_sent for lf in done
-          if lf.t_kv_received is not None and lf.t_kv_sent is not None]
-    out: dict[str, Any] = {"finished": len(done), "latency_s": _pcts(latency),
-                           "ttft_s": _pcts(ttft), "tpot_s": _pcts(tpot),
-                           "kv_transfer_s": _pcts(kv)}
-    if done:
-        window = max(lf.t_finish for lf in done) - min(lf.t_arrival for lf in done)
-        tokens = sum(len(lf.t_tokens) for lf in done)
-        out["window_s"] = window
-        out["throughput_seq_s"] = len(done) / window if window > 0 else None
-        out["throughput_tok_s"] = tokens / window if window > 0 else None
-    if p99_output:
-        long = [lf.t_finish - lf.t_arrival for lf in done if len(lf.t_tokens) >= p99_output]
-        out["latency_p99len_s"] = max(long) if long else None
-    return out
-
-
-def encode_batches(lifecycles: Iterable[Any]) -> list[dict[str, float]]:
-    """Encode batches in time order: requests of one batch share their encode-start stamp."""
-    groups: dict[float, int] = defaultdict(int)
-    for life in lifecycles:
-        if life.t_encode_start is not None:
-            groups[life.t_encode_start] += 1
-    return [{"t": t, "size": n} for t, n in sorted(groups.items())]
-
-
-def decode_batch_over_time(lifecycles: Sequence[Any], buckets: int = 10) -> list[dict[str, float]]:
-    """Mean number of sequences decoding (between first token and finish) per time bucket."""
-    spans = [(lf.t_first_token, lf.t_finish) for lf in lifecycles
-             if lf.t_first_token is not None and lf.t_finish is not None]
-    if not spans:
-        return []
-    start, end = min(s for s, _ in spans), max(e for _, e in spans)
-    width = (end - start) / buckets if end > start else 1.0
-    out = []
-    for i in range(buckets):
-        lo, hi = start + i * width, start + (i + 1) * width
-        busy = sum(max(0.0, min(e, hi) - max(s, lo)) for s, e in spans)
-        out.append({"t": lo, "mean_batch": busy / width})
-    return out
+        return client.stats(include_requests=include_requests, timeout_s=timeout_s)
 
 
 def summarize(msg: Any, plan: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The whole report as one JSON-able value (what ``--json`` prints)."""
+    """The report as one JSON-able value (what ``--json`` prints): the coordinator's stats
+    tree, its lifecycles under ``lifecycles`` when asked for, and ``plan``/``vs_plan`` from
+    ``plan`` when one is given here (it wins over the coordinator's)."""
     tree = dict(msg.stats or {})
-    plan = plan or tree.get("plan")
-    p99_output = (plan or {}).get("workload_info", {}).get("p99_output")
-    lifecycles = list((msg.requests or {}).values())
-    batches = encode_batches(lifecycles)
-    return {
-        "model": tree.get("model"), "counters": tree.get("requests", {}),
-        "overall": request_metrics(lifecycles, p99_output),
-        "workers": [_worker_row(w) for w in tree.get("workers", [])],
-        "encode_batches": batches, "B_E_changes": _changes(batches, tree.get("adjustments")),
-        "B_E_adjustments": (tree.get("requests") or {}).get("be_adjustments"),
-        "decode_batch": decode_batch_over_time(lifecycles),
-        "plan": None if plan is None else {
-            "policy": plan.get("policy"), "B_E": plan.get("B_E"), "B_D": plan.get("B_D"),
-            "latency_bound_s": plan.get("latency_bound_s"), "predicted": plan.get("predicted")},
-        "lifecycles_reported": bool(lifecycles),
-    }
+    if msg.requests:
+        tree["lifecycles"] = {req_id: _life_dict(life) for req_id, life in msg.requests.items()}
+    if plan is not None and isinstance(tree.get("overall"), dict):
+        overall = tree["overall"]
+        tree["plan"] = json_safe({k: plan.get(k) for k in (
+            "policy", "B_E", "B_D", "N_D", "B_m", "latency_bound_s", "sla", "workload",
+            "num_workers", "predicted", "workload_info")})
+        tree["vs_plan"] = vs_plan(plan, overall, (overall.get("encode_batches") or {}).get(
+            "mean"), decode_batch_mean(overall.get("decode_batch") or {}))
+    return tree
+
+
+def _life_dict(life: Any) -> dict[str, Any]:
+    import dataclasses
+
+    out = dataclasses.asdict(life)
+    out["t_tokens"] = list(out["t_tokens"])
+    return out
 
 
 def interval_rates(before: dict[str, Any], after: dict[str, Any], seconds: float,
                    ) -> dict[str, float] | None:
-    """Requests and tokens per second between two counter snapshots (``--watch``): measured
-    throughput even when the coordinator reports no lifecycles."""
+    """Requests and tokens per second between two counter snapshots (``--watch``)."""
     if seconds <= 0 or not before or not after:
         return None
     done = after.get("completed", 0) - before.get("completed", 0)
@@ -126,77 +64,21 @@ def interval_rates(before: dict[str, Any], after: dict[str, Any], seconds: float
     return {"seq_s": done / seconds, "tok_s": tokens / seconds, "interval_s": seconds}
 
 
-def _changes(batches: list[dict[str, float]], reported: Any) -> list[dict[str, Any]]:
-    """B_E adjustments: the coordinator's own log when it sends one, else size changes."""
-    if isinstance(reported, list):
-        return reported
-    out, last = [], None
-    for b in batches:
-        if last is not None and b["size"] != last:
-            out.append({"t": b["t"], "from": last, "to": b["size"]})
-        last = b["size"]
-    return out
-
-
-def _worker_row(w: dict[str, Any]) -> dict[str, Any]:
-    load = w.get("load") or {}
-    keys = ("batches_done", "requests_done", "steps", "tokens_out", "kv_bytes_sent",
-            "kv_bytes_received", "batch_size")
-    return {"worker_id": w.get("worker_id"), "role": w.get("role"), "state": w.get("state"),
-            "tp": f"{w.get('tp_rank', 0)}/{w.get('tp_size', 1)}", "active": w.get("active"),
-            **{k: load.get(k) for k in keys}}
-
-
-def _fmt(value: Any, scale: float = 1.0, unit: str = "", digits: int = 3) -> str:
+# ---- formatting ---------------------------------------------------------------------------
+def fmt(value: Any, scale: float = 1.0, unit: str = "", digits: int = 3) -> str:
     if value is None:
         return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
     if isinstance(value, float):
         return f"{value * scale:.{digits}g}{unit}"
+    if isinstance(value, int):
+        return f"{value * scale:.{digits}g}{unit}" if scale != 1.0 else f"{value}{unit}"
     return f"{value}{unit}"
 
 
-def render_stats(msg: Any, plan: dict[str, Any] | None = None) -> str:
-    return render_summary(summarize(msg, plan))
-
-
-def render_summary(s: dict[str, Any]) -> str:
-    o, pr = s["overall"], ((s.get("plan") or {}).get("predicted") or {})
-    lines = [f"model {s['model']}   requests {s['counters']}"]
-    if not s["lifecycles_reported"]:
-        lines.append("(the coordinator returned no request lifecycles: latency, TTFT, TPOT "
-                     "and batch history are n/a)")
-    lines.append(f"{'':22}{'measured':>26}   {'plan predicted':>16}")
-    rate = s.get("interval") or {}
-    rows = [("throughput seq/s", _fmt(o.get("throughput_seq_s", rate.get("seq_s"))),
-             _fmt(pr.get("throughput_seq_s"))),
-            ("throughput tok/s", _fmt(o.get("throughput_tok_s", rate.get("tok_s"))),
-             _fmt(pr.get("throughput_tok_s"))),
-            ("latency p50/p90/p99 s", _trio(o["latency_s"]), _fmt(pr.get("latency_p99_s"))),
-            ("p99-length latency s", _fmt(o.get("latency_p99len_s")),
-             _fmt(pr.get("latency_p99len_s"))),
-            ("TTFT p50/p90/p99 s", _trio(o["ttft_s"]), _fmt(pr.get("ttft_s"))),
-            ("time/token p50/p99 ms", _trio(o["tpot_s"], 1e3, ("p50", "p99")),
-             _fmt(pr.get("tpot_s"), 1e3)),
-            ("KV transfer p50/p99 ms", _trio(o["kv_transfer_s"], 1e3, ("p50", "p99")), "")]
-    lines += [f"{name:22}{meas:>26}   {pred:>16}" for name, meas, pred in rows]
-    lines += _batch_lines(s)
-    lines.append(f"{'worker':12}{'role':9}{'state':7}{'tp':5}{'active':>7}{'batches':>8}"
-                 f"{'steps':>8}{'tokens':>8}{'KV sent':>11}{'KV recv':>11}")
-    for w in s["workers"]:
-        lines.append(f"{str(w['worker_id']):12}{str(w['role']):9}{str(w['state']):7}"
-                     f"{w['tp']:5}{_fmt(w['active']):>7}{_fmt(w['batches_done']):>8}"
-                     f"{_fmt(w['steps']):>8}{_fmt(w['tokens_out']):>8}"
-                     f"{_bytes(w['kv_bytes_sent']):>11}{_bytes(w['kv_bytes_received']):>11}")
-    return "\n".join(lines)
-
-
-def _trio(p: dict[str, Any], scale: float = 1.0, keys: Sequence[str] = ("p50", "p90", "p99"),
-          ) -> str:
-    return "/".join(_fmt(p.get(k), scale) for k in keys)
-
-
-def _bytes(n: Any) -> str:
-    if n is None:
+def fmt_bytes(n: Any) -> str:
+    if not isinstance(n, int | float):
         return "n/a"
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1000 or unit == "GB":
@@ -205,25 +87,165 @@ def _bytes(n: Any) -> str:
     return str(n)
 
 
-def _batch_lines(s: dict[str, Any]) -> list[str]:
-    plan = s.get("plan") or {}
-    sizes = [b["size"] for b in s["encode_batches"]]
-    dec = [round(b["mean_batch"], 1) for b in s["decode_batch"]]
-    lines = [f"encode batches        {len(sizes)}, sizes over time "
-             f"{_series(sizes)} (plan B_E {_fmt(plan.get('B_E'))})",
-             f"decode batch          mean over time {_series(dec)} "
-             f"(plan B_D {_fmt(plan.get('B_D'))})"]
-    changes = s["B_E_changes"]
-    shown = ", ".join(f"{c.get('from')}->{c.get('to')}" for c in changes[-8:])
-    counted = s.get("B_E_adjustments")
-    total = f"{counted} batches sized off B_E (coordinator)" if counted is not None else \
-        f"{len(changes)} size changes"
-    lines.append(f"B_E adjustments       {total}{'; recent: ' + shown if shown else ''}")
-    return lines
+def _get(tree: Any, *path: str) -> Any:
+    for key in path:
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
 
 
-def _series(values: Sequence[Any], limit: int = 16) -> str:
+def render(s: dict[str, Any], watch: dict[str, float] | None = None) -> Group:
+    """Every table of the report (a rich renderable)."""
+    parts: list[Any] = [overall_table(s, watch), latency_table(s), worker_table(s)]
+    if s.get("vs_plan"):
+        parts.append(plan_table(s))
+    if s.get("lifecycles"):
+        parts.append(request_table(s))
+    if "overall" not in s:
+        parts = [f"this coordinator reports no measurements (counters only): {s.get('requests')}"]
+    return Group(*parts)
+
+
+def render_text(s: dict[str, Any], width: int = 140) -> str:
+    """The tables as plain text (tests, logs)."""
+    console = Console(file=io.StringIO(), width=width, color_system=None)
+    console.print(render(s))
+    return console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def overall_table(s: dict[str, Any], watch: dict[str, float] | None = None) -> Table:
+    o, counters = s.get("overall") or {}, s.get("requests") or {}
+    t = Table(title=f"exegpt stats -- model {s.get('model')}, up {fmt(s.get('uptime_s'))} s",
+              show_header=False, title_justify="left")
+    t.add_column("what", style="bold")
+    t.add_column("value")
+    window = o.get("throughput") or {}
+    since = o.get("throughput_since_start") or {}
+    codes = ", ".join(f"{k} {v}" for k, v in (o.get("failed") or {}).items())
+    t.add_row("requests", f"completed {counters.get('completed')}, failed "
+              f"{counters.get('failed')}{f' ({codes})' if codes else ''}, in flight "
+              f"{counters.get('in_flight')}, queued {counters.get('queued')}")
+    t.add_row("throughput (window)", f"{fmt(window.get('seq_s'))} seq/s, "
+              f"{fmt(window.get('tok_s'))} tok/s over {fmt(window.get('span_s'))} s "
+              f"({_get(s, 'window', 'requests')} requests)")
+    t.add_row("throughput (since start)", f"{fmt(since.get('seq_s'))} seq/s, "
+              f"{fmt(since.get('tok_s'))} tok/s")
+    if watch:
+        t.add_row("throughput (last refresh)", f"{fmt(watch['seq_s'])} seq/s, "
+                  f"{fmt(watch['tok_s'])} tok/s")
+    p99 = o.get("p99_length") or {}
+    t.add_row("p99-length latency", f"{fmt(p99.get('latency_s'))} s mean, "
+              f"{fmt(p99.get('max_s'))} s max from encode start; {fmt(p99.get('e2e_max_s'))} s "
+              f"max from arrival ({p99.get('count')} requests of >= {p99.get('output_len')} "
+              "tokens)")
+    enc = o.get("encode_batches") or {}
+    t.add_row("encode batches", f"{enc.get('count')} sent, mean size {fmt(enc.get('mean'))}, "
+              f"recent {_series([b['size'] for b in enc.get('recent') or []])}")
+    dec = o.get("decode_batch") or {}
+    sizes = [p[1] for p in dec.get("series") or []]
+    t.add_row("decode batch", f"{fmt(dec.get('per_step_mean'))} sequences per decode step; "
+              f"running on the mesh: mean {fmt(dec.get('mean'))}, max {fmt(dec.get('max'))}, "
+              f"over time {_series(sizes)}")
+    adj = o.get("be_adjustments") or {}
+    recent = "; ".join(f"{a['size']} ({a['reason']})" for a in (adj.get("recent") or [])[-4:])
+    t.add_row("B_E adjustments", f"{adj.get('count')}" + (f", recent: {recent}" if recent else ""))
+    kv = o.get("kv_bytes") or {}
+    t.add_row("KV bytes moved", f"sent {fmt_bytes(kv.get('sent'))} ({fmt(kv.get('sent'))}), "
+              f"received {fmt_bytes(kv.get('received'))} ({fmt(kv.get('received'))})")
+    return t
+
+
+LATENCY_ROWS = (("latency (arrival -> finish)", "latency_s", 1.0, "s"),
+                ("latency (encode -> finish)", "latency_encode_s", 1.0, "s"),
+                ("queueing", "queueing_s", 1e3, "ms"),
+                ("TTFT (arrival)", "ttft_s", 1e3, "ms"),
+                ("TTFT (encode start)", "ttft_encode_s", 1e3, "ms"),
+                ("time per output token", "tpot_s", 1e3, "ms"),
+                ("encode pass", "encode_s", 1e3, "ms"),
+                ("KV transfer", "kv_transfer_s", 1e3, "ms"),
+                ("output tokens", "output_len", 1.0, ""))
+
+
+def latency_table(s: dict[str, Any]) -> Table:
+    o = s.get("overall") or {}
+    t = Table(title="latency over the window", title_justify="left")
+    for name in ("", "p50", "p90", "p99", "mean", "max", "n"):
+        t.add_column(name, justify="left" if not name else "right")
+    for label, key, scale, unit in LATENCY_ROWS:
+        d = o.get(key) or {}
+        t.add_row(f"{label} {unit}".strip(), *(fmt(d.get(k), scale) for k in (
+            "p50", "p90", "p99", "mean", "max")), fmt(d.get("count")))
+    return t
+
+
+def worker_table(s: dict[str, Any]) -> Table:
+    """One row per worker (or pipeline stream): decoders' requests and running batch,
+    encoders' batches, KV bytes each side moved."""
+    t = Table(title="per worker", title_justify="left")
+    for name in ("worker", "role", "requests", "seq/s", "tok/s", "lat p50/p99 s", "TTFT ms",
+                 "TPOT ms", "batches", "KV bytes"):
+        t.add_column(name, justify="left" if name in ("worker", "role") else "right")
+    for wid, w in (s.get("per_worker") or {}).items():
+        role = w.get("role") or ("stream" if w.get("passes") else "?")
+        enc = w.get("encode_batches") or {}
+        if enc.get("count"):
+            batches = f"{enc['count']} x {fmt(enc.get('mean'))}"
+        else:
+            mean = _get(w, "decode_batch", "per_step_mean")
+            batches = "n/a" if mean is None else f"{fmt(mean)} per step"
+        kv = w.get("kv_bytes_sent") if role == "encoder" else w.get("kv_bytes_received")
+        t.add_row(wid, f"{role} ({w.get('state')})",
+                  fmt(w.get("encoded") if role == "encoder" else w.get("decoded")),
+                  fmt(_get(w, "throughput", "seq_s")), fmt(_get(w, "throughput", "tok_s")),
+                  f"{fmt(_get(w, 'latency_s', 'p50'))}/{fmt(_get(w, 'latency_s', 'p99'))}",
+                  fmt(_get(w, "ttft_s", "p50"), 1e3), fmt(_get(w, "tpot_s", "p50"), 1e3),
+                  batches, ("sent " if role == "encoder" else "recv ") + fmt_bytes(kv))
+    return t
+
+
+def plan_table(s: dict[str, Any]) -> Table:
+    plan, vp = s.get("plan") or {}, s["vs_plan"]
+    bound = vp.get("latency_bound") or {}
+    t = Table(title=f"measured vs plan ({plan.get('policy')}, B_E {plan.get('B_E')}, "
+              f"workload {plan.get('workload')})", title_justify="left",
+              caption=f"latency bound {fmt(bound.get('bound_s'))} s (SLA {bound.get('sla')}): "
+                      f"measured {fmt(bound.get('measured_s'))} s, met: {fmt(bound.get('met'))}",
+              caption_justify="left")
+    for name in ("metric", "measured", "predicted", "measured/predicted"):
+        t.add_column(name, justify="left" if name == "metric" else "right")
+    for row in vp.get("rows") or []:
+        t.add_row(row["metric"], fmt(row["measured"]), fmt(row["predicted"]),
+                  fmt(row["ratio"]))
+    return t
+
+
+def request_table(s: dict[str, Any]) -> Table:
+    lives, info = s["lifecycles"], s.get("request_info") or {}
+    shown = min(RECENT_REQUESTS_SHOWN, len(lives))
+    t = Table(title=f"recent requests (last {shown} of {len(lives)} reported; "
+              "--json has every timestamp)", title_justify="left")
+    for name in ("req_id", "encoder", "decoder", "prompt", "output", "queued ms", "encode ms",
+                 "KV ms", "TTFT ms", "total ms"):
+        t.add_column(name, justify="left" if name in ("req_id", "encoder", "decoder")
+                     else "right")
+    for req_id, life in list(lives.items())[-RECENT_REQUESTS_SHOWN:]:
+        i = info.get(req_id, {})
+        t.add_row(req_id[:16], str(i.get("encoder")), str(i.get("decoder")),
+                  fmt(i.get("prompt_len")), fmt(len(life["t_tokens"])),
+                  _ms(life, "t_arrival", "t_encode_start"),
+                  _ms(life, "t_encode_start", "t_encode_end"),
+                  _ms(life, "t_kv_sent", "t_kv_received"),
+                  _ms(life, "t_arrival", "t_first_token"), _ms(life, "t_arrival", "t_finish"))
+    return t
+
+
+def _ms(life: dict[str, Any], a: str, b: str) -> str:
+    if life.get(a) is None or life.get(b) is None:
+        return "n/a"
+    return f"{(life[b] - life[a]) * 1e3:.3g}"
+
+
+def _series(values: Sequence[Any], limit: int = 12) -> str:
     if not values:
         return "n/a"
-    head = list(values[-limit:])
-    return ("... " if len(values) > limit else "") + " ".join(str(v) for v in head)
+    head = [fmt(v, digits=3) for v in values[-limit:]]
+    return ("... " if len(values) > limit else "") + " ".join(head)

@@ -215,11 +215,11 @@ def run_demo(args: Any, plan: Any, argv: list[str], endpoint: str, tokenizer: An
 
 
 def _print_stats(endpoint: str, plan: Any) -> None:
-    from coordinator.commands._stats_view import fetch_stats, render_stats
+    from coordinator.commands._stats_view import fetch_stats, render_text, summarize
 
     try:
-        stats = fetch_stats(endpoint, timeout_s=10.0)
+        msg = fetch_stats(endpoint, timeout_s=10.0)
     except Exception as exc:  # noqa: BLE001 - stats are informative; the demo verdict stands
         print(f"exegpt up: (stats unavailable: {exc})", flush=True)
         return
-    print(render_stats(stats, plan.to_dict()), flush=True)
+    print(render_text(summarize(msg, plan.to_dict())), flush=True)

@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Any
 
+from coordinator.commands._connect import add_curve_args, generate_remote
+
 EXIT_USAGE = 2
 DEFAULT_MODEL_DTYPE = "float32"
 
@@ -46,6 +48,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--system", help="system message for the chat template")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
     p.add_argument("--json", action="store_true", help="print a JSON object (token_ids, text...)")
+    p.add_argument("--connect", metavar="ENDPOINT",
+                   help="send the prompt to a serving mesh (tcp://host:5555) instead of running "
+                        "the model here")
+    p.add_argument("--timeout", type=float, default=600.0, help="--connect: seconds to wait")
+    add_curve_args(p)
     p.set_defaults(func=run)
 
 
@@ -132,6 +139,8 @@ def load_spec(args: argparse.Namespace) -> Any:
 
 def execute(args: argparse.Namespace) -> dict[str, Any]:
     """Everything but printing: returns the result object ``--json`` prints."""
+    if args.connect:
+        return generate_remote(args)
     from common.engine.generate import generate
 
     spec = load_spec(args)

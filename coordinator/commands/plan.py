@@ -18,14 +18,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("plan", help="pick the highest-throughput schedule under a bound",
                               description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", required=True,
+    p.add_argument("--profile", default=None,
                    help="profile JSON, or analytic:GPU:MODEL[:DTYPE] (GPU: a40, a100, h100)")
     p.add_argument("--workload", required=True,
                    help="preset S|T|G|C1|C2, inline 'in=normal:256,252,512;out=normal:32,13,80"
-                        "[;rate=R]', or a .jsonl/.csv trace")
+                        "[;rate=R]', a .jsonl/.csv trace, or 'observed' (with --connect: what "
+                        "a coordinator running --adapt sees, beside its plan's law)")
+    p.add_argument("--connect", default=None,
+                   help="with --workload observed: the coordinator's client endpoint")
     p.add_argument("--latency-bound", type=float, default=None,
                    help="seconds (inf = no bound); required unless --sweep")
-    size = p.add_mutually_exclusive_group(required=True)
+    size = p.add_mutually_exclusive_group()
     size.add_argument("--workers", type=int, help="number of worker processes")
     size.add_argument("--gpus", type=int, help="synonym of --workers for analytic GPU clusters")
     p.add_argument("--policy", default="auto",
@@ -70,9 +73,15 @@ def run(args: argparse.Namespace) -> int:
     from coordinator.planner.planning import make_plan
     from coordinator.planner.scheduler import InfeasibleBound
 
+    if args.workload == "observed":
+        from coordinator.commands._observed import run_observed
+
+        return run_observed(args)
     try:
-        profile, workload = _load(args)
         workers = args.workers if args.workers is not None else args.gpus
+        if args.profile is None or workers is None:
+            raise ValueError("--profile and --workers (or --gpus) are required")
+        profile, workload = _load(args)
         if args.sweep:
             return _sweep(args, profile, workload, workers)
         if args.latency_bound is None:

@@ -8,6 +8,7 @@ SIGTERM stop the mesh in order (coordinator drains, then workers, then SIGKILL s
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,20 @@ def register(subparsers: Any) -> None:
                         "(`exegpt plan --help`) from this machine's cached (else measured) "
                         "profile, then serve the plan")
     p.add_argument("--latency-bound", type=float, default=None, help="seconds (auto plan)")
-    p.add_argument("--workers", type=int, default=None, help="worker processes (auto plan)")
-    p.add_argument("--policy", default="waa", choices=("waa", "waa-c", "waa-m"),
-                   help="policies the auto plan may choose from (this build runs WAA plans)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (auto plan; default 2, or 1 on a 1-core machine)")
+    p.add_argument("--policy", default="waa", choices=SERVE_POLICIES,
+                   help="auto plan: the policies it may choose from (auto: any). Without a "
+                        "plan: waa runs --encoders/--decoders; rra, static and continuous run "
+                        "--stages stage workers with --encode-batch as B and --n-d")
+    p.add_argument("--stages", type=int, default=2,
+                   help="pipeline policies without a plan: stage workers (even layer split)")
+    p.add_argument("--stage-tp", type=int, default=1, help="tp_size of each pipeline stage")
+    p.add_argument("--n-d", type=int, default=4,
+                   help="rra without a plan: decode passes per encode pass (N_D)")
+    p.add_argument("--streams", type=int, default=0,
+                   help="pipeline policies without a plan: request groups in flight "
+                        "(default: one per stage)")
     p.add_argument("--encoders", type=int, default=1, help="encoder workers (default 1)")
     p.add_argument("--decoders", type=int, default=1, help="decoder workers (default 1)")
     p.add_argument("--encoder-tp", type=int, default=1, help="tp_size of each encoder")
@@ -65,6 +77,15 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
+SERVE_POLICIES = ("waa", "waa-c", "waa-m", "rra", "static", "continuous", "auto")
+PIPELINE_POLICIES = ("rra", "static", "continuous")
+
+
+def default_workers() -> int:
+    """An auto plan's worker count unless --workers: `exegpt up`'s default."""
+    return min(2, os.cpu_count() or 1)
+
+
 def spec_from_args(args: argparse.Namespace) -> Any:
     from coordinator.launch import LaunchSpec, WorkerGroup
 
@@ -78,16 +99,24 @@ def spec_from_args(args: argparse.Namespace) -> Any:
         fields = plan_fields(plan, null_model=args.null_model,
                              decoder_capacity=args.decoder_capacity)
         return LaunchSpec(**model, **fields, dtype=args.dtype, runs_path=args.runs_dir,
+                          plan_file=str(args.plan.resolve()) if args.plan else None,  # stats
                           transport=args.transport, client_endpoint=args.endpoint,
                           host=args.host, model_shape=args.model_shape,
                           publish_interval_ms=args.publish_interval_ms,
                           heartbeat_interval_s=args.heartbeat_interval,
                           heartbeat_timeout_s=args.heartbeat_timeout,
                           drain_timeout_s=args.drain_timeout)
+    pipeline = args.policy in PIPELINE_POLICIES
+    if pipeline and args.stages < 1:
+        raise ValueError(f"--stages must be >= 1, got {args.stages}")
+    groups = (tuple(WorkerGroup("pipeline", 1, args.stage_tp) for _ in range(args.stages))
+              if pipeline else
+              (WorkerGroup("encoder", args.encoders, args.encoder_tp),
+               WorkerGroup("decoder", args.decoders, args.decoder_tp, args.decoder_capacity)))
+    knobs = ({"policy": args.policy, "n_d": args.n_d, "streams": args.streams}
+             if pipeline else {})
     return LaunchSpec(
-        **model, dtype=args.dtype,
-        groups=(WorkerGroup("encoder", args.encoders, args.encoder_tp),
-                WorkerGroup("decoder", args.decoders, args.decoder_tp, args.decoder_capacity)),
+        **model, **knobs, dtype=args.dtype, groups=groups,
         runs_path=args.runs_dir, transport=args.transport, client_endpoint=args.endpoint,
         host=args.host, model_shape=args.model_shape, encode_batch=args.encode_batch,
         encode_cost_ms=args.encode_cost_ms,
@@ -145,9 +174,9 @@ def load_plan(args: argparse.Namespace, model_config: dict[str, Any] | None) -> 
         except (OSError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"cannot read plan {args.plan}: {exc}") from exc
     elif any(x is not None for x in auto):
-        if None in auto or model_config is None:
-            raise ValueError("an auto plan needs --model, --workload, --latency-bound and "
-                             "--workers")
+        if None in auto[:2] or model_config is None:
+            raise ValueError("an auto plan needs --model, --workload and --latency-bound "
+                             "(and optionally --workers)")
         plan = auto_plan(args, model_config)
     else:
         return None
@@ -157,7 +186,9 @@ def load_plan(args: argparse.Namespace, model_config: dict[str, Any] | None) -> 
         if served != planned:
             raise ValueError(f"the plan was made for another model shape than {args.model}; "
                              "re-plan with this model's profile")
-    print(f"exegpt serve: plan {plan.policy}, B_E {plan.B_E}, groups "
+    knobs = (f", N_D {plan.N_D}" if plan.policy == "rra" else "") + (
+        f", streams {plan.microbatches}" if plan.policy in PIPELINE_POLICIES else "")
+    print(f"exegpt serve: plan {plan.policy}, B_E {plan.B_E}{knobs}, groups "
           + ", ".join(f"{g.role} tp{g.tp_size} layers {list(g.layer_range)}"
                       for g in plan.worker_groups), flush=True)
     return plan
@@ -181,8 +212,8 @@ def auto_plan(args: argparse.Namespace, model_config: dict[str, Any]) -> Any:
                      dtype=args.dtype, torch_version=torch_version(), num_threads=1,
                      tp_sizes=(1,))
     profile, _, _ = load_or_measure(key, say=lambda m: print(f"exegpt serve: {m}", flush=True))
-    return make_plan(parse_workload(args.workload), profile, args.workers, args.latency_bound,
-                     policy=args.policy)
+    return make_plan(parse_workload(args.workload), profile, args.workers or default_workers(),
+                     args.latency_bound, policy=args.policy)
 
 
 def model_fields(model: str) -> dict[str, Any]:

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         _check_args(args)
         model = resolve_model(args.model)
         profile = _profile(args, model)
-        plan = _plan(args, profile, _policy(args))
+        plan = _plan(args, profile, args.policy)
         plan_path = _save_plan(plan, args.runs_dir)
         argv, endpoint = _serve_argv(args, plan, plan_path, model)
     except InfeasibleBound as exc:
@@ -187,18 +187,6 @@ def _profile(args: argparse.Namespace, model: Model) -> Any:
     return profile
 
 
-def _policy(args: argparse.Namespace) -> str:
-    """``auto`` means the best plan this build can run: a serve without ``--plan`` runs a real
-    model only as one encoder group plus one decoder group (a WAA layout)."""
-    from coordinator.commands._mesh_proc import serve_flags
-
-    if args.policy != "auto" or args.null_model or "--plan" in serve_flags():
-        return str(args.policy)
-    say("this build's `exegpt serve` has no --plan yet: it runs a real model only as one "
-        "encoder group + one decoder group, so only WAA layouts are planned")
-    return "waa"
-
-
 def runnable_problem(plan: Any, null_model: bool) -> str | None:
     """Why this build's `serve --plan` would refuse ``plan`` (None: it runs it)."""
     try:
@@ -221,7 +209,8 @@ def _plan(args: argparse.Namespace, profile: Any, policy: str) -> Any:
     plan = _plan_or_relax(args, workload, profile, bound, policy)
     problem = runnable_problem(plan, args.null_model)
     if problem is None or policy != "auto":
-        return plan
+        return plan  # every policy runs (WAA on encoders/decoders, the others on stages)
+    # what serve still refuses (T5 over several stages): the best WAA layout, said out loud
     best = plan.predicted["throughput_seq_s"]
     say(f"the best plan is {plan.policy} ({best:.2f} seq/s), which this build's `exegpt serve` "
         f"cannot run ({problem}); planning the best WAA layout instead")

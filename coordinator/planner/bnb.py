@@ -10,17 +10,28 @@ known direction (+1: grows with the index, -1: shrinks). Over a box [lo, hi]:
 Boxes are explored best-bound first and pruned when their bound cannot beat the incumbent by
 more than eps_T. The knobs are only *roughly* monotone (the paper measured 96-97% of grid points
 at 5% tolerance), so eps_L keeps borderline boxes alive and small boxes are enumerated outright.
+
+The scheduler solves many such problems (one per policy, TP degree and WAA worker layout) and
+keeps the best answer. ``branch_and_bound_many`` runs them on one heap, best bound first across
+all of them, and also prunes a box whose bound is *below* the best feasible f any problem has
+found (the global incumbent). Each problem still processes its own boxes in the order it would
+alone, with its own eps_T rule; it only stops once nothing it has left can reach the global
+incumbent: under monotonicity what it would have found later is worse than the incumbent, so
+the best answer over all problems is the one the separate searches give (ties included: the
+global cut is strict). A problem's own answer may then be worse than alone (it stopped early).
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import product
 
 Point = tuple[int, ...]
 Evaluate = Callable[[Point], tuple[float, float]]  # -> (objective f, constraint g)
+Objective = Callable[[Point], float]  # -> f alone (cheaper: bounds need no constraint)
 
 
 @dataclass(frozen=True)
@@ -41,14 +52,54 @@ class BnBResult:
     evaluated: int
 
 
-class _Memo:
-    def __init__(self, fn: Evaluate) -> None:
-        self.fn, self.cache = fn, {}  # type: ignore[var-annotated]
+@dataclass
+class Problem:
+    """One grid to search. ``objective`` (f alone) is used for bounds when it is cheaper than
+    ``evaluate``; it must return exactly ``evaluate(x)[0]``. ``bound`` (optional) is an upper
+    bound of f over the whole grid known without evaluating anything: the root then waits in
+    the heap with that bound, and is never costed if the incumbent gets there first."""
 
-    def __call__(self, x: Point) -> tuple[float, float]:
-        if x not in self.cache:
-            self.cache[x] = self.fn(x)
-        return self.cache[x]
+    axes: Sequence[Axis]
+    evaluate: Evaluate
+    objective: Objective | None = None
+    bound: float = math.inf
+
+
+class _State:
+    """One problem's memo and incumbent."""
+
+    def __init__(self, problem: Problem) -> None:
+        self.problem = problem
+        self.full: dict[Point, tuple[float, float]] = {}
+        self.f_only: dict[Point, float] = {}
+        self.best: Point | None = None
+        self.best_f = float("-inf")
+        self.f_dirs = [a.f_dir for a in problem.axes]
+        self.g_min_dirs = [-a.g_dir for a in problem.axes]
+        self.g_max_dirs = [a.g_dir for a in problem.axes]
+
+    def ev(self, x: Point) -> tuple[float, float]:
+        if x not in self.full:
+            self.full[x] = self.problem.evaluate(x)
+        return self.full[x]
+
+    def f(self, x: Point) -> float:
+        if x in self.full:
+            return self.full[x][0]
+        if self.problem.objective is None:
+            return self.ev(x)[0]
+        if x not in self.f_only:
+            self.f_only[x] = self.problem.objective(x)
+        return self.f_only[x]
+
+    def consider(self, x: Point) -> None:
+        f, g = self.ev(x)
+        if g <= 1.0 and (f > self.best_f or (f == self.best_f and self.best is not None
+                                             and x < self.best)):
+            self.best, self.best_f = x, f
+
+    def evaluated(self) -> int:
+        return len(self.full) + sum(1 for x in self.f_only if x not in self.full)
 
 
 def _corner(lo: Point, hi: Point, dirs: Sequence[int]) -> Point:
@@ -57,52 +108,61 @@ def _corner(lo: Point, hi: Point, dirs: Sequence[int]) -> Point:
 
 def branch_and_bound(axes: Sequence[Axis], evaluate: Evaluate, *, eps_t: float = 0.005,
                      eps_l: float = 0.05, leaf_size: int = 8) -> BnBResult:
-    ev = _Memo(evaluate)
-    f_dirs = [a.f_dir for a in axes]
-    g_min_dirs = [-a.g_dir for a in axes]
-    g_max_dirs = [a.g_dir for a in axes]
-    best: Point | None = None
-    best_f = float("-inf")
+    return branch_and_bound_many([Problem(axes, evaluate)], eps_t=eps_t, eps_l=eps_l,
+                                 leaf_size=leaf_size)[0]
 
-    def consider(x: Point) -> None:
-        nonlocal best, best_f
-        f, g = ev(x)
-        if g <= 1.0 and (f > best_f or (f == best_f and best is not None and x < best)):
-            best, best_f = x, f
 
-    root = (tuple(0 for _ in axes), tuple(a.size - 1 for a in axes))
-    # Entries: (-bound, lazy, box). A child enters with its parent's bound (lazy = 1, an upper
-    # bound of its own) and its f-maximising corner is only evaluated when it reaches the top:
-    # boxes the incumbent prunes meanwhile cost nothing. A box is processed only with its exact
-    # bound at the top, so boxes are still processed best-bound first.
-    heap = [(-ev(_corner(*root, f_dirs))[0], 0, root)]
+def branch_and_bound_many(problems: Sequence[Problem], *, eps_t: float = 0.005,
+                          eps_l: float = 0.05, leaf_size: int = 8) -> list[BnBResult]:
+    states = [_State(p) for p in problems]
+    incumbent = float("-inf")  # the best feasible f of any problem
+    # Entries: (-bound, lazy, problem, box). A lazy entry's bound is an upper bound (its
+    # parent's, or the problem's given bound) and its f-maximising corner is costed only when
+    # it reaches the top: boxes pruned meanwhile cost nothing. A box is processed only with its
+    # exact bound at the top, so boxes are processed best-bound first.
+    heap: list[tuple[float, int, int, tuple[Point, Point]]] = []
+    for i, (st, p) in enumerate(zip(states, problems, strict=True)):
+        root = (tuple(0 for _ in p.axes), tuple(a.size - 1 for a in p.axes))
+        if math.isfinite(p.bound):
+            heap.append((-p.bound, 1, i, root))
+        else:
+            heap.append((-st.f(_corner(*root, st.f_dirs)), 0, i, root))
+    heapq.heapify(heap)
     while heap:
-        neg_ub, lazy, (lo, hi) = heapq.heappop(heap)
-        if -neg_ub <= best_f * (1.0 + eps_t):
+        neg_ub, lazy, i, (lo, hi) = heapq.heappop(heap)
+        st = states[i]
+        if -neg_ub <= st.best_f * (1.0 + eps_t) or -neg_ub < incumbent:
             continue
-        top = _corner(lo, hi, f_dirs)
+        top = _corner(lo, hi, st.f_dirs)
         if lazy:
-            heapq.heappush(heap, (-ev(top)[0], 0, (lo, hi)))
+            heapq.heappush(heap, (-st.f(top), 0, i, (lo, hi)))
             continue
-        consider(top)
-        if ev(top)[1] <= 1.0:
-            continue  # the box's best point is feasible
-        low = _corner(lo, hi, g_min_dirs)
-        if ev(low)[1] > 1.0 + eps_l:
-            continue  # nothing in the box meets the bound
-        consider(low)
-        if ev(_corner(lo, hi, g_max_dirs))[1] <= 1.0:
-            continue
-        volume = 1
-        for a, b in zip(lo, hi, strict=True):
-            volume *= b - a + 1
-        if volume <= leaf_size:
-            for x in product(*(range(a, b + 1) for a, b in zip(lo, hi, strict=True))):
-                consider(x)
-            continue
-        for child in _split(lo, hi):
-            heapq.heappush(heap, (neg_ub, 1, child))
-    return BnBResult(best, best_f, len(ev.cache))
+        for child in _process(st, lo, hi, top, eps_l, leaf_size):
+            heapq.heappush(heap, (neg_ub, 1, i, child))
+        incumbent = max(incumbent, st.best_f)
+    return [BnBResult(st.best, st.best_f, st.evaluated()) for st in states]
+
+
+def _process(st: _State, lo: Point, hi: Point, top: Point, eps_l: float, leaf_size: int
+             ) -> list[tuple[Point, Point]]:
+    """Cost a box whose exact bound is at the top of the heap; return the boxes to split into."""
+    st.consider(top)
+    if st.ev(top)[1] <= 1.0:
+        return []  # the box's best point is feasible
+    low = _corner(lo, hi, st.g_min_dirs)
+    if st.ev(low)[1] > 1.0 + eps_l:
+        return []  # nothing in the box meets the bound
+    st.consider(low)
+    if st.ev(_corner(lo, hi, st.g_max_dirs))[1] <= 1.0:
+        return []
+    volume = 1
+    for a, b in zip(lo, hi, strict=True):
+        volume *= b - a + 1
+    if volume <= leaf_size:
+        for x in product(*(range(a, b + 1) for a, b in zip(lo, hi, strict=True))):
+            st.consider(x)
+        return []
+    return _split(lo, hi)
 
 
 def _split(lo: Point, hi: Point) -> list[tuple[Point, Point]]:

@@ -17,15 +17,18 @@ pruned by the same monotone bound.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from coordinator.planner.bnb import Axis, BnBResult, branch_and_bound, exhaustive
+from coordinator.planner.bnb import Axis, Problem, branch_and_bound_many, exhaustive
 from coordinator.planner.candidate import Candidate, Metrics, WorkloadStats
 from coordinator.planner.costs import Costs
+from coordinator.planner.objective import throughput, waa_encoder_bound
 from coordinator.planner.rra_table import batch_grid
 from coordinator.planner.simulator import nearest_split, simulate, waa_pipelines, waa_share
 
 EXEGPT_POLICIES = ("rra", "waa-c", "waa-m")
+_Maker = Callable[[tuple[int, ...]], Candidate]
 
 
 def nd_grid(s_max: int) -> list[int]:
@@ -59,6 +62,7 @@ class _Run:
     bound: float
     sla: str
     cache: dict[Candidate, Metrics] = field(default_factory=dict)
+    f_cache: dict[Candidate, float] = field(default_factory=dict)
 
     def metrics(self, cand: Candidate) -> Metrics:
         if cand not in self.cache:
@@ -72,35 +76,58 @@ class _Run:
         mem = max(m.worker_mem_bytes) / m.mem_capacity_bytes if m.worker_mem_bytes else 0.0
         return m.throughput_seq_s, max(m.latency(self.sla) / self.bound, mem)
 
+    def objective(self, cand: Candidate) -> float:
+        """score(cand)[0] without the latency and memory (objective.py)."""
+        if cand in self.cache:
+            return self.score(cand)[0]
+        if cand not in self.f_cache:
+            self.f_cache[cand] = throughput(cand, self.stats, self.costs)
+        return self.f_cache[cand]
+
+    def evaluated(self) -> int:
+        """Candidates costed, fully or for their throughput alone."""
+        return len(self.cache) + sum(1 for c in self.f_cache if c not in self.cache)
+
     def tp_counts(self) -> list[int]:
         if self.tp == 1:
             return [0]
         return list(range(self.tp, self.num_workers + 1, self.tp))
 
-    def search(self, use_exhaustive: bool, eps_t: float, eps_l: float) -> list[Candidate]:
+    def batches(self) -> list[int]:
         batches = batch_grid(4 * 128 if self.policy != "static" else 512)
         if self.policy == "static":
             batches = [b for b in batches if b % 4 == 0 or b == 1]
-        algo = exhaustive if use_exhaustive else (
-            lambda axes, fn: branch_and_bound(axes, fn, eps_t=eps_t, eps_l=eps_l))
-        found: list[Candidate] = []
-        if self.policy.startswith("waa"):
-            shares = [waa_share(Candidate(self.policy, self.num_workers, B_E=b), self.stats,
-                                self.costs) for b in batches]
-            for k in self.tp_counts():
-                segments = self._split_segments(batches, shares, k)
-                micro = {i: self._max_micro(seg[0], k, eps_l) for i, seg in enumerate(segments)}
-                for b_m in range(1, self.num_workers):
-                    for i, seg in enumerate(segments):
-                        if not use_exhaustive and b_m > micro[i]:
-                            continue  # no point of this run can meet g <= 1 + eps_L: skip
-                        make = self._maker(seg, [1], [k], b_m)
-                        found += self._run(algo, [Axis(len(seg), 1, 1)], make)
-            return found
-        nds = nd_grid(self.stats.s_max) if self.policy == "rra" else [1]
-        ks = self.tp_counts()
-        axes = [Axis(len(batches), 1, 1), Axis(len(nds), -1, -1), Axis(len(ks), -1, -1)]
-        return self._run(algo, axes, self._maker(batches, nds, ks, 1))
+        return batches
+
+    def grids(self, prune: bool, eps_l: float) -> list[tuple[list[Axis], _Maker, float]]:
+        """The grids to search: (axes, point -> candidate, upper bound of f or inf).
+
+        RRA/static/continuous: one grid over (B_E, N_D, TP workers). WAA: one B_E grid per
+        (TP workers, B_m, run of B_E with the same split); ``prune`` skips the runs whose every
+        point has g > 1 + eps_L (see ``_max_micro``) and bounds each run by its encoder."""
+        batches = self.batches()
+        if not self.policy.startswith("waa"):
+            nds = nd_grid(self.stats.s_max) if self.policy == "rra" else [1]
+            axes = [Axis(len(batches), 1, 1), Axis(len(nds), -1, -1)]
+            return [(axes, self._maker(batches, nds, [k], 1), float("inf"))
+                    for k in self.tp_counts()]
+        shares = [waa_share(Candidate(self.policy, self.num_workers, B_E=b), self.stats,
+                            self.costs) for b in batches]
+        grids = []
+        for k in self.tp_counts():
+            segments = self._split_segments(batches, shares, k)
+            micro = [self._max_micro(seg[0], k, eps_l) if prune else self.num_workers
+                     for seg in segments]
+            tops = [waa_encoder_bound(Candidate(self.policy, self.num_workers, self.tp, k,
+                                                seg[-1]), self.stats, self.costs)
+                    if prune and m else float("inf") for seg, m in zip(segments, micro,
+                                                                       strict=True)]
+            for b_m in range(1, self.num_workers):
+                for seg, max_m, top in zip(segments, micro, tops, strict=True):
+                    if b_m <= max_m:
+                        grids.append(([Axis(len(seg), 1, 1)], self._maker(seg, [1], [k], b_m),
+                                      top))
+        return grids
 
     def _max_micro(self, b_e: int, k: int, eps_l: float) -> int:
         """The largest B_m a WAA run over B_E values with ``b_e``'s split can use; 0 when the
@@ -132,22 +159,25 @@ class _Run:
             segments[-1].append(b)
         return segments
 
-    def _maker(self, batches: list[int], nds: list[int], ks: list[int], b_m: int):  # noqa: ANN202
+    def _maker(self, batches: list[int], nds: list[int], ks: list[int], b_m: int) -> _Maker:
         def make(x: tuple[int, ...]) -> Candidate:
             nd = nds[x[1]] if len(x) > 1 else nds[0]
             k = ks[x[2]] if len(x) > 2 else ks[0]
             return Candidate(self.policy, self.num_workers, self.tp, k, batches[x[0]], nd, b_m)
         return make
 
-    def _run(self, algo, axes: list[Axis], make) -> list[Candidate]:  # noqa: ANN001
-        result: BnBResult = algo(axes, lambda x: self.score(make(x)))
-        return [make(result.best)] if result.best is not None else []
+    def problem(self, axes: list[Axis], make: _Maker, bound: float) -> Problem:
+        return Problem(axes, lambda x: self.score(make(x)),
+                       lambda x: self.objective(make(x)), bound)
 
 
 def search(workload: WorkloadStats, costs: Costs, num_workers: int, latency_bound: float, *,
            policies: tuple[str, ...] = EXEGPT_POLICIES, sla: str = "b",
            use_exhaustive: bool = False, eps_t: float = 0.005, eps_l: float = 0.05,
            tp_sizes: list[int] | None = None) -> SearchResult:
+    """Best plan over every (policy, TP degree). Branch and bound runs all their grids on one
+    heap sharing the incumbent (bnb.branch_and_bound_many): a run that cannot beat the best
+    plan found elsewhere stops early, so ``per_run`` holds what each run found until then."""
     if latency_bound <= 0:
         raise ValueError(f"latency bound must be > 0 seconds, got {latency_bound}")
     if num_workers < 1:
@@ -155,14 +185,25 @@ def search(workload: WorkloadStats, costs: Costs, num_workers: int, latency_boun
     start = time.perf_counter()
     tps = [t for t in (tp_sizes or costs.profile.tp_sizes) if t <= num_workers]
     out = SearchResult(None, method="exhaustive" if use_exhaustive else "branch-and-bound")
-    for policy in policies:
-        if policy.startswith("waa") and num_workers < 2:
-            continue
-        for tp in tps:
-            run = _Run(policy, tp, num_workers, workload, costs, latency_bound, sla)
-            picks = run.search(use_exhaustive, eps_t, eps_l)
-            out.evaluated += len(run.cache)
-            _record(out, f"{policy}/tp{tp}", run, picks, sla)
+    runs = [_Run(policy, tp, num_workers, workload, costs, latency_bound, sla)
+            for policy in policies if not (policy.startswith("waa") and num_workers < 2)
+            for tp in tps]
+    grids = [(run, make, axes, bound) for run in runs
+             for axes, make, bound in run.grids(not use_exhaustive, eps_l)]
+    if use_exhaustive:
+        results = [exhaustive(axes, lambda x, r=run, m=make: r.score(m(x)))
+                   for run, make, axes, _ in grids]
+    else:
+        results = branch_and_bound_many([run.problem(axes, make, bound)
+                                         for run, make, axes, bound in grids],
+                                        eps_t=eps_t, eps_l=eps_l)
+    picks: dict[int, list[Candidate]] = {id(run): [] for run in runs}
+    for (run, make, _, _), res in zip(grids, results, strict=True):
+        if res.best is not None:
+            picks[id(run)].append(make(res.best))
+    for run in runs:
+        out.evaluated += run.evaluated()
+        _record(out, f"{run.policy}/tp{run.tp}", run, picks[id(run)], run.sla)
     out.seconds = time.perf_counter() - start
     return out
 

@@ -76,7 +76,11 @@ def rra_cycle(cand: Candidate, stats: WorkloadStats) -> tuple[np.ndarray, np.nda
     return cand.B_E * sums, ctx
 
 
-def _rra(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline) -> Metrics:
+def _rra_cycle(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline
+               ) -> tuple[np.ndarray, np.ndarray, list[float], list[np.ndarray], float,
+                          np.ndarray, float]:
+    """(batch, context, encode and decode times per stage, t_enc, t_dec, cycle) of an RRA
+    cycle: what throughput needs (``rra_throughput``); latency and memory add the rest."""
     streams = len(pipe)
     batch, ctx = rra_cycle(cand, stats)
     enc = expected_encode(costs, pipe, cand.B_E, stats)
@@ -89,7 +93,13 @@ def _rra(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline) ->
                                                                    cand.B_E, True))]
     t_enc = float(round_time(enc, streams)[()])
     t_dec = round_time(dec, streams)
-    cycle = t_enc + float(t_dec.sum())
+    return batch, ctx, enc, dec, t_enc, t_dec, t_enc + float(t_dec.sum())
+
+
+def _rra(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline) -> Metrics:
+    streams = len(pipe)
+    batch, ctx, enc, dec, t_enc, t_dec, cycle = _rra_cycle(cand, stats, costs, pipe)
+    tps = {st.tp for st in pipe}
     # the p99-length request is itself alive in every step it waits for
     t_alive = round_time(costs.decode_pipeline(pipe, step_batches(batch, False), ctx,
                                                decode_parts(costs, stats, tps, cand.N_D,

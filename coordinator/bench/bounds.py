@@ -1,0 +1,68 @@
+"""Latency bounds the paper's way: the static-batching baseline over batch sizes, then the
+bottom 10%, 30% and 70% of its latencies, plus no bound.
+
+``auto`` measures the baseline on the mesh (a few batch sizes: each is a mesh run); the
+``predicted`` mode takes the planner's static latencies and runs nothing. Both use the SLA-(b)
+latency, the number every policy is then held to, and both stop at the largest batch the K
+requests fill twice on every stream: the paper's grid (steps of 4 up to 512) sizes bounds for
+batches a K-request run never forms, and a plan for such a bound never reaches its steady
+state here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+PERCENTILES = (10, 30, 70)
+MEASURED_BATCHES = (1, 2, 4, 8, 16, 32)
+
+
+def percentile_bounds(latencies: Sequence[float]) -> list[float | None]:
+    """The 10th, 30th and 70th percentiles of ``latencies`` (ascending), then None (no bound).
+
+    Non-finite latencies (a run that produced no p99-length request) are left out."""
+    lats = [float(x) for x in latencies if x is not None and math.isfinite(x)]
+    if not lats:
+        raise ValueError("no static-batching latency to derive bounds from (every baseline run "
+                         "failed or fitted no batch); pass --bounds L1,L2,...")
+    return [float(np.percentile(lats, q)) for q in PERCENTILES] + [None]
+
+
+def measured_batches(num_streams: int, num_requests: int, asked: Sequence[int] = ()
+                     ) -> list[int]:
+    """Batch sizes the measured baseline runs: ``asked``, else powers of two up to the batch
+    that keeps every stream busy for two batches with ``num_requests`` requests."""
+    if asked:
+        return sorted(set(asked))
+    cap = batch_cap(num_streams, num_requests)
+    return [b for b in MEASURED_BATCHES if b <= cap] or [1]
+
+
+def batch_cap(num_streams: int, num_requests: int) -> int:
+    """The largest static batch K requests fill twice on every stream."""
+    return max(1, num_requests // (2 * max(num_streams, 1)))
+
+
+def predicted_latencies(workload: object, profile: object, workers: int,
+                        max_batch: int) -> list[tuple[int, float]]:
+    """(batch, planner's static SLA-(b) latency) for every feasible batch 1..max_batch (step
+    4 above 16, the paper's step)."""
+    from coordinator.planner.candidate import Candidate, WorkloadStats
+    from coordinator.planner.costs import Costs
+    from coordinator.planner.simulator import simulate
+
+    stats, costs = WorkloadStats(workload), Costs(profile)  # type: ignore[arg-type]
+    out = []
+    for b in [*range(1, min(max_batch, 16) + 1), *range(20, max_batch + 1, 4)]:
+        m = simulate(Candidate("static", workers, 1, 0, b), stats, costs)
+        if m.feasible:
+            out.append((b, m.latency_p99len_s))
+    return out
+
+
+def bound_runs_requests(batch: int, num_streams: int) -> int:
+    """Requests a measured baseline run of ``batch`` gets: two batches per stream, >= 8."""
+    return max(8, 2 * batch * max(num_streams, 1))

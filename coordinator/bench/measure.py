@@ -1,0 +1,155 @@
+"""Request lifecycles -> the numbers the planner predicts, measured the planner's way.
+
+Latencies are timed from a request's encode start (the paper's definition; under saturation
+the wait in the coordinator's queue grows with how many requests were sent, not with the
+schedule, so it is reported separately as ``queue_p50_s``):
+- ``latency_p99len_s`` (SLA-(b)): mean time from encode start to the p99-th output token over
+  the requests that produced that many tokens (the probes guarantee some), as the planner's
+  discrete-event simulator measures it;
+- ``latency_p99_s`` (SLA-(a)): 99th percentile of encode start -> last token;
+- ``ttft_s``: mean encode start -> first token; ``tpot_s``: mean time per output token after
+  the first.
+Throughput is steady state like the simulator's: requests admitted (encode started) per second
+between the admission of the first 20% and the last admission (the queue running dry), so the
+pipeline's fill and drain do not count; the makespan figure (all requests over first arrival ->
+last finish) is reported beside it, and stands in (``throughput_basis``) when every request
+was admitted at once (one batch holds them all: no steady state to see).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+WARM_FRACTION = 0.2
+COMPARED = ("throughput_seq_s", "throughput_tok_s", "latency_p99len_s", "latency_p99_s",
+            "ttft_s", "tpot_s")
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """What one request did: the target length, what came back, and its timestamps."""
+
+    input_len: int
+    output_len: int
+    num_tokens: int
+    finish_reason: str | None
+    error: str | None = None
+    t_arrival: float | None = None
+    t_encode_start: float | None = None
+    t_encode_end: float | None = None
+    t_first_token: float | None = None
+    t_finish: float | None = None
+    t_tokens: tuple[float, ...] = field(default_factory=tuple)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.t_finish is not None and self.t_encode_start is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["t_tokens"] = list(self.t_tokens)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RequestRecord:
+        return cls(**{**data, "t_tokens": tuple(data.get("t_tokens") or ())})
+
+
+def steady_throughput(starts: Sequence[float]) -> float | None:
+    """Admissions per second in [start of the 20%-th admission, last admission)."""
+    times = sorted(starts)
+    if len(times) < 2:
+        return None
+    t_a = times[min(int(len(times) * WARM_FRACTION), len(times) - 1)]
+    t_b = times[-1]
+    if t_b - t_a <= 0:
+        return None  # every request in one batch: no steady state to see
+    count = sum(1 for t in times if t_a <= t < t_b)
+    return count / (t_b - t_a)
+
+
+def p99_length_latency(records: Sequence[RequestRecord], s99: int) -> tuple[float | None, int]:
+    """(mean encode start -> s99-th token over requests with >= s99 tokens, how many)."""
+    lats = [r.t_tokens[s99 - 1] - r.t_encode_start for r in records
+            if r.ok and len(r.t_tokens) >= s99 and r.t_encode_start is not None]
+    return (statistics.fmean(lats) if lats else None), len(lats)
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def measure(records: Sequence[RequestRecord], s99: int, bound_s: float | None) -> dict[str, Any]:
+    """Every measured figure of one run (None where no request provides it)."""
+    ok = [r for r in records if r.ok]
+    out: dict[str, Any] = {"requests": len(records), "ok": len(ok),
+                           "failed": len(records) - len(ok)}
+    if not ok:
+        return out | {k: None for k in COMPARED} | {"bound_met": False}
+    first = min(r.t_arrival or r.t_encode_start for r in ok)  # type: ignore[type-var]
+    makespan = max(r.t_finish for r in ok) - first  # type: ignore[type-var,operator]
+    tokens = sum(r.num_tokens for r in ok)
+    steady = steady_throughput([r.t_encode_start for r in ok])  # type: ignore[misc]
+    lat = [r.t_finish - r.t_encode_start for r in ok]  # type: ignore[operator]
+    p99len, n_p99len = p99_length_latency(ok, s99)
+    ttft = [r.t_first_token - r.t_encode_start for r in ok if r.t_first_token is not None]
+    tpot = [(r.t_finish - r.t_first_token) / (r.num_tokens - 1) for r in ok  # type: ignore
+            if r.t_first_token is not None and r.num_tokens > 1]
+    queued = [r.t_encode_start - r.t_arrival for r in ok if r.t_arrival is not None]
+    out |= {
+        "makespan_s": makespan,
+        "throughput_makespan_seq_s": len(ok) / makespan if makespan > 0 else None,
+        "throughput_seq_s": steady if steady is not None else (
+            len(ok) / makespan if makespan > 0 else None),
+        "throughput_basis": "steady" if steady is not None else "makespan",
+        "mean_output_tokens": tokens / len(ok),
+        "latency_p99len_s": p99len, "p99len_requests": n_p99len,
+        "latency_p99_s": float(np.percentile(lat, 99)), "latency_max_s": max(lat),
+        "ttft_s": _mean(ttft), "tpot_s": _mean(tpot),
+        "queue_p50_s": statistics.median(queued) if queued else None,
+        "finish_reasons": {k: sum(r.finish_reason == k for r in ok) for k in ("stop", "length")},
+    }
+    thr = out["throughput_seq_s"]
+    out["throughput_tok_s"] = None if thr is None else thr * tokens / len(ok)
+    out["bound_met"] = bound_met(p99len, bound_s, out["failed"])
+    return out
+
+
+def bound_met(p99len: float | None, bound_s: float | None, failed: int) -> bool:
+    """A run meets its bound when nothing failed and its p99-length latency is within it
+    (no p99-length request finished: not shown to be met)."""
+    if failed:
+        return False
+    if bound_s is None:
+        return True
+    return p99len is not None and p99len <= bound_s
+
+
+def relative_errors(predicted: dict[str, Any], measured: dict[str, Any]) -> dict[str, float | None]:
+    """(measured - predicted) / predicted per compared figure (None where either is missing)."""
+    out: dict[str, float | None] = {}
+    for key in COMPARED:
+        p, m = predicted.get(key), measured.get(key)
+        ok = isinstance(p, int | float) and isinstance(m, int | float) and p and math.isfinite(p)
+        out[key] = (m - p) / p if ok else None  # type: ignore[operator]
+    return out
+
+
+def median_of(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per-figure median over repeats (numbers only; the first run's other fields)."""
+    if len(runs) == 1:
+        return dict(runs[0])
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        values = [r.get(key) for r in runs]
+        if isinstance(value, int | float) and not isinstance(value, bool) and all(
+                isinstance(v, int | float) for v in values):
+            out[key] = statistics.median(values)  # type: ignore[arg-type]
+    out["bound_met"] = all(r.get("bound_met") for r in runs)
+    return out

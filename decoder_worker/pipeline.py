@@ -1,0 +1,166 @@
+"""A pipeline stage worker's compute loop (RRA, static and continuous plans).
+
+    coordinator --StagePass--> stage 0 --StagePass(+hidden)--> stage 1 ... --> last stage
+    last stage --PassDone(one TokenUpdate per request, stage_times)--> coordinator
+
+    loop:
+        take a message     StagePass (from the coordinator on stage 0, from the previous
+                           stage's DEALER on the others), Shutdown / Stop -> finish
+        run_pass(pass)     backend.run: free ``free``, run ``kind`` over ``req_ids``
+        hand on            not last: the same pass with ``hidden`` = our rows, our compute time
+                           appended to ``stage_times``, to peer "next"; last: PassDone
+
+Passes are taken FIFO from every stream; a stage holds the KV of every running request of
+every stream. A pass that fails (bad input: ValueError) drops its requests here and sends
+``PassDone(error=...)`` to the coordinator, which lists the pass's requests and ``free`` in
+the stream's next ``free`` (the stages before this one still hold them, those after it never
+saw the pass). ``Cancel`` needs no work here: a cancelled request reaches every stage in a
+pass's ``free``. When no pass waits the loop blocks on the inbox, so an idle stage costs no CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import time
+from typing import Any
+
+from common import protocol as P
+from common.backend_stage import NullStageBackend, PassOutput, StageBackendBase
+from common.models.config import ModelConfig
+from common.workerconfig import WorkerConfig
+from common.workerlink import Stop, WorkerLink
+from common.workermain import check_same_model
+
+NEXT = "next"  # the Assign peer naming the next stage's KV endpoint
+
+
+def pipeline_place(cfg: WorkerConfig, assign: P.Assign) -> tuple[int, int]:
+    """(stage, num_stages) from the Assign, which must agree with this worker's --stage."""
+    place = assign.config.get("pipeline")
+    if not isinstance(place, dict) or not {"stage", "num_stages"} <= set(place):
+        raise ValueError('the coordinator\'s Assign lacks config["pipeline"] = {"stage", '
+                         '"num_stages"}; is it serving a pipeline plan (rra, static, continuous)?')
+    stage, num_stages = int(place["stage"]), int(place["num_stages"])
+    if not 0 <= stage < num_stages or stage != cfg.stage:
+        raise ValueError(f"this worker is stage {cfg.stage} but the coordinator assigned stage "
+                         f"{stage} of {num_stages}")
+    return stage, num_stages
+
+
+def build_stage_backend(cfg: WorkerConfig, assign: P.Assign) -> StageBackendBase:
+    """The backend of this stage: the engine over the Assign's layer ranges, or the null model."""
+    stage, num_stages = pipeline_place(cfg, assign)
+    first, last = stage == 0, stage == num_stages - 1
+    if cfg.backend == "null":
+        model = ModelConfig.from_dict(assign.config["model"])
+        return NullStageBackend(model, first, last, cfg.encode_cost_ms,
+                                cfg.encode_cost_ms_per_token, cfg.decode_cost_ms)
+    from common.backend_engine import load_spec
+
+    assert cfg.model is not None
+    spec = load_spec(cfg.model)
+    check_same_model(spec.config, assign)
+    layers = _range(assign.layer_range)
+    enc = _range(assign.encoder_layer_range)
+    if cfg.tp_size == 1:
+        from common.backend_stage_engine import EngineStageBackend
+
+        backend: StageBackendBase = EngineStageBackend(spec, layers, enc, cfg.dtype, cfg.device)
+    else:
+        from common.backend_engine_tp import init_tp_group
+        from common.backend_stage_tp import TPStageBackend
+
+        assert cfg.tp_init is not None
+        tp = init_tp_group(cfg.tp_init, cfg.tp_rank, cfg.tp_size, cfg.heartbeat_timeout_s * 4)
+        backend = TPStageBackend(spec, tp, layers, enc, cfg.dtype, cfg.device)
+    if (backend.is_first, backend.is_last) != (first, last):
+        raise ValueError(f"stage {stage} of {num_stages} got layer_range {assign.layer_range}, "
+                         f"which {'does not start' if first else 'starts'} at layer 0 or "
+                         f"{'does not end' if last else 'ends'} at the model's last layer")
+    return backend
+
+
+def _range(rng: tuple[int, ...] | None) -> tuple[int, int] | None:
+    return None if rng is None else (int(rng[0]), int(rng[1]))
+
+
+class StageLoop:
+    """Owns this stage's passes; talks to the world only through the link."""
+
+    def __init__(self, cfg: WorkerConfig, link: WorkerLink, backend: StageBackendBase,
+                 log: Any) -> None:
+        self.cfg, self.link, self.backend, self.log = cfg, link, backend, log
+        self.passes = 0
+        self.failed_passes = 0
+        self.tokens_out = 0
+        self.busy_s = 0.0
+        self.exit_code: int | None = None
+        link.load = self.load
+
+    def load(self) -> dict[str, Any]:
+        return {"active": self.backend.num_active, "passes": self.passes,
+                "failed_passes": self.failed_passes, "tokens_out": self.tokens_out,
+                "busy_s": round(self.busy_s, 6), "queued_messages": self.link.inbox.qsize()}
+
+    def run(self) -> int:
+        try:
+            while self.exit_code is None:
+                try:
+                    msg = self.link.inbox.get(timeout=1.0)
+                except queue.Empty:
+                    self.backend.idle()  # a TP group's keep-alive
+                    continue
+                self.handle(msg)
+            return self.exit_code
+        finally:
+            self.backend.close()
+
+    def handle(self, msg: P.Message | Stop) -> None:
+        if isinstance(msg, P.StagePass):
+            self.run_pass(msg)
+        elif isinstance(msg, P.Cancel):
+            self.log.debug("cancel_noted", req_id=msg.req_id)  # freed via a pass's `free`
+        elif isinstance(msg, P.Shutdown):
+            self.log.info("shutdown", reason=msg.reason)
+            self.exit_code = 0
+        elif isinstance(msg, Stop):
+            if msg.error:
+                self.log.error("stopping", reason=msg.reason)
+            self.exit_code = 1 if msg.error else 0
+        else:
+            self.log.warning("unexpected_message", type=type(msg).__name__)
+
+    def run_pass(self, sp: P.StagePass) -> None:
+        start = time.perf_counter()
+        try:
+            out = self.backend.run(sp)
+        except ValueError as exc:
+            self.busy_s += time.perf_counter() - start
+            self.fail(sp, str(exc))
+            return
+        spent = time.perf_counter() - start
+        self.busy_s += spent
+        self.passes += 1
+        self.hand_on(sp, out, sp.stage_times + (spent,))
+
+    def hand_on(self, sp: P.StagePass, out: PassOutput, times: tuple[float, ...]) -> None:
+        if not self.backend.is_last:
+            self.link.send(dataclasses.replace(sp, hidden=out.hidden, stage_times=times),
+                           decoder_id=NEXT)
+            return
+        updates = tuple(P.TokenUpdate(req_id=t.req_id, tokens=(t.token,), finished=t.finished,
+                                      finish_reason=t.reason) for t in out.tokens)
+        self.tokens_out += len(updates)
+        self.link.send(P.PassDone(worker_id=self.cfg.worker_id, pass_id=sp.pass_id,
+                                  stream=sp.stream, kind=sp.kind, updates=updates,
+                                  stage_times=times))
+
+    def fail(self, sp: P.StagePass, error: str) -> None:
+        """The pass's requests are gone here; the coordinator frees them everywhere else."""
+        self.failed_passes += 1
+        self.log.error("pass_failed", pass_id=sp.pass_id, stream=sp.stream, kind=sp.kind,
+                       error=error)
+        self.link.send(P.PassDone(worker_id=self.cfg.worker_id, pass_id=sp.pass_id,
+                                  stream=sp.stream, kind=sp.kind, error=error,
+                                  stage_times=sp.stage_times))
