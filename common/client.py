@@ -158,12 +158,16 @@ class AsyncClient:
 
         Why: the server cannot answer a peer it did not authenticate, and libzmq retries the
         connection silently; without this a caller would only ever see a Timeout."""
+        failures = 0  # in a row: one unexplained failure may be a dropped connection
         try:
             while True:
                 event = parse_monitor_message(await monitor.recv_multipart())
                 if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                    self._auth_error = None
+                    self._auth_error, failures = None, 0
                     self._refused.clear()
+                    continue
+                failures += 1
+                if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and failures < 2:
                     continue
                 self._auth_error = AuthenticationFailed(
                     f"the server at {self.endpoint} refused the connection: "
@@ -246,8 +250,9 @@ class AsyncClient:
     def _send_nowait(self, msg: P.Message) -> None:
         """Best-effort (Cancel): never blocks; a full or refused connection drops it."""
         if self._sock is not None:
+            sync = zmq.Socket.shadow(self._sock.underlying)  # a plain send, no future
             with contextlib.suppress(zmq.ZMQError):
-                self._sock.send_multipart(P.encode(msg), zmq.NOBLOCK, copy=False)
+                sync.send_multipart(P.encode(msg), zmq.NOBLOCK, copy=False)
 
     def _register(self, req_id: str) -> asyncio.Queue[Any]:
         self._ensure_started()

@@ -133,18 +133,28 @@ def decoder(cls: type[Struct]) -> FastDecoder:
 
 
 def _gen_decoder(g: _Gen, cls: type[Struct]) -> FastDecoder:
+    lines = ["def _dec(d, fr, used, lim):"]
+    _emit_struct(g, cls, "d", lines, 1)
+    lines.append("    return d")
+    return g.define("_dec", lines)
+
+
+def _emit_struct(g: _Gen, cls: type[Struct], var: str, lines: list[str], depth: int) -> None:
+    """Statements that replace the map `var` by the checked instance of cls (nested Structs
+    inline: one function per message, not one call per nested value)."""
+    pad = "    " * depth
     fields = _fields(cls)
     keys = g.bind(frozenset(n for n, _ in fields), "K")
-    lines = ["def _dec(d, fr, used, lim):", f"    if d.keys() != {keys}:", "        raise _BAIL"]
-    for i, (name, tp) in enumerate(fields):
-        lines.append(f"    v{i} = d[{name!r}]")
-        _emit_check(g, tp, f"v{i}", lines, 1)
-    body = ", ".join(f"{name!r}: v{i}" for i, (name, _) in enumerate(fields))
-    lines += [f"    o = _new({g.bind(cls, 'C')})", f"    _set(o, '__dict__', {{{body}}})"]
+    lines += [f"{pad}if {var}.keys() != {keys}:", f"{pad}    raise _BAIL"]
+    names = [f"{var}_{i}" for i in range(len(fields))]
+    for (name, tp), v in zip(fields, names, strict=True):
+        lines.append(f"{pad}{v} = {var}[{name!r}]")
+        _emit_check(g, tp, v, lines, depth)
+    body = ", ".join(f"{name!r}: {v}" for (name, _), v in zip(fields, names, strict=True))
+    lines += [f"{pad}{var} = _new({g.bind(cls, 'C')})",
+              f"{pad}_set({var}, '__dict__', {{{body}}})"]
     if cls.check is not Struct.check:
-        lines.append("    o.check()")
-    lines.append("    return o")
-    return g.define("_dec", lines)
+        lines.append(f"{pad}{var}.check()")
 
 
 def _emit_check(g: _Gen, tp: Any, var: str, lines: list[str], depth: int) -> None:
@@ -188,15 +198,16 @@ def _emit_check(g: _Gen, tp: Any, var: str, lines: list[str], depth: int) -> Non
                   f"{pad}        raise _BAIL",
                   f"{pad}{var} = {{_k: {conv}(_x, fr, used, lim) for _k, _x in {var}.items()}}"]
     elif isinstance(tp, type) and issubclass(tp, Struct):
-        fn = g.bind(decoder(tp), "D")
-        lines += [f"{pad}if type({var}) is not dict:", f"{pad}    raise _BAIL",
-                  f"{pad}{var} = {fn}({var}, fr, used, lim)"]
+        lines += [f"{pad}if type({var}) is not dict:", f"{pad}    raise _BAIL"]
+        _emit_struct(g, tp, var, lines, depth)
     else:
         raise TypeError(f"unsupported field type {tp!r}")
 
 
 def _converter(g: _Gen, tp: Any) -> str:
     """Name of a generated fn(v, fr, used, lim) -> decoded value (for elements/values)."""
+    if typing.get_origin(tp) is Annotated and typing.get_args(tp)[1] == _TENSOR:
+        return "_tensor"
     lines = ["def _conv(v, fr, used, lim):"]
     _emit_check(g, tp, "v", lines, 1)
     lines.append("    return v")
@@ -247,7 +258,8 @@ def _enc_expr(g: _Gen, tp: Any, var: str, depth: int) -> str | None:
         return None if expr is None else f"[{expr} for {x} in {var}]"
     if origin is dict:
         expr = _enc_expr(g, args[1], x, depth + 1)
-        return None if expr is None else f"{{_k{depth}: {expr} for _k{depth}, {x} in {var}.items()}}"
+        k = f"_k{depth}"
+        return None if expr is None else f"{{{k}: {expr} for {k}, {x} in {var}.items()}}"
     if isinstance(tp, type) and issubclass(tp, Struct):
         fn, c = g.bind(encoder(tp), "E"), g.bind(tp, "C")
         return f"({fn}({var}, frames, thr) if type({var}) is {c} else _bail())"

@@ -20,7 +20,6 @@ words as uint16; `.as_torch()` rebuilds the real bfloat16 tensor.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import sys
 import warnings
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import ProtocolError
+from common.tensormem import copy_bytes_into, tensor_bytes
 
 # name -> (itemsize, numpy dtype used to view the bytes; bfloat16 shows its raw bits as uint16)
 DTYPES: dict[str, tuple[int, str]] = {
@@ -138,53 +138,6 @@ class WireTensor:
         return f"WireTensor({self.dtype}, shape={list(self.shape)}, nbytes={self.nbytes})"
 
 
-class _TensorMemory:
-    """A contiguous CPU tensor's bytes as numpy's array interface, holding the tensor.
-
-    Why not `t.view(...).numpy()`: torch's view and numpy bridge run through the dispatcher,
-    which costs tens of µs per call when the caches are cold (as they are between
-    megabyte-sized messages); numpy reads this interface in a few. The array numpy makes
-    keeps this object, and so the tensor, alive for as long as any view of it exists.
-    """
-
-    __slots__ = ("__array_interface__", "tensor")
-
-    def __init__(self, t: Any, nbytes: int) -> None:
-        self.tensor = t
-        self.__array_interface__ = {
-            "data": (t.data_ptr(), False), "shape": (nbytes,), "typestr": "|u1", "version": 3,
-        }
-
-
-def tensor_bytes(t: Any) -> memoryview:
-    """A flat byte view (writable, no copy) of a contiguous CPU torch tensor's memory."""
-    n = t.nbytes
-    if not n:
-        return memoryview(bytearray())
-    return memoryview(np.asarray(_TensorMemory(t, n)))
-
-
-def copy_bytes_into(dst: Any, data: memoryview) -> None:
-    """The one copy on the receiving side: raw bytes into a contiguous CPU torch tensor.
-
-    A plain memcpy (ctypes.memmove to dst.data_ptr()): about twice as fast as torch's copy_
-    from a freshly received (cache-cold) frame, and without the torch view/numpy calls that
-    cost tens of µs each when the interpreter's caches are cold (docs/wire.md).
-    """
-    n = data.nbytes
-    if dst.nbytes != n:
-        raise ValueError(f"destination has {dst.nbytes} bytes, the data {n}")
-    if not dst.is_cpu or not dst.is_contiguous() or dst.requires_grad:
-        raise ValueError("copy_bytes_into needs a contiguous CPU tensor without grad")
-    if not n:
-        return
-    if data.readonly or not data.c_contiguous:
-        view = tensor_bytes(dst)  # bytes-like sources (no writable export for ctypes)
-        view[:] = data if data.ndim == 1 and data.format == "B" else data.cast("B")
-        return
-    ctypes.memmove(dst.data_ptr(), ctypes.addressof(ctypes.c_char.from_buffer(data)), n)
-
-
 def _byte_view(torch: Any, buffer: memoryview) -> Any:
     """uint8 tensor over the buffer, no copy (torch warns on read-only buffers such as
     bytes; callers never write through such a view)."""
@@ -271,18 +224,20 @@ def _torch_names(torch: Any) -> dict[Any, str]:
 
 
 def _torch_parts(torch: Any, t: Any) -> tuple[str, tuple[int, ...], memoryview]:
+    """Few torch calls on purpose: each costs µs when the caches are cold (tensor_bytes)."""
     name = _torch_names(torch).get(t.dtype)
     if name is None:
         raise ProtocolError(f"torch dtype {t.dtype} cannot travel; use one of {sorted(DTYPES)}")
     if t.layout != torch.strided:
         raise ProtocolError(f"only dense tensors can travel, got layout {t.layout}")
-    if t.requires_grad:
-        t = t.detach()
     if not t.is_cpu:
-        t = t.cpu()
+        t = t.detach().cpu()
     if not t.is_contiguous():
-        t = t.contiguous()
-    return name, tuple(t.shape), tensor_bytes(t)
+        t = t.detach().contiguous()
+    if t.is_neg():  # a lazily negated view: its memory does not hold its values
+        t = t.detach().resolve_neg()
+    shape = tuple(t.shape)
+    return name, shape, tensor_bytes(t, _numel(shape) * DTYPES[name][0])
 
 
 def encode_tensor(value: Any, frames: list[Any], first_frame: int, inline_threshold: int) -> dict:

@@ -1,10 +1,13 @@
 """Adapting the served plan to the traffic: detect drift, re-plan in the background, switch knobs.
 
     observe_arrival(request)   admitted: input length; the request's live token count is read
-                               at each evaluation (in-flight outputs = censored lengths)
+                               at each evaluation (in-flight outputs = censored lengths);
+                               every ``eval_every`` arrivals (at most every 50 ms) evaluate
+                               (coordinator.drift); on drift start ONE re-plan
     observe_finish(request)    answered: its output length (exact, or a lower bound if failed)
-    tick(now)                  the coordinator's heartbeat tick: evaluate (coordinator.drift),
-                               and on drift start ONE re-plan in a spawned process
+                               and its time per token / the plan's TPOT (reported only)
+    tick(now)                  the coordinator's heartbeat: evaluate if arrivals stopped short
+                               of a due evaluation; give up a re-plan after its timeout
 
     drift --> replan_job (ProcessPoolExecutor, spawn: the planner's numpy/scipy search never
               blocks the event loop) --> done callback on the loop thread --> apply
@@ -152,8 +155,12 @@ class Adapter:
             self.plan = Plan.from_json(Path(cfg.plan_path).read_text())
         except (OSError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"--adapt: cannot read plan {cfg.plan_path}: {exc}") from exc
-        self.detector = DriftDetector(Reference.from_workload(parse_workload(self.plan.workload)),
-                                      cfg.drift)
+        try:
+            planned = parse_workload(self.plan.workload)
+        except ValueError as exc:
+            raise ValueError(f"--adapt: the plan's workload {self.plan.workload!r} cannot be "
+                             f"read here ({exc}); re-plan with a preset or inline spec") from exc
+        self.detector = DriftDetector(Reference.from_workload(planned), cfg.drift)
         self.step_ratios: deque[float] = deque(maxlen=cfg.drift.window)
         self.switches: list[dict[str, Any]] = []
         self.pending: dict[str, Any] | None = None
@@ -280,7 +287,12 @@ class Adapter:
         if len(det.window) >= det.cfg.min_samples:
             obs = observe(det.window, det.reference)
             detector["observed"], spec = obs.to_dict(), observed_spec(obs, det.window)
+        pipeline = getattr(self.co, "pipeline", None)
+        live = {"B_E": self.co.sizer.plan_batch, "streams": [
+            {"batch": s.knobs.batch, "n_d": s.knobs.n_d} for s in pipeline.streams]
+            if pipeline is not None else None}
         return {"detector": detector, "observed_spec": spec, "knobs": knobs(self.plan),
+                "live": live,
                 "switches": [{k: v for k, v in s.items()} for s in self.switches],
                 "replanning": self.pending is not None, "planner_warm_s": self.warm_s,
                 "step_time_ratio": {"median": statistics.median(ratios) if ratios else None,

@@ -30,7 +30,8 @@ CLIENT_DOMAIN = "clients"
 WORKER_DOMAIN = "workers"
 _REFUSALS = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "key not on the allow-list",
              zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "no CURVE keys (or a protocol mismatch)",
-             zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed"}
+             zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed (no CURVE keys, or the "
+                                                   "peer hung up mid-handshake)"}
 
 
 class AllowList:

@@ -75,6 +75,7 @@ class BenchConfig:
     bound_batches: tuple[int, ...] = ()  # static batch sizes for the bounds; () = default grid
     reference: bool = True  # the transformers `generate` reference
     reference_batch: int = 8
+    calibrate: bool = True  # scale the profile by the baseline runs' contention (auto bounds)
     startup_timeout_s: float = 300.0
     request_timeout_s: float = 900.0
 

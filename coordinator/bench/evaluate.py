@@ -13,7 +13,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from coordinator.bench import bounds as B
@@ -39,6 +39,18 @@ def in_flight(plan: Any) -> float:
     """Requests the plan keeps in flight at steady state (all streams / decoders)."""
     per = max(float(plan.B_E), float(plan.B_D or 0.0))
     return per * (plan.microbatches if plan.policy in ("rra", "static", "continuous") else 1)
+
+
+def worker_busy(stats: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each worker's compute time (its own busy clock, cumulative since start, warm-up
+    included) and passes/steps, from the coordinator's stats: where the time went."""
+    out = []
+    for w in stats.get("workers") or []:
+        load = w.get("load") or {}
+        busy, passes = load.get("busy_s"), load.get("passes") or load.get("steps")
+        out.append({"worker_id": w.get("worker_id"), "busy_s": busy, "passes": passes,
+                    "busy_per_pass_s": busy / passes if busy is not None and passes else None})
+    return out
 
 
 class Evaluation:
@@ -70,12 +82,13 @@ class Evaluation:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({
             "label": label, "plan": plan.to_dict(), "mesh_run_id": run.run_id,
-            "startup_s": run.startup_s, "stats": run.stats,
+            "startup_s": run.startup_s, "stats": run.stats, "load_avg_1min": run.load_avg,
             "repeats": [[r.to_dict() for r in recs] for recs in run.repeats]}, default=str))
 
     def _measured(self, run: MeshRun, bound: float | None) -> dict[str, Any]:
         per = [measure(recs, self.setup.s99, bound) for recs in run.repeats]
-        return median_of(per) | {"repeats": len(per)}
+        return median_of(per) | {"repeats": len(per), "load_avg_1min": run.load_avg,
+                                 "workers": worker_busy(run.stats[-1] if run.stats else {})}
 
     # ------------------------------------------------------------------ bounds
     def bounds(self) -> dict[str, Any]:
@@ -108,10 +121,27 @@ class Evaluation:
             m = self._measured(run, None)
             baseline.append({"batch": b, "latency_p99len_s": m.get("latency_p99len_s"),
                              "throughput_seq_s": m.get("throughput_seq_s"),
-                             "predicted_latency_p99len_s": plan.predicted["latency_p99len_s"]})
+                             "tpot_s": m.get("tpot_s"), "load_avg_1min": run.load_avg,
+                             "predicted_latency_p99len_s": plan.predicted["latency_p99len_s"],
+                             "predicted_tpot_s": plan.predicted["tpot_s"]})
             self.progress.step()
         lats = [x["latency_p99len_s"] for x in baseline if x["latency_p99len_s"] is not None]
-        return {"mode": "auto", "bounds": B.percentile_bounds(lats), "baseline": baseline}
+        out = {"mode": "auto", "bounds": B.percentile_bounds(lats), "baseline": baseline}
+        return out | {"calibration": self._calibrate(baseline)}
+
+    def _calibrate(self, baseline: list[dict[str, Any]]) -> float | None:
+        """Scale the profile by the contention the baseline runs measured (calibrate.py)."""
+        from coordinator.bench.calibrate import contention_factor, scaled_profile
+
+        factor = contention_factor(baseline) if self.cfg.calibrate else None
+        if factor is None:
+            return None
+        self.progress.say(f"calibration: measured time per token = {factor:.2f} x the "
+                          "profile's (CPU-time) prediction; planning with the profile scaled")
+        profile = scaled_profile(self.setup.profile, factor, "static baseline runs, tpot")
+        self.setup = replace(self.setup, profile=profile,
+                             profile_source=f"{self.setup.profile_source} x {factor:.3g}")
+        return factor
 
     # ------------------------------------------------------------------ policies
     def row(self, bound: float | None, index: int, policy: str) -> dict[str, Any]:
@@ -160,7 +190,7 @@ class Evaluation:
         self.progress.start_run("transformers reference", 0)
         try:
             out = run_reference(self.setup.model_path, self.cfg.dtype, list(self.setup.requests),
-                                batch=self.cfg.reference_batch, threads=self.cfg.workers,
+                                batch=self.cfg.reference_batch, threads=1,
                                 natural_eos=self.cfg.natural_eos, workdir=self.cfg.runs_dir,
                                 timeout_s=self.cfg.request_timeout_s * 4)
         except (RuntimeError, OSError, ValueError) as exc:

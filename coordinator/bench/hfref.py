@@ -6,7 +6,8 @@ process never imports torch. Requests go in order, ``batch`` at a time, left-pad
 generates its longest request's length (EOS ignored unless natural EOS: ``min_new_tokens``),
 so finished rows keep computing, as static batching does. A streamer stamps the time every
 step's tokens exist; a request's result reaches its user when its batch returns (``t_finish``).
-The process uses as many torch threads as the mesh has worker processes: the same cores.
+One torch thread, like each mesh worker (more threads spin against each other on a loaded
+machine); the mesh has one core per worker, so per core the reference has the same hardware.
 """
 
 from __future__ import annotations
@@ -32,14 +33,19 @@ def reference_problem(model: str | None) -> str | None:
 
 
 def load_model(model: str, dtype: str) -> Any:
+    """An HF directory through ``from_pretrained``; a GGUF file as ``LlamaForCausalLM`` with
+    the weights our loader reads (transformers' own GGUF path converts the tokenizer and
+    dequantizes for minutes on this machine), as `exegpt bench engine` does."""
     import torch
     from transformers import AutoModelForCausalLM
 
     path = Path(model)
-    kw: dict[str, Any] = {"dtype": getattr(torch, dtype)}
-    if path.suffix == ".gguf":
-        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kw).eval()
-    return AutoModelForCausalLM.from_pretrained(path, **kw).eval()
+    if path.suffix != ".gguf":
+        return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    from common.models.registry import load_model_spec
+    from coordinator.commands._engine_bench import TransformersDecoder
+
+    return TransformersDecoder(load_model_spec(model), dtype).model
 
 
 class _Stamps:

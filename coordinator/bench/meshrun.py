@@ -11,6 +11,7 @@ one-off costs (allocator, kernel selection) no steady state has.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -115,6 +116,7 @@ class MeshRun:
     stats: list[dict[str, Any]]
     run_id: str
     startup_s: float
+    load_avg: list[float] = field(default_factory=list)  # 1-min load at each repeat's end
 
 
 def run_plan(plan: Any, requests: Sequence[BenchRequest], target: Target, *, runs_path: Path,
@@ -137,6 +139,7 @@ def run_plan(plan: Any, requests: Sequence[BenchRequest], target: Target, *, run
                                                   timeout_s=timeout_s, done=done))
             out.repeats.append(records)
             out.stats.append(stats)
+            out.load_avg.append(os.getloadavg()[0])
     finally:
         mesh.stop(grace_s=30.0 if target.fields.get("model") else 5.0)
     return out

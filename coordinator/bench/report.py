@@ -73,6 +73,12 @@ def _bound(b: float | None) -> str:
     return "none" if b is None else f"{b:.3g} s"
 
 
+def _load(measured: dict[str, Any]) -> str:
+    """The machine's 1-minute load average at the end of the run (2 cores: > 2 = contended)."""
+    loads = measured.get("load_avg_1min") or []
+    return "/".join(f"{x:.1f}" for x in loads) or "-"
+
+
 def _row_md(r: dict[str, Any], static: dict[str, Any] | None) -> str:
     pr, me, er = r.get("predicted") or {}, r.get("measured") or {}, r.get("error") or {}
     plan = r.get("plan") or {}
@@ -88,13 +94,13 @@ def _row_md(r: dict[str, Any], static: dict[str, Any] | None) -> str:
              _f(pr.get("latency_p99len_s")),
              _f(me.get("latency_p99len_s")) + _pct(er.get("latency_p99len_s")),
              _f(me.get("latency_p99_s")), _f(me.get("ttft_s")), _f(me.get("tpot_s")),
-             "-" if vs is None else f"{vs:.2f}x", met, note.replace("|", "/")]
+             "-" if vs is None else f"{vs:.2f}x", met, _load(me), note.replace("|", "/")]
     return "| " + " | ".join(cells) + " |"
 
 
 HEADER = ("| policy | plan | knobs | pred seq/s | meas seq/s (err) | meas tok/s | "
           "pred p99-len lat (s) | meas p99-len lat (s) (err) | meas p99 (s) | TTFT (s) | "
-          "TPOT (s) | vs static | bound met | note |")
+          "TPOT (s) | vs static | bound met | load | note |")
 
 
 def render_md(results: dict[str, Any]) -> str:
@@ -114,7 +120,7 @@ def render_md(results: dict[str, Any]) -> str:
              + ", ".join(_bound(b) for b in bounds["bounds"]), ""]
     table = _by_bound(results["rows"])
     for b in sorted(table, key=lambda x: math.inf if x is None else x):
-        lines += [f"## bound {_bound(b)}", "", HEADER, "|" + "---|" * 14]
+        lines += [f"## bound {_bound(b)}", "", HEADER, "|" + "---|" * 15]
         static = table[b].get("static")
         lines += [_row_md(r, static) for r in table[b].values()]
         lines.append("")

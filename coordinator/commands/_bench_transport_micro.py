@@ -65,7 +65,7 @@ def micro_costs(tensors: dict[str, Any], repeats: int = 7, count: int = 100,
     import torch
 
     from common import protocol as P
-    from common.tensorframe import copy_bytes_into
+    from common.tensormem import copy_bytes_into
 
     msg = _kv_message(tensors, 0)
     frames = _received(P.encode(msg))
@@ -90,3 +90,24 @@ def micro_costs(tensors: dict[str, Any], repeats: int = 7, count: int = 100,
         a, b = np.ones(8 << 20, np.uint8), np.empty(8 << 20, np.uint8)
         evict = functools.partial(np.copyto, b, a)
     return {name: _per_call_us(fn, count, repeats, evict) for name, fn in steps.items()}
+
+
+def run_micro(sizes: list[int], repeats: int) -> list[dict[str, Any]]:
+    """Hot and cold costs per payload size, printed as a table; rows for the JSON report."""
+    from coordinator.commands.bench_transport import _kv_tensors
+
+    rows = []
+    for size in sizes:
+        tensors = _kv_tensors(size)
+        count = max(5, min(64, (64 << 20) // size))
+        for cold in (False, True):
+            costs = micro_costs(tensors, repeats, count, cold)
+            rows.append({"size_mib": size / (1 << 20), "regime": "cold" if cold else "hot",
+                         **{f"{k.replace(' ', '_')}_us": v for k, v in costs.items()}})
+    print("\nIn-process CPU per KV handoff message (µs, thread time, median of "
+          f"{repeats}; cold = caches evicted before each call):")
+    print(f"{'size':>7} {'regime':<6} " + " ".join(f"{s:>9}" for s in STEPS))
+    for r in rows:
+        print(f"{r['size_mib']:>5g}Mi {r['regime']:<6} "
+              + " ".join(f"{r[s.replace(' ', '_') + '_us']:>9.1f}" for s in STEPS))
+    return rows

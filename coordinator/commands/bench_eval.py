@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 QUICK = {"workload": "in=normal:64,63,128;out=normal:32,13,80;name=S/4", "requests": 12,
-         "bounds": "predicted"}
+         "bounds": "auto", "bound_batches": (1, 2)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--bounds", default=None,
                    help="auto | predicted | seconds L1,L2,...,inf (default auto; --quick: "
-                        "predicted)")
+                        "auto over static batches 1 and 2)")
     p.add_argument("--requests", type=int, default=None,
                    help="K requests per run (default 48; --quick: 12)")
     p.add_argument("--policies", default="exegpt,static,continuous",
@@ -44,8 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=1, help="runs per plan (median reported)")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory")
     p.add_argument("--quick", action="store_true",
-                   help="a few minutes on a 2-core machine: a scaled task S, 12 requests, "
-                        "planner-derived bounds, quick profile if none is cached")
+                   help="the short version: task S with inputs / 4, 12 requests, bounds from "
+                        "static batches 1 and 2, a quick profile if none is cached")
     p.add_argument("--natural-eos", action="store_true",
                    help="stop at the model's EOS (default: ignore EOS up to the drawn length)")
     p.add_argument("--seed", type=int, default=0, help="seed of the request draw")
@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bound-batches", default="",
                    help="static batch sizes measured for --bounds auto (default: powers of 2 "
                         "the request count can fill)")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="plan from the profile as measured (CPU time per layer) instead of "
+                        "scaled by the wall/CPU factor the --bounds auto baseline runs measure")
     p.add_argument("--no-reference", action="store_true",
                    help="skip the transformers `generate` reference")
     p.add_argument("--reference-batch", type=int, default=8,
@@ -99,6 +102,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
             model = str(default_gguf_path())
     quick = bool(args.quick)
     batches = tuple(int(x) for x in args.bound_batches.split(",") if x.strip())
+    if quick and not batches and not args.bounds:
+        batches = QUICK["bound_batches"]
     return BenchConfig(
         model=model, workload=args.workload or (QUICK["workload"] if quick else "S"),
         workers=args.workers,
@@ -108,6 +113,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         quick=quick, natural_eos=args.natural_eos, seed=args.seed, null_model=args.null_model,
         profile=args.profile, dtype=args.dtype, bound_batches=batches,
         reference=not args.no_reference, reference_batch=args.reference_batch,
+        calibrate=not args.no_calibrate,
         startup_timeout_s=args.startup_timeout)
 
 

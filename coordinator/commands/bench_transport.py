@@ -13,6 +13,9 @@ repeats. Modes, all in the same run:
     raw+copy   raw, plus the receiver copies the frame into a destination tensor the way
                the protocol's copy_into does (common.tensorframe.copy_bytes_into)
     memcpy     in-process torch copy of the same bytes (the memory-bandwidth ceiling)
+
+Then the in-process CPU cost of each protocol step per message (build, encode, decode, copy),
+hot and cache-cold: less sensitive to other load than the two-process numbers.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from coordinator.commands._bench_transport_micro import run_micro
 
 MODES = ("protocol", "raw", "raw+copy")
 MIB = 1 << 20
@@ -88,7 +93,7 @@ def receiver_main(endpoint: str, ack_endpoint: str, sockets: str, cells_json: st
 
     from common import protocol as P
     from common.sockets import make_socket
-    from common.tensorframe import copy_bytes_into
+    from common.tensormem import copy_bytes_into
 
     torch.set_num_threads(1)
     cells = [Cell(**c) for c in json.loads(cells_json)]
@@ -263,10 +268,11 @@ def run(args: argparse.Namespace) -> int:
             return 1
         rows += [_row(transport, size, results, args.repeats) for size in sizes]
     _print_table(rows)
+    micro = run_micro(sizes, args.repeats)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"hardware": hw, "sockets": args.sockets, "rows": rows,
-                       "cells": [asdict(c) for c in cells]}, f, indent=2)
+                       "cells": [asdict(c) for c in cells], "in_process": micro}, f, indent=2)
     return 0
 
 

@@ -11,6 +11,7 @@ from coordinator.planner.layout import Pipeline
 from coordinator.planner.plan import Plan, WorkerGroup
 from coordinator.planner.profile import Profile
 from coordinator.planner.scheduler import (
+    EPS_T,
     EXEGPT_POLICIES,
     InfeasibleBound,
     SearchResult,
@@ -32,7 +33,7 @@ def policies_for(name: str) -> tuple[str, ...]:
 
 def make_plan(workload: Workload, profile: Profile, num_workers: int, latency_bound: float, *,
               policy: str = "auto", sla: str = "b", exhaustive: bool = False,
-              eps_t: float = 0.005, eps_l: float = 0.05) -> Plan:
+              eps_t: float = EPS_T, eps_l: float = 0.05) -> Plan:
     """The highest-throughput plan meeting the bound; InfeasibleBound names the tightest one."""
     stats, costs = WorkloadStats(workload), Costs(profile)
     pols = policies_for(policy)

@@ -43,5 +43,6 @@ def test_auto_bounds_from_a_known_static_run(tmp_path: Path,
     assert [b["latency_p99len_s"] for b in got["baseline"]] == pytest.approx([1, 2, 4, 8])
     assert got["bounds"][:3] == pytest.approx([1.3, 1.9, 4.4])
     assert got["bounds"][3] is None
+    assert got["calibration"] > 0  # the fake run is slower than the analytic A40 profile
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
         f"baseline-static-B{b}.json" for b in (1, 2, 4, 8)]

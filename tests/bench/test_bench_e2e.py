@@ -14,7 +14,8 @@ from coordinator.cli import main
 ROW_KEYS = {"bound_s", "policy", "note", "runnable", "plan", "measured"}
 MEASURED_KEYS = set(COMPARED) | {"requests", "ok", "failed", "makespan_s", "bound_met",
                                  "latency_max_s", "queue_p50_s", "throughput_makespan_seq_s",
-                                 "p99len_requests", "mean_output_tokens", "repeats"}
+                                 "p99len_requests", "mean_output_tokens", "repeats", "workers",
+                                 "load_avg_1min"}
 
 
 def check_results(out: Path, num_bounds: int, policies: list[str]) -> dict:

@@ -100,7 +100,7 @@ def test_authenticated_served_unauthenticated_refused(curve_mesh: LocalMesh, key
                 if e.get("event") == "auth_refused"]
     whys = {e["why"] for e in refusals}
     assert "key not on the allow-list" in whys, refusals[:3]
-    assert any("no CURVE keys" in w for w in whys), refusals[:3]
+    assert any("no CURVE keys" in w for w in whys), whys  # the keyless client
 
 
 def test_blocking_client_with_keys_from_the_environment(

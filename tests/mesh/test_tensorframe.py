@@ -15,6 +15,7 @@ from common import protocol as P
 from common.errors import ProtocolError
 from common.sockets import make_socket, recv_msg, send_msg
 from common.tensorframe import WireTensor, to_wire
+from common.tensormem import copy_bytes_into
 
 torch.set_num_threads(1)
 
@@ -115,6 +116,32 @@ def test_received_frames_are_viewed_then_copied_once_into_the_destination() -> N
         push.close(0)
         pull.close(0)
         ctx.term()
+
+
+def test_tensors_that_need_grad_or_are_negated_views_travel_by_value() -> None:
+    grad = torch.arange(600.0, requires_grad=True) * 2
+    assert torch.equal(_round_trip(grad, 0).as_torch(), grad.detach())
+    neg = torch._neg_view(torch.arange(600.0))  # memory holds +x, the values are -x
+    assert torch.equal(_round_trip(neg, 0).as_torch(), -torch.arange(600.0))
+
+
+@pytest.mark.parametrize("source", ["frame", "bytes"])
+def test_copy_into_contiguous_strided_and_wrong_destinations(source: str) -> None:
+    src = torch.randn(6, 8).to(torch.bfloat16)
+    frames = _handoff({"k": src}, 0)
+    if source == "bytes":  # read-only buffers take the memoryview path, not ctypes
+        frames = [bytes(memoryview(f).cast("B")) for f in frames]
+    wt = P.decode(frames).kv.tensors["k"]
+    assert torch.equal(wt.copy_into(torch.empty(6, 8, dtype=torch.bfloat16)), src)
+    cache = torch.zeros(6, 16, dtype=torch.bfloat16)
+    wt.copy_into(cache[:, 4:12])  # a strided slice of a bigger cache
+    assert torch.equal(cache[:, 4:12], src) and not cache[:, :4].any()
+    with pytest.raises(ValueError, match="does not match"):
+        wt.copy_into(torch.empty(8, 6, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="needs a contiguous CPU tensor"):
+        copy_bytes_into(torch.empty(8, 12, dtype=torch.bfloat16)[:, :6], wt.buffer)
+    with pytest.raises(ValueError, match="destination has 4 bytes"):
+        copy_bytes_into(torch.empty(2, dtype=torch.bfloat16), wt.buffer)
 
 
 def test_unsupported_tensors_are_refused() -> None:

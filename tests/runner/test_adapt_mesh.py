@@ -1,9 +1,10 @@
-"""Adaptation end to end: a null-model WAA mesh whose traffic shifts from short to long outputs.
+"""Adaptation end to end: null-model meshes whose traffic shifts from short to long outputs.
 
-Plan: WAA-C on 2 analytic A40s (SmolLM2-135M shapes) for short outputs under a 0.3 s bound
-(B_E = 512: the decoders are nowhere near the bound); long outputs make the p99-length
-request slower, so the re-plan must pick a much smaller B_E. The mesh itself is the null
-model (its own costs), so this tests the control loop, not the profile's accuracy.
+Plans for 2 analytic A40s (SmolLM2-135M shapes), short outputs, a 0.3 s bound: WAA-C
+(encoder + decoder worker, B_E = 512: far from the bound) and RRA (two stage workers, B_E 376,
+N_D 5). Long outputs make the p99-length request slower, so the re-plan must change the knobs
+(WAA: a much smaller B_E; RRA: a longer cycle, larger N_D) on the same workers. The meshes are
+the null model (their own costs), so this tests the control loop, not the profile's accuracy.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +22,15 @@ import pytest
 
 from common.backend import null_tokens
 from common.client import AsyncClient
+from common.models.config import ModelConfig
 from coordinator.launch import LaunchSpec, LocalMesh
 from coordinator.plan_launch import plan_fields
 from coordinator.planner.analytic import parse_profile_arg
+from coordinator.planner.plan import Plan
 from coordinator.planner.planning import make_plan
 from coordinator.planner.workload import parse_workload
 
 ROOT = Path(__file__).resolve().parents[2]
-VOCAB = 256  # tiny-llama
 PROFILE = "analytic:a40:smollm2-135m"
 SHORT = "name=short;in=normal:64,32,128;out=normal:8,3,20"
 LONG = "name=long;in=normal:64,32,128;out=normal:32,17,80"
@@ -38,26 +41,43 @@ AFTER = 60  # long requests after the switch: served with the new knobs
 DETECT_BOUND = 400  # long requests before the detector fires (measured: 100-300, see docs)
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalMesh, int]]:
-    plan = make_plan(parse_workload(SHORT), parse_profile_arg(PROFILE), 2, 0.3, policy="waa-c")
+@dataclass(frozen=True)
+class Served:
+    mesh: LocalMesh
+    plan: Plan
+    vocab: int
+
+
+# WAA-C: encoder + decoder worker (tiny-llama-sized null model: the plan's layers do not
+# matter to WAA workers); RRA: two stage workers holding the plan's SmolLM2 layer ranges
+MESHES = {"waa-c": "tiny-llama", "rra": "smollm2-135m"}
+
+
+@pytest.fixture(scope="module", params=list(MESHES))
+def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+           ) -> Iterator[Served]:
+    policy, shape = request.param, MESHES[request.param]
+    plan = make_plan(parse_workload(SHORT), parse_profile_arg(PROFILE), 2, 0.3, policy=policy)
     path = tmp_path_factory.mktemp("plan") / "plan.json"
     path.write_text(plan.to_json())
     fields = plan_fields(plan, null_model=True, decoder_capacity=256)
     spec = LaunchSpec(**fields, runs_path=tmp_path_factory.mktemp("runs"), transport="ipc",
-                      model_shape="tiny-llama", decode_cost_ms=1.0, heartbeat_interval_s=0.25,
+                      model_shape=shape, decode_cost_ms=1.0, heartbeat_interval_s=0.25,
                       coordinator_args=("--plan", str(path), "--profile", PROFILE, "--adapt",
                                         "--adapt-options", OPTIONS))
     local = LocalMesh(spec, startup_timeout_s=60)
     local.start()
-    yield local, plan.B_E
-    assert local.stop() == []
+    yield Served(local, plan, ModelConfig.preset(shape).vocab_size)
+    assert local.stop() == []  # the planner process too: nothing needed SIGKILL
+    assert all(c.poll() == 0 for c in local.children), [c.describe_exit()
+                                                         for c in local.children]
 
 
-def _requests(spec: str, num: int, seed: int, prefix: str) -> list[tuple[str, list[int], int]]:
+def _requests(spec: str, num: int, seed: int, prefix: str,
+              vocab: int) -> list[tuple[str, list[int], int]]:
     rng = np.random.default_rng(seed)
     ins, outs = parse_workload(spec).sample(rng, num)
-    return [(f"{prefix}{i}", [int(t) for t in rng.integers(0, VOCAB, int(n))], int(s))
+    return [(f"{prefix}{i}", [int(t) for t in rng.integers(0, vocab, int(n))], int(s))
             for i, (n, s) in enumerate(zip(ins, outs, strict=True))]
 
 
@@ -98,18 +118,18 @@ async def _watch(client: AsyncClient, stop: asyncio.Event) -> None:
 
 
 def _check_tokens(work: list[tuple[str, list[int], int]], results: dict[str, tuple[int, ...]],
-                  num: int) -> None:
+                  num: int, vocab: int) -> None:
     """``num`` requests of ``work`` were answered, each with its null-model tokens."""
     assert len(work) == num
     for req_id, prompt, n in work:
-        assert list(results[req_id]) == null_tokens(prompt, n, VOCAB), req_id
+        assert list(results[req_id]) == null_tokens(prompt, n, vocab), req_id
 
 
 def test_shift_to_long_outputs_switches_knobs_and_every_request_completes(
-        mesh: tuple[LocalMesh, int]) -> None:
-    local, plan_b_e = mesh
-    short = _requests(SHORT, STATIONARY, 1, "s")
-    long = _requests(LONG, SHIFT_LIMIT + AFTER, 2, "l")
+        served: Served) -> None:
+    local, plan, vocab = served.mesh, served.plan, served.vocab
+    short = _requests(SHORT, STATIONARY, 1, "s", vocab)
+    long = _requests(LONG, SHIFT_LIMIT + AFTER, 2, "l", vocab)
 
     async def scenario() -> tuple[dict, dict, int, int]:
         results: dict[str, tuple[int, ...]] = {}
@@ -120,7 +140,7 @@ def test_shift_to_long_outputs_switches_knobs_and_every_request_completes(
                 await asyncio.sleep(0.2)
             await _run(client, short, results)
             stationary = await _adapt_stats(client)
-            _check_tokens(short, results, len(short))
+            _check_tokens(short, results, len(short), vocab)
             switched = asyncio.Event()
             watcher = asyncio.create_task(_watch(client, switched))
             sent = await _run(client, long[:SHIFT_LIMIT], results, stop=switched)
@@ -128,7 +148,7 @@ def test_shift_to_long_outputs_switches_knobs_and_every_request_completes(
             after = await _run(client, long[SHIFT_LIMIT:], results)
             final = await _adapt_stats(client)
         answered = [r for r in long[:sent] + long[SHIFT_LIMIT:] if r[0] in results]
-        _check_tokens(answered, results, len(results) - STATIONARY)
+        _check_tokens(answered, results, len(results) - STATIONARY, vocab)
         assert len(answered) == sent + after and after == AFTER
         return stationary, final, sent, len(results)
 
@@ -137,8 +157,13 @@ def test_shift_to_long_outputs_switches_knobs_and_every_request_completes(
                                                                                 "suspect")
     assert total == STATIONARY + sent + AFTER  # every request answered exactly once
     switch = final["switches"][0]
-    assert switch["old"]["B_E"] == plan_b_e and switch["new"]["B_E"] < plan_b_e
-    assert final["knobs"]["B_E"] < plan_b_e
+    assert switch["old"]["B_E"] == plan.B_E and final["knobs"]["B_E"] == final["live"]["B_E"]
+    if plan.policy == "waa-c":  # the long requests' decode rounds: a smaller B_E
+        assert switch["new"]["B_E"] < plan.B_E and final["knobs"]["B_E"] < plan.B_E
+    else:  # rra: encode less often (longer cycles); every stream runs the new B and N_D
+        assert switch["old"]["N_D"] == plan.N_D < switch["new"]["N_D"]
+        assert final["live"]["streams"] == [{"batch": final["knobs"]["B_E"],
+                                             "n_d": final["knobs"]["N_D"]}] * plan.microbatches
     assert "output" in switch["reason"]
     # fired within DETECT_BOUND requests of the shift (the arrival count includes the shift)
     assert 0 < switch["detect_arrival"] - STATIONARY <= DETECT_BOUND
@@ -150,10 +175,10 @@ def test_shift_to_long_outputs_switches_knobs_and_every_request_completes(
     assert "drift_detected" in names and "plan_switch" in names
 
 
-def test_plan_observed_shows_the_window_beside_the_plan(mesh: tuple[LocalMesh, int]) -> None:
+def test_plan_observed_shows_the_window_beside_the_plan(served: Served) -> None:
     """`exegpt plan --workload observed --connect EP` while long outputs are served."""
-    local, _ = mesh
-    work = _requests(LONG, 80, 3, "o")
+    local = served.mesh
+    work = _requests(LONG, 80, 3, "o", served.vocab)
 
     async def send() -> None:
         async with AsyncClient(local.client_endpoint, default_timeout_s=60) as client:
@@ -162,7 +187,8 @@ def test_plan_observed_shows_the_window_beside_the_plan(mesh: tuple[LocalMesh, i
     asyncio.run(send())
     out = subprocess.run([sys.executable, "-m", "coordinator.cli", "plan", "--workload",
                           "observed", "--connect", local.client_endpoint, "--profile", PROFILE,
-                          "--workers", "2", "--latency-bound", "0.3", "--policy", "waa-c"],
+                          "--workers", "2", "--latency-bound", "0.3", "--policy",
+                          served.plan.policy],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     text = out.stdout

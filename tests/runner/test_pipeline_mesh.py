@@ -182,8 +182,9 @@ def make_opt(directory: Path) -> Path:
 MODELS = {"llama": (make_llama, 128, 2), "opt": (make_opt, 128, 2), "t5": (make_t5, 96, 1)}
 DEFAULT_RUNS = {("llama", "static"), ("llama", "continuous"), ("llama", "rra"),
                 ("opt", "rra"), ("t5", "continuous")}
-CASES = [pytest.param(m, p, marks=() if (m, p) in DEFAULT_RUNS else pytest.mark.slow,
+CASES = [pytest.param(m, p, 1, marks=() if (m, p) in DEFAULT_RUNS else pytest.mark.slow,
                       id=f"{m}-{p}") for m in MODELS for p in POLICIES]
+CASES.append(pytest.param("llama", "rra", 2, marks=pytest.mark.slow, id="llama-rra-tp2"))
 
 
 @pytest.fixture(scope="module")
@@ -198,15 +199,15 @@ async def _run_all(endpoint: str, work: list[tuple[list[int], int]]) -> list[P.R
             client.generate(prompt_ids=p, max_new_tokens=n, timeout_s=120) for p, n in work)))
 
 
-@pytest.mark.parametrize(("family", "policy"), CASES)
-def test_greedy_matches_transformers(family: str, policy: str, tiny_models: dict[str, Path],
-                                     tmp_path: Path) -> None:
+@pytest.mark.parametrize(("family", "policy", "tp_size"), CASES)
+def test_greedy_matches_transformers(family: str, policy: str, tp_size: int,
+                                     tiny_models: dict[str, Path], tmp_path: Path) -> None:
     _, vocab, num_stages = MODELS[family]
     model = tiny_models[family]
     work = workload(vocab, 12, seed=3)
     expected = hf_greedy(model, work)
     assert max(len(set(row)) for row in expected) > 4  # the reference is not degenerate
-    spec = LaunchSpec(groups=_stages(num_stages), runs_path=tmp_path, policy=policy,
+    spec = LaunchSpec(groups=_stages(num_stages, tp_size), runs_path=tmp_path, policy=policy,
                       encode_batch=4, n_d=3, dtype="float32", **model_fields(str(model)))
     with LocalMesh(spec, startup_timeout_s=120) as mesh:
         results = asyncio.run(_run_all(mesh.client_endpoint, work))
