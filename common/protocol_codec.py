@@ -22,7 +22,6 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from common import protocol_fast
 from common.errors import ProtocolError
 from common.protocol_fields import (
     DecodeCtx,
@@ -106,12 +105,8 @@ def encode(msg: Message, *, inline_threshold: int = DEFAULT_INLINE_THRESHOLD) ->
     if _REGISTRY.get(cls.TYPE) is not cls:
         raise ProtocolError(f"{cls.__name__} is not a registered message type")
     frames: list[Any] = []
-    try:
-        body = protocol_fast.encoder(cls, PROTOCOL_VERSION)(msg, frames, inline_threshold)
-    except Exception:  # noqa: BLE001 - not plainly valid: the generic path decides and words it
-        frames.clear()
-        body = {"v": PROTOCOL_VERSION}
-        body.update(encode_fields(msg, EncodeCtx(frames, inline_threshold)))
+    body = {"v": PROTOCOL_VERSION}
+    body.update(encode_fields(msg, EncodeCtx(frames, inline_threshold)))
     try:
         packed = msgpack.packb(body, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
@@ -152,11 +147,7 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
         )
     del body["v"]
     used = [True, True] + [False] * (len(bufs) - 2)
-    try:
-        msg = protocol_fast.decoder(cls)(body, bufs, used, limits)
-    except protocol_fast.BAIL_ERRORS:  # not plainly valid: the generic path decides
-        used = [True, True] + [False] * (len(bufs) - 2)
-        msg = decode_fields(cls, body, DecodeCtx(bufs, used, limits), cls.__name__)
+    msg = decode_fields(cls, body, DecodeCtx(bufs, used, limits), cls.__name__)
     unused = [i for i, u in enumerate(used) if not u]
     if unused:
         raise ProtocolError(f"{cls.__name__}: frame(s) {unused} are not referenced by the body")

@@ -86,6 +86,7 @@ class _Codec:
     # those types (e.g. str, or float/None for `float | None`) needs no decoder call
     fields: tuple[tuple[str, tuple[type, ...], _Dec], ...]
     tuple_fields: tuple[str, ...]
+    has_check: bool  # the class overrides Struct.check (else decoding skips the call)
 
 
 _CODECS: dict[type, _Codec] = {}
@@ -108,20 +109,25 @@ def _codec(cls: type) -> _Codec:
                 for f, p in zip(fields, pairs, strict=True)
             ),
             tuple_fields,
+            cls.check is not Struct.check,
         )
         _CODECS[cls] = codec
     return codec
 
 
 def _exact_types(tp: Any) -> tuple[type, ...]:
-    """Python types whose values need no check beyond their type (empty: always decode)."""
+    """Python types whose values need no check beyond their type (empty: always decode):
+    the primitive itself, None for any `X | None`, and the scalars of a Json field."""
     optional = _is_optional(tp)
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if optional and len(args) == 1:
         tp = args[0]
+    none = (type(None),) if optional else ()
+    if typing.get_origin(tp) is Annotated and typing.get_args(tp)[1] == _JSON:
+        return (type(None), bool, int, float, str)  # _check_json's scalars, at any depth
     if tp not in (int, str, bool, bytes, float):
-        return ()
-    return (tp, type(None)) if optional else (tp,)
+        return none
+    return (tp, *none)
 
 
 def _is_tuple(tp: Any) -> bool:
@@ -212,6 +218,7 @@ _PRIMITIVE_DECODERS: dict[type, _Dec] = {
     bool: _dec_bool,
     bytes: _dec_bytes,
 }
+_PLAIN_TYPES: dict[_Dec, type] = {_dec_int: int, _dec_str: str, _dec_bool: bool, _dec_bytes: bytes}
 
 
 def _optional(enc: _Enc | None, dec: _Dec) -> tuple[_Enc | None, _Dec]:
@@ -224,11 +231,20 @@ def _optional(enc: _Enc | None, dec: _Dec) -> tuple[_Enc | None, _Dec]:
 
 
 def _sequence(enc: _Enc | None, dec: _Dec) -> tuple[_Enc | None, _Dec]:
+    plain = _PLAIN_TYPES.get(dec)  # int/str/bool/bytes elements: one type check each
+
     def dec_seq(v: Any, ctx: DecodeCtx, path: str) -> tuple:
         if type(v) is not list:
             raise _type_error(path, "array", v)
-        if dec is _dec_int and all(type(x) is int for x in v):
-            return tuple(v)  # fast path: token id lists
+        if plain is not None:
+            for x in v:
+                if type(x) is not plain:
+                    break
+            else:
+                return tuple(v)  # token ids, req ids: the common case
+        elif dec is _dec_float:
+            return tuple([x if type(x) is float else dec(x, ctx, _Path(path, i))
+                          for i, x in enumerate(v)])
         return tuple([dec(x, ctx, _Path(path, i)) for i, x in enumerate(v)])
 
     if enc is None:
@@ -261,7 +277,7 @@ def _struct(cls: type[Struct]) -> tuple[_Enc, _Dec]:
     def dec_struct(v: Any, ctx: DecodeCtx, path: str) -> Struct:
         if type(v) is not dict:
             raise _type_error(path, f"map ({cls.__name__})", v)
-        return decode_fields(cls, v, ctx, path)
+        return _decode(cls, _CODECS.get(cls) or _codec(cls), v, ctx, path)
 
     return enc_struct, dec_struct
 
@@ -312,7 +328,10 @@ def encode_fields(obj: Any, ctx: EncodeCtx) -> dict:
 
 
 def decode_fields(cls: type[Struct], body: dict, ctx: DecodeCtx, path: Any) -> Any:
-    codec = _codec(cls)
+    return _decode(cls, _codec(cls), body, ctx, path)
+
+
+def _decode(cls: type[Struct], codec: _Codec, body: dict, ctx: DecodeCtx, path: Any) -> Any:
     if body.keys() != codec.name_set:
         _raise_field_mismatch(codec.names, body, path)
     for name, exact, dec in codec.fields:
@@ -323,10 +342,11 @@ def decode_fields(cls: type[Struct], body: dict, ctx: DecodeCtx, path: Any) -> A
     # body becomes the instance's attributes; only the semantic check still runs.
     obj = object.__new__(cls)
     object.__setattr__(obj, "__dict__", body)
-    try:
-        obj.check()
-    except (ValueError, TypeError) as exc:
-        raise ProtocolError(f"{path}: {exc}") from None
+    if codec.has_check:
+        try:
+            obj.check()
+        except (ValueError, TypeError) as exc:
+            raise ProtocolError(f"{path}: {exc}") from None
     return obj
 
 

@@ -34,8 +34,13 @@ class Costs:
     # ---- compute -----------------------------------------------------------------------------
     def expected_encode(self, pipe: Pipeline, batch: int, stats: Any) -> list[float]:
         """Per-stage encode time of ``batch`` inputs averaged over batch compositions
-        (``stats.encode_nodes``); memoised, since the search revisits each B_E often."""
+        (``stats.encode_nodes``); memoised per (pipeline, batch), since the search revisits
+        each B_E often, and per distinct stage, since pipelines repeat stages."""
         cache = self.__dict__.setdefault("_enc_cache", {})
+        pipes = self.__dict__.setdefault("_enc_pipe_cache", {})
+        item = pipes.get((id(pipe), batch, id(stats)))
+        if item is not None and item[0] is pipe and item[1] is stats:
+            return item[2]
         out = []
         for st in pipe:
             key = (st, batch, id(stats))
@@ -43,6 +48,7 @@ class Costs:
                 means, effs, weights = stats.encode_nodes(batch)
                 cache[key] = (float(weights @ self.encode_stage(st, batch, means, effs)), stats)
             out.append(cache[key][0])
+        pipes[id(pipe), batch, id(stats)] = (pipe, stats, out)  # objects kept: ids stay valid
         return out
 
     def encode_stage(self, st: Stage, batch: float, mean_len: Any, eff_len: Any) -> Any:
@@ -93,29 +99,39 @@ class Costs:
         p = self.profile
         layer: dict[int, Any] = dict(known[0]) if known else {}
         ops: dict[tuple[str, int], Any] = dict(known[1]) if known else {}
-        done: dict[tuple[int, int, bool, bool], Any] = {}
 
         def op(name: str, tp: int, size: Any) -> Any:
             if (name, tp) not in ops:
                 ops[name, tp] = p.op(name, tp, size)
             return ops[name, tp]
 
-        out = []
-        for st in pipe:
-            key = (st.tp, st.num_dec, st.first, st.last)
-            if key not in done:
-                if st.tp not in layer:
-                    layer[st.tp] = self._decode_layer(st.tp, batch, ctx)
-                t = st.num_dec * layer[st.tp]
-                if st.first:
-                    t = t + op("embed", st.tp, batch)
-                if st.last:
-                    t = t + op("lm_head", st.tp, batch)
-                else:
-                    t = t + op("stage_send", 1, batch * self.hidden_bytes)
-                done[key] = finish(t)
-            out.append(done[key])
-        return out
+        done = []
+        distinct, index = self._distinct_stages(pipe)
+        for tp, num_dec, first, last in distinct:
+            if tp not in layer:
+                layer[tp] = self._decode_layer(tp, batch, ctx)
+            t = num_dec * layer[tp]
+            if first:
+                t = t + op("embed", tp, batch)
+            if last:
+                t = t + op("lm_head", tp, batch)
+            else:
+                t = t + op("stage_send", 1, batch * self.hidden_bytes)
+            done.append(finish(t))
+        return [done[i] for i in index]
+
+    def _distinct_stages(self, pipe: Pipeline
+                         ) -> tuple[list[tuple[int, int, bool, bool]], list[int]]:
+        """The pipeline's distinct (tp, decoder layers, first, last) stages in order of first
+        appearance, and each stage's index among them (memoised per pipeline object)."""
+        cache = self.__dict__.setdefault("_distinct", {})
+        item = cache.get(id(pipe))
+        if item is None or item[0] is not pipe:
+            keys: dict[tuple[int, int, bool, bool], int] = {}
+            index = [keys.setdefault((st.tp, st.num_dec, st.first, st.last), len(keys))
+                     for st in pipe]
+            item = cache[id(pipe)] = (pipe, list(keys), index)
+        return item[1], item[2]
 
     def _decode_layer(self, tp: int, batch: Any, ctx: Any) -> Any:
         p = self.profile

@@ -70,9 +70,12 @@ def _ranges(counts: list[int]) -> list[tuple[int, int]]:
 
 
 def stage_speed(profile: Profile, tp: int) -> float:
-    """Layers per second of a decode step at a mid-sized batch: the balancing weight."""
-    t = float(profile.rest("dec", tp, 64) + profile.attn("dec", tp, 64, 512))
-    return 1.0 / t
+    """Layers per second of a decode step at a mid-sized batch: the balancing weight
+    (memoised per tp: every pipeline the search builds asks it for each stage)."""
+    cache = profile.__dict__.setdefault("_stage_speed", {})
+    if tp not in cache:
+        cache[tp] = 1.0 / float(profile.rest("dec", tp, 64) + profile.attn("dec", tp, 64, 512))
+    return cache[tp]
 
 
 def build_pipeline(profile: Profile, tps: list[int], *, enc: bool, dec: bool) -> Pipeline | None:

@@ -145,7 +145,7 @@ class _Run:
                               self.stats, self.costs)
         if pipes is None:
             return 0
-        heaviest = max(self.costs.weight_bytes(st) for pipe in pipes for st in pipe)
+        heaviest = max(max(self.costs.pipeline_weights(pipe)) for pipe in pipes)
         if heaviest > self.costs.capacity * (1.0 + eps_l):
             return 0
         return len(pipes[1])

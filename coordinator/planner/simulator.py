@@ -16,6 +16,7 @@ Saturated and offline, like the paper (arrivals are the discrete-event simulator
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from functools import lru_cache
 
 import numpy as np
@@ -191,7 +192,12 @@ def _waa_share(cand: Candidate, stats: WorkloadStats, costs: Costs) -> float:
 def nearest_split(share: float, num_workers: int, tp: int, num_tp_workers: int) -> int:
     """The split nearest the ideal share whose groups can hold the TP workers (0: none)."""
     fits = _fitting_splits(num_workers, tp, num_tp_workers)
-    return min(fits, key=lambda n: (abs(n - share), n)) if fits else 0
+    if not fits:
+        return 0
+    # fits is sorted: the nearest is one of the two around ``share`` (ties: the smaller)
+    i = bisect_left(fits, share)
+    near = fits[max(i - 1, 0):i + 1]
+    return min(near, key=lambda n: (abs(n - share), n))
 
 
 @lru_cache(maxsize=4096)

@@ -46,3 +46,25 @@ def test_auto_bounds_from_a_known_static_run(tmp_path: Path,
     assert got["calibration"] > 0  # the fake run is slower than the analytic A40 profile
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
         f"baseline-static-B{b}.json" for b in (1, 2, 4, 8)]
+
+
+def test_identical_plans_run_once_and_are_judged_per_bound(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def fake(plan: Any, requests: Any, target: Any, **kw: Any) -> MeshRun:
+        calls.append(plan.B_E)
+        return fake_run_plan(plan, requests, target)
+
+    monkeypatch.setattr(evaluate, "run_plan", fake)
+    cfg = BenchConfig(model="tiny-llama", null_model=True, workload="S", workers=2,
+                      requests=8, bounds=(1.0, None), policies=("static",), out=tmp_path,
+                      reference=False, profile="analytic:a40")
+    ev = evaluate.Evaluation(cfg, Progress(enabled=False))
+    tight = ev.row(0.5, 0, "static")  # ms-scale plans: B=512 meets 0.5 s on paper ...
+    loose = ev.row(None, 1, "static")
+    assert tight["plan"]["B_E"] == loose["plan"]["B_E"] == calls[0] and len(calls) == 1
+    assert loose["reused_from"] == "bound0-static" and tight["reused_from"] is None
+    assert loose["measured"]["throughput_seq_s"] == tight["measured"]["throughput_seq_s"]
+    # ... but the (fake) run's probe took B_E seconds: judged against each bound
+    assert tight["measured"]["bound_met"] is False and loose["measured"]["bound_met"] is True
