@@ -12,7 +12,10 @@ Null-model token rule (tests check it, so it is part of the contract)::
 for output position ``i`` (0 is the token the encode pass produces; a decoder continues from
 it alone, as a real one continues from the KV: ``token_i = (token_0 + i * 1009) % vocab``).
 The null model never stops early: a request gets exactly ``max_new_tokens`` tokens. Use
-:func:`null_tokens` to compute the expected output of a request.
+:func:`null_tokens` to compute the expected output of a request. A re-run after a worker loss
+(``EncodeItem.output_offset = k``: the prompt ends with the k tokens already streamed) starts at
+output position k of the original prompt, so the client's stream continues unchanged; a real
+model gets the same from prefilling prompt + streamed tokens (greedy).
 """
 
 from __future__ import annotations
@@ -35,6 +38,13 @@ def null_token(prompt: Sequence[int], position: int, vocab_size: int) -> int:
     return (sum(prompt) * 31 + len(prompt) * 7 + position * 1009) % vocab_size
 
 
+def _first_token(item: EncodeItem, vocab_size: int) -> int:
+    """A re-run continues the original request's sequence: the rule is a function of the
+    original prompt (the prompt minus the output tokens appended to it) and the position."""
+    original = item.prompt[:len(item.prompt) - item.output_offset]
+    return null_token(original, item.output_offset, vocab_size)
+
+
 def null_tokens(prompt: Sequence[int], max_new_tokens: int, vocab_size: int) -> list[int]:
     """The full output the null model gives a request (what a client must receive, in order)."""
     base = sum(prompt) * 31 + len(prompt) * 7
@@ -49,6 +59,7 @@ class EncodeItem:
     prompt: tuple[int, ...]
     max_new_tokens: int
     sampling: Any = None  # protocol.Sampling (None: greedy); the null model ignores it
+    output_offset: int = 0  # re-run: prompt ends with this many earlier output tokens
 
     def __post_init__(self) -> None:
         if not self.prompt:
@@ -184,7 +195,7 @@ class NullEncodeBackend:
         tokens = sum(len(item.prompt) for item in items)
         _spend((self.cost_ms_per_batch + self.cost_ms_per_token * tokens) / 1000)
         vocab = self.shape.model.vocab_size
-        return [Encoded(req_id=item.req_id, first_token=null_token(item.prompt, 0, vocab),
+        return [Encoded(req_id=item.req_id, first_token=_first_token(item, vocab),
                         seq_len=len(item.prompt), kv=self._kv(item)) for item in items]
 
     def _kv(self, item: EncodeItem) -> dict[str, Any]:

@@ -49,6 +49,7 @@ from common.sockets import (
     CurveKeys,
     arecv_msg,
     asend_msg,
+    check_endpoint,
     endpoint_from_env,
     load_curve_client,
     make_socket,
@@ -131,12 +132,14 @@ class AsyncClient:
             # the process-wide context: a private one would block in term() at garbage
             # collection if a user forgot close()
             self._ctx = zmq.asyncio.Context.instance()
-            self._sock = make_socket(self._ctx, "DEALER", connect=self.endpoint,
-                                     curve_client=self._curve)
+            # connect only once the monitor listens: libzmq reports a refused handshake
+            # once and does not retry, so a missed event would leave only the timeout
+            self._sock = make_socket(self._ctx, "DEALER", connect=(), curve_client=self._curve)
+            monitor = self._sock.get_monitor_socket(HANDSHAKE_EVENTS)
+            self._sock.connect(check_endpoint(self.endpoint))
             self._reader = loop.create_task(self._read_forever())
             self._refused = asyncio.Event()
-            self._watcher = loop.create_task(self._watch_handshakes(
-                self._sock.get_monitor_socket(HANDSHAKE_EVENTS)))
+            self._watcher = loop.create_task(self._watch_handshakes(monitor))
 
     async def close(self) -> None:
         """Stop reading, fail waiting requests with Cancelled, close the socket."""
@@ -158,20 +161,17 @@ class AsyncClient:
 
         Why: the server cannot answer a peer it did not authenticate, and libzmq retries the
         connection silently; without this a caller would only ever see a Timeout."""
-        failures = 0  # in a row: one unexplained failure may be a dropped connection
         try:
             while True:
                 event = parse_monitor_message(await monitor.recv_multipart())
                 if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                    self._auth_error, failures = None, 0
+                    self._auth_error = None
                     self._refused.clear()
-                    continue
-                failures += 1
-                if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and failures < 2:
                     continue
                 self._auth_error = AuthenticationFailed(
                     f"the server at {self.endpoint} refused the connection: "
-                    f"{_HANDSHAKE_WHY.get(event['event'], 'the handshake failed')}"
+                    f"{_HANDSHAKE_WHY.get(event['event'], 'the handshake failed')} "
+                    f"(zmq event {int(event['event'])}, value {int(event['value'])})"
                     + ("" if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH
                        else _HANDSHAKE_HINT))
                 self._refused.set()

@@ -377,10 +377,15 @@ class EncodeRequest(Struct):
     sampling: Sampling = field(default_factory=Sampling)
     decoder_id: str | None = None
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    # a re-run after a worker loss: prompt_ids ends with the output_offset tokens the client
+    # already has, and the first token of this run is output position output_offset
+    output_offset: int = 0
 
     def check(self) -> None:
         _check_id("req_id", self.req_id)
         _check_tokens("prompt_ids", self.prompt_ids)
+        if not 0 <= self.output_offset < len(self.prompt_ids):
+            raise ValueError(f"output_offset {self.output_offset} must be in 0..len(prompt_ids)")
 
 
 @register

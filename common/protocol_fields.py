@@ -82,6 +82,8 @@ class _Codec:
     names: tuple[str, ...]
     name_set: frozenset[str]
     encoders: tuple[_Enc | None, ...]
+    # the fields whose values are not sent as they are: (name, encoder, None passes as is)
+    encoded: tuple[tuple[str, _Enc, bool], ...]
     # per field: (name, the exact types a valid value may have, decoder); a value of one of
     # those types (e.g. str, or float/None for `float | None`) needs no decoder call
     fields: tuple[tuple[str, tuple[type, ...], _Dec], ...]
@@ -104,6 +106,11 @@ def _codec(cls: type) -> _Codec:
             names,
             frozenset(names),
             tuple(p[0] for p in pairs),
+            tuple(
+                (f.name, _compile(_strip_optional(hints[f.name]), "")[0] or p[0],
+                 _is_optional(hints[f.name]))
+                for f, p in zip(fields, pairs, strict=True) if p[0] is not None
+            ),
             tuple(
                 (f.name, _exact_types(hints[f.name]), p[1])
                 for f, p in zip(fields, pairs, strict=True)
@@ -128,6 +135,12 @@ def _exact_types(tp: Any) -> tuple[type, ...]:
     if tp not in (int, str, bool, bytes, float):
         return none
     return (tp, *none)
+
+
+def _strip_optional(tp: Any) -> Any:
+    """X for `X | None`, else tp."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if _is_optional(tp) and len(args) == 1 else tp
 
 
 def _is_tuple(tp: Any) -> bool:
@@ -318,12 +331,13 @@ def _check_json(v: Any, depth: int, path: str) -> None:
 
 
 def encode_fields(obj: Any, ctx: EncodeCtx) -> dict:
-    codec = _codec(type(obj))
+    codec = _CODECS.get(type(obj)) or _codec(type(obj))
     values = obj.__dict__
-    out = {}
-    for name, enc in zip(codec.names, codec.encoders, strict=True):
-        value = values[name]
-        out[name] = value if enc is None else enc(value, ctx)
+    out = {name: values[name] for name in codec.names}  # field order: the wire order
+    for name, enc, optional in codec.encoded:  # only the fields that need an encoder
+        value = out[name]
+        if value is not None or not optional:
+            out[name] = enc(value, ctx)
     return out
 
 

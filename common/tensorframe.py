@@ -259,26 +259,35 @@ def decode_tensor(
 
     `frames` is the whole multipart message as buffers (index = wire frame index); `used`
     marks frames already claimed so that each tensor frame is referenced exactly once.
+    Written as one straight pass with few calls: it runs for every KV and hidden tensor.
     """
     if not isinstance(entry, dict):
         raise ProtocolError(f"{path}: a tensor must be a map, got {type(entry).__name__}")
-    keys = frozenset(entry)
-    if keys != _TENSOR_KEYS_FRAME and keys != _TENSOR_KEYS_INLINE:
+    keys = entry.keys()
+    inline = keys == _TENSOR_KEYS_INLINE
+    if not inline and keys != _TENSOR_KEYS_FRAME:
+        got = sorted(keys, key=repr)  # keys may mix str and bytes
         raise ProtocolError(
-            f"{path}: tensor keys must be dtype, shape and frame (or data), got {sorted(keys)}"
+            f"{path}: tensor keys must be dtype, shape and frame (or data), got {got}"
         )
     dtype, shape = entry["dtype"], entry["shape"]
-    if not isinstance(dtype, str) or dtype not in DTYPES:
+    info = DTYPES.get(dtype) if isinstance(dtype, str) else None
+    if info is None:
         raise ProtocolError(f"{path}: unknown tensor dtype {dtype!r}")
-    _check_shape(shape, path, max_ndim)
-    if "data" in entry:
+    if not isinstance(shape, list) or len(shape) > max_ndim:
+        raise ProtocolError(f"{path}: tensor shape must be a list of at most {max_ndim} ints")
+    expected = info[0]
+    for d in shape:
+        if type(d) is not int or d < 0:
+            raise ProtocolError(f"{path}: tensor shape {shape!r} must hold non-negative ints")
+        expected *= d
+    if inline:
         data = entry["data"]
         if not isinstance(data, bytes):
             raise ProtocolError(f"{path}: inline tensor data must be bytes")
         buf = memoryview(bytearray(data))  # writable, so as_torch() needs no copy later
     else:
         buf = _claim_frame(entry["frame"], frames, used, path)
-    expected = _numel(shape) * DTYPES[dtype][0]
     if buf.nbytes != expected:
         raise ProtocolError(
             f"{path}: {dtype}{shape} needs {expected} bytes but its data has {buf.nbytes}"
@@ -291,14 +300,6 @@ def _trusted(dtype: str, shape: tuple[int, ...], buf: memoryview) -> WireTensor:
     wt = object.__new__(WireTensor)
     object.__setattr__(wt, "__dict__", {"dtype": dtype, "shape": shape, "buffer": buf})
     return wt
-
-
-def _check_shape(shape: Any, path: str, max_ndim: int) -> None:
-    if not isinstance(shape, list) or len(shape) > max_ndim:
-        raise ProtocolError(f"{path}: tensor shape must be a list of at most {max_ndim} ints")
-    for d in shape:
-        if type(d) is not int or d < 0:
-            raise ProtocolError(f"{path}: tensor shape {shape!r} must hold non-negative ints")
 
 
 def _claim_frame(index: Any, frames: list[memoryview], used: list[bool], path: str) -> memoryview:

@@ -46,6 +46,8 @@ class WorkerConfig:
     model: str | None = None  # engine backend: HF directory, .gguf file or preset name
     dtype: str = "bfloat16"
     stage: int | None = None
+    curve_server_public: str | None = None  # CURVE to the coordinator: its server.key ...
+    curve_key: str | None = None  # ... and this worker's .key_secret (exegpt keys --workers)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -55,6 +57,9 @@ class WorkerConfig:
                              f"{self.stage!r}")
         if not self.coordinator.startswith(("ipc://", "tcp://", "inproc://")):
             raise ValueError(f"coordinator endpoint {self.coordinator!r} must be ipc:// or tcp://")
+        if bool(self.curve_server_public) != bool(self.curve_key):
+            raise ValueError("CURVE to the coordinator needs both --curve-coordinator-key "
+                             "(keys/server.key) and --curve-key (keys/workers/<w>.key_secret)")
         if self.role in ("decoder", "pipeline") and not self.kv_bind:
             raise ValueError(f"a {self.role} worker needs --kv-bind (where encoders send KV or "
                              "the previous stage sends hidden rows), e.g. "
@@ -107,6 +112,10 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
     add("--heartbeat-timeout", type=float, default=float(_env("HEARTBEAT_TIMEOUT", "5")),
         help="exit when the coordinator is silent this long")
     add("--startup-timeout", type=float, default=float(_env("STARTUP_TIMEOUT", "60")))
+    add("--curve-coordinator-key", default=_env("CURVE_COORDINATOR_KEY", "") or None,
+        help="the coordinator's public key (server.key) when its worker port uses CURVE")
+    add("--curve-key", default=_env("CURVE_KEY", "") or None,
+        help="this worker's key pair (.key_secret from `exegpt keys --workers N`)")
     add("--null-model", action="store_const", const="null", dest="backend",
         default=_env("BACKEND", ""), help="no math: real-sized KV, deterministic tokens")
     add("--model", default=_env("MODEL", "") or None,
@@ -148,4 +157,5 @@ def from_args(args: argparse.Namespace, role: str) -> WorkerConfig:
         stream_interval=getattr(args, "stream_interval", 1),
         publish_interval_ms=getattr(args, "publish_interval_ms", 1.0),
         stage=getattr(args, "stage", None),
+        curve_server_public=args.curve_coordinator_key, curve_key=args.curve_key,
     )

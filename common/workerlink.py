@@ -32,7 +32,7 @@ import zmq
 
 from common import protocol as P
 from common.errors import ProtocolError
-from common.sockets import bound_endpoint, make_socket
+from common.sockets import bound_endpoint, load_curve_client, make_socket
 from common.workerconfig import WorkerConfig
 
 _TO_COORDINATOR = b"C"
@@ -107,8 +107,10 @@ class WorkerLink:
 
     # ---- sockets --------------------------------------------------------------------------
     def _make_coordinator_socket(self) -> zmq.Socket:
+        curve = (load_curve_client(self.cfg.curve_key, self.cfg.curve_server_public)
+                 if self.cfg.curve_key and self.cfg.curve_server_public else None)
         return make_socket(self._ctx, "DEALER", connect=self.cfg.coordinator,
-                           identity=self.cfg.worker_id, hwm=COORDINATOR_HWM)
+                           identity=self.cfg.worker_id, hwm=COORDINATOR_HWM, curve_client=curve)
 
     def _bind_kv(self) -> zmq.Socket:
         assert self.cfg.kv_bind is not None

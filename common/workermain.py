@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -36,6 +37,10 @@ def run_worker(cfg: WorkerConfig, make_loop: Callable[[WorkerLink, P.Assign, Any
         assign = link.start()
         log.info("assigned", assigned_role=assign.role, peers=len(assign.peers))
         loop = make_loop(link, assign, log)
+        # Startup (imports, weights) leaves a full collection pending that would otherwise
+        # land in the first requests (0.3-0.5 s measured); do it now and exempt what is left.
+        gc.collect()
+        gc.freeze()
         link.ready({"pid": os.getpid(), "backend": cfg.backend})
         log.info("ready", kv_endpoint=link.kv_endpoint)
         code = int(loop.run())

@@ -268,6 +268,9 @@ class Adapter:
                      "predicted_new": _pred(new), **cost}
             self.switches.append(event)
             self.log.info("plan_switch", **event, plan=new.to_dict())
+            metrics = getattr(self.co, "metrics", None)
+            if metrics is not None:  # stats compare with the new plan's predictions from now
+                metrics.set_plan(new.to_dict(), event)
         self._rebase(now, pending["spec"])
 
     def _rebase(self, now: float, spec: str | None = None) -> None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from common import protocol as P
-from common.errors import ProtocolError, WorkerLost, error_from_code
+from common.errors import ProtocolError, error_from_code
 from common.procs import write_status
 from coordinator.registry import PIPELINE_ROLE, ROLES, Registry, WorkerInfo, WorkerState
 from coordinator.requests import Request
@@ -75,11 +75,13 @@ class Membership:
             self.co.table.dequeue(request)
             request.start_encode(encoder.worker_id, decoder.worker_id)
             decoder.num_active += 1
+            prompt, max_new, offset = request.rerun_input()
             items.append(P.EncodeRequest(
-                req_id=request.req_id, prompt_ids=request.prompt, sampling=request.sampling,
-                max_new_tokens=request.max_new_tokens, decoder_id=decoder.worker_id,
+                req_id=request.wire_id, prompt_ids=prompt, sampling=request.sampling,
+                max_new_tokens=max_new, decoder_id=decoder.worker_id,
                 lifecycle=P.Lifecycle(t_arrival=request.times.t_arrival,
-                                      t_queued=request.times.t_queued)))
+                                      t_queued=request.times.t_queued),
+                output_offset=offset))
         encoder.batches_sent += 1
         encoder.outstanding_batches += 1
         encoder.num_active = encoder.outstanding_batches
@@ -92,10 +94,10 @@ class Membership:
         if decoder is not None:
             decoder.num_active = max(0, decoder.num_active - 1)
             if cancel:
-                self.send(decoder, P.Cancel(req_id=request.req_id, reason="released"))
+                self.send(decoder, P.Cancel(req_id=request.wire_id, reason="released"))
         encoder = self.registry.get(request.encoder) if request.encoder else None
         if encoder is not None and cancel and encoding:
-            self.send(encoder, P.Cancel(req_id=request.req_id, reason="released"))
+            self.send(encoder, P.Cancel(req_id=request.wire_id, reason="released"))
 
     def shutdown_all(self, reason: str) -> None:
         for worker in self.registry:
@@ -230,8 +232,8 @@ class Membership:
     def on_worker_error(self, worker: WorkerInfo, msg: P.Error) -> None:
         self.log.warning("worker_error", worker=worker.worker_id, code=msg.code,
                          req_id=msg.req_id, error=msg.message)
-        request = self.co.table.get(msg.req_id) if msg.req_id else None
-        if request is not None:
+        request = self.co.table.get_wire(msg.req_id) if msg.req_id else None
+        if request is not None and worker.worker_id in (request.encoder, request.decoder):
             self.co.fail(request, error_from_code(msg.code, f"{worker.worker_id}: "
                                                   f"{msg.message}", req_id=request.req_id))
 
@@ -246,15 +248,17 @@ class Membership:
             self.lose(worker, f"silent for {now - worker.last_seen:.1f} s")
 
     def lose(self, worker: WorkerInfo, why: str) -> None:
-        """Drop a worker (and its TP group): fail what it held, re-route the rest."""
+        """Drop a worker (and its TP group): re-run what it held elsewhere (or fail it when
+        no worker of its role is left), re-route the rest."""
+        held: list[tuple[str, Request]] = []
         for member in self.registry.group_of(worker):
             self.registry.remove(member.worker_id)
             self.log.error("worker_lost", worker=member.worker_id, worker_role=member.role,
                            why=why)
             write_status(self.cfg.ready_fd, "lost", worker=member.worker_id, why=why)
-            for request in self.co.table.held_by(member.worker_id):
-                self.co.fail(request, WorkerLost(f"worker {member.worker_id} was lost ({why})",
-                                                 req_id=request.req_id))
+            held += [(member.worker_id, r) for r in self.co.table.held_by(member.worker_id)]
+        for lost_id, request in held:  # after the whole group is gone: who is left to re-run
+            self.co.rerun_or_fail(request, lost_id, worker.role, why)
         if worker.role == "decoder":
             self._update_encoders()
         if worker.role == PIPELINE_ROLE and self.co.pipeline is not None:

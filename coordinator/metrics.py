@@ -105,6 +105,18 @@ class Metrics:
         self.failed: Counter[str] = Counter()
         self.t_first_arrival: float | None = None
         self.t_last_finish: float | None = None
+        self.plan_switches: deque[dict[str, Any]] = deque(maxlen=limits.recent)
+        self.t_plan: float | None = None  # when the served plan was switched (None: at start)
+
+    def set_plan(self, plan: dict[str, Any], switch: dict[str, Any] | None = None) -> None:
+        """The adapter switched the served plan (coordinator/adapt.py): from now on
+        ``vs_plan`` compares the requests that ARRIVED after the switch with the new plan's
+        predictions (the older ones were served, at least partly, with the old knobs);
+        ``switch`` (time, reason, old/new knobs, cost) is kept in ``plan_switches``."""
+        self.plan = plan
+        self.t_plan = self.clock() if switch is None else float(switch.get("t", self.clock()))
+        if switch is not None:
+            self.plan_switches.append(dict(switch))
 
     # ---- hooks ----------------------------------------------------------------------------
     def on_finish(self, request: Any, reason: str = "length") -> None:
@@ -222,12 +234,25 @@ class Metrics:
             out["plan"] = json_safe({k: self.plan.get(k) for k in (
                 "policy", "B_E", "B_D", "N_D", "B_m", "latency_bound_s", "sla", "workload",
                 "num_workers", "predicted", "workload_info")})
-            out["vs_plan"] = vs_plan(self.plan, overall, overall["encode_batches"]["mean"],
-                                     decode_batch_mean(overall["decode_batch"]))
+            out["vs_plan"] = self._vs_plan(records, overall)
+        out["plan_switches"] = json_safe(list(self.plan_switches))
         if include_requests:
             out["request_info"] = {r.req_id: {
                 "encoder": r.encoder, "decoder": r.decoder, "prompt_len": r.prompt_len,
                 "output_len": r.output_len, "reason": r.reason} for r in self._reported()}
+        return out
+
+    def _vs_plan(self, records: Frame, overall: dict[str, Any]) -> dict[str, Any]:
+        """Measured beside the plan's predictions; after a switch, only the requests that
+        arrived since (the batch means are the window's: they are not kept per request)."""
+        assert self.plan is not None
+        if self.t_plan is not None:
+            since = records.where(records.col("t_arrival") >= self.t_plan)
+            overall = {**overall, **request_summary(since)}
+        out = vs_plan(self.plan, overall, overall["encode_batches"]["mean"],
+                      decode_batch_mean(overall["decode_batch"]))
+        out["since"] = self.t_plan
+        out["requests"] = len(records) if self.t_plan is None else len(since)
         return out
 
     def lifecycles(self) -> dict[str, Lifecycle]:

@@ -259,9 +259,16 @@ class PipelineDriver:
                     f"{len(sent.req_ids)} request(s): {msg.error}", req_id=req_id))
 
     def describe(self) -> dict[str, Any]:
-        return {"policy": self.co.cfg.policy, "B": self.co.cfg.max_encode_batch,
-                "N_D": self.co.cfg.n_d, "stages": [list(r) for r in self.layout.layers],
-                "streams": [{"running": len(s.running), "busy": s.busy is not None}
+        """B and N_D are the live knobs (--adapt may have switched them since launch; every
+        stream gets the same), ``launch`` the flags the coordinator started with."""
+        live = self.streams[0].knobs if self.streams else None
+        return {"policy": self.co.cfg.policy,
+                "B": live.batch if live else self.co.cfg.max_encode_batch,
+                "N_D": live.n_d if live else self.co.cfg.n_d,
+                "launch": {"B": self.co.cfg.max_encode_batch, "N_D": self.co.cfg.n_d},
+                "stages": [list(r) for r in self.layout.layers],
+                "streams": [{"running": len(s.running), "busy": s.busy is not None,
+                             "B": s.knobs.batch, "N_D": s.knobs.n_d}
                             for s in self.streams], **self.counters}
 
 

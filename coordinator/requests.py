@@ -8,7 +8,10 @@ Request state machine (the coordinator owns it; workers only ever see a request'
                            |                                    |                  last token
                            |                                    |                          v
                            +---- cancel / deadline / worker lost / shutdown ------------> DONE
-                                 (answered with an Error, or Cancelled)        (Result sent)
+                           ^     (answered with an Error, or Cancelled)        (Result sent)
+                           |                                    |                          |
+                           +------ worker lost, another of its role remains: re-run -------+
+                                   (prompt + tokens streamed so far, the rest of the output)
 
 Every transition stamps a lifecycle time (``time.time()`` clock): arrival and queued at admit,
 encode start/end and KV sent from the encoder (relayed by the decoder), KV received, first
@@ -19,6 +22,7 @@ and :meth:`Request.fail` move it to DONE and the table forgets it.
 from __future__ import annotations
 
 import enum
+import hashlib
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -85,6 +89,27 @@ class Request:
     tokens: list[int] = field(default_factory=list)
     times: Timestamps = field(default_factory=Timestamps)
     text_prompt: bool = False  # submitted as text: the Result carries the output as text
+    attempt: int = 0  # re-runs after a worker loss (0: the first run)
+
+    @property
+    def wire_id(self) -> str:
+        """The id workers know this run by. A re-run gets a new one, so whatever the old run
+        left behind (late tokens, errors, an encoder's cancel tombstone) cannot touch it."""
+        if self.attempt == 0:
+            return self.req_id
+        stem = self.req_id if len(self.req_id) <= 240 else hashlib.sha1(
+            self.req_id.encode()).hexdigest()
+        return f"{stem}~rerun{self.attempt}"
+
+    def rerun_input(self) -> tuple[tuple[int, ...], int, int]:
+        """(prompt ids, max new tokens, output offset) of the next run: the prompt plus every
+        token the client already has, and only the tokens still owed."""
+        done = len(self.tokens)
+        return self.prompt + tuple(self.tokens), self.max_new_tokens - done, done
+
+    def reset_for_rerun(self) -> None:
+        self.state, self.encoder, self.decoder = State.QUEUED, None, None
+        self.attempt += 1
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -125,6 +150,7 @@ class RequestTable:
         self._by_id: dict[str, Request] = {}
         self._queue: dict[str, None] = {}  # insertion-ordered set of QUEUED req_ids
         self._per_client: Counter[bytes] = Counter()  # requests in flight per client
+        self._wire: dict[str, str] = {}  # wire_id -> req_id of re-runs (attempt > 0)
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -165,6 +191,18 @@ class RequestTable:
             out.append(self._by_id[req_id])
         return out
 
+    def get_wire(self, wire_id: str) -> Request | None:
+        """The request a worker's message is about, only if it names the current run."""
+        request = self._by_id.get(self._wire.get(wire_id, wire_id))
+        return request if request is not None and request.wire_id == wire_id else None
+
+    def requeue(self, request: Request) -> None:
+        """Put a request whose worker was lost back at the head of the queue, as a new run."""
+        self._wire.pop(request.wire_id, None)
+        request.reset_for_rerun()
+        self._wire[request.wire_id] = request.req_id
+        self._queue = {request.req_id: None, **self._queue}
+
     def dequeue(self, request: Request) -> None:
         self._queue.pop(request.req_id, None)
 
@@ -172,6 +210,7 @@ class RequestTable:
         self._queue.pop(req_id, None)
         request = self._by_id.pop(req_id, None)
         if request is not None:
+            self._wire.pop(request.wire_id, None)
             left = self._per_client[request.client] - 1
             if left > 0:
                 self._per_client[request.client] = left

@@ -38,6 +38,7 @@ from common.errors import (
     ShuttingDown,
     Timeout,
     Unavailable,
+    WorkerLost,
 )
 from common.models.config import ModelConfig
 from common.procs import write_status
@@ -54,6 +55,7 @@ from coordinator.requests import Request, RequestTable, State
 
 DRAIN_BUDGET = 4096  # messages per socket per pump, at most ...
 PUMP_BUDGET_S = 0.02  # ... and this much time, before yielding to tick()
+MAX_RERUNS = 3  # a request whose workers keep dying (a poison request?) fails after this
 WORKER_RCVHWM = 100  # per worker: a decoder running ahead blocks (and coalesces) on its side
 # a client message is a type byte and a body (<= 16 MiB, Limits.max_body_bytes); libzmq drops
 # a peer that sends more than this before the coordinator allocates it
@@ -325,7 +327,7 @@ class Coordinator:
 
     def on_tokens(self, update: P.TokenUpdate, now: float) -> bool:
         """Relay one decoder update; False when the request is unknown (tell the decoder)."""
-        request = self.table.get(update.req_id)
+        request = self.table.get_wire(update.req_id)  # a stale run's id resolves to nothing
         if request is None:
             return False
         request.times.take(update.lifecycle)
@@ -363,6 +365,27 @@ class Coordinator:
             self.adapter.observe_finish(request, exact=False)
         self.log.info("request_failed", req_id=request.req_id, code=exc.code, error=exc.message)
         self.relay.error(request, exc)
+
+    def rerun_or_fail(self, request: Request, lost: str, role: str, why: str) -> None:
+        """A worker holding ``request`` died: run it again from its prompt plus the tokens
+        the client already has (the stream continues at the next index, nothing twice), or
+        answer WorkerLost when no worker of that role is left or it was re-run too often."""
+        if request.state is State.DONE:
+            return
+        left = bool(self.members.ready(role))
+        if role not in ("encoder", "decoder") or not left or request.attempt >= MAX_RERUNS:
+            reason = ("pipeline stages do not re-run requests" if role not in ("encoder",
+                                                                             "decoder")
+                      else f"no {role} worker remains" if not left
+                      else f"re-run {request.attempt} times already")
+            self.fail(request, WorkerLost(f"worker {lost} was lost ({why}); {reason}",
+                                          req_id=request.req_id))
+            return
+        self.members.release(request, cancel=True, encoding=request.state is State.ENCODING)
+        self.table.requeue(request)
+        self.counters["rerun"] = self.counters.get("rerun", 0) + 1
+        self.log.warning("request_rerun", req_id=request.req_id, lost=lost,
+                         tokens_kept=len(request.tokens), attempt=request.attempt)
 
     def fail_queued_unavailable(self) -> None:
         missing = self.members.missing_roles()

@@ -102,7 +102,8 @@ class EncoderLoop:
         t_start = time.time()
         try:
             encoded = self.backend.encode([EncodeItem(r.req_id, r.prompt_ids, r.max_new_tokens,
-                                                      r.sampling) for r in todo])
+                                                      r.sampling, r.output_offset)
+                                           for r in todo])
         except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not us
             self.log.exception("encode_failed", batch_id=batch.batch_id)
             for r in todo:

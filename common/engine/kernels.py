@@ -1,9 +1,14 @@
 """Attention and linear kernels chosen for decode speed on CPUs (see cpu-performance-notes.md).
 
-Why not just ``F.linear`` and SDPA everywhere: at one token per step (M=1) the oneDNN bf16 GEMM
-reads weights at half the memory bandwidth of torch's native kernel, while for M >= 8 oneDNN
-wins; and CPU SDPA is slow for ragged decode batches, where two batched matmuls over the
-preallocated cache (GQA query heads grouped under their KV head) are about twice as fast.
+Linears: bf16 weights keep a oneDNN-prepacked copy for decode-sized inputs (faster than both the
+plain oneDNN call and torch's native kernel at 1-32 rows on this CPU).
+
+Decode attention of the decoder-only families is SDPA over zero-copy views of the cache
+(``[B, Hkv, L, D]`` slices of a ``[slots, Hkv, capacity, D]`` buffer, GQA through
+``enable_gqa``): the CPU flash kernel reads the strided rows in place, whereas two batched
+matmuls over the same views made ``bmm`` copy K and V into contiguous tensors every layer (2-3x
+slower at batch 8-32). T5 keeps the matmul form (``decode_attention``) for its additive
+relative-position bias in float32.
 """
 
 from __future__ import annotations
@@ -89,6 +94,19 @@ def grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         scores = scores.add_(bias)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
     return torch.matmul(probs, v).view(b, num_q, d)
+
+
+def sdpa_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """One query token per sequence against its cached keys, through SDPA.
+
+    q: [B, Hq, D] (may be a strided view); k, v: [B, Hkv, L, D] views of the cache with unit
+    stride over D (Hq a multiple of Hkv: GQA); bias: additive [B, 1, 1, L] in q's dtype
+    (``mask_bias``) or None when every sequence has length L. Returns [B, Hq, D]."""
+    b, num_q, d = q.shape
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=bias, scale=scale,
+                                         enable_gqa=num_q != k.shape[1])
+    return out.view(b, num_q, d)
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

@@ -82,7 +82,7 @@ class DecoderOnlyStage(nn.Module):
         h0, h1 = kv_head_range(cfg.kv_heads, cfg.num_heads, tp)
         self.cache = KVCache(layer_start=first, layer_end=last, head_start=h0, head_end=h1,
                              num_kv_heads=cfg.kv_heads, head_dim=cfg.head_dim, dtype=dtype,
-                             device=device)
+                             device=device, transposed_names=())  # SDPA reads [L, D] rows
 
     def _layer(self, index: int) -> DecoderLayer:
         cfg, lay, args = self.cfg, self.layout, (self.tp, self.dtype, self.device)

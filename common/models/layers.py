@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.engine.kernels import (
-    grouped_decode_attention,
     length_mask,
     mask_bias,
     prefill_attention,
+    sdpa_decode_attention,
 )
 from common.engine.kv_cache import CacheBatch, KVCache
 from common.engine.tp import (
@@ -216,7 +216,7 @@ class Attention(nn.Module):
         length = ctx.batch.max_len + 1
         keys = ctx.cache.view(self.layer, "k", ctx.batch, length)
         values = ctx.cache.view(self.layer, "v", ctx.batch, length)
-        return grouped_decode_attention(q, keys, values, ctx.score_bias, self.scale)
+        return sdpa_decode_attention(q, keys, values, ctx.score_bias, self.scale)
 
 
 class DecoderLayer(nn.Module):

@@ -2,8 +2,11 @@
 bottom 10%, 30% and 70% of its latencies, plus no bound.
 
 ``auto`` measures the baseline on the mesh (a few batch sizes: each is a mesh run); the
-``predicted`` mode takes the planner's static latencies and runs nothing. Both use the SLA-(b)
-latency, the number every policy is then held to, and both stop at the largest batch the K
+``predicted`` mode takes the planner's static latencies and runs nothing. The baseline's
+latency is its maximum-length latency (measured: the slowest request of the run, encode start
+to last token), the paper's rule for systems without early termination and the planner's for
+static plans: bounds from the static p99-length latency would be ones no static plan can be
+planned for. Both modes stop at the largest batch the K
 requests fill twice on every stream: the paper's grid (steps of 4 up to 512) sizes bounds for
 batches a K-request run never forms, and a plan for such a bound never reaches its steady
 state here.

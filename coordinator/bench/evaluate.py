@@ -100,7 +100,7 @@ class Evaluation:
                                         self.cfg.workers,
                                         B.batch_cap(self.cfg.workers, self.cfg.requests))
             return {"mode": mode, "bounds": B.percentile_bounds([lat for _, lat in pts]),
-                    "baseline": [{"batch": b, "latency_p99len_s": lat} for b, lat in pts]}
+                    "baseline": [{"batch": b, "latency_s": lat} for b, lat in pts]}
         return self._measured_bounds()
 
     def _measured_bounds(self) -> dict[str, Any]:
@@ -112,20 +112,21 @@ class Evaluation:
         for b in batches:
             plan = static_plan(b, self.setup.workload, self.setup.profile, self.cfg.workers)
             if plan is None:
-                baseline.append({"batch": b, "latency_p99len_s": None, "note": "out of memory"})
+                baseline.append({"batch": b, "latency_s": None, "note": "out of memory"})
                 continue
             reqs = draw_requests(self.setup.workload, B.bound_runs_requests(b, self.cfg.workers),
                                  self.cfg.seed + 1000 + b, self.setup.target.vocab_size,
                                  max_context=self.setup.model_config.max_position)
             run, _ = self._run(plan, f"baseline-static-B{b}", reqs)
             m = self._measured(run, None)
-            baseline.append({"batch": b, "latency_p99len_s": m.get("latency_p99len_s"),
+            baseline.append({"batch": b, "latency_s": m.get("latency_max_s"),
+                             "latency_p99len_s": m.get("latency_p99len_s"),
                              "throughput_seq_s": m.get("throughput_seq_s"),
                              "tpot_s": m.get("tpot_s"), "load_avg_1min": run.load_avg,
                              "predicted_latency_p99len_s": plan.predicted["latency_p99len_s"],
                              "predicted_tpot_s": plan.predicted["tpot_s"]})
             self.progress.step()
-        lats = [x["latency_p99len_s"] for x in baseline if x["latency_p99len_s"] is not None]
+        lats = [x["latency_s"] for x in baseline if x.get("latency_s") is not None]
         out = {"mode": "auto", "bounds": B.percentile_bounds(lats), "baseline": baseline}
         return out | {"calibration": self._calibrate(baseline)}
 
@@ -157,7 +158,8 @@ class Evaluation:
                              "worker_groups": [asdict(g) for g in plan.worker_groups]},
                     "predicted": {k: plan.predicted.get(k) for k in PREDICTED},
                     "in_flight": in_flight(plan)}
-            if 2 * row["in_flight"] > len(s.requests):
+            row["fills"] = 2 * row["in_flight"] <= len(s.requests)
+            if not row["fills"]:
                 row["note"] = (row["note"] + "; " if row["note"] else "") + (
                     f"K={len(s.requests)} < 2 x the {row['in_flight']:.0f} requests this plan "
                     "keeps in flight: the run is mostly fill and drain, not steady state")

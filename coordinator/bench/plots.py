@@ -69,7 +69,7 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> Path:
     for ax, key, unit in ((axes[0], "throughput_seq_s", "seq/s"),
                           (axes[1], "latency_p99len_s", "s")):
         pts = [((r.get("predicted") or {}).get(key), (r.get("measured") or {}).get(key),
-                r["policy"]) for r in rows if r.get("measured")]
+                r["policy"]) for r in rows if r.get("measured") and r.get("fills")]
         pts = [(p, m, pol) for p, m, pol in pts if p is not None and m is not None
                and math.isfinite(p)]
         for pol in dict.fromkeys(p[2] for p in pts):
@@ -82,7 +82,7 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> Path:
             ax.set_ylim(0, hi)
         ax.set_xlabel(f"predicted ({unit})")
         ax.set_ylabel(f"measured ({unit})")
-        ax.set_title(key.replace("_", " "))
+        ax.set_title(f"{key} (plans the K requests fill)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return _save(fig, path)
@@ -133,14 +133,17 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def write_all(results: dict[str, Any], out: Path) -> list[Path]:
-    """Every plot of ``results`` into ``out``; the timeline of exegpt's loosest-bound run."""
+    """Every plot of ``results`` into ``out``; the timeline of exegpt's run at the loosest
+    finite bound (the no-bound plan's batches are larger than any K-request run)."""
     import json
 
     rows = results["rows"]
     paths = [plot_throughput(rows, out / "throughput_vs_bound.png"),
              plot_accuracy(rows, out / "predicted_vs_measured.png")]
     runs = [r for r in rows if r.get("records")]
-    pick = next((r for r in reversed(runs) if r["policy"] == "exegpt"), runs[-1] if runs else None)
+    mine = [r for r in runs if r["policy"] == "exegpt"]
+    finite = [r for r in mine if r["bound_s"] is not None]
+    pick = (finite or mine or runs or [None])[-1]
     if pick is not None:
         data = json.loads((out / pick["records"]).read_text())
         records = [RequestRecord.from_dict(d) for d in data["repeats"][0]]

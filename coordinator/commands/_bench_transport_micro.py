@@ -24,10 +24,11 @@ from typing import Any
 STEPS = ("build", "encode", "decode", "copy", "raw copy")
 
 
-def _kv_message(tensors: dict[str, Any], i: int) -> Any:
+def _kv_message(tensors: dict[str, Any], seq_len: int, i: int) -> Any:
+    """The message the bench's sender builds per send (seq_len known, as an encoder's)."""
     from common import protocol as P
 
-    kv = P.KVPayload(f"r{i}", tensors["k"].shape[2], 0, 4, 0, 2, 2, tensors)
+    kv = P.KVPayload(f"r{i}", seq_len, 0, 4, 0, 2, 2, tensors)
     return P.KVHandoff(f"r{i}", "bench", 1, kv.seq_len, 16, P.Sampling(), kv)
 
 
@@ -67,7 +68,8 @@ def micro_costs(tensors: dict[str, Any], repeats: int = 7, count: int = 100,
     from common import protocol as P
     from common.tensormem import copy_bytes_into
 
-    msg = _kv_message(tensors, 0)
+    seq_len = int(tensors["k"].shape[2])
+    msg = _kv_message(tensors, seq_len, 0)
     frames = _received(P.encode(msg))
     decoded = P.decode(frames)
     dst = {n: torch.empty(t.shape, dtype=t.dtype) for n, t in tensors.items()}
@@ -79,7 +81,7 @@ def micro_costs(tensors: dict[str, Any], repeats: int = 7, count: int = 100,
             wt.copy_into(dst[name])
 
     steps: dict[str, Callable[[], Any]] = {
-        "build": lambda: _kv_message(tensors, 1),
+        "build": lambda: _kv_message(tensors, seq_len, 1),
         "encode": lambda: P.encode(msg),
         "decode": lambda: P.decode(frames),
         "copy": copy,

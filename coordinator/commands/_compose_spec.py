@@ -31,6 +31,7 @@ TP_INIT_PORT = 29500  # rank 0 of a TP group hosts the group's gloo rendezvous
 PLAN_IN_CONTAINER = "/etc/exegpt/plan.json"
 RUNS_IN_CONTAINER = "/runs"
 MODELS_IN_CONTAINER = "/models"
+KEYS_IN_CONTAINER = "/keys"
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class ComposeOptions:
     client_port: int = CLIENT_PORT
     null_model: bool = False
     dtype: str = "bfloat16"
+    curve_dir: str | None = None  # `exegpt keys --dir`: the client port then requires CURVE
 
     def __post_init__(self) -> None:
         if not 0 < self.client_port < 65536:
@@ -196,6 +198,10 @@ def _coordinator(plan: Any, opts: ComposeOptions, flags: set[str], units: list[W
         cmd += ["--tokenizer", f"{MODELS_IN_CONTAINER}/{opts.model_file}"]
     if not opts.null_model:
         service["volumes"].append(f"{opts.models_dir}:{MODELS_IN_CONTAINER}:ro")
+    if opts.curve_dir is not None:  # the server pair and the allow-list, read-only
+        cmd += ["--curve-server-key", f"{KEYS_IN_CONTAINER}/server.key_secret",
+                "--curve-allow", f"{KEYS_IN_CONTAINER}/allow"]
+        service["volumes"].append(f"{opts.curve_dir}:{KEYS_IN_CONTAINER}:ro")
     _check(cmd, flags, "python -m coordinator")
     service.update(command=cmd, ports=[f"{opts.client_port}:{CLIENT_PORT}"],
                    stop_grace_period="20s")

@@ -152,10 +152,11 @@ def _send_cells(
     gc.collect()  # as in the receiver: startup garbage is not charged to whichever cell runs
     for cell in cells:
         tensors, raw = payloads[cell.size_bytes], raws[cell.size_bytes]
+        seq_len = int(tensors["k"].shape[2])  # an encoder knows it (KVExport.seq_len)
         t0, cpu0 = time.perf_counter(), time.process_time()
         for i in range(cell.count):
             if cell.mode == "protocol":
-                kv = P.KVPayload(f"r{i}", tensors["k"].shape[2], 0, 4, 0, 2, 2, tensors)
+                kv = P.KVPayload(f"r{i}", seq_len, 0, 4, 0, 2, 2, tensors)
                 sock.send_multipart(P.encode(P.KVHandoff(
                     f"r{i}", "bench", 1, kv.seq_len, 16, P.Sampling(), kv)), copy=False)
             else:

@@ -41,6 +41,9 @@ def register(subparsers: Any) -> None:
                    help="compute dtype of the real model")
     p.add_argument("--client-port", type=int, default=5555, help="published client port")
     p.add_argument("--image", default="exegpt:latest", help="image the services run")
+    p.add_argument("--curve-dir", default=None,
+                   help="keys directory from `exegpt keys` (mounted read-only at /keys): "
+                        "the client port then admits only CURVE clients on its allow-list")
     p.set_defaults(func=run)
 
 
@@ -57,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         plan = Plan.from_json(args.plan.read_text())
         opts = ComposeOptions(image=args.image, plan_file=_relative_plan(args),
                               model_file=args.model_file, client_port=args.client_port,
-                              null_model=args.null_model, dtype=args.dtype)
+                              null_model=args.null_model, dtype=args.dtype,
+                              curve_dir=args.curve_dir)
         data = compose_dict(plan, opts)
         if "--model-config" in data["services"].get("coordinator", {}).get("command", []):
             _write_model_config(plan, opts, _out_dir(args))

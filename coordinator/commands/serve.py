@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from common.logs import new_run_id
 from common.models.config import ModelConfig
 
 
@@ -35,6 +36,14 @@ def register(subparsers: Any) -> None:
                         "(`exegpt plan --help`) from this machine's cached (else measured) "
                         "profile, then serve the plan")
     p.add_argument("--latency-bound", type=float, default=None, help="seconds (auto plan)")
+    p.add_argument("--profile", default=None,
+                   help="the profile the plan was made from (JSON, or analytic:GPU:MODEL): "
+                        "--adapt re-plans with it (an auto plan: the cached profile)")
+    p.add_argument("--adapt", action="store_true",
+                   help="watch the served lengths; on drift re-plan in the background and "
+                        "switch the plan's knobs live (needs a plan; docs/adaptation.md)")
+    p.add_argument("--adapt-options", default=None,
+                   help="drift thresholds key=value,... (e.g. window=128,min_dwell_s=5)")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (auto plan; default 2, or 1 on a 1-core machine)")
     p.add_argument("--policy", default="waa", choices=SERVE_POLICIES,
@@ -93,13 +102,22 @@ def spec_from_args(args: argparse.Namespace) -> Any:
     if not args.null_model:
         model = model_fields(args.model)
     plan = load_plan(args, model.get("model_config"))
+    if plan is None and (args.adapt or args.profile or args.adapt_options):
+        raise ValueError("--adapt, --adapt-options and --profile need a plan (--plan FILE, or "
+                         "--workload/--latency-bound for an auto plan)")
     if plan is not None:
         from coordinator.plan_launch import plan_fields
 
         fields = plan_fields(plan, null_model=args.null_model,
                              decoder_capacity=args.decoder_capacity)
+        run_id = new_run_id()
+        plan_file = plan_path(args, plan, run_id)
         return LaunchSpec(**model, **fields, dtype=args.dtype, runs_path=args.runs_dir,
-                          plan_file=str(args.plan.resolve()) if args.plan else None,  # stats
+                          run_id=run_id, plan_file=plan_file,  # stats compare with it
+                          coordinator_args=adapt_flags(args),
+                          encode_cost_ms=args.encode_cost_ms,
+                          encode_cost_ms_per_token=args.encode_cost_ms_per_token,
+                          decode_cost_ms=args.decode_cost_ms,
                           transport=args.transport, client_endpoint=args.endpoint,
                           host=args.host, model_shape=args.model_shape,
                           publish_interval_ms=args.publish_interval_ms,
@@ -124,6 +142,40 @@ def spec_from_args(args: argparse.Namespace) -> Any:
         decode_cost_ms=args.decode_cost_ms, publish_interval_ms=args.publish_interval_ms,
         heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_timeout_s=args.heartbeat_timeout, drain_timeout_s=args.drain_timeout)
+
+
+def plan_path(args: argparse.Namespace, plan: Any, run_id: str) -> str:
+    """The plan JSON the coordinator reads (stats, --adapt): --plan's file, or the auto plan
+    written into the run directory."""
+    if args.plan is not None:
+        return str(args.plan.resolve())
+    path = args.runs_dir / run_id / "plan.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(plan.to_json())
+    return str(path.resolve())
+
+
+def adapt_flags(args: argparse.Namespace) -> tuple[str, ...]:
+    """The coordinator's --profile / --adapt / --adapt-options (checked here, not after the
+    mesh started: a bad threshold or a missing profile is a usage error)."""
+    from coordinator.drift import DriftConfig
+
+    profile = args.profile
+    if profile is not None and not str(profile).startswith("analytic:"):
+        if not Path(profile).is_file():
+            raise ValueError(f"--profile {profile}: no such file (a profile JSON or "
+                             "analytic:GPU:MODEL)")
+        profile = str(Path(profile).resolve())
+    if args.adapt and profile is None:
+        raise ValueError("--adapt needs --profile (the profile the plan was made from; an "
+                         "auto plan passes its own)")
+    DriftConfig.parse(args.adapt_options)
+    flags = ("--profile", profile) if profile is not None else ()
+    if args.adapt:
+        flags += ("--adapt",)
+        if args.adapt_options:
+            flags += ("--adapt-options", args.adapt_options)
+    return flags
 
 
 def run(args: argparse.Namespace) -> int:
@@ -211,7 +263,10 @@ def auto_plan(args: argparse.Namespace, model_config: dict[str, Any]) -> Any:
     key = ProfileKey(label=Path(args.model).stem or "model", model=cfg, device="cpu",
                      dtype=args.dtype, torch_version=torch_version(), num_threads=1,
                      tp_sizes=(1,))
-    profile, _, _ = load_or_measure(key, say=lambda m: print(f"exegpt serve: {m}", flush=True))
+    profile, path, _ = load_or_measure(key, say=lambda m: print(f"exegpt serve: {m}",
+                                                                flush=True))
+    if args.profile is None:
+        args.profile = str(path)  # what --adapt re-plans with
     return make_plan(parse_workload(args.workload), profile, args.workers or default_workers(),
                      args.latency_bound, policy=args.policy)
 

@@ -56,6 +56,9 @@ def register(subparsers: Any) -> None:
                    help="client port (default %(default)d; 0 picks a free one)")
     p.add_argument("--null-model", action="store_true",
                    help="run the plan's mesh with the null model (no math; for trying the mesh)")
+    p.add_argument("--adapt", action="store_true",
+                   help="re-plan and switch the plan's knobs live when the served lengths drift "
+                        "from --workload (`exegpt serve --adapt`, docs/adaptation.md)")
     p.add_argument("--demo", action="store_true",
                    help="send a batch of real prompts, print answers and numbers, then exit")
     p.add_argument("--demo-requests", type=int, default=None,
@@ -179,10 +182,12 @@ def _profile(args: argparse.Namespace, model: Model) -> Any:
     from coordinator.planner.profile import Profile
 
     if args.profile is not None:
+        args.profile_path = Path(args.profile).resolve()  # --adapt re-plans from it
         return Profile.load(args.profile, model.cfg, args.dtype)
     key = ProfileKey(model.label, model.cfg, "cpu", args.dtype, torch_version(), args.threads,
                      valid_tp_sizes(model.cfg, args.workers))
     profile, path, _ = load_or_measure(key, say=say, quick=args.quick_profile)
+    args.profile_path = path
     say(f"profile: {path}")
     return profile
 
@@ -265,4 +270,6 @@ def _serve_argv(args: argparse.Namespace, plan: Any, plan_path: Path,
         argv += ["--model-shape", shape]
     if "--startup-timeout" in flags:
         argv += ["--startup-timeout", str(args.startup_timeout)]
+    if getattr(args, "adapt", False):
+        argv += ["--adapt", "--profile", str(args.profile_path)]
     return argv, endpoint

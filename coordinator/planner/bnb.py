@@ -57,12 +57,15 @@ class Problem:
     """One grid to search. ``objective`` (f alone) is used for bounds when it is cheaper than
     ``evaluate``; it must return exactly ``evaluate(x)[0]``. ``bound`` (optional) is an upper
     bound of f over the whole grid known without evaluating anything: the root then waits in
-    the heap with that bound, and is never costed if the incumbent gets there first."""
+    the heap with that bound, and is never costed if the incumbent gets there first.
+    ``g_floor`` (optional) never exceeds ``evaluate(x)[1]``: a point whose floor already
+    answers "is g above this threshold" is not evaluated at all."""
 
     axes: Sequence[Axis]
     evaluate: Evaluate
     objective: Objective | None = None
     bound: float = math.inf
+    g_floor: Objective | None = None  # a cheap lower bound of g (e.g. memory alone), or None
 
 
 class _State:
@@ -72,6 +75,7 @@ class _State:
         self.problem = problem
         self.full: dict[Point, tuple[float, float]] = {}
         self.f_only: dict[Point, float] = {}
+        self.floors: dict[Point, float] = {}
         self.best: Point | None = None
         self.best_f = float("-inf")
         self.f_dirs = [a.f_dir for a in problem.axes]
@@ -92,7 +96,19 @@ class _State:
             self.f_only[x] = self.problem.objective(x)
         return self.f_only[x]
 
+    def g_above(self, x: Point, threshold: float) -> bool:
+        """g(x) > threshold, from the floor when that settles it."""
+        floor = self.problem.g_floor
+        if floor is not None and x not in self.full:
+            if x not in self.floors:
+                self.floors[x] = floor(x)
+            if self.floors[x] > threshold:
+                return True
+        return self.ev(x)[1] > threshold
+
     def consider(self, x: Point) -> None:
+        if self.g_above(x, 1.0):
+            return
         f, g = self.ev(x)
         if g <= 1.0 and (f > self.best_f or (f == self.best_f and self.best is not None
                                              and x < self.best)):
@@ -147,13 +163,13 @@ def _process(st: _State, lo: Point, hi: Point, top: Point, eps_l: float, leaf_si
              ) -> list[tuple[Point, Point]]:
     """Cost a box whose exact bound is at the top of the heap; return the boxes to split into."""
     st.consider(top)
-    if st.ev(top)[1] <= 1.0:
+    if not st.g_above(top, 1.0):
         return []  # the box's best point is feasible
     low = _corner(lo, hi, st.g_min_dirs)
-    if st.ev(low)[1] > 1.0 + eps_l:
+    if st.g_above(low, 1.0 + eps_l):
         return []  # nothing in the box meets the bound
     st.consider(low)
-    if st.ev(_corner(lo, hi, st.g_max_dirs))[1] <= 1.0:
+    if not st.g_above(_corner(lo, hi, st.g_max_dirs), 1.0):
         return []
     volume = 1
     for a, b in zip(lo, hi, strict=True):

@@ -42,11 +42,19 @@ class Costs:
         if item is not None and item[0] is pipe and item[1] is stats:
             return item[2]
         out = []
+        model = self.profile.model
+        parts = self.__dict__.setdefault("_enc_parts", {})
         for st in pipe:
-            key = (st, batch, id(stats))
+            layers = st.num_enc if model.is_encoder_decoder else st.num_dec
+            key = (st.tp, layers, st.first, st.last, batch, id(stats))
             if key not in cache:
                 means, effs, weights = stats.encode_nodes(batch)
-                cache[key] = (float(weights @ self.encode_stage(st, batch, means, effs)), stats)
+                # one layer's costs per (tp, batch), shared by every stage shape
+                parts_key = (st.tp, batch, stats)  # stats itself: kept alive, id stays valid
+                if parts_key not in parts:
+                    parts[parts_key] = self._encode_parts(st.tp, batch, means, effs)
+                t = self._encode_total(parts[parts_key], layers, st.first, st.last)
+                cache[key] = (float(weights @ t), stats)
             out.append(cache[key][0])
         pipes[id(pipe), batch, id(stats)] = (pipe, stats, out)  # objects kept: ids stay valid
         return out
@@ -54,18 +62,37 @@ class Costs:
     def encode_stage(self, st: Stage, batch: float, mean_len: Any, eff_len: Any) -> Any:
         """One encode pass of ``batch`` ragged inputs through this stage's encode layers
         (``mean_len``/``eff_len`` may be arrays of scenarios: an array comes back)."""
-        p, model = self.profile, self.profile.model
-        layers = st.num_enc if model.is_encoder_decoder else st.num_dec
+        layers = st.num_enc if self.profile.model.is_encoder_decoder else st.num_dec
+        parts = self._encode_parts(st.tp, batch, mean_len, eff_len)
+        return self._encode_total(parts, layers, st.first, st.last)
+
+    def _encode_parts(self, tp: int, batch: float, mean_len: Any, eff_len: Any
+                      ) -> dict[str, Any]:
+        """One layer + its all-reduces, and (on first use, see ``_encode_total``) the
+        embedding, LM head and stage send: they depend on the TP degree and the batch, not
+        on the stage's layer count or position."""
+        p = self.profile
         tokens = batch * mean_len
-        per_layer = p.attn("enc", st.tp, batch, eff_len) + p.rest("enc", st.tp, tokens)
-        ar = 2 * p.op("allreduce", st.tp, tokens * self.hidden_bytes)
-        t = layers * (per_layer + ar)
-        if st.first:
-            t = t + p.op("embed", st.tp, tokens)
-        if st.last and not model.is_encoder_decoder:
-            t = t + p.op("lm_head", st.tp, batch)
-        if not st.last:
-            t = t + p.op("stage_send", 1, tokens * self.hidden_bytes)
+        per_layer = p.attn("enc", tp, batch, eff_len) + p.rest("enc", tp, tokens)
+        ar = 2 * p.op("allreduce", tp, tokens * self.hidden_bytes)
+        return {"layer": per_layer + ar, "args": (tp, batch, tokens)}
+
+    def _encode_total(self, parts: dict[str, Any], layers: int, first: bool, last: bool) -> Any:
+        p = self.profile
+        tp, batch, tokens = parts["args"]
+        t = layers * parts["layer"]
+        if first:
+            if "embed" not in parts:
+                parts["embed"] = p.op("embed", tp, tokens)
+            t = t + parts["embed"]
+        if last and not p.model.is_encoder_decoder:
+            if "lm_head" not in parts:
+                parts["lm_head"] = p.op("lm_head", tp, batch)
+            t = t + parts["lm_head"]
+        if not last:
+            if "send" not in parts:
+                parts["send"] = p.op("stage_send", 1, tokens * self.hidden_bytes)
+            t = t + parts["send"]
         return t if np.ndim(t) else float(t)
 
     def decode_stage(self, st: Stage, batch: np.ndarray | float, ctx: np.ndarray | float) -> Any:
@@ -175,6 +202,22 @@ class Costs:
             item = cache[id(pipe)] = (pipe, [self.weight_bytes(st) for st in pipe])
         return item[1]
 
+    def weighted_stages(self, pipe: Pipeline, distinct: bool = False
+                        ) -> list[tuple[Stage, float]]:
+        """(stage, weight bytes) for every stage, or (``distinct``) one per memory shape:
+        stages with the same weights, layer counts and tp hold the same memory, so a peak
+        over the distinct ones is the peak over all (memoised per pipeline object)."""
+        if not distinct:
+            return list(zip(pipe, self.pipeline_weights(pipe), strict=True))
+        cache = self.__dict__.setdefault("_distinct_weights", {})
+        item = cache.get(id(pipe))
+        if item is None or item[0] is not pipe:
+            seen: dict[tuple[float, int, int, int], tuple[Stage, float]] = {}
+            for st, w in zip(pipe, self.pipeline_weights(pipe), strict=True):
+                seen.setdefault((w, st.num_enc, st.num_dec, st.tp), (st, w))
+            item = cache[id(pipe)] = (pipe, list(seen.values()))
+        return item[1]
+
     def _weight_bytes(self, st: Stage) -> float:
         m, d = self.profile.model, self.profile.dtype_bytes
         params = st.num_dec * m.params_per_layer("decoder")
@@ -208,5 +251,8 @@ class Costs:
 
 def round_time(stage_times: list[np.ndarray], num_micro: int) -> np.ndarray:
     """Time for ``num_micro`` micro-batches to each pass every stage once (see module doc)."""
+    if all(isinstance(t, float) for t in stage_times):  # one step: the same sum, faster
+        flat = np.array(stage_times, np.float64)
+        return np.maximum(flat.sum(), num_micro * flat.max())
     stacked = np.stack([np.asarray(t, np.float64) for t in stage_times])
     return np.maximum(stacked.sum(axis=0), num_micro * stacked.max(axis=0))

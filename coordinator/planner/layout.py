@@ -50,14 +50,16 @@ def _split(total: int, weights: list[float]) -> list[int]:
     if total == 0:
         return [0] * len(weights)
     floor_min = 1 if total >= len(weights) else 0
-    share = [total * w / sum(weights) for w in weights]
+    weight_sum = sum(weights)
+    share = [total * w / weight_sum for w in weights]
     counts = [max(int(s), floor_min) for s in share]
-    while sum(counts) > total:
-        i = max(range(len(counts)), key=lambda k: counts[k] - share[k])
-        counts[i] -= 1
-    while sum(counts) < total:
-        i = max(range(len(counts)), key=lambda k: share[k] - counts[k])
-        counts[i] += 1
+    # one layer at a time from/to the stage furthest over/under its share (first on ties)
+    for _ in range(sum(counts) - total):
+        keys = [c - s for c, s in zip(counts, share, strict=True)]
+        counts[keys.index(max(keys))] -= 1
+    for _ in range(total - sum(counts)):
+        keys = [s - c for c, s in zip(counts, share, strict=True)]
+        counts[keys.index(max(keys))] += 1
     return counts
 
 

@@ -10,16 +10,107 @@ neither the handoff, the encoder-bound fixed point (a root-finding) nor the memo
 
 from __future__ import annotations
 
+import numpy as np
+
 from coordinator.planner.candidate import Candidate, WorkloadStats
 from coordinator.planner.costs import Costs
-from coordinator.planner.layout import build_pipeline, tp_stage_sizes
+from coordinator.planner.layout import Pipeline, build_pipeline, tp_stage_sizes
 from coordinator.planner.simulator import (
     _rra_cycle,
     expected_encode,
+    rra_core,
+    rra_cycle,
     simulate,
+    waa_core,
     waa_pipelines,
     waa_round,
+    waa_stage_times,
 )
+
+Score = tuple[float, float, float, bool]  # (throughput f, constraint g, latency, fits memory)
+
+
+def score(cand: Candidate, stats: WorkloadStats, costs: Costs, bound: float, sla: str) -> Score:
+    """(f, g, latency, fits) as the search sees ``simulate(cand)``: f = throughput, g =
+    max(latency / bound, peak memory / capacity), identical to computing them from the full
+    metrics, without the per-worker utilisation and memory lists (RRA and WAA)."""
+    if cand.policy == "rra":
+        tps = tp_stage_sizes(cand.num_workers, cand.tp, cand.num_tp_workers)
+        pipe = build_pipeline(costs.profile, tps, enc=True, dec=True)
+        core = None if pipe is None else rra_core(cand, stats, costs, pipe, True)
+    elif cand.policy.startswith("waa"):
+        pipes = waa_pipelines(cand, stats, costs)
+        core = None if pipes is None else waa_core(cand, stats, costs, pipes, True)
+    else:
+        m = simulate(cand, stats, costs)
+        peak = max(m.worker_mem_bytes) if m.worker_mem_bytes else 0.0
+        return _score(m.throughput_seq_s, m.latency(sla), peak, m.mem_capacity_bytes, bound,
+                      m.feasible)
+    if core is None:
+        return 0.0, float("inf"), float("inf"), False
+    peak = max(core.mem)
+    return _score(core.x, core.lat, peak, costs.capacity, bound, peak <= costs.capacity)
+
+
+def _score(x: float, lat: float, peak: float, capacity: float, bound: float, fits: bool
+           ) -> Score:
+    if x <= 0:
+        return 0.0, float("inf"), lat, fits
+    return x, max(lat / bound, peak / capacity), lat, fits
+
+
+def rra_memory_floor(cand: Candidate, stats: WorkloadStats, costs: Costs) -> float:
+    """Peak memory / capacity of an RRA candidate: g's memory term, the same number ``score``
+    takes the maximum of, so g >= it exactly. It needs no profile lookup (the decode batch
+    and context come from the length law alone), so memory-infeasible points cost nothing."""
+    tps = tp_stage_sizes(cand.num_workers, cand.tp, cand.num_tp_workers)
+    pipe = build_pipeline(costs.profile, tps, enc=True, dec=True)
+    if pipe is None:
+        return float("inf")
+    batch, ctx = rra_cycle(cand, stats)
+    peak_tokens = float(np.max(batch * ctx)) * len(pipe)
+    peak = max(w + costs.kv_bytes_held(st, peak_tokens)
+               for st, w in costs.weighted_stages(pipe, True))
+    return peak / costs.capacity
+
+
+def waa_memory_floor(cand: Candidate, stats: WorkloadStats, costs: Costs) -> float:
+    """A lower bound of a WAA candidate's peak memory / capacity (so of g) from its rates
+    alone: encoders hold at least one batch's KV (in flight >= 1); a decoder-bound decoder
+    holds B_E * E[S] sequences' KV, exactly as ``waa_core`` charges it; an encoder-bound one at
+    least its weights (its batch is a fixed point not worth solving for a bound)."""
+    rates = _waa_rates(cand, stats, costs)
+    if rates is None:
+        return float("inf")
+    (enc_pipe, dec_pipe), e_period, rnd = rates
+    in_flight = 1.0 * cand.B_E * stats.mean_in
+    peak = max(w + costs.encoder_kv_bytes(st, float(in_flight))
+               for st, w in costs.weighted_stages(enc_pipe, True))
+    dec_stages = costs.weighted_stages(dec_pipe, True)
+    if e_period <= rnd:
+        tokens = cand.B_E * stats.mean_s * (stats.in_decode_weighted + stats.mean_age)
+        peak = max(peak, max(w + costs.kv_bytes_held(st, tokens) for st, w in dec_stages))
+    else:
+        peak = max(peak, max(w for _, w in dec_stages))
+    return peak / costs.capacity
+
+
+def _waa_rates(cand: Candidate, stats: WorkloadStats, costs: Costs
+               ) -> tuple[tuple[Pipeline, Pipeline], float, float] | None:
+    """(pipelines, encoder period, decoder round at B_D = B_E E[S]), as ``waa_core`` computes
+    them; memoised (throughput and the memory floor both ask for the same candidates)."""
+    cache = costs.__dict__.setdefault("_waa_rates", {})
+    key = (cand, id(stats))
+    if key not in cache:
+        pipes = waa_pipelines(cand, stats, costs)
+        rates = None
+        if pipes is not None:
+            e_period = max(expected_encode(costs, pipes[0], cand.B_E, stats))
+            ctx = stats.in_decode_weighted + stats.mean_age
+            rates = (pipes, e_period,
+                     waa_round(costs, pipes[1], cand.B_E * stats.mean_s, ctx, cand.B_m))
+        cache[key] = (rates, stats)  # stats kept alive: its id stays valid
+    return cache[key][0]
 
 
 def throughput(cand: Candidate, stats: WorkloadStats, costs: Costs) -> float:
@@ -32,22 +123,28 @@ def throughput(cand: Candidate, stats: WorkloadStats, costs: Costs) -> float:
         cycle = _rra_cycle(cand, stats, costs, pipe)[-1]
         x = len(pipe) * cand.B_E / cycle
     elif cand.policy.startswith("waa"):
-        pipes = waa_pipelines(cand, stats, costs)
-        if pipes is None:
+        rates = _waa_rates(cand, stats, costs)
+        if rates is None:
             return 0.0
-        e_period = max(expected_encode(costs, pipes[0], cand.B_E, stats))
-        ctx = stats.in_decode_weighted + stats.mean_age
-        rnd = waa_round(costs, pipes[1], cand.B_E * stats.mean_s, ctx, cand.B_m)
+        _, e_period, rnd = rates
         x = cand.B_E / rnd if e_period <= rnd else cand.B_E / e_period
     else:
         x = simulate(cand, stats, costs).throughput_seq_s
     return x if x > 0 else 0.0
 
 
-def waa_encoder_bound(cand: Candidate, stats: WorkloadStats, costs: Costs) -> float:
-    """``B_E / encoder period``: WAA throughput never exceeds it, whatever B_m (the decoder
-    round only slows it down), so one value bounds every B_m of a (TP workers, split) run."""
+def waa_bound(cand: Candidate, max_micro: int, stats: WorkloadStats, costs: Costs) -> float:
+    """An upper bound of ``throughput`` for every B_m <= ``max_micro`` at ``cand``'s B_E,
+    TP workers and split: one value for a whole group of WAA runs, so that a group that
+    cannot reach the incumbent is never costed run by run.
+
+    Throughput is ``B_E / max(encoder period, decoder round)``; the round with m micro-batches
+    is at least the sum of the stage times at batch B_D / m, which (costs never fall with the
+    batch) is at least that sum at B_D / max_micro. The margin covers rounding."""
     pipes = waa_pipelines(cand, stats, costs)
     if pipes is None:
         return 0.0
-    return cand.B_E / max(expected_encode(costs, pipes[0], cand.B_E, stats))
+    e_period = max(expected_encode(costs, pipes[0], cand.B_E, stats))
+    ctx = stats.in_decode_weighted + stats.mean_age
+    stages = waa_stage_times(costs, pipes[1], cand.B_E * stats.mean_s, ctx, max_micro)
+    return cand.B_E / max(e_period, sum(stages)) * (1.0 + 1e-9)

@@ -23,9 +23,17 @@ from dataclasses import dataclass, field
 from coordinator.planner.bnb import Axis, Problem, branch_and_bound_many, exhaustive
 from coordinator.planner.candidate import Candidate, Metrics, WorkloadStats
 from coordinator.planner.costs import Costs
-from coordinator.planner.objective import throughput, waa_encoder_bound
+from coordinator.planner.objective import (
+    Score,
+    rra_memory_floor,
+    score,
+    throughput,
+    waa_bound,
+    waa_memory_floor,
+)
 from coordinator.planner.rra_table import batch_grid
-from coordinator.planner.simulator import nearest_split, simulate, waa_pipelines, waa_share
+from coordinator.planner.simulator import simulate, waa_pipelines
+from coordinator.planner.waa_split import nearest_split, waa_share
 
 EXEGPT_POLICIES = ("rra", "waa-c", "waa-m")
 # The paper's throughput tolerance: a box is dropped when its bound cannot beat its own
@@ -67,6 +75,7 @@ class _Run:
     bound: float
     sla: str
     cache: dict[Candidate, Metrics] = field(default_factory=dict)
+    scores: dict[Candidate, Score] = field(default_factory=dict)
     f_cache: dict[Candidate, float] = field(default_factory=dict)
 
     def metrics(self, cand: Candidate) -> Metrics:
@@ -75,23 +84,21 @@ class _Run:
         return self.cache[cand]
 
     def score(self, cand: Candidate) -> tuple[float, float]:
-        m = self.metrics(cand)
-        if m.throughput_seq_s <= 0:
-            return 0.0, float("inf")
-        mem = max(m.worker_mem_bytes) / m.mem_capacity_bytes if m.worker_mem_bytes else 0.0
-        return m.throughput_seq_s, max(m.latency(self.sla) / self.bound, mem)
+        if cand not in self.scores:
+            self.scores[cand] = score(cand, self.stats, self.costs, self.bound, self.sla)
+        return self.scores[cand][:2]
 
     def objective(self, cand: Candidate) -> float:
         """score(cand)[0] without the latency and memory (objective.py)."""
-        if cand in self.cache:
-            return self.score(cand)[0]
+        if cand in self.scores:
+            return self.scores[cand][0]
         if cand not in self.f_cache:
             self.f_cache[cand] = throughput(cand, self.stats, self.costs)
         return self.f_cache[cand]
 
     def evaluated(self) -> int:
         """Candidates costed, fully or for their throughput alone."""
-        return len(self.cache) + sum(1 for c in self.f_cache if c not in self.cache)
+        return len(self.scores) + sum(1 for c in self.f_cache if c not in self.scores)
 
     def tp_counts(self) -> list[int]:
         if self.tp == 1:
@@ -123,10 +130,9 @@ class _Run:
             segments = self._split_segments(batches, shares, k)
             micro = [self._max_micro(seg[0], k, eps_l) if prune else self.num_workers
                      for seg in segments]
-            tops = [waa_encoder_bound(Candidate(self.policy, self.num_workers, self.tp, k,
-                                                seg[-1]), self.stats, self.costs)
-                    if prune and m else float("inf") for seg, m in zip(segments, micro,
-                                                                       strict=True)]
+            tops = [waa_bound(Candidate(self.policy, self.num_workers, self.tp, k, seg[-1]),
+                              m, self.stats, self.costs) if prune and m else float("inf")
+                    for seg, m in zip(segments, micro, strict=True)]
             for b_m in range(1, self.num_workers):
                 for seg, max_m, top in zip(segments, micro, tops, strict=True):
                     if b_m <= max_m:
@@ -172,8 +178,15 @@ class _Run:
         return make
 
     def problem(self, axes: list[Axis], make: _Maker, bound: float) -> Problem:
+        floor_of = {"rra": rra_memory_floor, "waa-c": waa_memory_floor,
+                    "waa-m": waa_memory_floor}.get(self.policy)
+
+        def floor(x: tuple[int, ...]) -> float:
+            assert floor_of is not None
+            return floor_of(make(x), self.stats, self.costs)
         return Problem(axes, lambda x: self.score(make(x)),
-                       lambda x: self.objective(make(x)), bound)
+                       lambda x: self.objective(make(x)), bound,
+                       floor if floor_of is not None else None)
 
 
 def search(workload: WorkloadStats, costs: Costs, num_workers: int, latency_bound: float, *,
@@ -214,9 +227,9 @@ def search(workload: WorkloadStats, costs: Costs, num_workers: int, latency_boun
 
 
 def _record(out: SearchResult, key: str, run: _Run, picks: list[Candidate], sla: str) -> None:
-    for cand, m in run.cache.items():
-        if m.feasible and m.latency(sla) < out.tightest[0]:
-            out.tightest = (m.latency(sla), cand)
+    for cand, (_, _, lat, fits) in run.scores.items():
+        if fits and lat < out.tightest[0]:
+            out.tightest = (lat, cand)
     scored = [(run.metrics(c).throughput_seq_s, c) for c in picks]
     if not scored:
         out.per_run[key] = None

@@ -16,8 +16,8 @@ Saturated and offline, like the paper (arrivals are the discrete-event simulator
 
 from __future__ import annotations
 
-from bisect import bisect_left
-from functools import lru_cache
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy.optimize import brentq
@@ -32,6 +32,7 @@ from coordinator.planner.layout import (
 )
 from coordinator.planner.profile import Profile
 from coordinator.planner.rra_table import cycle_sums, decode_parts, step_batches
+from coordinator.planner.waa_split import nearest_split, waa_share, waa_split  # noqa: F401
 from coordinator.planner.workload import Workload
 
 
@@ -97,7 +98,21 @@ def _rra_cycle(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeli
     return batch, ctx, enc, dec, t_enc, t_dec, t_enc + float(t_dec.sum())
 
 
-def _rra(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline) -> Metrics:
+@dataclass
+class Core:
+    """What the search's score needs of a candidate (``objective.score``): throughput, the
+    p99-length latency (SLA-(a) = SLA-(b) for RRA and WAA) and each stage's memory, plus the
+    intermediate values the full metrics reuse."""
+
+    x: float
+    lat: float
+    mem: list[float]
+    parts: dict[str, Any]
+
+
+def rra_core(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline,
+             distinct: bool = False) -> Core:
+    """``distinct``: memory of one stage per memory shape only (enough for the peak)."""
     streams = len(pipe)
     batch, ctx, enc, dec, t_enc, t_dec, cycle = _rra_cycle(cand, stats, costs, pipe)
     tps = {st.tp for st in pipe}
@@ -109,14 +124,23 @@ def _rra(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline) ->
     offset = 1 + (s - 1) % cand.N_D
     lat = ((-(-s // cand.N_D) - 1) * (t_enc + float(t_alive.sum())) + t_enc
            + float(t_alive[:offset].sum()))
-    util = [streams * (e + float(d.sum())) / cycle for e, d in zip(enc, dec, strict=True)]
     peak_tokens = float(np.max(batch * ctx)) * streams
     mem = [w + costs.kv_bytes_held(st, peak_tokens)
-           for st, w in zip(pipe, costs.pipeline_weights(pipe), strict=True)]
-    return _finish(costs, stats, {"pipeline": pipe}, x=streams * cand.B_E / cycle, lat_b=lat,
-                   lat_a=lat, ttft=t_enc + float(t_dec[0]), tpot=cycle / cand.N_D,
-                   b_d=float(batch[0]), util=_per_worker(pipe, util),
-                   mem=_per_worker(pipe, mem), extra={"cycle_s": cycle, "t_encode_s": t_enc})
+           for st, w in costs.weighted_stages(pipe, distinct)]
+    return Core(streams * cand.B_E / cycle, lat, mem, {
+        "batch": batch, "enc": enc, "dec": dec, "t_enc": t_enc, "t_dec": t_dec, "cycle": cycle})
+
+
+def _rra(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline) -> Metrics:
+    streams = len(pipe)
+    core = rra_core(cand, stats, costs, pipe)
+    enc, dec, cycle, t_enc = (core.parts[k] for k in ("enc", "dec", "cycle", "t_enc"))
+    util = [streams * (e + float(d.sum())) / cycle for e, d in zip(enc, dec, strict=True)]
+    return _finish(costs, stats, {"pipeline": pipe}, x=core.x, lat_b=core.lat,
+                   lat_a=core.lat, ttft=t_enc + float(core.parts["t_dec"][0]),
+                   tpot=cycle / cand.N_D, b_d=float(core.parts["batch"][0]),
+                   util=_per_worker(pipe, util), mem=_per_worker(pipe, core.mem),
+                   extra={"cycle_s": cycle, "t_encode_s": t_enc})
 
 
 def _static(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline) -> Metrics:
@@ -158,60 +182,6 @@ def _continuous(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipel
 
 
 # ---- WAA ----------------------------------------------------------------------------------------
-def waa_share(cand: Candidate, stats: WorkloadStats, costs: Costs) -> float:
-    """Ideal encoder workers: WAA-C balances compute per encoded batch, WAA-M balances memory.
-    Depends only on the policy, B_E and the worker count (memoised: asked at every B_E of
-    every WAA run)."""
-    cache = costs.__dict__.setdefault("_waa_share", {})
-    key = (cand.policy, cand.B_E, cand.num_workers, id(stats))
-    if key not in cache:
-        cache[key] = (_waa_share(cand, stats, costs), stats)  # stats kept alive: id stays valid
-    return cache[key][0]
-
-
-def _waa_share(cand: Candidate, stats: WorkloadStats, costs: Costs) -> float:
-    whole = build_pipeline(costs.profile, [1], enc=True, dec=True)
-    assert whole is not None
-    st = whole[0]
-    b_d = cand.B_E * stats.mean_s
-    if cand.policy == "waa-c":
-        need_e = costs.encode_stage(st, cand.B_E, stats.mean_in, stats.eff_in)
-        ctx = np.array([stats.in_decode_weighted + stats.mean_age])
-        need_d = float(costs.decode_stage(st, np.array([b_d]), ctx)[0])  # one round per batch
-    else:
-        enc_tokens = cand.B_E * stats.mean_in
-        dec_tokens = b_d * (stats.in_decode_weighted + stats.mean_age)
-        weights = costs.weight_bytes(st)
-        enc_weights = weights if not costs.profile.model.is_encoder_decoder else weights / 2
-        need_e = enc_weights + costs.kv_bytes_held(st, enc_tokens)
-        need_d = weights + costs.kv_bytes_held(st, dec_tokens)
-    return cand.num_workers * need_e / (need_e + need_d)
-
-
-@lru_cache(maxsize=65536)
-def nearest_split(share: float, num_workers: int, tp: int, num_tp_workers: int) -> int:
-    """The split nearest the ideal share whose groups can hold the TP workers (0: none)."""
-    fits = _fitting_splits(num_workers, tp, num_tp_workers)
-    if not fits:
-        return 0
-    # fits is sorted: the nearest is one of the two around ``share`` (ties: the smaller)
-    i = bisect_left(fits, share)
-    near = fits[max(i - 1, 0):i + 1]
-    return min(near, key=lambda n: (abs(n - share), n))
-
-
-@lru_cache(maxsize=4096)
-def _fitting_splits(num_workers: int, tp: int, num_tp_workers: int) -> tuple[int, ...]:
-    """Encoder-group sizes whose two groups can hold the TP workers (pure; asked per B_E)."""
-    return tuple(n for n in range(1, num_workers) if split_tp_workers(
-        n, num_workers - n, tp, num_tp_workers) is not None)
-
-
-def waa_split(cand: Candidate, stats: WorkloadStats, costs: Costs) -> int:
-    share = waa_share(cand, stats, costs)
-    return nearest_split(share, cand.num_workers, cand.tp, cand.num_tp_workers)
-
-
 def waa_pipelines(cand: Candidate, stats: WorkloadStats, costs: Costs
                   ) -> tuple[Pipeline, Pipeline] | None:
     num_enc = waa_split(cand, stats, costs)
@@ -238,10 +208,9 @@ def waa_round(costs: Costs, pipe: Pipeline, b_d: float, ctx: float, num_micro: i
     return float(round_time(waa_stage_times(costs, pipe, b_d, ctx, num_micro), num_micro))
 
 
-def _waa(cand: Candidate, stats: WorkloadStats, costs: Costs) -> Metrics:
-    pipes = waa_pipelines(cand, stats, costs)
-    if pipes is None:
-        return infeasible("the TP workers or micro-batches do not fit this WAA split")
+def waa_core(cand: Candidate, stats: WorkloadStats, costs: Costs,
+             pipes: tuple[Pipeline, Pipeline], distinct: bool = False) -> Core:
+    """``distinct``: memory of one stage per memory shape only (enough for the peak)."""
     enc_pipe, dec_pipe = pipes
     enc = expected_encode(costs, enc_pipe, cand.B_E, stats)
     e_lat, e_period = sum(enc), max(enc)
@@ -263,17 +232,30 @@ def _waa(cand: Candidate, stats: WorkloadStats, costs: Costs) -> Metrics:
         rnd = waa_round(costs, dec_pipe, b_d, ctx, cand.B_m)
         pre = e_lat + hand + rnd / 2
     lat = pre + stats.s99 * rnd
-    util = [x / cand.B_E * e for e in enc] + [
-        cand.B_m * t / rnd for t in waa_stage_times(costs, dec_pipe, b_d, ctx, cand.B_m)]
     in_flight = max(1.0, np.ceil((e_lat + hand) / rnd)) * cand.B_E * stats.mean_in
     mem = [w + costs.encoder_kv_bytes(st, float(in_flight))
-           for st, w in zip(enc_pipe, costs.pipeline_weights(enc_pipe), strict=True)]
+           for st, w in costs.weighted_stages(enc_pipe, distinct)]
     mem += [w + costs.kv_bytes_held(st, b_d * ctx)
-            for st, w in zip(dec_pipe, costs.pipeline_weights(dec_pipe), strict=True)]
-    workers = _per_worker(enc_pipe, util[: len(enc_pipe)]) + _per_worker(
-        dec_pipe, util[len(enc_pipe):])
-    mems = _per_worker(enc_pipe, mem[: len(enc_pipe)]) + _per_worker(dec_pipe, mem[len(enc_pipe):])
-    return _finish(costs, stats, {"encoder": enc_pipe, "decoder": dec_pipe}, x=x, lat_b=lat,
-                   lat_a=lat, ttft=pre + rnd, tpot=rnd, b_d=b_d, util=workers, mem=mems,
-                   extra={"round_s": rnd, "encode_latency_s": e_lat, "handoff_s": hand,
-                          "encode_period_s": e_period})
+            for st, w in costs.weighted_stages(dec_pipe, distinct)]
+    return Core(x, lat, mem, {"enc": enc, "e_lat": e_lat, "e_period": e_period, "hand": hand,
+                              "ctx": ctx, "b_d": b_d, "rnd": rnd, "pre": pre})
+
+
+def _waa(cand: Candidate, stats: WorkloadStats, costs: Costs) -> Metrics:
+    pipes = waa_pipelines(cand, stats, costs)
+    if pipes is None:
+        return infeasible("the TP workers or micro-batches do not fit this WAA split")
+    enc_pipe, dec_pipe = pipes
+    core = waa_core(cand, stats, costs, pipes)
+    enc, ctx, b_d, rnd, pre = (core.parts[k] for k in ("enc", "ctx", "b_d", "rnd", "pre"))
+    util = [core.x / cand.B_E * e for e in enc] + [
+        cand.B_m * t / rnd for t in waa_stage_times(costs, dec_pipe, b_d, ctx, cand.B_m)]
+    n_enc, mem = len(enc_pipe), core.mem
+    workers = _per_worker(enc_pipe, util[:n_enc]) + _per_worker(dec_pipe, util[n_enc:])
+    mems = _per_worker(enc_pipe, mem[:n_enc]) + _per_worker(dec_pipe, mem[n_enc:])
+    return _finish(costs, stats, {"encoder": enc_pipe, "decoder": dec_pipe},
+                   x=core.x, lat_b=core.lat, lat_a=core.lat, ttft=pre + rnd, tpot=rnd, b_d=b_d,
+                   util=workers, mem=mems,
+                   extra={"round_s": rnd, "encode_latency_s": core.parts["e_lat"],
+                          "handoff_s": core.parts["hand"],
+                          "encode_period_s": core.parts["e_period"]})

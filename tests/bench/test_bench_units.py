@@ -120,6 +120,7 @@ def test_config_parsing_rejects_bad_input() -> None:
 
 def _row(bound: float | None, policy: str, thr: float, met: bool) -> dict:
     return {"bound_s": bound, "policy": policy, "note": "", "plan": {"policy": policy},
+            "fills": bound is not None,
             "predicted": {"throughput_seq_s": thr * 1.1},
             "measured": {"throughput_seq_s": thr, "bound_met": met},
             "error": {"throughput_seq_s": -0.1 / 1.1, "latency_p99len_s": None}}
@@ -135,6 +136,8 @@ def test_headline_does_not_count_misses_as_wins() -> None:
     assert h["mean_vs_static_met"] == pytest.approx(2.5)  # ... but not counted (2x, 3x)
     assert h["mean_vs_continuous_two_tightest_met"] == pytest.approx(2.0)
     assert h["misses"] == [1.0]
+    assert h["abs_error"]["throughput_seq_s"]["rows"] == 5  # the no-bound rows K cannot fill
+    assert h["abs_error"]["throughput_seq_s"]["mean"] == pytest.approx(0.1 / 1.1)
     results = {"meta": {"model": "m", "null_model": True, "dtype": "bfloat16",
                         "workload_description": "w", "requests": 4, "probes": 1,
                         "p99_output": 9, "profile": "p",

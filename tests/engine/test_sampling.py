@@ -73,3 +73,24 @@ def test_generation_stops_on_a_stop_token() -> None:
 def test_invalid_params_are_rejected(bad: dict) -> None:
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_first_argmax_matches_torch_argmax() -> None:
+    """The blocked argmax returns torch's indices: first maximum on ties, NaN as maximal,
+    vocabularies that are not a multiple of the block, float32 and bf16."""
+    import torch
+
+    from common.engine.sampling import first_argmax
+
+    gen = torch.Generator().manual_seed(0)
+    for vocab in (100, 2048, 3000, 49152, 50001):
+        for trial in range(6):
+            x = torch.randn(5, vocab, generator=gen)
+            if trial % 2 == 0:
+                x = x.round()  # many ties
+            if trial == 1:
+                x[:, -1] = 100.0  # max in the short tail block
+            if trial == 3:
+                x[0, 3] = x[0, vocab // 2] = float("nan")
+            for t in (x, x.bfloat16()):
+                assert torch.equal(first_argmax(t), t.argmax(-1)), (vocab, trial, t.dtype)

@@ -46,18 +46,22 @@ def test_keys_layout_is_complete_and_rerunning_keeps_existing_pairs(tmp_path: Pa
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("keys")
-    write_keys(root, num_clients=2)
+    write_keys(root, num_clients=2, num_workers=1)
     zmq.auth.create_certificates(root, "stranger")  # a valid pair, not on the allow-list
     return root
 
 
 @pytest.fixture(scope="module")
 def curve_mesh(keys: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    """CURVE on both ports: clients by the allow-list, workers by theirs."""
     spec = LaunchSpec(groups=(WorkerGroup("encoder", 1), WorkerGroup("decoder", 1)),
                       runs_path=tmp_path_factory.mktemp("runs"), transport="tcp",
                       decode_cost_ms=2.0, drain_timeout_s=1.0,
                       coordinator_args=("--curve-server-key", str(keys / "server.key_secret"),
-                                        "--curve-allow", str(keys / "allow")))
+                                        "--curve-allow", str(keys / "allow"),
+                                        "--curve-worker-allow", str(keys / "allow-workers")),
+                      worker_args=("--curve-coordinator-key", str(keys / "server.key"),
+                                   "--curve-key", str(keys / "workers/worker-0.key_secret")))
     local = LocalMesh(spec)
     local.start()
     yield local
@@ -96,8 +100,10 @@ def test_authenticated_served_unauthenticated_refused(curve_mesh: LocalMesh, key
 
     asyncio.run(run())
     log = curve_mesh.spec.run_dir / "coordinator.jsonl"
-    refusals = [e for e in map(json.loads, log.read_text().splitlines())
-                if e.get("event") == "auth_refused"]
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    enabled = next(e for e in events if e.get("event") == "curve_enabled")
+    assert enabled["ports"] == ["clients", "workers"]  # the workers joined with their keys
+    refusals = [e for e in events if e.get("event") == "auth_refused"]
     whys = {e["why"] for e in refusals}
     assert "key not on the allow-list" in whys, refusals[:3]
     assert any("no CURVE keys" in w for w in whys), whys  # the keyless client
@@ -119,7 +125,7 @@ def test_cli_generate_and_stats_connect_with_keys(
     from coordinator.cli import main
 
     for var in ("EXEGPT_CURVE_SERVER_PUBLIC", "EXEGPT_CURVE_CLIENT_KEY"):
-        monkeypatch.delenv(var, raising=False)  # restored after the test (the CLI sets them)
+        monkeypatch.setenv(var, "")  # empty = unset; restored after the test (the CLI sets them)
     ep = curve_mesh.client_endpoint
     assert main(["generate", "--connect", ep, "--prompt-ids", "4,5", "--max-new-tokens", "6",
                  "--timeout", "5", "--json"]) == 2
@@ -131,3 +137,18 @@ def test_cli_generate_and_stats_connect_with_keys(
     assert json.loads(capsys.readouterr().out)["token_ids"] == null_tokens([4, 5], 6, VOCAB)
     assert main(["stats", "--connect", ep, "--json", *key_args]) == 0
     assert json.loads(capsys.readouterr().out)["requests"]["completed"] >= 1
+
+
+def test_compose_mounts_the_keys_and_turns_curve_on() -> None:
+    from coordinator.commands._compose_spec import ComposeOptions, compose_dict
+    from tests.deploy.conftest import make_plan
+
+    plan = make_plan("waa", 2)
+    plain = compose_dict(plan, ComposeOptions(null_model=True))["services"]["coordinator"]
+    assert "--curve-server-key" not in plain["command"]
+    curve = compose_dict(plan, ComposeOptions(null_model=True, curve_dir="./keys"))
+    service = curve["services"]["coordinator"]
+    cmd = service["command"]
+    assert cmd[cmd.index("--curve-server-key") + 1] == "/keys/server.key_secret"
+    assert cmd[cmd.index("--curve-allow") + 1] == "/keys/allow"
+    assert "./keys:/keys:ro" in service["volumes"]

@@ -38,6 +38,10 @@ def test_bench_runs_between_two_processes(tmp_path: Path, sockets: str, transpor
         for mode in (*MODES, "memcpy"):
             assert row[mode] > 0
         assert 0 < row["protocol_vs_raw"] < 100
+    assert "In-process CPU per KV handoff message" in text
+    assert {r["regime"] for r in report["in_process"]} == {"hot", "cold"}
+    assert all(r[f"{s}_us"] > 0 for r in report["in_process"]
+               for s in ("build", "encode", "decode", "copy", "raw_copy"))
 
 
 def test_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:

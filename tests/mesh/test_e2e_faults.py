@@ -65,8 +65,8 @@ def test_a_deadline_answers_with_timeout(slow_mesh: LocalMesh) -> None:
         assert time.monotonic() - t0 < 3
 
 
-def test_a_sigkilled_decoder_fails_its_requests_and_the_rest_go_on(slow_mesh: LocalMesh,
-                                                                   ) -> None:
+def test_a_sigkilled_decoders_requests_are_rerun_on_the_other(slow_mesh: LocalMesh) -> None:
+    """Raw-wire checks of the re-run (no duplicate, no gap): test_worker_loss.py."""
     victim = next(c for c in slow_mesh.workers if c.name == "decoder-dec0")
     prompts = [(i, i + 1) for i in range(40)]
 
@@ -94,8 +94,7 @@ def test_a_sigkilled_decoder_fails_its_requests_and_the_rest_go_on(slow_mesh: Lo
         return outcome
 
     outcome = asyncio.run(run())
-    assert outcome["lost"] > 0 and outcome["ok"] > 0
-    assert outcome["lost"] + outcome["ok"] == len(prompts)
+    assert outcome == {"ok": len(prompts), "lost": 0}
 
 
 def test_a_worker_crashing_at_startup_fails_the_launch_fast(tmp_path: Path) -> None:
@@ -144,7 +143,7 @@ async def _outcomes(endpoint: str, prompts: list[list[int]], max_new: int,
     return counts
 
 
-def test_a_sigkilled_encoder_fails_only_the_batch_it_held(two_encoders: LocalMesh) -> None:
+def test_a_sigkilled_encoders_batch_is_encoded_again(two_encoders: LocalMesh) -> None:
     enc0 = next(c for c in two_encoders.workers if c.name == "encoder-enc0")
 
     async def kill_mid_batch() -> None:
@@ -153,8 +152,7 @@ def test_a_sigkilled_encoder_fails_only_the_batch_it_held(two_encoders: LocalMes
 
     counts = asyncio.run(_outcomes(two_encoders.client_endpoint,
                                    [[i] for i in range(8)], 20, kill_mid_batch))
-    assert counts.get("lost:enc0", 0) >= 1 and counts.get("ok", 0) >= 1, counts
-    assert sum(counts.values()) == 8
+    assert counts == {"ok": 8}, counts  # the survivor re-ran what enc0 held
 
 
 def test_a_silent_decoder_is_detected_and_then_exits(two_encoders: LocalMesh) -> None:
