@@ -73,6 +73,31 @@ class DrainMeter:
         return min(MAX_RETRY_S, max(MIN_RETRY_S, num_requests / rate))
 
 
+class LogBudget:
+    """At most ``per_second`` log lines of one kind per second; the lines skipped are counted
+    and reported by the next one let through (hostile input must not become a disk flood)."""
+
+    def __init__(self, per_second: int = 20) -> None:
+        if per_second < 1:
+            raise ValueError("LogBudget needs per_second >= 1")
+        self.per_second = per_second
+        self._second = -1
+        self._used = 0
+        self._skipped = 0
+
+    def allow(self, now: float) -> int | None:
+        """None: skip this line; else log it, with this many skipped since the last one."""
+        second = int(now)
+        if second != self._second:
+            self._second, self._used = second, 0
+        if self._used >= self.per_second:
+            self._skipped += 1
+            return None
+        self._used += 1
+        skipped, self._skipped = self._skipped, 0
+        return skipped
+
+
 def admit(msg: P.Submit, client: bytes, cfg: CoordinatorConfig, table: RequestTable,
           draining: bool, vocab_size: int, *, tokenizer: Any = None,
           max_position: int | None = None, drain: DrainMeter | None = None) -> Request:

@@ -233,7 +233,11 @@ class Membership:
         self.log.warning("worker_error", worker=worker.worker_id, code=msg.code,
                          req_id=msg.req_id, error=msg.message)
         request = self.co.table.get_wire(msg.req_id) if msg.req_id else None
-        if request is not None and worker.worker_id in (request.encoder, request.decoder):
+        if request is None:
+            return
+        # only a worker of the current run may fail it (not one a re-run has left behind)
+        if worker.role == PIPELINE_ROLE or worker.worker_id in (request.encoder,
+                                                                request.decoder):
             self.co.fail(request, error_from_code(msg.code, f"{worker.worker_id}: "
                                                   f"{msg.message}", req_id=request.req_id))
 

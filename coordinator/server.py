@@ -106,6 +106,7 @@ class Coordinator:
 
             self.adapter = Adapter.from_coordinator(self, log)
         self.drain_meter = admission.DrainMeter()
+        self.bad_log = admission.LogBudget()
         self.draining = False
         self.counters = {"submitted": 0, "completed": 0, "failed": 0, "tokens_out": 0,
                          "protocol_errors": 0, "be_adjustments": 0}
@@ -250,7 +251,9 @@ class Coordinator:
             msg = P.decode(frames[1:])
         except ProtocolError as exc:
             self.counters["protocol_errors"] += 1
-            self.log.warning("bad_client_message", error=str(exc))
+            suppressed = self.bad_log.allow(time.monotonic())
+            if suppressed is not None:  # a flood of bad messages must not flood the disk
+                self.log.warning("bad_client_message", error=str(exc), suppressed=suppressed)
             self.relay.send_now(client, P.Error(code="protocol_error", message=str(exc),
                                                 req_id=P.peek_req_id(frames[1:])))
             return

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from common.engine.batch import StageBatch
-from common.engine.kv_cache import KVCache
+from common.engine.kv_cache import SELF, KVCache
 from common.engine.tp import ParallelLMHead, TPGroup, VocabParallelEmbedding, kv_head_range
 from common.models.config import ModelConfig
 from common.models.layers import MLP, Attention, DecoderLayer, Norm, PassContext, Rope, decode_bias
@@ -142,8 +142,11 @@ class DecoderOnlyStage(nn.Module):
             if r not in self.cache:
                 self.cache.add(r)
         starts = [self.cache.seq_len(r) for r in batch.req_ids]
-        self._check_context(batch.req_ids, [s + n for s, n in zip(starts, batch.seq_lens,
-                                                                  strict=True)])
+        ends = [s + n for s, n in zip(starts, batch.seq_lens, strict=True)]
+        self._check_context(batch.req_ids, ends)
+        # Grow the buffers once, with room for the first decode append, so neither the
+        # per-sequence writes nor the first decode step reallocate the cache.
+        self.cache.reserve(SELF, max(ends) + 1)
         positions = torch.cat([torch.arange(s, s + n) for s, n in
                                zip(starts, batch.seq_lens, strict=True)]).to(self.device)
         ctx = PassContext(cache=self.cache, req_ids=batch.req_ids,

@@ -127,8 +127,16 @@ class Evaluation:
                              "predicted_tpot_s": plan.predicted["tpot_s"]})
             self.progress.step()
         lats = [x["latency_s"] for x in baseline if x.get("latency_s") is not None]
-        out = {"mode": "auto", "bounds": B.percentile_bounds(lats), "baseline": baseline}
-        return out | {"calibration": self._calibrate(baseline)}
+        factor = self._calibrate(baseline)
+        if factor is None:
+            return {"mode": "auto", "bounds": B.percentile_bounds(lats), "baseline": baseline,
+                    "calibration": None}
+        # calibrated: the paper's grid (every batch size), timed by the calibrated profile
+        pts = B.predicted_latencies(self.setup.workload, self.setup.profile, self.cfg.workers,
+                                    B.batch_cap(self.cfg.workers, self.cfg.requests))
+        return {"mode": "auto", "bounds": B.percentile_bounds([lat for _, lat in pts]),
+                "baseline": baseline, "calibration": factor,
+                "calibrated_static": [{"batch": b, "latency_s": lat} for b, lat in pts]}
 
     def _calibrate(self, baseline: list[dict[str, Any]]) -> float | None:
         """Scale the profile by the contention the baseline runs measured (calibrate.py)."""

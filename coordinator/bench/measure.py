@@ -12,8 +12,8 @@ schedule, so it is reported separately as ``queue_p50_s``):
 Throughput is steady state like the simulator's: requests admitted (encode started) per second
 between the admission of the first 20% and the last admission (the queue running dry), so the
 pipeline's fill and drain do not count; the makespan figure (all requests over first arrival ->
-last finish) is reported beside it, and stands in (``throughput_basis``) when every request
-was admitted at once (one batch holds them all: no steady state to see).
+last finish) is reported beside it, and stands in (``throughput_basis``) when admissions were
+never paced by completions (the queue ran dry before the first request finished).
 """
 
 from __future__ import annotations
@@ -61,15 +61,18 @@ class RequestRecord:
         return cls(**{**data, "t_tokens": tuple(data.get("t_tokens") or ())})
 
 
-def steady_throughput(starts: Sequence[float]) -> float | None:
-    """Admissions per second in [start of the 20%-th admission, last admission)."""
+def steady_throughput(starts: Sequence[float], first_finish: float = math.inf
+                      ) -> float | None:
+    """Admissions per second in [start of the 20%-th admission, last admission); None when
+    there is no steady state to see: every request admitted at once, or the queue ran dry
+    before any request finished (admissions were never paced by completions)."""
     times = sorted(starts)
     if len(times) < 2:
         return None
     t_a = times[min(int(len(times) * WARM_FRACTION), len(times) - 1)]
     t_b = times[-1]
-    if t_b - t_a <= 0:
-        return None  # every request in one batch: no steady state to see
+    if t_b - t_a <= 0 or t_b < first_finish:
+        return None
     count = sum(1 for t in times if t_a <= t < t_b)
     return count / (t_b - t_a)
 
@@ -95,7 +98,8 @@ def measure(records: Sequence[RequestRecord], s99: int, bound_s: float | None) -
     first = min(r.t_arrival or r.t_encode_start for r in ok)  # type: ignore[type-var]
     makespan = max(r.t_finish for r in ok) - first  # type: ignore[type-var,operator]
     tokens = sum(r.num_tokens for r in ok)
-    steady = steady_throughput([r.t_encode_start for r in ok])  # type: ignore[misc]
+    steady = steady_throughput([r.t_encode_start for r in ok],  # type: ignore[misc]
+                               min(r.t_finish for r in ok))  # type: ignore[type-var]
     lat = [r.t_finish - r.t_encode_start for r in ok]  # type: ignore[operator]
     p99len, n_p99len = p99_length_latency(ok, s99)
     ttft = [r.t_first_token - r.t_encode_start for r in ok if r.t_first_token is not None]

@@ -222,3 +222,20 @@ def knobs_of(plan: Any) -> dict[str, Any]:
             "stages": [list(g.layer_range) for g in plan.worker_groups],
             "throughput_seq_s": round(p["throughput_seq_s"], 2),
             "latency_p99len_s": round(p["latency_p99len_s"], 2)}
+
+
+def predict(plan: Any, spec: str, profile_path: str) -> dict[str, float]:
+    """What the planner predicts for ``plan``'s knobs serving the law ``spec`` (e.g. the old
+    plan on the new traffic: the "keep" arm's promise)."""
+    from coordinator.planner.candidate import Candidate, WorkloadStats
+    from coordinator.planner.costs import Costs
+    from coordinator.planner.profile import Profile
+    from coordinator.planner.simulator import simulate
+    from coordinator.planner.workload import parse_workload
+
+    cand = Candidate(plan.policy, plan.num_workers, plan.search.get("tp", 1),
+                     plan.search.get("num_tp_workers", 0), plan.B_E, plan.N_D or 1,
+                     plan.B_m or 1)
+    m = simulate(cand, WorkloadStats(parse_workload(spec)), Costs(Profile.load(profile_path)))
+    return {"throughput_seq_s": round(m.throughput_seq_s, 2),
+            "latency_p99len_s": round(m.latency(plan.sla), 2)}

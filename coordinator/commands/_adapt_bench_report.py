@@ -122,7 +122,13 @@ def _config(cfg: BenchConfig) -> dict[str, Any]:
 
 def markdown(summary: dict[str, Any]) -> str:
     """The tables docs/adaptation.md shows."""
-    lines = ["| arm | phase | span s | seq/s | tok/s | arrived | within bound | p99 latency s |",
+    lines = []
+    for name, plan in summary["plans"].items():
+        knobs = (f"B {plan['B_E']}, N_D {plan['N_D']}, " if "B_E" in plan else "")
+        lines.append(f"- plan {name}: {knobs}predicted {plan['throughput_seq_s']} seq/s, "
+                     f"p99-length latency {plan['latency_p99len_s']} s")
+    lines += ["", "| arm | phase | span s | seq/s | tok/s | arrived | within bound | "
+              "p99 latency s |",
              "|---|---|---|---|---|---|---|---|"]
     for name, arm in summary["arms"].items():
         for ph in ("before", "during", "after"):

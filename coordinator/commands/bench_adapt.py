@@ -39,6 +39,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--adapt-options", default="", help="the adapter's thresholds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/bench-adapt"))
+    p.add_argument("--reanalyse", action="store_true",
+                   help="no runs: rebuild the numbers and plot from --out's saved records "
+                        "(pass the same scenario flags)")
     p.set_defaults(func=run)
 
 
@@ -56,17 +59,24 @@ def config(args: argparse.Namespace) -> Any:
 
 def bench(cfg: Any, arms: list[str], out: Path, say: Any = print) -> dict[str, Any]:
     """Plan, run each arm, summarise; write JSON, markdown and the plot into ``out``."""
-    from coordinator.commands._adapt_bench import knobs_of, make_plans, run_arm
-    from coordinator.commands._adapt_bench_report import markdown, plot, summarize
+    from coordinator.commands._adapt_bench import knobs_of, make_plans, predict, run_arm
 
     old, new, profile = make_plans(cfg, out)
-    plans = {"old": knobs_of(old), "new": knobs_of(new)}
+    plans = {"old": knobs_of(old), "new": knobs_of(new),
+             "old_on_new_law": predict(old, cfg.new, profile)}  # the keep arm's promise
     say(f"plans (bound {cfg.bound_s:g} s): old {plans['old']}, new {plans['new']}")
     runs = {}
     for arm in arms:
         start = time.perf_counter()
         runs[arm] = run_arm(arm, cfg, out, profile)
         say(f"arm {arm}: {len(runs[arm].records)} requests in {time.perf_counter() - start:.0f} s")
+    return report(runs, cfg, plans, out, say)
+
+
+def report(runs: dict[str, Any], cfg: Any, plans: dict[str, Any], out: Path,
+           say: Any = print) -> dict[str, Any]:
+    from coordinator.commands._adapt_bench_report import markdown, plot, summarize
+
     summary = summarize(runs, cfg, plans)
     (out / "bench-adapt.json").write_text(json.dumps(summary, indent=1))
     (out / "bench-adapt-records.json").write_text(json.dumps(  # every request, to re-analyse
@@ -92,6 +102,27 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"exegpt bench adapt: {exc}", file=sys.stderr)
         return 2
-    bench(cfg, arms, args.out)
+    if args.reanalyse:
+        reanalyse(cfg, args.out)
+    else:
+        bench(cfg, arms, args.out)
     print(f"written: {args.out}/bench-adapt.json, .md, .png")
     return 0
+
+
+def reanalyse(cfg: Any, out: Path) -> dict[str, Any]:
+    """The report again from bench-adapt-records.json (e.g. after changing the analysis)."""
+    from coordinator.commands._adapt_bench import ArmRun
+
+    saved = json.loads((out / "bench-adapt-records.json").read_text())
+    plans = json.loads((out / "bench-adapt.json").read_text())["plans"]
+    if "old_on_new_law" not in plans:  # a report written before this number existed
+        from coordinator.commands._adapt_bench import predict
+        from coordinator.planner.plan import Plan
+
+        old = Plan.from_json((out / "plan-old.json").read_text())
+        plans["old_on_new_law"] = predict(old, cfg.new, str(out / "null-profile.json"))
+    runs = {name: ArmRun(name, r["records"], r["t0"], r["t_shift"], r["t_end"],
+                         sum(rec["law"] == "old" for rec in r["records"]), r["switches"],
+                         r["restart"]) for name, r in saved.items()}
+    return report(runs, cfg, plans, out)

@@ -9,7 +9,8 @@ tested in milliseconds. Data flow:
                        \\            /
             simulator.py (closed form)  <-- agree within 2% -->  des.py (discrete events)
                          |
-            scheduler.py (bnb.py: branch and bound / exhaustive, per policy and TP degree)
+            scheduler.py (bnb.py: branch and bound / exhaustive over every policy and TP
+                          degree; objective.py: cheap bounds)
                          |
             planning.py -> plan.py (the Plan value sent to the runner)
 
@@ -22,7 +23,8 @@ Glossary (the paper's symbols; used only inside the planner):
 - S, I: output and input lengths in tokens; s99 the 99th-percentile output length.
 - TP degree (tp) and number of TP workers: partial tensor parallelism; k workers form k/tp
   TP stages, the rest run alone.
-- eps_T, eps_L: search tolerances on throughput and latency (see bnb.py).
+- eps_T, eps_L: search tolerances on throughput and latency (see bnb.py; eps_T defaults to 0
+  in scheduler.py).
 - SLA-(b): latency of a p99-output-length request from its encode start; SLA-(a): 99th
   percentile latency over all requests.
 """

@@ -96,15 +96,20 @@ class _State:
             self.f_only[x] = self.problem.objective(x)
         return self.f_only[x]
 
+    def floor_above(self, x: Point, threshold: float) -> bool:
+        """g(x) > threshold is certain without evaluating x (its floor, or g if known)."""
+        if x in self.full:
+            return self.full[x][1] > threshold
+        floor = self.problem.g_floor
+        if floor is None:
+            return False
+        if x not in self.floors:
+            self.floors[x] = floor(x)
+        return self.floors[x] > threshold
+
     def g_above(self, x: Point, threshold: float) -> bool:
         """g(x) > threshold, from the floor when that settles it."""
-        floor = self.problem.g_floor
-        if floor is not None and x not in self.full:
-            if x not in self.floors:
-                self.floors[x] = floor(x)
-            if self.floors[x] > threshold:
-                return True
-        return self.ev(x)[1] > threshold
+        return self.floor_above(x, threshold) or self.ev(x)[1] > threshold
 
     def consider(self, x: Point) -> None:
         if self.g_above(x, 1.0):
@@ -151,6 +156,9 @@ def branch_and_bound_many(problems: Sequence[Problem], *, eps_t: float = 0.005,
             continue
         top = _corner(lo, hi, st.f_dirs)
         if lazy:
+            if (st.floor_above(_corner(lo, hi, st.g_min_dirs), 1.0 + eps_l)
+                    and st.floor_above(top, 1.0)):
+                continue  # processing it would find nothing (see _process): skip its bound
             heapq.heappush(heap, (-st.f(top), 0, i, (lo, hi)))
             continue
         for child in _process(st, lo, hi, top, eps_l, leaf_size):

@@ -5,10 +5,16 @@ bound (bnb.py); ``exhaustive=True`` enumerates the same grid. Axes and their dir
 
 - B_E (batch): throughput up, latency up;
 - N_D (RRA): encoding less often shrinks the decode batch: throughput down, latency down;
-- number of TP workers (for tp > 1): shorter pipeline: throughput down, latency down;
+- the number of TP workers (for tp > 1) changes the pipeline itself and is enumerated: its
+  throughput is not monotone (on A100s, 12 or 16 TP-4 workers beat 4, so a box bounded at
+  its fewest TP workers could hide the best plan); one (B_E, N_D) grid per count;
 - B_m (WAA) and the TP workers of WAA change the worker groups themselves, so they are
   enumerated around a one-dimensional B&B over B_E; that B&B runs separately on each run of
   B_E values over which the WAA-C/M rule gives the same encoder/decoder split.
+
+All grids of all (policy, tp) pairs share one heap and one incumbent (bnb.py), with cheap
+bounds (objective.py): throughput alone for a box's bound, a memory floor of g, one bound per
+group of WAA runs.
 
 The constraint is ``g = max(latency / bound, memory / capacity)`` so out-of-memory plans are
 pruned by the same monotone bound.

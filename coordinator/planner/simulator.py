@@ -90,9 +90,11 @@ def _rra_cycle(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeli
     # tail of a cycle is often empty and the stream moves on to its next encode.
     p_any = -np.expm1(-batch)
     tps = {st.tp for st in pipe}
-    dec = [d * p_any for d in costs.decode_pipeline(pipe, step_batches(batch, True), ctx,
-                                                      decode_parts(costs, stats, tps, cand.N_D,
-                                                                   cand.B_E, True))]
+    raw = costs.decode_pipeline(pipe, step_batches(batch, True), ctx,
+                                decode_parts(costs, stats, tps, cand.N_D, cand.B_E, True))
+    scaled: dict[int, np.ndarray] = {}  # repeated stages share one array: scale it once
+    dec = [scaled[id(d)] if id(d) in scaled else scaled.setdefault(id(d), d * p_any)
+           for d in raw]
     t_enc = float(round_time(enc, streams)[()])
     t_dec = round_time(dec, streams)
     return batch, ctx, enc, dec, t_enc, t_dec, t_enc + float(t_dec.sum())

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from coordinator.bench import bounds as B
 from coordinator.bench import evaluate
 from coordinator.bench.config import BenchConfig
 from coordinator.bench.measure import RequestRecord
@@ -32,15 +33,15 @@ def test_auto_bounds_from_a_known_static_run(tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(evaluate, "run_plan", fake_run_plan)
     cfg = BenchConfig(model="tiny-llama", null_model=True, workload="S", workers=2,
-                      requests=16, bound_batches=(1, 2, 4, 8), out=tmp_path, reference=False)
+                      requests=16, bound_batches=(1, 2, 4, 8), out=tmp_path, reference=False,
+                      calibrate=False)
     ev = evaluate.Evaluation(cfg, Progress(enabled=False))
     got = ev.bounds()
     assert got["mode"] == "auto"
     assert [b["batch"] for b in got["baseline"]] == [1, 2, 4, 8]
     assert [b["latency_s"] for b in got["baseline"]] == pytest.approx([1, 2, 4, 8])
     assert got["bounds"][:3] == pytest.approx([1.3, 1.9, 4.4])
-    assert got["bounds"][3] is None
-    assert got["calibration"] > 0  # the fake run is slower than the analytic A40 profile
+    assert got["bounds"][3] is None and got["calibration"] is None
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
         f"baseline-static-B{b}.json" for b in (1, 2, 4, 8)]
 
@@ -65,3 +66,21 @@ def test_identical_plans_run_once_and_are_judged_per_bound(
     assert loose["measured"]["throughput_seq_s"] == tight["measured"]["throughput_seq_s"]
     # ... but the (fake) run's probe took B_E seconds: judged against each bound
     assert tight["measured"]["bound_met"] is False and loose["measured"]["bound_met"] is True
+
+
+def test_calibrated_auto_bounds_come_from_the_scaled_profile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(evaluate, "run_plan", fake_run_plan)
+    cfg = BenchConfig(model="tiny-llama", null_model=True, workload="S", workers=2,
+                      requests=16, bound_batches=(1, 2), out=tmp_path, reference=False)
+    ev = evaluate.Evaluation(cfg, Progress(enabled=False))
+    raw = ev.setup.profile
+    got = ev.bounds()
+    factor = got["calibration"]
+    assert factor > 1  # the fake runs are far slower than an A40
+    assert ev.setup.profile.meta["calibration"]["factor"] == factor and raw is not ev.setup.profile
+    pts = B.predicted_latencies(ev.setup.workload, ev.setup.profile, 2, B.batch_cap(2, 16))
+    assert [p["batch"] for p in got["calibrated_static"]] == [b for b, _ in pts] == [1, 2, 3, 4]
+    assert got["bounds"][:3] == pytest.approx(B.percentile_bounds([x for _, x in pts])[:3])
+    raw_pts = B.predicted_latencies(ev.setup.workload, raw, 2, 4)
+    assert pts[0][1] == pytest.approx(factor * raw_pts[0][1], rel=1e-6)

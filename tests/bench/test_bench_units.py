@@ -51,8 +51,9 @@ def test_measured_batches_fill_every_stream_twice() -> None:
 
 def test_steady_throughput_counts_admissions_after_warmup() -> None:
     starts = [0.0] * 2 + [1.0] * 2 + [2.0] * 2 + [3.0] * 2 + [4.0] * 2  # 2 per s, 10 requests
-    assert steady_throughput(starts) == pytest.approx(2.0)
-    assert steady_throughput([5.0] * 6) is None  # one batch: no steady state
+    assert steady_throughput(starts, first_finish=0.9) == pytest.approx(2.0)
+    assert steady_throughput([5.0] * 6, first_finish=6.0) is None  # one batch
+    assert steady_throughput(starts, first_finish=4.5) is None  # queue dry before a finish
 
 
 def test_measure_p99_length_latency_and_bound() -> None:

@@ -296,13 +296,16 @@ def check_outcome(out: dict[str, object]) -> None:
     good = out["good"]
     assert isinstance(good, GoodClient)
     assert not good.errors and good.ok >= 5, (good.ok, good.errors[:3])
+    log = (mesh.spec.run_dir / "coordinator.jsonl").read_text()
+    logged = log.count('"bad_client_message"')
+    assert logged < sum(out["client"].sent.values()) / 5, f"{logged} log lines: a disk flood"  # type: ignore[attr-defined]
     growth = int(out["rss_after"]) - int(out["rss_before"])  # type: ignore[call-overload]
     assert growth < 64 << 20, f"coordinator RSS grew by {growth >> 20} MiB"
     client, kv = out["client"], out["kv"]
     assert isinstance(client, Fuzzer) and isinstance(kv, Fuzzer)
     print(f"\nFUZZ client_sent={sum(client.sent.values())} client_errors="
           f"{sum(client.answered.values())} kv_sent={sum(kv.sent.values())} kv_errors="
-          f"{sum(kv.answered.values())} good_ok={good.ok} rss_before_mib="
+          f"{sum(kv.answered.values())} good_ok={good.ok} logged={logged} rss_before_mib="
           f"{int(out['rss_before']) / 2**20:.1f} rss_after_mib="  # type: ignore[call-overload]
           f"{int(out['rss_after']) / 2**20:.1f} seconds={out['elapsed']:.1f}")  # type: ignore[call-overload]
 

@@ -12,7 +12,7 @@ from common import protocol as P
 from common.backend import null_tokens
 from common.client import AsyncClient
 from common.errors import BadRequest, Cancelled, Overloaded, Timeout
-from coordinator.admission import MAX_RETRY_S, DrainMeter, admit
+from coordinator.admission import MAX_RETRY_S, DrainMeter, LogBudget, admit
 from coordinator.config import CoordinatorConfig
 from coordinator.launch import LaunchSpec, LocalMesh, WorkerGroup
 from coordinator.requests import RequestTable
@@ -75,6 +75,14 @@ def test_per_client_limit_counts_only_that_clients_requests() -> None:
     assert table.num_for(b"A") == 1
     admit(_submit("a2"), b"A", cfg, table, False, VOCAB, drain=meter)
     assert table.num_for(b"A") == 2 and table.num_for(b"nobody") == 0
+
+
+def test_log_budget_caps_lines_per_second_and_counts_the_rest() -> None:
+    budget = LogBudget(per_second=3)
+    first = [budget.allow(10.0 + i / 100) for i in range(10)]
+    assert first == [0, 0, 0] + [None] * 7
+    assert budget.allow(11.0) == 7  # the next second's first line reports what was skipped
+    assert budget.allow(11.5) == 0
 
 
 def test_config_rejects_bad_limits_and_half_curve_settings() -> None:

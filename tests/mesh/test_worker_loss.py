@@ -48,6 +48,7 @@ def test_a_rerun_carries_the_streamed_tokens_under_a_new_wire_id() -> None:
 @dataclass
 class Seen:
     chunks: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # monotonic arrival of each chunk
     results: list[P.Result] = field(default_factory=list)
     errors: list[P.Error] = field(default_factory=list)
 
@@ -63,6 +64,14 @@ class Seen:
         assert list(self.results[0].tokens) == expected
 
 
+def recovery_s(seen: dict[str, Seen], killed_at: float) -> float:
+    """Longest stall of a request that was streaming when the worker died: kill -> its
+    next token (detection by heartbeat deadline + re-encode + first token of the re-run)."""
+    stalls = [next(t for t in s.times if t > killed_at) - killed_at for s in seen.values()
+              if any(t < killed_at for t in s.times) and any(t > killed_at for t in s.times)]
+    return max(stalls, default=0.0)
+
+
 def run_requests(endpoint: str, prompts: dict[str, tuple[int, ...]], max_new: int,
                  during: object, timeout_s: float = 40.0) -> dict[str, Seen]:
     ctx = zmq.Context()
@@ -75,16 +84,19 @@ def run_requests(endpoint: str, prompts: dict[str, tuple[int, ...]], max_new: in
         started, acted = time.monotonic(), False
         deadline = started + timeout_s
         while sum(len(s.results) + len(s.errors) for s in seen.values()) < len(prompts):
+            # the kill marker (an extra key) never gets results: only prompts count
             assert time.monotonic() < deadline, "requests did not finish"
             if not acted and time.monotonic() - started > 0.8:
                 during()  # type: ignore[operator]
                 acted = True
+                seen["__killed_at__"] = Seen(times=[time.monotonic()])
             if not sock.poll(100):
                 continue
             msg = P.decode(sock.recv_multipart())
             entry = seen[msg.req_id]  # type: ignore[union-attr]
             if isinstance(msg, P.StreamChunk):
                 entry.chunks.append((msg.index, msg.tokens))
+                entry.times.append(time.monotonic())
             elif isinstance(msg, P.Result):
                 entry.results.append(msg)
             elif isinstance(msg, P.Error):
@@ -124,8 +136,13 @@ def test_sigkilled_decoder_requests_finish_on_the_survivor(two_decoders: LocalMe
     t0 = time.monotonic()
     seen = run_requests(two_decoders.client_endpoint, prompts, 250,
                         _kill(two_decoders, "decoder-dec0"))
+    killed_at = seen.pop("__killed_at__").times[0]
     for req_id, prompt in prompts.items():
         seen[req_id].check(null_tokens(prompt, 250, VOCAB))
+    print(f"\nWORKER_LOSS decoder: requests={len(prompts)} completed="
+          f"{sum(len(s.results) for s in seen.values())} errors="
+          f"{sum(len(s.errors) for s in seen.values())} recovery_s="
+          f"{recovery_s(seen, killed_at):.2f}")
     with_tokens_before = sum(1 for s in seen.values() if len(s.chunks) > 1)
     assert with_tokens_before > 0
     assert time.monotonic() - t0 < 30
@@ -145,6 +162,7 @@ def test_sigkilled_encoder_batch_is_encoded_again(two_encoders: LocalMesh) -> No
     prompts = {f"e{i}": (i + 1,) for i in range(12)}
     seen = run_requests(two_encoders.client_endpoint, prompts, 30,
                         _kill(two_encoders, "encoder-enc0"))
+    seen.pop("__killed_at__")
     for req_id, prompt in prompts.items():
         seen[req_id].check(null_tokens(prompt, 30, VOCAB))
     log = (two_encoders.spec.run_dir / "coordinator.jsonl").read_text()
@@ -155,6 +173,7 @@ def test_without_a_survivor_of_the_role_the_error_says_so(tmp_path: object) -> N
     with LocalMesh(_spec(tmp_path, 1, 1, decode_cost_ms=10.0)) as mesh:
         prompts = {f"x{i}": (i + 2,) for i in range(4)}
         seen = run_requests(mesh.client_endpoint, prompts, 400, _kill(mesh, "decoder-dec0"))
+    seen.pop("__killed_at__")
     for entry in seen.values():
         assert not entry.results and len(entry.errors) == 1
         assert entry.errors[0].code == "worker_lost"

@@ -57,7 +57,7 @@ def test_lean_score_and_throughput_equal_the_full_metrics(a40_opt13b_costs, a40_
 
 
 @pytest.mark.parametrize("policy", ["waa-c", "waa-m"])
-def test_waa_group_bound_is_above_every_micro_batch_count(policy: str,
+def test_waa_group_bound_and_memory_floor_hold_for_every_micro_batch_count(policy: str,
                                                           a40_t5_costs) -> None:  # noqa: ANN001
     stats = WorkloadStats(preset("C1"))
     for tp, k in ((1, 0), (2, 2), (2, 4)):
@@ -68,8 +68,11 @@ def test_waa_group_bound_is_above_every_micro_batch_count(policy: str,
             top = len(pipes[1])
             bound = waa_bound(Candidate(policy, 8, tp, k, b_e), top, stats, a40_t5_costs)
             for b_m in range(1, top + 1):
-                f = throughput(Candidate(policy, 8, tp, k, b_e, 1, b_m), stats, a40_t5_costs)
+                cand = Candidate(policy, 8, tp, k, b_e, 1, b_m)
+                f = throughput(cand, stats, a40_t5_costs)
                 assert 0 < f <= bound
+                floor = waa_memory_floor(cand, stats, a40_t5_costs)
+                assert floor <= score(cand, stats, a40_t5_costs, 1e18, "b")[1]
 
 
 def _monotone(shift: float):  # noqa: ANN202

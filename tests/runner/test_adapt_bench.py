@@ -52,7 +52,9 @@ def _fake(arm: str, switch: bool) -> ArmRun:
 def test_summary_phases_and_switch_figures() -> None:
     cfg = BenchConfig(before_s=20.0, after_s=20.0, bound_s=1.5)
     runs = {"adapt": _fake("adapt", True), "keep": _fake("keep", False)}
-    out = summarize(runs, cfg, {"old": {}, "new": {}})
+    plan = {"B_E": 4, "N_D": 2, "throughput_seq_s": 10.0, "latency_p99len_s": 1.2}
+    out = summarize(runs, cfg, {"old": plan, "old_on_new_law": {
+        "throughput_seq_s": 12.0, "latency_p99len_s": 3.0}})
     adapt = out["arms"]["adapt"]
     assert adapt["before"]["seq_s"] == pytest.approx(10.0, rel=0.1)
     assert adapt["after"]["seq_s"] == pytest.approx(20.0, rel=0.1)
@@ -63,7 +65,9 @@ def test_summary_phases_and_switch_figures() -> None:
     assert phase(runs["keep"], 1030.0, 1040.0, 0.5)["attainment"] == 0.0
     assert steady_after(adapt["series"], 2.0, smooth_s=2.0) == 0.0  # flat after the switch
     assert steady_after({"t": [0.0, 1.0], "seq_s": [1.0, 1.0]}, 0.0) is None  # too short
-    assert "| adapt | after |" in markdown(out) and "N_D 2->4" in markdown(out)
+    text = markdown(out)
+    assert "| adapt | after |" in text and "N_D 2->4" in text
+    assert "plan old_on_new_law: predicted 12.0 seq/s" in text
 
 
 def test_tiny_bench_run_is_well_formed(tmp_path: Path) -> None:

@@ -1,0 +1,177 @@
+"""Predicted vs measured on the real mesh (SmolLM2-135M bf16), decomposed per component.
+
+    .venv/bin/python tests/runner/measure_gap.py PROFILE.json --policy waa --bound 10
+    .venv/bin/python tests/runner/measure_gap.py PROFILE.json --policy rra --bound 15
+
+Requests draw (input, output) lengths from the plan's own workload pmf and run with
+``Sampling.ignore_eos`` so every request produces exactly its drawn output length (as the paper
+forces lengths). All are submitted at once (saturated, like the plan). Reported:
+
+- end to end: throughput over the makespan, the p99-length latency (encode start -> the
+  s99-th token of requests at least that long), vs the plan;
+- per pass, from the coordinator's per-token stamps: every decode step (tokens of one step
+  share a stamp) with its batch and mean context, its wall time vs the cost model's time for
+  that exact (batch, context); encode passes (encode start -> end) vs the model's encode time;
+- CPU: each worker process's CPU seconds (/proc, user + system) over the run vs its busy wall
+  time, i.e. how much of a pass's wall time was the process actually computing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import protocol as P
+from common.client import AsyncClient
+from coordinator.commands.serve import model_fields
+from coordinator.launch import LaunchSpec, LocalMesh
+from coordinator.plan_launch import plan_fields
+from coordinator.planner.costs import Costs
+from coordinator.planner.layout import Stage
+from coordinator.planner.planning import make_plan
+from coordinator.planner.profile import Profile
+from coordinator.planner.workload import parse_workload
+from tests.runner.measure_smollm2 import WORKLOAD, gguf_path
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of a live process (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_average() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+async def send_all(endpoint: str, work: list[tuple[int, int]], vocab: int
+                   ) -> tuple[list[P.Result], float, dict[str, Any]]:
+    rng = np.random.default_rng(1)
+    async with AsyncClient(endpoint) as client:
+        t0 = time.time()
+        results = await asyncio.gather(*(client.generate(
+            prompt_ids=[int(t) for t in rng.integers(100, vocab, i)], max_new_tokens=o,
+            ignore_eos=True) for i, o in work))
+        wall = time.time() - t0
+        stats = (await client.stats()).stats
+        return list(results), wall, stats
+
+
+def decode_steps(results: list[P.Result], prompts: list[int]
+                 ) -> list[tuple[float, int, int, float]]:
+    """(stamp, steps, batch, mean context) per message of decode tokens: tokens after the
+    first share the stamp of the DecodeTokens/PassDone that carried them; a decoder that
+    merged k iterations into one message gives one request k tokens with that stamp."""
+    ctx: dict[float, list[int]] = defaultdict(list)
+    per_req: dict[float, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for r, prompt in zip(results, prompts, strict=True):
+        for k, t in enumerate(r.lifecycle.t_tokens[1:], start=1):
+            ctx[t].append(prompt + k)
+            per_req[t][r.req_id] += 1
+    return sorted((t, max(per_req[t].values()), len(per_req[t]), float(np.mean(c)))
+                  for t, c in ctx.items())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("profile", type=Path)
+    parser.add_argument("--policy", default="waa")
+    parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--bound", type=float, default=10.0)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    profile = Profile.load(args.profile)
+    workload = parse_workload(WORKLOAD)
+    plan = make_plan(workload, profile, args.workers, args.bound, policy=args.policy)
+    ins, outs = workload.sample(np.random.default_rng(0), args.requests)
+    work = [(int(i), int(o)) for i, o in zip(ins, outs, strict=True)]
+    model = model_fields(gguf_path())
+    spec = LaunchSpec(**model, **plan_fields(plan, null_model=False, decoder_capacity=256),
+                      dtype="bfloat16", runs_path=Path("/tmp/runner-measure"))
+    mesh = LocalMesh(spec, startup_timeout_s=300)
+    endpoint = mesh.start()
+    vocab = model["model_config"]["vocab_size"]
+    try:
+        asyncio.run(send_all(endpoint, [(8, 2)] * 2, vocab))
+        pids = {c.name: c.popen.pid for c in mesh.children}
+        cpu0 = {n: cpu_seconds(p) for n, p in pids.items()}
+        load0 = load_average()
+        results, wall, stats = asyncio.run(send_all(endpoint, work, vocab))
+        cpu = {n: round(cpu_seconds(p) - cpu0[n], 2) for n, p in pids.items()}
+        load1 = load_average()
+    finally:
+        mesh.stop(grace_s=30)
+    report = summarise(plan, profile, work, results, wall, stats)
+    report["cpu_s_per_process"] = cpu
+    report["load_average"] = [load0, load1]
+    print(json.dumps(report, indent=1))
+
+
+def summarise(plan: Any, profile: Profile, work: list[tuple[int, int]],
+              results: list[P.Result], wall: float, stats: dict[str, Any]) -> dict[str, Any]:
+    costs = Costs(profile)
+    m = profile.model
+    s99 = int(plan.workload_info["p99_output"])
+    prompts = [i for i, _o in work]
+    lat99 = [r.lifecycle.t_tokens[s99 - 1] - r.lifecycle.t_encode_start for r in results
+             if len(r.tokens) >= s99]
+    full = Stage(tp=1, enc_layers=(0, 0), dec_layers=(0, m.num_layers), first=True, last=True)
+    stages = [Stage(tp=g.tp_size, enc_layers=(0, 0), dec_layers=tuple(g.layer_range),
+                    first=g.layer_range[0] == 0, last=g.layer_range[1] == m.num_layers)
+              for g in plan.worker_groups if g.role == "pipeline"] or [full]
+    steps = decode_steps(results, prompts)
+    gaps = np.diff([t for t, *_ in steps])
+    per_stage = np.array([[n * costs.decode_stage(st, float(b), c) for st in stages]
+                          for _t, n, b, c in steps])
+    pred = per_stage[1:].sum(axis=1)
+    batches: dict[float, list[int]] = defaultdict(list)
+    for r, prompt in zip(results, prompts, strict=True):
+        batches[r.lifecycle.t_encode_start].append(prompt)
+    enc_meas, enc_stage = [], []
+    starts = {r.lifecycle.t_encode_start: r for r in results}
+    for t0, lens in batches.items():
+        enc_meas.append(starts[t0].lifecycle.t_encode_end - t0)
+        enc_stage.append([costs.encode_stage(st, float(len(lens)), float(np.mean(lens)),
+                                             float(np.sqrt(np.mean(np.square(lens)))))
+                          for st in stages])
+    enc_pred = np.array(enc_stage).sum(axis=1)
+    busy_pred = per_stage.sum(axis=0) + np.array(enc_stage).sum(axis=0)
+    overall = stats.get("overall", {})
+    return {
+        "plan": {"policy": plan.policy, "B_E": plan.B_E, "N_D": plan.N_D,
+                 "stages": [list(g.layer_range) for g in plan.worker_groups]},
+        "predicted": {k: plan.predicted[k] for k in ("throughput_seq_s", "latency_p99len_s")},
+        "measured": {"requests": len(results), "wall_s": round(wall, 2),
+                     "throughput_seq_s": round(len(results) / wall, 3),
+                     "mean_output": statistics.mean(len(r.tokens) for r in results),
+                     "mean_input": statistics.mean(i for i, _o in work),
+                     "latency_p99len_mean_s": round(statistics.mean(lat99), 2) if lat99 else None,
+                     "latency_p99len_n": len(lat99)},
+        "decode_steps": {"n": len(gaps), "mean_batch": round(float(np.mean(
+            [b for _t, _n, b, _c in steps[1:]])), 1),
+            "measured_mean_ms": round(float(np.mean(gaps)) * 1e3, 1),
+            "predicted_mean_ms": round(float(np.mean(pred)) * 1e3, 1),
+            "ratio_sum": round(float(np.sum(gaps) / np.sum(pred)), 3)},
+        "encode_passes": {"n": len(enc_meas), "measured_mean_ms": round(
+            float(np.mean(enc_meas)) * 1e3, 1), "predicted_mean_ms": round(
+            float(np.mean(enc_pred)) * 1e3, 1),
+            "ratio_sum": round(float(np.sum(enc_meas) / np.sum(enc_pred)), 3)},
+        "stage_busy_s": overall.get("stage_busy_s"),
+        "stage_busy_predicted_s": [round(float(x), 2) for x in busy_pred],
+    }
+
+
+if __name__ == "__main__":
+    main()
