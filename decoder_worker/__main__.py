@@ -32,14 +32,20 @@ def _role(argv: list[str] | None) -> str:
     return known.role
 
 
-def main(argv: list[str] | None = None) -> int:
-    role = _role(argv)
+def build_parser(role: str) -> argparse.ArgumentParser:
+    """The flags of ``role`` (`exegpt compose` checks the commands it writes against them)."""
     parser = argparse.ArgumentParser(prog="python -m decoder_worker",
                                      description=DESCRIPTIONS[role])
     parser.add_argument("--role", choices=ROLES, default=role,
                         help="decoder (WAA plans) or pipeline (a stage of an RRA, static or "
                              "continuous plan); default from EXEGPT_ROLE, else decoder")
     workerconfig.add_arguments(parser, role)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    role = _role(argv)
+    parser = build_parser(role)
     args = parser.parse_args(argv)
     try:
         cfg = workerconfig.from_args(args, role)

@@ -165,7 +165,7 @@ def plot(summary: dict[str, Any], path: str) -> None:
     for name, arm in summary["arms"].items():
         s = arm["series"]
         bin_s = s["t"][1] - s["t"][0] if len(s["t"]) > 1 else 1.0
-        width = max(1, round(SMOOTH_S / bin_s))
+        width = max(1, min(round(SMOOTH_S / bin_s), len(s["t"])))  # a short run: less
         t = np.array(s["t"])[width - 1:] + bin_s  # the average of the bins ending here
         for ax, key in zip(axes, ("seq_s", "tok_s"), strict=True):
             ax.plot(t, np.convolve(s[key], np.ones(width) / width, mode="valid"), label=name)

@@ -1,37 +1,48 @@
-"""A plan -> a docker-compose file: one coordinator service and one service per worker process.
+"""A plan -> a docker-compose file: the processes `exegpt serve --plan` would start, as services.
 
-    coordinator   python -m coordinator      binds tcp://0.0.0.0:5555 (clients, published)
-                                             and tcp://0.0.0.0:5556 (workers); waits for the
-                                             plan's worker processes to be READY, then serves
-    enc0, dec0 .. python -m encoder_worker / decoder_worker, connect to coordinator:5556;
-                  a decoder binds 0.0.0.0:6000 and advertises tcp://<its service>:6000 so
-                  encoders send KV to it directly (service names are the hostnames)
+    coordinator      python -m coordinator    binds tcp://0.0.0.0:5555 (clients, published)
+                                              and tcp://0.0.0.0:5556 (workers); waits for the
+                                              plan's worker processes to be READY, then serves
+    enc0, dec0 ..    WAA plans: python -m encoder_worker / decoder_worker
+    stage0, stage1   rra / static / continuous plans: python -m decoder_worker --role pipeline
+                     --stage S (one service per stage, in pipeline order)
 
-Why one service per worker and not ``scale:``: each decoder must advertise its own KV
-hostname and each TP rank its own rank, and replicas of one service share one environment.
-The services' flags are checked against the parsers of this build (``python -m coordinator``
-and the workers), so a generated file never names a flag the code does not have; when the
-coordinator takes ``--plan``, the plan file (a volume) is what assigns roles and layer ranges.
-Everything is plain data here; ``to_yaml`` writes it (JSON flow style for scalars and lists,
-which every YAML parser reads), so generating needs no YAML library.
+Single source: the services are translated from the :class:`coordinator.launch.LaunchSpec`
+that `exegpt serve --plan` builds for the plan (``coordinator.plan_launch.plan_fields``), so the
+coordinator gets the same policy, stages, layer ranges, B_E, N_D, streams and adjustment bands
+and every worker rank the same flags. Only what Docker provides differently is rewritten:
+endpoints are service names (workers connect to ``tcp://coordinator:5556``; a decoder or stage
+binds ``0.0.0.0:6000`` and advertises ``tcp://<its service>:6000``; rank 0 of a TP group hosts
+the gloo rendezvous at ``tcp://<group>-r0:29500``), files are volumes (model, its config, the
+plan at /etc/exegpt/plan.json for the stats, CURVE keys) and there is no status pipe.
+
+Why one service per worker and not ``scale:``: each decoder or stage advertises its own
+hostname and each TP rank has its own rank, and replicas of one service share one
+environment. Every flag of every command is checked against the parsers of this build, so a
+generated file never names a flag the code lacks.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from coordinator.commands._compose_yaml import override_dict, to_yaml
 
 CLIENT_PORT = 5555
 WORKER_PORT = 5556
 KV_PORT = 6000
 TP_INIT_PORT = 29500  # rank 0 of a TP group hosts the group's gloo rendezvous
+DECODER_CAPACITY = 256  # `exegpt serve --decoder-capacity`'s default
 PLAN_IN_CONTAINER = "/etc/exegpt/plan.json"
 RUNS_IN_CONTAINER = "/runs"
 MODELS_IN_CONTAINER = "/models"
 KEYS_IN_CONTAINER = "/keys"
+
+__all__ = ["ComposeOptions", "build_flags", "compose_dict", "launch_spec", "override_dict",
+           "to_yaml", "worker_services"]
 
 
 @dataclass(frozen=True)
@@ -63,50 +74,29 @@ class ComposeOptions:
         writes it from the model file: the workers refuse any other config)."""
         return f"{self.model_file}.config.json"
 
-
-@dataclass(frozen=True)
-class WorkerUnit:
-    """One worker process: its service name, module, id and TP position."""
-
-    service: str
-    role: str
-    worker_id: str
-    tp_rank: int
-    tp_size: int
+    @property
+    def model_path(self) -> str:
+        return f"{MODELS_IN_CONTAINER}/{self.model_file}"
 
 
-def parser_flags(add_arguments: Any, *extra: Any) -> set[str]:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser, *extra)
+def _flags_of(parser: argparse.ArgumentParser) -> set[str]:
     return {opt for action in parser._actions for opt in action.option_strings}
 
 
 def build_flags() -> dict[str, set[str]]:
-    """The flags `python -m coordinator|encoder_worker|decoder_worker` take in this build."""
+    """The flags of `python -m coordinator`, `encoder_worker` and `decoder_worker` (--role
+    decoder and --role pipeline) in this build, from their own parsers."""
     from common import workerconfig
     from coordinator import config
+    from decoder_worker.__main__ import build_parser
 
-    return {"coordinator": parser_flags(config.add_arguments),
-            "encoder": parser_flags(workerconfig.add_arguments, "encoder"),
-            "decoder": parser_flags(workerconfig.add_arguments, "decoder")}
-
-
-def worker_units(plan: Any, plan_mode: bool) -> list[WorkerUnit]:
-    """The plan's worker processes. Without plan support in the coordinator a pipeline stage
-    (RRA) runs as one encoder plus one decoder, as `exegpt serve --null-model` does."""
-    units: list[WorkerUnit] = []
-    index = {"encoder": 0, "decoder": 0}
-    for group in plan.worker_groups:
-        roles = ("decoder",) if group.role == "pipeline" and plan_mode else (
-            ("encoder", "decoder") if group.role == "pipeline" else (group.role,))
-        for role in roles:
-            stem = f"{role[:3]}{index[role]}"
-            index[role] += 1
-            for rank in range(group.tp_size):
-                suffix = f".r{rank}" if group.tp_size > 1 else ""
-                units.append(WorkerUnit(stem + suffix.replace(".", "-"), role, stem + suffix,
-                                        rank, group.tp_size))
-    return units
+    coordinator = argparse.ArgumentParser()
+    config.add_arguments(coordinator)
+    encoder = argparse.ArgumentParser()
+    workerconfig.add_arguments(encoder, "encoder")
+    return {"coordinator": _flags_of(coordinator), "encoder": _flags_of(encoder),
+            "decoder": _flags_of(build_parser("decoder")),
+            "pipeline": _flags_of(build_parser("pipeline"))}
 
 
 # What the coordinator takes from the model config: a preset equal on these may stand in for it.
@@ -116,7 +106,7 @@ COORDINATOR_FIELDS = ("family", "vocab_size", "hidden_size", "num_layers", "num_
 
 
 def matching_preset(model: dict[str, Any]) -> str | None:
-    """The preset the coordinator can use for ``model`` (no model.json file needed)."""
+    """The preset the null model can size its work by for ``model``."""
     from common.models.config import ModelConfig
 
     for name in ModelConfig.preset_names():
@@ -126,41 +116,89 @@ def matching_preset(model: dict[str, Any]) -> str | None:
     return None
 
 
+def launch_spec(plan: Any, opts: ComposeOptions) -> Any:
+    """The LaunchSpec `exegpt serve --plan` builds for ``plan`` (same refusals, groups, knobs),
+    with container paths: the model and its tokenizer in /models, the plan file, the keys."""
+    from coordinator.launch import LaunchSpec
+    from coordinator.plan_launch import plan_fields
+
+    fields = plan_fields(plan, null_model=opts.null_model, decoder_capacity=DECODER_CAPACITY)
+    model: dict[str, Any]
+    if opts.null_model:
+        preset = matching_preset(plan.model)
+        if preset is None:
+            raise ValueError("the null model sizes its work by a model preset and no preset "
+                             "has the plan's model shape; plan for a preset model")
+        model = {"model_shape": preset}
+    else:  # compose.py writes the exact config beside the model file; the plan's stands in
+        model = {"model": opts.model_path, "model_config": dict(plan.model),
+                 "tokenizer": opts.model_path, "dtype": opts.dtype}
+    curve = (("--curve-server-key", f"{KEYS_IN_CONTAINER}/server.key_secret",
+              "--curve-allow", f"{KEYS_IN_CONTAINER}/allow") if opts.curve_dir else ())
+    return LaunchSpec(**fields, **model, transport="tcp", host="0.0.0.0",
+                      client_endpoint=f"tcp://0.0.0.0:{CLIENT_PORT}",
+                      runs_path=Path(RUNS_IN_CONTAINER), run_id=opts.run_id,
+                      plan_file=PLAN_IN_CONTAINER, coordinator_args=curve)
+
+
 def compose_dict(plan: Any, opts: ComposeOptions,
                  flags: dict[str, set[str]] | None = None) -> dict[str, Any]:
     """The whole compose file for ``plan`` as plain data."""
     flags = build_flags() if flags is None else flags
-    plan_mode = "--plan" in flags["coordinator"]
-    if not opts.null_model and not ("--model" in flags["decoder"] or plan_mode):
-        raise ValueError("the workers of this build cannot load a real model yet (no --model "
-                         "or --plan option); pass --null-model to generate a null-model mesh")
-    fields = launch_fields(plan, opts.null_model)
-    if not opts.null_model and not plan_mode and not fields:
-        from coordinator.commands._mesh_proc import _check_expressible
-
-        _check_expressible(plan)
-    units = worker_units(plan, plan_mode)
-    services = {"coordinator": _coordinator(plan, opts, flags["coordinator"], units, fields)}
-    for unit in units:
-        services[unit.service] = _worker(unit, opts, flags[unit.role], fields)
+    spec = launch_spec(plan, opts)
+    services = {"coordinator": _coordinator(spec, opts, flags["coordinator"])}
+    for name, cmd in worker_services(spec):
+        services[name] = _worker(cmd, opts, flags)
     return {"name": "exegpt", "x-exegpt-plan": _plan_summary(plan), "services": services}
 
 
-def launch_fields(plan: Any, null_model: bool) -> dict[str, Any]:
-    """What `exegpt serve --plan` would launch for ``plan`` (coordinator.plan_launch): the
-    same refusals, capacities and B_E adjustment bands, so compose runs what serve runs.
-    Empty when this build has no plan_launch, or (null model only) when it refuses the plan:
-    the null model then tries the mesh with one encoder and one decoder per stage."""
-    try:
-        from coordinator.plan_launch import plan_fields
-    except ImportError:
-        return {}
-    try:
-        return dict(plan_fields(plan, null_model=null_model, decoder_capacity=256))
-    except ValueError:
-        if null_model:
-            return {}
-        raise
+def worker_services(spec: Any) -> list[tuple[str, list[str]]]:
+    """(service name, command) of every worker rank of ``spec``, in launch order: serve's argv
+    with Docker's endpoints (worker ids ``dec0.r1`` become hostnames ``dec0-r1``)."""
+    out = []
+    for child in spec.worker_children(f"tcp://coordinator:{WORKER_PORT}"):
+        argv = list(child.argv)
+        worker_id = _value(argv, "--worker-id")
+        service = worker_id.replace(".", "-")
+        if "--tp-init" in argv:
+            _set(argv, "--tp-init", f"tcp://{worker_id.split('.')[0]}-r0:{TP_INIT_PORT}")
+        if "--kv-bind" in argv:
+            _set(argv, "--kv-bind", f"tcp://0.0.0.0:{KV_PORT}")
+            argv += ["--kv-advertise", f"tcp://{service}:{KV_PORT}"]
+        out.append((service, ["python", *argv[1:]]))
+    return out
+
+
+def _coordinator(spec: Any, opts: ComposeOptions, flags: set[str]) -> dict[str, Any]:
+    argv = list(spec.coordinator_child(status_fd=-1).argv)
+    _drop(argv, "--ready-fd")  # no launcher's status pipe: Docker only watches the process
+    _set(argv, "--worker-endpoint", f"tcp://0.0.0.0:{WORKER_PORT}")
+    service = _common(opts)
+    service["volumes"].append(f"{opts.plan_file}:{PLAN_IN_CONTAINER}:ro")
+    if spec.model_config is not None:  # the exact config, not a look-alike preset
+        _set(argv, "--model-config", f"{MODELS_IN_CONTAINER}/{opts.model_config_name}")
+        _drop(argv, "--model-shape")
+        service["volumes"].append(f"{opts.models_dir}:{MODELS_IN_CONTAINER}:ro")
+    if opts.curve_dir is not None:  # the server pair and the allow-list, read-only
+        service["volumes"].append(f"{opts.curve_dir}:{KEYS_IN_CONTAINER}:ro")
+    cmd = ["python", *argv[1:]]
+    _check(cmd, flags, "python -m coordinator")
+    service.update(command=cmd, ports=[f"{opts.client_port}:{CLIENT_PORT}"],
+                   stop_grace_period="20s")
+    return service
+
+
+def _worker(cmd: list[str], opts: ComposeOptions,
+            flags: dict[str, set[str]]) -> dict[str, Any]:
+    module = cmd[2]
+    role = "encoder" if module == "encoder_worker" else (
+        _value(cmd, "--role") if "--role" in cmd else "decoder")
+    _check(cmd, flags[role], f"python -m {module} ({role})")
+    service = _common(opts)
+    if not opts.null_model:
+        service["volumes"].append(f"{opts.models_dir}:{MODELS_IN_CONTAINER}:ro")
+    service.update(command=cmd, depends_on=["coordinator"], restart="on-failure")
+    return service
 
 
 def _common(opts: ComposeOptions) -> dict[str, Any]:
@@ -170,69 +208,17 @@ def _common(opts: ComposeOptions) -> dict[str, Any]:
             "volumes": [f"{opts.runs_dir}:{RUNS_IN_CONTAINER}"]}
 
 
-def _coordinator(plan: Any, opts: ComposeOptions, flags: set[str], units: list[WorkerUnit],
-                 fields: dict[str, Any]) -> dict[str, Any]:
-    cmd = ["python", "-m", "coordinator",
-           "--client-endpoint", f"tcp://0.0.0.0:{CLIENT_PORT}",
-           "--worker-endpoint", f"tcp://0.0.0.0:{WORKER_PORT}",
-           "--encoders", str(sum(u.role == "encoder" for u in units)),
-           "--decoders", str(sum(u.role == "decoder" for u in units)),
-           "--encode-batch", str(fields.get("encode_batch", plan.B_E))]
-    for key in ("adjust_token_sum", "adjust_decode_batch"):
-        flag = "--" + key.replace("_", "-")
-        if key in fields and flag in flags:
-            cmd += [flag, fields[key]]
-    service = _common(opts)
-    if opts.null_model:
-        preset = matching_preset(plan.model)
-        if preset is None:
-            raise ValueError("the null model sizes its work by a model preset and no preset "
-                             "has the plan's model shape; plan for a preset model")
-        cmd += ["--model-shape", preset]
-    if "--plan" in flags:
-        cmd += ["--plan", PLAN_IN_CONTAINER]
-        service["volumes"].append(f"{opts.plan_file}:{PLAN_IN_CONTAINER}:ro")
-    elif not opts.null_model and "--model-config" in flags:
-        cmd += ["--model-config", f"{MODELS_IN_CONTAINER}/{opts.model_config_name}"]
-    if not opts.null_model and "--tokenizer" in flags:
-        cmd += ["--tokenizer", f"{MODELS_IN_CONTAINER}/{opts.model_file}"]
-    if not opts.null_model:
-        service["volumes"].append(f"{opts.models_dir}:{MODELS_IN_CONTAINER}:ro")
-    if opts.curve_dir is not None:  # the server pair and the allow-list, read-only
-        cmd += ["--curve-server-key", f"{KEYS_IN_CONTAINER}/server.key_secret",
-                "--curve-allow", f"{KEYS_IN_CONTAINER}/allow"]
-        service["volumes"].append(f"{opts.curve_dir}:{KEYS_IN_CONTAINER}:ro")
-    _check(cmd, flags, "python -m coordinator")
-    service.update(command=cmd, ports=[f"{opts.client_port}:{CLIENT_PORT}"],
-                   stop_grace_period="20s")
-    return service
+def _value(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
 
 
-def _worker(unit: WorkerUnit, opts: ComposeOptions, flags: set[str],
-            fields: dict[str, Any]) -> dict[str, Any]:
-    cmd = ["python", "-m", f"{unit.role}_worker",
-           "--coordinator", f"tcp://coordinator:{WORKER_PORT}", "--worker-id", unit.worker_id,
-           "--tp-rank", str(unit.tp_rank), "--tp-size", str(unit.tp_size)]
-    capacity = next((g.capacity for g in fields.get("groups", ()) if g.role == unit.role), None)
-    if capacity is not None and "--capacity" in flags:
-        cmd += ["--capacity", str(capacity)]
-    if unit.tp_size > 1 and "--tp-init" in flags:
-        rank0 = unit.service.rsplit("-r", 1)[0] + "-r0"
-        cmd += ["--tp-init", f"tcp://{rank0}:{TP_INIT_PORT}"]
-    if unit.role == "decoder":
-        cmd += ["--kv-bind", f"tcp://0.0.0.0:{KV_PORT}",
-                "--kv-advertise", f"tcp://{unit.service}:{KV_PORT}"]
-    service = _common(opts)
-    if opts.null_model:
-        cmd.append("--null-model")
-    elif "--model" in flags:
-        cmd += ["--model", f"{MODELS_IN_CONTAINER}/{opts.model_file}"]
-        cmd += ["--dtype", opts.dtype] if "--dtype" in flags else []
-    if not opts.null_model:
-        service["volumes"].append(f"{opts.models_dir}:{MODELS_IN_CONTAINER}:ro")
-    _check(cmd, flags, f"python -m {unit.role}_worker")
-    service.update(command=cmd, depends_on=["coordinator"], restart="on-failure")
-    return service
+def _set(argv: list[str], flag: str, value: str) -> None:
+    argv[argv.index(flag) + 1] = value
+
+
+def _drop(argv: list[str], flag: str) -> None:
+    at = argv.index(flag)
+    del argv[at:at + 2]
 
 
 def _check(cmd: list[str], flags: set[str], who: str) -> None:
@@ -243,45 +229,14 @@ def _check(cmd: list[str], flags: set[str], who: str) -> None:
 
 def _plan_summary(plan: Any) -> dict[str, Any]:
     pr = plan.predicted
+    knobs: dict[str, Any] = {}
+    if plan.policy == "rra":
+        knobs["N_D"] = plan.N_D
+    if plan.policy in ("rra", "static", "continuous"):
+        knobs["microbatches"] = plan.microbatches
     return {"policy": plan.policy, "workload": plan.workload,
-            "latency_bound_s": plan.latency_bound_s, "B_E": plan.B_E,
+            "latency_bound_s": plan.latency_bound_s, "B_E": plan.B_E, **knobs,
             "groups": [f"{g.role} x{g.count} tp{g.tp_size} layers {g.layer_range[0]}-"
                        f"{g.layer_range[1]}" for g in plan.worker_groups],
             "predicted_throughput_seq_s": round(float(pr["throughput_seq_s"]), 4),
             "predicted_latency_p99len_s": round(float(pr["latency_p99len_s"]), 4)}
-
-
-def override_dict(full: dict[str, Any], base_text: str) -> dict[str, Any]:
-    """An override of an exegpt-generated base file: this plan's services replace the base's
-    (compose replaces ``command`` wholesale); base workers the plan does not have are moved to
-    a profile nobody activates, so ``docker compose up`` does not start them."""
-    base_services = set(re.findall(r"^  ([A-Za-z0-9._-]+):\s*$", _services_block(base_text),
-                                   re.MULTILINE))
-    services = dict(full["services"])
-    for name in sorted(base_services - set(services)):
-        services[name] = {"profiles": ["exegpt-unused"]}
-    return {"x-exegpt-plan": full["x-exegpt-plan"], "services": services}
-
-
-def _services_block(text: str) -> str:
-    match = re.search(r"^services:\s*$(.*?)(?=^\S|\Z)", text, re.MULTILINE | re.DOTALL)
-    if match is None:
-        raise ValueError("the base compose file has no top-level services: block")
-    return match.group(1)
-
-
-def to_yaml(value: Any, indent: int = 0) -> str:
-    """Block mappings, JSON flow scalars and lists (valid YAML 1.2, readable, dependency-free)."""
-    pad = "  " * indent
-    lines = []
-    for key, item in value.items():
-        if isinstance(item, dict) and item:
-            lines.append(f"{pad}{key}:")
-            lines.append(to_yaml(item, indent + 1))
-        elif isinstance(item, list) and item and all(isinstance(i, str) for i in item) \
-                and len(json.dumps(item)) > 80:
-            lines.append(f"{pad}{key}:")
-            lines += [f"{pad}  - {json.dumps(i)}" for i in item]
-        else:
-            lines.append(f"{pad}{key}: {json.dumps(item)}")
-    return "\n".join(lines)

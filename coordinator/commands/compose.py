@@ -5,8 +5,9 @@
     exegpt compose --plan plan.json --out docker-compose.override.yml # override of the base
     docker compose up                # see docs/deploy.md (build, model volume, logs)
 
-One coordinator service (client port published) and one service per worker process of the
-plan, on tcp endpoints named by service. With ``--out`` ending in ``.override.yml`` the file
+One coordinator service (client port published) and one service per worker process that
+`exegpt serve --plan` would start (WAA: enc0, dec0, ...; rra / static / continuous: stage0,
+stage1, ...), with the same flags, on tcp endpoints named by service. With ``--out`` ending in ``.override.yml`` the file
 is an override of the base ``docker-compose.yml`` next to it (``--base`` to name another):
 docker compose merges the two, so the base stays the default and the override carries the plan.
 """
@@ -97,6 +98,9 @@ def _write_model_config(plan: Any, opts: Any, out_dir: Path) -> None:
         from common.profiling.measure import resolve_model
 
         config = resolve_model(str(model_file)).to_dict()
+        if _shape(config) != _shape(plan.model):  # what `exegpt serve --plan` refuses too
+            raise ValueError(f"the plan was made for another model shape than {model_file}; "
+                             "re-plan with this model's profile")
     else:
         config = plan.model
         print(f"exegpt compose: {model_file} is not there yet: wrote the plan's model config; "
@@ -104,6 +108,10 @@ def _write_model_config(plan: Any, opts: Any, out_dir: Path) -> None:
               file=sys.stderr)
     models.mkdir(parents=True, exist_ok=True)
     (models / opts.model_config_name).write_text(json.dumps(config, indent=1) + "\n")
+
+
+def _shape(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k != "name"}
 
 
 def _out_dir(args: argparse.Namespace) -> Path:

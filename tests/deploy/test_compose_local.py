@@ -3,8 +3,10 @@ as a local process, service hostnames mapped to 127.0.0.1, container ports to fr
 volume targets to local directories. Then requests go through the published client port.
 
 Null model (no weights): this checks the wiring compose gives the mesh (endpoints by service
-name, KV advertised per decoder, registration, READY, serving, JSON logs in the runs volume,
-ordered shutdown), which does not depend on the math; the real-model mesh has its own tests.
+name, KV advertised per decoder or pipeline stage, stage s finding stage s+1, registration,
+READY, serving, JSON logs in the runs volume, ordered shutdown) for a WAA plan (encoders and
+decoders) and an RRA plan (stage workers), which does not depend on the math; the real-model
+mesh has its own tests.
 """
 
 from __future__ import annotations
@@ -71,8 +73,10 @@ class LocalCompose:
         return f"tcp://127.0.0.1:{self.port(service, int(container))}"
 
     def start(self, service: str) -> None:
-        for volume in self.services[service].get("volumes", []):
-            (self.workdir / volume.split(":")[0]).mkdir(parents=True, exist_ok=True)
+        for volume in self.services[service].get("volumes", []):  # docker creates missing ones
+            source = self.workdir / volume.split(":")[0]
+            if not source.exists():
+                source.mkdir(parents=True)
         log = open(self.workdir / f"{service}.stderr", "wb")  # noqa: SIM115
         self.procs[service] = subprocess.Popen(self.argv(service), env=self.env(service),
                                                cwd=self.workdir, stdout=log, stderr=log)
@@ -87,9 +91,10 @@ class LocalCompose:
             proc.wait()
 
 
-@pytest.fixture
-def compose_run(tmp_path: Path, plan_file, free_port) -> Iterator[LocalCompose]:  # noqa: ANN001
-    _, plan_path = plan_file("waa", 3)
+@pytest.fixture(params=["waa", "rra"])
+def compose_run(request: pytest.FixtureRequest, tmp_path: Path, plan_file,  # noqa: ANN001
+                free_port) -> Iterator[LocalCompose]:  # noqa: ANN001
+    _, plan_path = plan_file(request.param, 3)
     out = tmp_path / "docker-compose.yml"
     done = subprocess.run([*EXEGPT, "compose", "--plan", str(plan_path), "--out", str(out),
                            "--null-model"], capture_output=True, text=True, timeout=60)
@@ -118,7 +123,10 @@ async def _serve_when_ready(endpoint: str, prompts: list[list[int]], timeout_s: 
 def test_compose_services_as_local_processes(compose_run: LocalCompose) -> None:
     local = compose_run
     workers = [s for s in local.services if s != "coordinator"]
-    assert {s[:3] for s in workers} == {"enc", "dec"}
+    policy = local.services["coordinator"]["command"]
+    pipeline = "--policy" in policy and policy[policy.index("--policy") + 1] != "waa"
+    assert sorted(workers) == (["stage0", "stage1", "stage2"] if pipeline
+                               else ["dec0", "enc0", "enc1"])
     for service in workers:  # workers first: they retry HELLO until the coordinator is up,
         local.start(service)  # as containers started in any order do
     local.start("coordinator")
@@ -163,6 +171,11 @@ def test_top_level_compose_file_serves_the_real_model(tmp_path: Path, free_port)
     (tmp_path / "models" / f"{gguf.name}.config.json").write_text(
         json.dumps(resolve_model(str(gguf)).to_dict()))
     data = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for volume in data["services"]["coordinator"]["volumes"]:  # the plan file it ships with
+        source = volume.split(":")[0]
+        if (ROOT / source).is_file():
+            (tmp_path / source).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / source).write_bytes((ROOT / source).read_bytes())
     local = LocalCompose(data, tmp_path, free_port)
     try:
         for service in local.services:

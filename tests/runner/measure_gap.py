@@ -97,6 +97,9 @@ def main() -> None:
     plan = make_plan(workload, profile, args.workers, args.bound, policy=args.policy)
     ins, outs = workload.sample(np.random.default_rng(0), args.requests)
     work = [(int(i), int(o)) for i, o in zip(ins, outs, strict=True)]
+    s99 = int(plan.workload_info["p99_output"])
+    for k in (3, 2, 1):  # p99-length probes (SLA-(b)) at 1/4, 1/2, 3/4 of the submissions
+        work.insert(k * len(work) // 4, (int(ins[k]), s99))
     model = model_fields(gguf_path())
     spec = LaunchSpec(**model, **plan_fields(plan, null_model=False, decoder_capacity=256),
                       dtype="bfloat16", runs_path=Path("/tmp/runner-measure"))
@@ -116,7 +119,33 @@ def main() -> None:
     report = summarise(plan, profile, work, results, wall, stats)
     report["cpu_s_per_process"] = cpu
     report["load_average"] = [load0, load1]
+    report["contention"] = contention(plan, profile, workload, report, cpu)
     print(json.dumps(report, indent=1))
+
+
+def contention(plan: Any, profile: Profile, workload: Any, report: dict[str, Any],
+               cpu: dict[str, float]) -> dict[str, Any]:
+    """Busy wall seconds / CPU seconds of the compute processes (how much longer a pass took
+    than the CPU it used), and the plan re-simulated with every profile time scaled by that
+    factor: what the cost model predicts for this machine under this load."""
+    from coordinator.bench.calibrate import scaled_profile
+    from coordinator.planner.candidate import Candidate
+    from coordinator.planner.simulator import simulate
+
+    busy = report["busy_wall_s"]
+    procs = {n: c for n, c in cpu.items() if n != "coordinator"}
+    factors = {n: round(busy[i] / c, 2) for i, (n, c) in enumerate(procs.items()) if c > 0}
+    factor = sum(busy) / sum(procs.values())
+    search = plan.search
+    cand = Candidate(plan.policy, plan.num_workers, int(search.get("tp", 1)),
+                     int(search.get("num_tp_workers", 0)), plan.B_E, plan.N_D or 1,
+                     plan.B_m or 1)
+    met = simulate(cand, workload, scaled_profile(profile, factor, "measured wall/CPU"))
+    same = simulate(cand, workload, profile)  # must reproduce the plan's prediction
+    assert abs(same.throughput_seq_s / plan.predicted["throughput_seq_s"] - 1) < 1e-6
+    return {"wall_over_cpu": factors, "overall": round(factor, 3),
+            "predicted_at_load": {"throughput_seq_s": round(met.throughput_seq_s, 3),
+                                  "latency_p99len_s": round(met.latency_p99len_s, 2)}}
 
 
 def summarise(plan: Any, profile: Profile, work: list[tuple[int, int]],
@@ -149,6 +178,21 @@ def summarise(plan: Any, profile: Profile, work: list[tuple[int, int]],
     enc_pred = np.array(enc_stage).sum(axis=1)
     busy_pred = per_stage.sum(axis=0) + np.array(enc_stage).sum(axis=0)
     overall = stats.get("overall", {})
+    stage_busy = overall.get("stage_busy_s") or []
+    busy_wall = ([float(x) for x in stage_busy] if stage_busy
+                 else [float(np.sum(enc_meas)), float(np.sum(gaps))])
+    starts_sorted = sorted(r.lifecycle.t_encode_start for r in results)
+    lo = starts_sorted[len(starts_sorted) // 5]
+    hi = starts_sorted[-1]
+    window = sum(lo <= t < hi for t in starts_sorted)
+    probes = [r.lifecycle.t_tokens[-1] - r.lifecycle.t_encode_start
+              for r, (_i, o) in zip(results, work, strict=True) if o == s99]
+    hand = [r.lifecycle.t_kv_received - r.lifecycle.t_kv_sent for r in results
+            if r.lifecycle.t_kv_received and r.lifecycle.t_kv_sent]
+    ready = [r.lifecycle.t_kv_received or r.lifecycle.t_encode_end for r in results]
+    wait = [r.lifecycle.t_tokens[1] - t for r, t in zip(results, ready, strict=True)
+            if len(r.lifecycle.t_tokens) > 1]
+    num_steps = sum(n for _t, n, _b, _c in steps[1:])
     return {
         "plan": {"policy": plan.policy, "B_E": plan.B_E, "N_D": plan.N_D,
                  "stages": [list(g.layer_range) for g in plan.worker_groups]},
@@ -157,18 +201,22 @@ def summarise(plan: Any, profile: Profile, work: list[tuple[int, int]],
                      "throughput_seq_s": round(len(results) / wall, 3),
                      "mean_output": statistics.mean(len(r.tokens) for r in results),
                      "mean_input": statistics.mean(i for i, _o in work),
-                     "latency_p99len_mean_s": round(statistics.mean(lat99), 2) if lat99 else None,
-                     "latency_p99len_n": len(lat99)},
+                     "steady_throughput_seq_s": round(window / (hi - lo), 3),
+                     "latency_p99len_probes_s": [round(x, 2) for x in probes],
+                     "latency_p99len_all_n": len(lat99),
+                     "handoff_mean_ms": round(float(np.mean(hand)) * 1e3, 1) if hand else None,
+                     "ready_to_2nd_token_mean_ms": round(float(np.mean(wait)) * 1e3, 1)},
         "decode_steps": {"n": len(gaps), "mean_batch": round(float(np.mean(
             [b for _t, _n, b, _c in steps[1:]])), 1),
-            "measured_mean_ms": round(float(np.mean(gaps)) * 1e3, 1),
-            "predicted_mean_ms": round(float(np.mean(pred)) * 1e3, 1),
+            "steps": num_steps,
+            "measured_wall_per_step_ms": round(float(np.sum(gaps)) / num_steps * 1e3, 1),
+            "predicted_per_step_ms": round(float(np.sum(pred)) / num_steps * 1e3, 1),
             "ratio_sum": round(float(np.sum(gaps) / np.sum(pred)), 3)},
         "encode_passes": {"n": len(enc_meas), "measured_mean_ms": round(
             float(np.mean(enc_meas)) * 1e3, 1), "predicted_mean_ms": round(
             float(np.mean(enc_pred)) * 1e3, 1),
             "ratio_sum": round(float(np.sum(enc_meas) / np.sum(enc_pred)), 3)},
-        "stage_busy_s": overall.get("stage_busy_s"),
+        "busy_wall_s": [round(x, 2) for x in busy_wall],
         "stage_busy_predicted_s": [round(float(x), 2) for x in busy_pred],
     }
 

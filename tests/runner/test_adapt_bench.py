@@ -71,7 +71,7 @@ def test_summary_phases_and_switch_figures() -> None:
 
 
 def test_tiny_bench_run_is_well_formed(tmp_path: Path) -> None:
-    cfg = BenchConfig(NullCosts(2.0, 0.5, 0.05), bound_s=0.5, before_s=3.0, after_s=4.0,
+    cfg = BenchConfig(NullCosts(2.0, 0.5, 0.05), bound_s=0.5, before_s=2.0, after_s=3.0,
                       concurrency=32, adapt_options="window=32,min_samples=16,min_dwell_s=1,"
                       "min_dwell_requests=8")
     summary = bench(cfg, ["adapt", "restart"], tmp_path, say=lambda _: None)

@@ -146,13 +146,14 @@ def test_shift_to_long_outputs_switches_knobs_and_every_request_completes(
             sent = await _run(client, long[:SHIFT_LIMIT], results, stop=switched)
             await asyncio.wait_for(watcher, timeout=60)
             after = await _run(client, long[SHIFT_LIMIT:], results)
-            final = await _adapt_stats(client)
+            full = (await client.stats()).stats
         answered = [r for r in long[:sent] + long[SHIFT_LIMIT:] if r[0] in results]
         _check_tokens(answered, results, len(results) - STATIONARY, vocab)
         assert len(answered) == sent + after and after == AFTER
-        return stationary, final, sent, len(results)
+        return stationary, full, sent, len(results)
 
-    stationary, final, sent, total = asyncio.run(scenario())
+    stationary, full, sent, total = asyncio.run(scenario())
+    final = full["adapt"]
     assert stationary["switches"] == [] and stationary["detector"]["state"] in ("stable",
                                                                                 "suspect")
     assert total == STATIONARY + sent + AFTER  # every request answered exactly once
@@ -165,6 +166,14 @@ def test_shift_to_long_outputs_switches_knobs_and_every_request_completes(
         assert final["live"]["streams"] == [{"batch": final["knobs"]["B_E"],
                                              "n_d": final["knobs"]["N_D"]}] * plan.microbatches
     assert "output" in switch["reason"]
+    # stats compare with the plan switched to; the switches are listed there too
+    assert full["plan"]["B_E"] == final["knobs"]["B_E"]
+    assert [s["new"] for s in full["plan_switches"]] == [s["new"] for s in final["switches"]]
+    assert full["vs_plan"]["since"] == pytest.approx(final["switches"][-1]["t"])
+    if plan.policy == "rra":  # the pipeline reports the live knobs, not the launch flags
+        assert (full["pipeline"]["B"], full["pipeline"]["N_D"]) == (
+            final["knobs"]["B_E"], final["knobs"]["N_D"])
+        assert full["pipeline"]["launch"] == {"B": plan.B_E, "N_D": plan.N_D}
     # fired within DETECT_BOUND requests of the shift (the arrival count includes the shift)
     assert 0 < switch["detect_arrival"] - STATIONARY <= DETECT_BOUND
     print(f"\nfired after {switch['detect_arrival'] - STATIONARY} long requests, switched "
