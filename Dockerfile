@@ -1,4 +1,5 @@
-# exegpt: one image for every role (coordinator, encoder_worker, decoder_worker, `exegpt up`).
+# exegpt: one image for every role (coordinator, encoder_worker, decoder_worker incl. pipeline
+# stages, `exegpt up`).
 #   docker build -t exegpt:latest .         (or `docker compose build`; see docs/deploy.md)
 # CPU-only: torch comes from PyTorch's CPU wheel index. PyPI's default torch wheel for Linux is
 # the CUDA build (several GB of libraries a CPU host never uses); installing torch first from
@@ -32,8 +33,9 @@ ENV EXEGPT_RUNS_DIR=/runs \
 RUN mkdir -p /runs /models /cache
 VOLUME ["/runs", "/cache"]
 
-# 5555: clients; 5556: workers -> coordinator; 6000: KV endpoint of a decoder worker.
-EXPOSE 5555 5556 6000
+# 5555: clients; 5556: workers -> coordinator; 6000: KV endpoint of a decoder worker or a
+# pipeline stage worker; 29500: rank 0 of a TP group (the group's gloo rendezvous).
+EXPOSE 5555 5556 6000 29500
 
 # Without a command the container runs the embedded default on the published client port.
 CMD ["exegpt", "up", "--host", "0.0.0.0", "--port", "5555"]

@@ -7,9 +7,10 @@
 
 One coordinator service (client port published) and one service per worker process that
 `exegpt serve --plan` would start (WAA: enc0, dec0, ...; rra / static / continuous: stage0,
-stage1, ...), with the same flags, on tcp endpoints named by service. With ``--out`` ending in ``.override.yml`` the file
-is an override of the base ``docker-compose.yml`` next to it (``--base`` to name another):
-docker compose merges the two, so the base stays the default and the override carries the plan.
+stage1, ...), with the same flags, on tcp endpoints named by service. With ``--out`` ending
+in ``.override.yml`` the file is an override of the base ``docker-compose.yml`` next to it
+(``--base`` to name another): docker compose merges the two, so the base stays the default and
+the override carries the plan.
 """
 
 from __future__ import annotations
