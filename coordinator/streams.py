@@ -80,6 +80,12 @@ class Stream:
                 f"busy={self.busy is not None}, free={len(self._free)})")
 
     @property
+    def mid_cycle(self) -> bool:
+        """rra: inside a cycle (decode passes left over a non-empty batch); the driver keeps
+        other streams from starting their next cycle meanwhile (lock step, as simulated)."""
+        return self.knobs.policy == "rra" and self._decodes_left > 0 and bool(self.running)
+
+    @property
     def pending_free(self) -> tuple[str, ...]:
         return tuple(self._free)
 

@@ -84,7 +84,11 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> Path:
         ax.set_ylabel(f"measured ({unit})")
         ax.set_title(f"{key} (plans the K requests fill)", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if pts:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no run the K requests fill", ha="center",
+                    transform=ax.transAxes)
     return _save(fig, path)
 
 

@@ -215,7 +215,10 @@ def summarise(plan: Any, profile: Profile, work: list[tuple[int, int]],
         "encode_passes": {"n": len(enc_meas), "measured_mean_ms": round(
             float(np.mean(enc_meas)) * 1e3, 1), "predicted_mean_ms": round(
             float(np.mean(enc_pred)) * 1e3, 1),
-            "ratio_sum": round(float(np.sum(enc_meas) / np.sum(enc_pred)), 3)},
+            "ratio_sum": round(float(np.sum(enc_meas) / np.sum(enc_pred)), 3),
+            "batches": [[round(t0 - starts_sorted[0], 1),
+                         round(starts[t0].lifecycle.t_encode_end - starts_sorted[0], 1),
+                         len(lens)] for t0, lens in sorted(batches.items())]},
         "busy_wall_s": [round(x, 2) for x in busy_wall],
         "stage_busy_predicted_s": [round(float(x), 2) for x in busy_pred],
     }

@@ -36,8 +36,8 @@ class Log:
 
 
 def _coordinator(**kw: Any) -> tuple[Coordinator, Sock, Sock]:
-    cfg = CoordinatorConfig("ipc:///tmp/c", "ipc:///tmp/w", policy="static",
-                            pipeline_stages=2, max_encode_batch=4, **kw)
+    kw = {"policy": "static", "max_encode_batch": 4, **kw}
+    cfg = CoordinatorConfig("ipc:///tmp/c", "ipc:///tmp/w", pipeline_stages=2, **kw)
     co = Coordinator(cfg, Log())
     workers, clients = Sock(), Sock()
     co.client_endpoint = co.worker_endpoint = "ipc:///tmp/x"
@@ -51,8 +51,8 @@ def _hello(co: Coordinator, stage: Any, role: str = "pipeline") -> None:
                                                       capacity={"stage": stage}))
 
 
-def _serving() -> tuple[Coordinator, Sock, Sock]:
-    co, workers, clients = _coordinator()
+def _serving(**kw: Any) -> tuple[Coordinator, Sock, Sock]:
+    co, workers, clients = _coordinator(**kw)
     for s in (0, 1):
         _hello(co, s)
     for s in (0, 1):
@@ -159,3 +159,41 @@ def test_layouts_cover_the_model() -> None:
     with pytest.raises(ValueError, match="pipeline_stages"):
         CoordinatorConfig("ipc:///a", "ipc:///b", policy="rra", pipeline_stages=2,
                           stage_layers="0:2")
+
+
+def test_rra_streams_start_their_cycles_in_lock_step() -> None:
+    """A stream whose cycle ended does not encode while the other is inside the same cycle
+    (its encode would sit in front of the other's decode passes on every stage)."""
+    co, workers, _ = _serving(policy="rra", max_encode_batch=1, n_d=2)
+    workers.sent.clear()
+    for r in "abcd":
+        _submit(co, r, n=10)
+    co.schedule()
+    first = [sp for _, sp in workers.take(P.StagePass)]
+    assert [(sp.stream, sp.kind, sp.req_ids) for sp in first] == [
+        (0, "encode", ("a",)), (1, "encode", ("b",))]
+    stage1 = co.members.registry.get("stage1")
+
+    def done(sp: P.StagePass, req: str, token: int) -> P.StagePass | None:
+        co.members._dispatch(stage1, P.PassDone(worker_id="stage1", pass_id=sp.pass_id,
+                                                stream=sp.stream, kind=sp.kind,
+                                                updates=(P.TokenUpdate(req, (token,)),)))
+        co.schedule()
+        sent = [m for _, m in workers.take(P.StagePass)]
+        return sent[0] if sent else None
+
+    sp = first[0]
+    for token in (7, 8):  # stream 0: encode back, then its two decode passes
+        sp = done(sp, "a", token)
+        assert sp is not None and (sp.stream, sp.kind) == (0, "decode")
+    assert done(sp, "a", 9) is None  # cycle over, "c" waits: stream 1 is mid-cycle
+    sp = first[1]
+    for token in (7, 8):
+        sp = done(sp, "b", token)
+        assert sp is not None and (sp.stream, sp.kind) == (1, "decode")
+    co.members._dispatch(stage1, P.PassDone(worker_id="stage1", pass_id=sp.pass_id,
+                                            stream=1, kind="decode",
+                                            updates=(P.TokenUpdate("b", (9,)),)))
+    co.schedule()  # both cycles over: both streams encode their next requests
+    assert sorted((m.stream, m.kind, m.req_ids) for _, m in workers.take(P.StagePass)) == [
+        (0, "encode", ("c",)), (1, "encode", ("d",))]
