@@ -167,8 +167,9 @@ class PipelineDriver:
         stage0 = self._lead(0)
         assert stage0 is not None
         n = len(self.streams)
+        start = self._next_stream  # fixed for this sweep: every stream is considered once
         for k in range(n):
-            stream = self.streams[(self._next_stream + k) % n]
+            stream = self.streams[(start + k) % n]
             if stream.busy is not None:
                 continue
             self._sync(stream)

@@ -186,13 +186,10 @@ class _Run:
     def problem(self, axes: list[Axis], make: _Maker, bound: float) -> Problem:
         floor_of = {"rra": rra_memory_floor, "waa-c": waa_memory_floor,
                     "waa-m": waa_memory_floor}.get(self.policy)
-
-        def floor(x: tuple[int, ...]) -> float:
-            assert floor_of is not None
-            return floor_of(make(x), self.stats, self.costs)
+        floor = None if floor_of is None else (
+            lambda x: floor_of(make(x), self.stats, self.costs))
         return Problem(axes, lambda x: self.score(make(x)),
-                       lambda x: self.objective(make(x)), bound,
-                       floor if floor_of is not None else None)
+                       lambda x: self.objective(make(x)), bound, floor)
 
 
 def search(workload: WorkloadStats, costs: Costs, num_workers: int, latency_bound: float, *,
