@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/exegpt generate --prompt "What is the capital of France?"
+	$(BIN)/exegpt up --demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
