@@ -18,8 +18,8 @@ from __future__ import annotations
 import itertools
 
 import torch
-import torch.distributed as dist
 
+from common import tpwire
 from common.backend import DecodeSeq, StepToken
 from common.backend_engine import EngineDecodeBackend
 from common.engine.batch import StageBatch
@@ -27,20 +27,8 @@ from common.engine.kv_cache import KVExport
 from common.engine.tp import TPGroup
 from common.models.registry import ModelSpec
 
-OP_EXIT, OP_NOOP, OP_ADD, OP_STEP, OP_FREE = range(5)
+OP_ADD, OP_STEP, OP_FREE = 2, 3, 4  # after tpwire's OP_EXIT, OP_NOOP
 KV_NAMES = ("k", "v", "cross_k", "cross_v")
-
-
-def _bcast(values: list[int]) -> list[int]:
-    t = torch.tensor(values, dtype=torch.long)
-    dist.broadcast(t, src=0)
-    return t.tolist()
-
-
-def _recv(n: int) -> list[int]:
-    t = torch.zeros(n, dtype=torch.long)
-    dist.broadcast(t, src=0)
-    return t.tolist()
 
 
 class TPDecodeBackend(EngineDecodeBackend):
@@ -63,12 +51,12 @@ class TPDecodeBackend(EngineDecodeBackend):
         names = [KV_NAMES.index(n) for n in tensors]
         head_range = seq.head_range or (0, self.stage.cache.num_kv_heads)
         layers = seq.layer_range or (0, self.cfg.num_layers)
-        _bcast([OP_ADD, handle])
-        _bcast([len(names), *head_range, *layers])
-        _bcast(names)
+        tpwire.send_ints([OP_ADD, handle])
+        tpwire.send_ints([len(names), *head_range, *layers])
+        tpwire.send_ints(names)
         for t in tensors.values():
-            _bcast(list(t.shape))
-            dist.broadcast(t.float().contiguous(), src=0)
+            tpwire.send_ints(list(t.shape))
+            tpwire.send_floats(t)
         self._import(handle, tensors, head_range, layers)
         self._handle_of[seq.req_id], self._req_of[handle] = handle, seq.req_id
         self.register(seq)
@@ -77,8 +65,8 @@ class TPDecodeBackend(EngineDecodeBackend):
         handle = self._handle_of.get(req_id)
         if handle is None:
             return
-        _bcast([OP_FREE, 1])
-        _bcast([handle])
+        tpwire.send_ints([OP_FREE, 1])
+        tpwire.send_ints([handle])
         self._drop(req_id)
 
     def step(self) -> list[StepToken]:
@@ -88,27 +76,26 @@ class TPDecodeBackend(EngineDecodeBackend):
         order = [self._req_of[int(h)] for h in self.stage.cache.order()]
         handles = [self._handle_of[r] for r in order]
         last = [self._last[r] for r in order]
-        _bcast([OP_STEP, len(order)])
-        _bcast(handles)
-        _bcast(last)
+        tpwire.send_ints([OP_STEP, len(order)])
+        tpwire.send_ints(handles)
+        tpwire.send_ints(last)
         logits = self.stage.decode(StageBatch.from_tokens([str(h) for h in handles], last,
                                                           self.device))
         out = self.finish_step(order, self.sampler.sample(order, logits))
         done = [self._handle_of[t.req_id] for t in out if t.finished]
         if done:
-            _bcast([OP_FREE, len(done)])
-            _bcast(done)
+            tpwire.send_ints([OP_FREE, len(done)])
+            tpwire.send_ints(done)
             for t in out:
                 if t.finished:
                     self._drop(t.req_id)
         return out
 
     def idle(self) -> None:
-        _bcast([OP_NOOP, 0])
+        tpwire.send_noop()
 
     def close(self) -> None:
-        _bcast([OP_EXIT, 0])
-        dist.destroy_process_group()
+        tpwire.send_exit()
 
     def _drop(self, req_id: str) -> None:
         handle = self._handle_of.pop(req_id)
@@ -132,29 +119,24 @@ class TPDecodeBackend(EngineDecodeBackend):
     # ---- ranks > 0 ----------------------------------------------------------------------
     def follow(self) -> int:
         """Mirror rank 0's batch until it says EXIT; returns the exit code."""
-        while True:
-            op, arg = _recv(2)
-            if op == OP_EXIT:
-                dist.destroy_process_group()
-                return 0
+        while (header := tpwire.recv_header()) is not None:
+            op, arg = header
             if op == OP_ADD:
                 self._follow_add(arg)
             elif op == OP_STEP:
-                handles, last = _recv(arg), _recv(arg)
+                handles, last = tpwire.recv_ints(arg), tpwire.recv_ints(arg)
                 self.stage.compact()
                 self.stage.decode(StageBatch.from_tokens([str(h) for h in handles], last,
                                                          self.device))
             elif op == OP_FREE:
-                for handle in _recv(arg):
+                for handle in tpwire.recv_ints(arg):
                     self.stage.free(str(handle))
+        return 0
 
     def _follow_add(self, handle: int) -> None:
-        count, h0, h1, l0, l1 = _recv(5)
-        names = [KV_NAMES[i] for i in _recv(count)]
+        count, h0, h1, l0, l1 = tpwire.recv_ints(5)
+        names = [KV_NAMES[i] for i in tpwire.recv_ints(count)]
         tensors = {}
         for name in names:
-            shape = _recv(4)
-            buf = torch.empty(shape, dtype=torch.float32)
-            dist.broadcast(buf, src=0)
-            tensors[name] = buf
+            tensors[name] = tpwire.recv_floats(tpwire.recv_ints(4))
         self._import(handle, tensors, (h0, h1), (l0, l1))

@@ -21,26 +21,14 @@ import itertools
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from common import tpwire
 from common.backend_stage_engine import EngineStageBackend, Range
 from common.engine.tp import TPGroup
 from common.models.registry import ModelSpec
 
-OP_EXIT, OP_NOOP, OP_FREE, OP_PASS = range(4)
+OP_FREE, OP_PASS = 2, 3  # after tpwire's OP_EXIT, OP_NOOP
 KINDS = ("encode", "decode")
-
-
-def _bcast(values: list[int]) -> list[int]:
-    t = torch.tensor(values, dtype=torch.long)
-    dist.broadcast(t, src=0)
-    return t.tolist()
-
-
-def _recv(n: int) -> list[int]:
-    t = torch.zeros(n, dtype=torch.long)
-    dist.broadcast(t, src=0)
-    return t.tolist()
 
 
 class TPStageBackend(EngineStageBackend):
@@ -70,55 +58,51 @@ class TPStageBackend(EngineStageBackend):
         return str(self._handle_of[req_id])
 
     def _free_names(self, names: list[str]) -> None:
-        _bcast([OP_FREE, len(names)])
-        _bcast([int(n) for n in names])
+        tpwire.send_ints([OP_FREE, len(names)])
+        tpwire.send_ints([int(n) for n in names])
         super()._free_names(names)
 
     def _forward(self, kind: str, stream: int, names: list[str], seq_lens: list[int],
                  ids: list[int] | None, hidden: torch.Tensor | None) -> torch.Tensor:
         rows = sum(seq_lens)
-        _bcast([OP_PASS, 0])
-        _bcast([KINDS.index(kind), stream, len(names), rows, int(ids is None)])
-        _bcast([int(n) for n in names])
-        _bcast(seq_lens)
+        tpwire.send_ints([OP_PASS, 0])
+        tpwire.send_ints([KINDS.index(kind), stream, len(names), rows, int(ids is None)])
+        tpwire.send_ints([int(n) for n in names])
+        tpwire.send_ints(seq_lens)
         if ids is not None:
-            _bcast(ids)
+            tpwire.send_ints(ids)
         else:
             assert hidden is not None
-            hidden = hidden.float().contiguous()  # gloo broadcasts float32, not bf16
-            dist.broadcast(hidden, src=0)
+            hidden = hidden.float().contiguous()  # the followers run on float32 rows too
+            tpwire.send_floats(hidden)
         return super()._forward(kind, stream, names, seq_lens, ids, hidden)
 
     def idle(self) -> None:
-        _bcast([OP_NOOP, 0])
+        tpwire.send_noop()
 
     def close(self) -> None:
-        _bcast([OP_EXIT, 0])
-        dist.destroy_process_group()
+        tpwire.send_exit()
 
     # ---- ranks > 0 ------------------------------------------------------------------------
     def follow(self) -> int:
         """Mirror rank 0's passes until it says EXIT; returns the exit code."""
-        while True:
-            op, arg = _recv(2)
-            if op == OP_EXIT:
-                dist.destroy_process_group()
-                return 0
+        while (header := tpwire.recv_header()) is not None:
+            op, arg = header
             if op == OP_FREE:
-                EngineStageBackend._free_names(self, [str(h) for h in _recv(arg)])
+                EngineStageBackend._free_names(self, [str(h) for h in tpwire.recv_ints(arg)])
             elif op == OP_PASS:
                 self._follow_pass()
+        return 0
 
     def _follow_pass(self) -> None:
-        kind, stream, n, rows, has_hidden = _recv(5)
-        names = [str(h) for h in _recv(n)]
-        seq_lens = _recv(n)
+        kind, stream, n, rows, has_hidden = tpwire.recv_ints(5)
+        names = [str(h) for h in tpwire.recv_ints(n)]
+        seq_lens = tpwire.recv_ints(n)
         ids = hidden = None
         if has_hidden:
-            hidden = torch.empty((rows, self.model.hidden_size), dtype=torch.float32)
-            dist.broadcast(hidden, src=0)
+            hidden = tpwire.recv_floats((rows, self.model.hidden_size))
         else:
-            ids = _recv(rows)
+            ids = tpwire.recv_ints(rows)
         try:
             EngineStageBackend._forward(self, KINDS[kind], stream, names, seq_lens, ids,
                                         hidden)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
+from typing import Any
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -144,70 +145,70 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "--client-endpoint reads EXEGPT_COORDINATOR_ENDPOINT (the variable clients "
                      "use too) and --worker-endpoint EXEGPT_WORKER_ENDPOINT.")
     add = parser.add_argument
+
+    def opt(flag: str, default: Any = None, **kw: Any) -> None:
+        """``flag`` defaulting to EXEGPT_<FLAG> when set (argparse parses a string default with
+        ``type``, so a bad value is a usage error), else to ``default``."""
+        raw = _env(flag.lstrip("-").upper().replace("-", "_"))
+        add(flag, default=default if raw in (None, "") else raw, **kw)
+
     add("--client-endpoint", default=_env("COORDINATOR_ENDPOINT", "tcp://127.0.0.1:5555"),
         help="where clients connect (bind); tcp://host:* picks a free port")
-    add("--worker-endpoint", default=_env("WORKER_ENDPOINT", "tcp://127.0.0.1:5556"),
-        help="where workers connect (bind)")
-    add("--encoders", type=int, default=int(_env("ENCODERS", "1") or 1),
+    opt("--worker-endpoint", "tcp://127.0.0.1:5556", help="where workers connect (bind)")
+    opt("--encoders", 1, type=int,
         help="encoder workers (TP ranks count separately) to wait for before serving")
-    add("--decoders", type=int, default=int(_env("DECODERS", "1") or 1))
-    add("--encode-batch", type=int, default=int(_env("ENCODE_BATCH", "16") or 16),
-        help="max requests per encode batch (the plan's B_E)")
-    add("--max-queued", type=int, default=int(_env("MAX_QUEUED", "100000") or 100000),
+    opt("--decoders", 1, type=int)
+    opt("--encode-batch", 16, type=int, help="max requests per encode batch (the plan's B_E)")
+    opt("--max-queued", 100000, type=int,
         help="requests waiting for an encoder; beyond it Submit gets 'overloaded' with a "
              "retry-after estimated from the drain rate")
-    add("--max-client-requests", type=int,
-        default=int(_env("MAX_CLIENT_REQUESTS", "10000") or 10000),
+    opt("--max-client-requests", 10000, type=int,
         help="requests in flight per client connection (overloaded beyond it)")
-    add("--max-prompt-tokens", type=int,
-        default=int(_env("MAX_PROMPT_TOKENS", "8192") or 8192))
-    add("--max-new-tokens", type=int, default=int(_env("MAX_NEW_TOKENS", "8192") or 8192))
-    add("--curve-server-key", default=_env("CURVE_SERVER_KEY"),
+    opt("--max-prompt-tokens", 8192, type=int)
+    opt("--max-new-tokens", 8192, type=int)
+    opt("--curve-server-key",
         help="server.key_secret from `exegpt keys`: the client port speaks CURVE and admits "
              "only the public keys in --curve-allow")
-    add("--curve-allow", default=_env("CURVE_ALLOW"),
+    opt("--curve-allow",
         help="directory of client public keys (*.key) allowed on the client port")
-    add("--curve-worker-allow", default=_env("CURVE_WORKER_ALLOW"),
+    opt("--curve-worker-allow",
         help="directory of worker public keys: the worker port speaks CURVE too")
-    add("--heartbeat-interval", type=float,
-        default=float(_env("HEARTBEAT_INTERVAL", "0.5") or 0.5))
-    add("--heartbeat-timeout", type=float, default=float(_env("HEARTBEAT_TIMEOUT", "5") or 5))
-    add("--drain-timeout", type=float, default=float(_env("DRAIN_TIMEOUT", "10") or 10))
-    add("--model-shape", default=_env("MODEL_SHAPE", "tiny-llama"),
-        help="ModelConfig preset the workers size their work by")
-    add("--model-config", default=_env("MODEL_CONFIG"),
+    opt("--heartbeat-interval", 0.5, type=float)
+    opt("--heartbeat-timeout", 5.0, type=float)
+    opt("--drain-timeout", 10.0, type=float)
+    opt("--model-shape", "tiny-llama", help="ModelConfig preset the workers size their work by")
+    opt("--model-config",
         help="JSON file with the served model's ModelConfig (overrides --model-shape)")
-    add("--tokenizer", default=_env("TOKENIZER"),
+    opt("--tokenizer",
         help="HF model directory (tokenizer.json) or .gguf whose tokenizer turns text "
              "prompts into ids and outputs back into text")
-    add("--adjust-token-sum", default=_env("ADJUST_TOKEN_SUM"),
+    opt("--adjust-token-sum",
         help="LO,HI: keep each encode batch's input-token sum in this band by adjusting B_E "
              "(the plan's adjust.token_sum)")
-    add("--adjust-decode-batch", default=_env("ADJUST_DECODE_BATCH"),
+    opt("--adjust-decode-batch",
         help="LO,HI: keep the decoders' running batch in this band by adjusting B_E "
              "(the plan's adjust.decode_batch)")
-    add("--policy", default=_env("POLICY", "waa"), choices=POLICIES,
+    opt("--policy", "waa", choices=POLICIES,
         help="waa: encoder and decoder workers; rra/static/continuous: a pipeline of stage "
              "workers (python -m decoder_worker --role pipeline) scheduled by streams")
-    add("--pipeline-stages", type=int, default=int(_env("PIPELINE_STAGES", "0") or 0),
+    opt("--pipeline-stages", 0, type=int,
         help="pipeline policies: how many stages (TP groups) to wait for")
-    add("--stage-layers", default=_env("STAGE_LAYERS"),
+    opt("--stage-layers",
         help="LO:HI,...: decoder layers of each stage (default: an even split)")
-    add("--stage-encoder-layers", default=_env("STAGE_ENCODER_LAYERS"),
+    opt("--stage-encoder-layers",
         help="LO:HI,...: T5 encoder layers of each stage (default: an even split)")
-    add("--n-d", type=int, default=int(_env("N_D", "1") or 1),
-        help="rra: decode passes per encode pass (the plan's N_D)")
-    add("--streams", type=int, default=int(_env("STREAMS", "0") or 0),
+    opt("--n-d", 1, type=int, help="rra: decode passes per encode pass (the plan's N_D)")
+    opt("--streams", 0, type=int,
         help="pipeline policies: request groups in flight (default: one per stage)")
-    add("--plan", default=_env("PLAN"),
+    opt("--plan",
         help="the plan JSON this mesh runs (`exegpt plan --out`): stats report its predicted "
              "throughput/latency beside the measured ones")
-    add("--profile", default=_env("PROFILE"),
+    opt("--profile",
         help="the profile --plan was made from (JSON, or analytic:GPU:MODEL); --adapt re-plans "
              "with it")
     add("--adapt", action="store_true", default=_env("ADAPT", "") not in ("", "0"),
         help="detect workload drift and switch the plan's knobs live (docs/adaptation.md)")
-    add("--adapt-options", default=_env("ADAPT_OPTIONS"),
+    opt("--adapt-options",
         help="drift thresholds, e.g. window=256,alpha=1e-5,mean_shift=0.15,min_dwell_s=10")
     add("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
 

@@ -57,10 +57,9 @@ def render(adapt: dict[str, Any], endpoint: str) -> str:
 
 def run_observed(args: Any) -> int:
     """Print the comparison; plan for the observed law when a profile and size are given."""
-    import math
     import sys
 
-    from coordinator.commands.plan import render as render_plan
+    from coordinator.commands.plan import planner_errors
 
     if not args.connect:
         print("exegpt plan: --workload observed needs --connect ENDPOINT (a coordinator "
@@ -82,23 +81,16 @@ def run_observed(args: Any) -> int:
     if not spec:
         print("exegpt plan: too few requests observed to plan for", file=sys.stderr)
         return 1
+    return planner_errors(lambda: _plan_observed(args, spec, workers))
+
+
+def _plan_observed(args: Any, spec: str, workers: int) -> int:
+    from coordinator.commands.plan import plan_from_args
+    from coordinator.commands.plan import render as render_plan
     from coordinator.planner.analytic import parse_profile_arg
-    from coordinator.planner.planning import make_plan
-    from coordinator.planner.scheduler import InfeasibleBound
     from coordinator.planner.workload import parse_workload
 
-    bound = args.latency_bound if math.isfinite(args.latency_bound) else 1e18
-    try:
-        plan = make_plan(parse_workload(spec), parse_profile_arg(args.profile, args.dtype),
-                         workers, bound, policy=args.policy, sla=args.sla)
-    except InfeasibleBound as exc:
-        print(f"exegpt plan: infeasible: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:
-        print(f"exegpt plan: {exc}", file=sys.stderr)
-        return 1
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(plan.to_json())
+    plan = plan_from_args(args, parse_workload(spec), parse_profile_arg(args.profile, args.dtype),
+                          workers)
     print("\nplan for the observed workload:\n" + render_plan(plan))
     return 0

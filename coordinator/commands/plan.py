@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Callable
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -70,38 +71,56 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
 
 
 def run(args: argparse.Namespace) -> int:
-    from coordinator.planner.planning import make_plan
-    from coordinator.planner.scheduler import InfeasibleBound
-
     if args.workload == "observed":
         from coordinator.commands._observed import run_observed
 
         return run_observed(args)
+    return planner_errors(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    workers = args.workers if args.workers is not None else args.gpus
+    if args.profile is None or workers is None:
+        raise ValueError("--profile and --workers (or --gpus) are required")
+    profile, workload = _load(args)
+    if args.sweep:
+        return _sweep(args, profile, workload, workers)
+    if args.latency_bound is None:
+        raise ValueError("--latency-bound is required (use inf for no bound)")
+    plan = plan_from_args(args, workload, profile, workers)
+    print(plan.to_json() if args.json else render(plan))
+    if args.timeline:
+        _timeline(args, plan, workload, profile)
+    return 0
+
+
+def planner_errors(body: Callable[[], int]) -> int:
+    """``body``'s exit code, or the planner's refusals said on stderr as one: 2 when no schedule
+    meets the bound, 1 for bad input. Shared with ``--workload observed`` so both answer
+    alike."""
+    from coordinator.planner.scheduler import InfeasibleBound
+
     try:
-        workers = args.workers if args.workers is not None else args.gpus
-        if args.profile is None or workers is None:
-            raise ValueError("--profile and --workers (or --gpus) are required")
-        profile, workload = _load(args)
-        if args.sweep:
-            return _sweep(args, profile, workload, workers)
-        if args.latency_bound is None:
-            raise ValueError("--latency-bound is required (use inf for no bound)")
-        bound = args.latency_bound if math.isfinite(args.latency_bound) else 1e18
-        plan = make_plan(workload, profile, workers, bound, policy=args.policy, sla=args.sla,
-                         exhaustive=args.exhaustive)
+        return body()
     except InfeasibleBound as exc:
         print(f"exegpt plan: infeasible: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:
         print(f"exegpt plan: {exc}", file=sys.stderr)
         return 1
+
+
+def plan_from_args(args: argparse.Namespace, workload, profile, workers: int):  # noqa: ANN001, ANN201
+    """The plan for ``args``' bound (inf = none), policy and SLA, saved to ``--out``."""
+    from coordinator.planner.planning import make_plan
+
+    bound = args.latency_bound if math.isfinite(args.latency_bound) else 1e18
+    plan = make_plan(workload, profile, workers, bound, policy=args.policy, sla=args.sla,
+                     exhaustive=args.exhaustive)
     if args.out:
         with open(args.out, "w") as fh:
             fh.write(plan.to_json())
-    print(plan.to_json() if args.json else render(plan))
-    if args.timeline:
-        _timeline(args, plan, workload, profile)
-    return 0
+    return plan
 
 
 def render(plan) -> str:  # noqa: ANN001

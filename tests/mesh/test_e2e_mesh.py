@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from common.backend import null_tokens
 from common.client import AsyncClient, Client
 from common.errors import BadRequest
 from coordinator.launch import LaunchSpec, LocalMesh, WorkerGroup
+from tests.mesh.rawclient import random_work, raw_roundtrip
 
 VOCAB = 256  # tiny-llama
 ORDER = ("t_arrival", "t_queued", "t_encode_start", "t_encode_end", "t_kv_sent",
@@ -35,40 +35,10 @@ def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
                                                          for c in local.children]
 
 
-def _workload(n: int, seed: int) -> list[tuple[str, tuple[int, ...], int]]:
-    rng = random.Random(seed)
-    return [(f"q{seed}-{i}", tuple(rng.randrange(VOCAB) for _ in range(rng.randint(1, 40))),
-             rng.randint(1, 40)) for i in range(n)]
-
-
-def _raw_roundtrip(endpoint: str, work: list[tuple[str, tuple[int, ...], int]],
-                   ) -> dict[str, list[P.Message]]:
-    """Every message the server sends for each request, as it arrived."""
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.RCVTIMEO, 30_000)
-    sock.connect(endpoint)
-    for req_id, prompt, n in work:
-        sock.send_multipart(P.encode(P.Submit(req_id=req_id, prompt_ids=prompt,
-                                              max_new_tokens=n, stream=True)))
-    got: dict[str, list[P.Message]] = {req_id: [] for req_id, _, _ in work}
-    finals = 0
-    while finals < len(work):
-        msg = P.decode(sock.recv_multipart())
-        got[msg.req_id].append(msg)  # type: ignore[attr-defined]
-        finals += isinstance(msg, P.Result | P.Error)
-    sock.setsockopt(zmq.RCVTIMEO, 300)  # nothing more may arrive
-    with pytest.raises(zmq.Again):
-        sock.recv_multipart()
-    sock.close(linger=0)
-    ctx.term()
-    return got
-
-
 def test_every_request_answered_exactly_once_with_its_tokens_in_order(mesh: LocalMesh) -> None:
     n = 1000 if mesh.spec.transport == "ipc" else 500
-    work = _workload(n, seed=1)
-    got = _raw_roundtrip(mesh.client_endpoint, work)
+    work = random_work(n, seed=1, vocab=VOCAB)
+    got = raw_roundtrip(mesh.client_endpoint, work)
     for req_id, prompt, max_new in work:
         msgs = got[req_id]
         want = null_tokens(prompt, max_new, VOCAB)
@@ -92,7 +62,7 @@ def _check_lifecycle(result: P.Result, num_tokens: int) -> None:
 
 
 def test_sdk_streams_and_generates_concurrently(mesh: LocalMesh) -> None:
-    work = _workload(300, seed=2)
+    work = random_work(300, seed=2, vocab=VOCAB)
 
     async def run() -> None:
         async with AsyncClient(mesh.client_endpoint, default_timeout_s=60) as client:
@@ -130,7 +100,7 @@ def test_malformed_frames_get_errors_while_others_are_served(mesh: LocalMesh) ->
     rogue = ctx.socket(zmq.DEALER)
     rogue.setsockopt(zmq.RCVTIMEO, 10_000)
     rogue.connect(mesh.client_endpoint)
-    work = _workload(100, seed=3)
+    work = random_work(100, seed=3, vocab=VOCAB)
 
     async def good_client() -> None:
         async with AsyncClient(mesh.client_endpoint, default_timeout_s=60) as client:
@@ -189,9 +159,9 @@ def test_thousands_of_concurrent_streams_over_tcp(tmp_path: Path) -> None:
     spec = LaunchSpec(groups=(WorkerGroup("encoder", 2), WorkerGroup("decoder", 3, capacity=2000)),
                       runs_path=tmp_path, transport="tcp", model_shape="tiny-llama",
                       encode_batch=64, decode_cost_ms=2.0)
-    work = _workload(5000, seed=4)
+    work = random_work(5000, seed=4, vocab=VOCAB)
     with LocalMesh(spec) as local:
-        got = _raw_roundtrip(local.client_endpoint, work)
+        got = raw_roundtrip(local.client_endpoint, work)
     for req_id, prompt, max_new in work:
         final = got[req_id][-1]
         assert isinstance(final, P.Result) and list(final.tokens) == null_tokens(prompt, max_new,

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import zmq
 
 from common import protocol as P
 from common.backend import null_tokens
@@ -21,6 +19,7 @@ from common.client import AsyncClient
 from common.errors import Cancelled, Unavailable, WorkerLost
 from coordinator.commands.serve import model_fields
 from coordinator.launch import LaunchSpec, LocalMesh, WorkerGroup
+from tests.mesh.rawclient import random_work, raw_roundtrip
 from tests.runner.tinymodels import hf_greedy, make_llama, make_t5, workload
 
 VOCAB = 256  # tiny-llama, the null model's shape
@@ -47,37 +46,9 @@ def null_mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     assert all(c.poll() == 0 for c in mesh.children), [c.describe_exit() for c in mesh.children]
 
 
-def _raw_roundtrip(endpoint: str, work: list[tuple[str, tuple[int, ...], int]],
-                   ) -> dict[str, list[P.Message]]:
-    """Every message the server sends for each request, as it arrived."""
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.RCVTIMEO, 20_000)
-    sock.connect(endpoint)
-    for req_id, prompt, n in work:
-        sock.send_multipart(P.encode(P.Submit(req_id=req_id, prompt_ids=prompt,
-                                              max_new_tokens=n, stream=True)))
-    got: dict[str, list[P.Message]] = {req_id: [] for req_id, _, _ in work}
-    finals = 0
-    try:
-        while finals < len(work):
-            msg = P.decode(sock.recv_multipart())
-            got[msg.req_id].append(msg)  # type: ignore[attr-defined]
-            finals += isinstance(msg, P.Result | P.Error)
-        sock.setsockopt(zmq.RCVTIMEO, 300)  # nothing more may arrive
-        with pytest.raises(zmq.Again):
-            sock.recv_multipart()
-    finally:
-        sock.close(linger=0)
-        ctx.term()
-    return got
-
-
 def test_null_model_answers_every_request_exactly_once(null_mesh: LocalMesh) -> None:
-    rng = random.Random(5)
-    work = [(f"n{i}", tuple(rng.randrange(VOCAB) for _ in range(rng.randint(1, 30))),
-             rng.randint(1, 30)) for i in range(40)]
-    got = _raw_roundtrip(null_mesh.client_endpoint, work)
+    work = random_work(40, seed=5, longest=30, vocab=VOCAB, prefix="n")
+    got = raw_roundtrip(null_mesh.client_endpoint, work, timeout_ms=20_000)
     for req_id, prompt, max_new in work:
         msgs = got[req_id]
         assert isinstance(msgs[-1], P.Result), msgs[-1]
@@ -245,7 +216,7 @@ def test_serve_runs_an_rra_plan_file(tmp_path: Path) -> None:
     assert (spec.policy, spec.encode_batch, spec.n_d, spec.streams) == ("rra", 5, 2, 3)
     with LocalMesh(spec) as mesh:
         work = [(f"p{i}", (i + 1, 2, 3), 3 + i % 7) for i in range(20)]
-        got = _raw_roundtrip(mesh.client_endpoint, work)
+        got = raw_roundtrip(mesh.client_endpoint, work)
         assert all(list(got[r][-1].tokens) == null_tokens(p, n, VOCAB)  # type: ignore[attr-defined]
                    for r, p, n in work)
 
