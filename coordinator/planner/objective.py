@@ -15,6 +15,7 @@ import numpy as np
 from coordinator.planner.candidate import Candidate, WorkloadStats
 from coordinator.planner.costs import Costs
 from coordinator.planner.layout import Pipeline, build_pipeline, tp_stage_sizes
+from coordinator.planner.rra_table import cycle_sums
 from coordinator.planner.simulator import (
     _rra_cycle,
     expected_encode,
@@ -72,6 +73,27 @@ def rra_memory_floor(cand: Candidate, stats: WorkloadStats, costs: Costs) -> flo
     return peak / costs.capacity
 
 
+def rra_fit_floor(cand: Candidate, stats: WorkloadStats, costs: Costs, nds: list[int]
+                  ) -> float:
+    """A lower bound of ``rra_memory_floor`` over every N_D in ``nds`` at ``cand``'s B_E and TP
+    workers: the peak tokens are B_E x max_u(cycle sums x context), so the smallest such peak
+    over N_D (computed once per workload) bounds them all; margin 1e-9 for rounding. The
+    scheduler cuts each RRA grid to the B_E values at which some N_D can fit."""
+    tps = tp_stage_sizes(cand.num_workers, cand.tp, cand.num_tp_workers)
+    pipe = build_pipeline(costs.profile, tps, enc=True, dec=True)
+    if pipe is None:
+        return float("inf")
+    cache = stats.__dict__.setdefault("_rra_min_peak", {})
+    key = tuple(nds)
+    if key not in cache:
+        cache[key] = min(float(np.max(sums * ctx))
+                         for sums, ctx in (cycle_sums(stats, n_d) for n_d in nds))
+    tokens = cand.B_E * cache[key] * len(pipe) * (1.0 - 1e-9)
+    peak = max(w + costs.kv_bytes_held(st, tokens)
+               for st, w in costs.weighted_stages(pipe, True))
+    return peak / costs.capacity
+
+
 def waa_memory_floor(cand: Candidate, stats: WorkloadStats, costs: Costs) -> float:
     """A lower bound of a WAA candidate's peak memory / capacity (so of g) from its rates
     alone: encoders hold at least one batch's KV (in flight >= 1); a decoder-bound decoder
@@ -81,9 +103,7 @@ def waa_memory_floor(cand: Candidate, stats: WorkloadStats, costs: Costs) -> flo
     if rates is None:
         return float("inf")
     (enc_pipe, dec_pipe), e_period, rnd = rates
-    in_flight = 1.0 * cand.B_E * stats.mean_in
-    peak = max(w + costs.encoder_kv_bytes(st, float(in_flight))
-               for st, w in costs.weighted_stages(enc_pipe, True))
+    peak = _encoder_floor(cand, stats, costs, enc_pipe)
     dec_stages = costs.weighted_stages(dec_pipe, True)
     if e_period <= rnd:
         tokens = cand.B_E * stats.mean_s * (stats.in_decode_weighted + stats.mean_age)
@@ -91,6 +111,39 @@ def waa_memory_floor(cand: Candidate, stats: WorkloadStats, costs: Costs) -> flo
     else:
         peak = max(peak, max(w for _, w in dec_stages))
     return peak / costs.capacity
+
+
+def waa_split_floor(cand: Candidate, stats: WorkloadStats, costs: Costs) -> float:
+    """A lower bound of g for every B_m at ``cand``'s B_E, TP workers and split (inf when the
+    split cannot run): the scheduler cuts a whole group of WAA runs to the B_E values that can
+    fit before costing any of them.
+
+    Encoders hold one batch's KV (as in ``waa_memory_floor``). Decoders hold B_D sequences'
+    KV: B_D = B_E E[S] when decoder-bound; encoder-bound, B_D solves B_D = x E[S] round(B_D)
+    with x = B_E / encoder period, and a round is at least the sum of the stage times at the
+    smallest batch (costs never fall with the batch), so B_D >= B_E E[S] T0 / period. The
+    margins cover the root finder's tolerance."""
+    pipes = waa_pipelines(cand, stats, costs)
+    if pipes is None:
+        return float("inf")
+    enc_pipe, dec_pipe = pipes
+    e_period = max(expected_encode(costs, enc_pipe, cand.B_E, stats))
+    ctx = stats.in_decode_weighted + stats.mean_age
+    t0 = sum(_stage_times(costs, dec_pipe, 1e-12, ctx, 1))
+    b_d = cand.B_E * stats.mean_s * min(1.0, t0 / e_period * (1.0 - 1e-6))
+    tokens = max(b_d - 1e-5, 0.0) * ctx
+    peak = max(_encoder_floor(cand, stats, costs, enc_pipe),
+               max(w + costs.kv_bytes_held(st, tokens)
+                   for st, w in costs.weighted_stages(dec_pipe, True)))
+    return peak / costs.capacity
+
+
+def _encoder_floor(cand: Candidate, stats: WorkloadStats, costs: Costs, enc_pipe: Pipeline
+                   ) -> float:
+    """Peak bytes on an encoder worker holding one batch's KV (in flight >= 1)."""
+    in_flight = 1.0 * cand.B_E * stats.mean_in
+    return max(w + costs.encoder_kv_bytes(st, float(in_flight))
+               for st, w in costs.weighted_stages(enc_pipe, True))
 
 
 def _waa_rates(cand: Candidate, stats: WorkloadStats, costs: Costs

@@ -32,11 +32,13 @@ from coordinator.planner.candidate import Candidate, Metrics, WorkloadStats
 from coordinator.planner.costs import Costs
 from coordinator.planner.objective import (
     Score,
+    rra_fit_floor,
     rra_memory_floor,
     score,
     throughput,
     waa_bound,
     waa_memory_floor,
+    waa_split_floor,
 )
 from coordinator.planner.rra_table import batch_grid
 from coordinator.planner.simulator import simulate, waa_pipelines
@@ -127,9 +129,17 @@ class _Run:
         batches = self.batches()
         if not self.policy.startswith("waa"):
             nds = nd_grid(self.stats.s_max) if self.policy == "rra" else [1]
-            axes = [Axis(len(batches), 1, 1), Axis(len(nds), -1, -1)]
-            return [(axes, self._maker(batches, nds, [k], 1), float("inf"))
-                    for k in self.tp_counts()]
+            out: list[tuple[list[Axis], _Maker, float]] = []
+            for k in self.tp_counts():
+                bs = batches
+                if prune and self.policy == "rra":
+                    bs = _fitting_prefix(batches, lambda b, k=k: rra_fit_floor(
+                        Candidate("rra", self.num_workers, self.tp, k, b), self.stats,
+                        self.costs, nds) <= 1.0)
+                if bs:
+                    axes = [Axis(len(bs), 1, 1), Axis(len(nds), -1, -1)]
+                    out.append((axes, self._maker(bs, nds, [k], 1), float("inf")))
+            return out
         shares = [waa_share(Candidate(self.policy, self.num_workers, B_E=b), self.stats,
                             self.costs) for b in batches]
         grids = []
@@ -137,6 +147,10 @@ class _Run:
             segments = self._split_segments(batches, shares, k)
             micro = [self._max_micro(seg[0], k, eps_l) if prune else self.num_workers
                      for seg in segments]
+            if prune:
+                segments = [self._fitting(seg, k) if m else seg
+                            for seg, m in zip(segments, micro, strict=True)]
+                micro = [m if seg else 0 for seg, m in zip(segments, micro, strict=True)]
             tops = [waa_bound(Candidate(self.policy, self.num_workers, self.tp, k, seg[-1]),
                               m, self.stats, self.costs) if prune and m else float("inf")
                     for seg, m in zip(segments, micro, strict=True)]
@@ -146,6 +160,15 @@ class _Run:
                         grids.append(([Axis(len(seg), 1, 1)], self._maker(seg, [1], [k], b_m),
                                       top))
         return grids
+
+    def _fitting(self, seg: list[int], k: int) -> list[int]:
+        """The B_E values of a WAA run whose B_m-free memory floor (``waa_split_floor``) is
+        <= 1. Every other point has g > 1, so no run of the group can return it: cutting them
+        changes no answer, and bounds the group at the largest B_E that can fit instead of at
+        a B_E (up to 512) whose KV could never fit."""
+        return _fitting_prefix(seg, lambda b: waa_split_floor(
+            Candidate(self.policy, self.num_workers, self.tp, k, b), self.stats,
+            self.costs) <= 1.0)
 
     def _max_micro(self, b_e: int, k: int, eps_l: float) -> int:
         """The largest B_m a WAA run over B_E values with ``b_e``'s split can use; 0 when the
@@ -191,6 +214,19 @@ class _Run:
             lambda x: floor_of(make(x), self.stats, self.costs))
         return Problem(axes, lambda x: self.score(make(x)),
                        lambda x: self.objective(make(x)), bound, floor)
+
+
+def _fitting_prefix(batches: list[int], fits: Callable[[int], bool]) -> list[int]:
+    """The B_E values up to the last one that ``fits`` (bisection: the memory floors it asks
+    grow with B_E, one batch's or one cycle's KV)."""
+    lo, hi = 0, len(batches)  # the first B_E that does not fit lies in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(batches[mid]):
+            lo = mid + 1
+        else:
+            hi = mid
+    return batches[:lo]
 
 
 def search(workload: WorkloadStats, costs: Costs, num_workers: int, latency_bound: float, *,

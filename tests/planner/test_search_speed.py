@@ -5,6 +5,7 @@ what separate searches return on a monotone problem, with fewer evaluations."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -12,12 +13,15 @@ from coordinator.planner.bnb import Axis, Problem, branch_and_bound, branch_and_
 from coordinator.planner.candidate import Candidate, WorkloadStats
 from coordinator.planner.costs import Costs
 from coordinator.planner.objective import (
+    rra_fit_floor,
     rra_memory_floor,
     score,
     throughput,
     waa_bound,
     waa_memory_floor,
+    waa_split_floor,
 )
+from coordinator.planner.scheduler import nd_grid
 from coordinator.planner.simulator import simulate, waa_pipelines
 from coordinator.planner.workload import preset
 from tests.planner.test_simulator_golden import CLUSTERS, golden_cases
@@ -37,7 +41,7 @@ def test_lean_score_and_throughput_equal_the_full_metrics(a40_opt13b_costs, a40_
                                                           ) -> None:  # noqa: ANN001
     costs = {"opt-13b": a40_opt13b_costs, "t5-11b": a40_t5_costs}
     stats = {t: WorkloadStats(preset(t)) for t in ("S", "T", "G", "C2")}
-    checked = floors = 0
+    checked = floors = split_floors = 0
     for model, task, cand in golden_cases():
         if model not in costs:
             continue
@@ -48,12 +52,17 @@ def test_lean_score_and_throughput_equal_the_full_metrics(a40_opt13b_costs, a40_
         if cand.policy == "rra":  # the memory floor is g's own memory term
             floor = rra_memory_floor(cand, stats[task], costs[model])
             assert floor <= want[1] and (floor > 1.0) == (not want[3]), cand
+            nds = [*nd_grid(stats[task].s_max), cand.N_D]  # a bound over N_D: cand's included
+            assert rra_fit_floor(cand, stats[task], costs[model], nds) <= floor, cand
         if cand.policy.startswith("waa"):
             floor = waa_memory_floor(cand, stats[task], costs[model])
             assert floor <= want[1] and (floor <= 1.0 or not want[3]), cand
             floors += floor > 1.0
+            split_floor = waa_split_floor(replace(cand, B_m=1), stats[task], costs[model])
+            assert split_floor <= want[1] and (split_floor <= 1.0 or not want[3]), cand
+            split_floors += split_floor > 1.0
         checked += 1
-    assert checked > 200 and floors > 0 and set(CLUSTERS) >= set(costs)
+    assert checked > 200 and floors > 0 and split_floors > 0 and set(CLUSTERS) >= set(costs)
 
 
 @pytest.mark.parametrize("policy", ["waa-c", "waa-m"])
@@ -67,12 +76,14 @@ def test_waa_group_bound_and_memory_floor_hold_for_every_micro_batch_count(polic
                 continue
             top = len(pipes[1])
             bound = waa_bound(Candidate(policy, 8, tp, k, b_e), top, stats, a40_t5_costs)
+            split_floor = waa_split_floor(Candidate(policy, 8, tp, k, b_e), stats, a40_t5_costs)
             for b_m in range(1, top + 1):
                 cand = Candidate(policy, 8, tp, k, b_e, 1, b_m)
                 f = throughput(cand, stats, a40_t5_costs)
                 assert 0 < f <= bound
                 floor = waa_memory_floor(cand, stats, a40_t5_costs)
-                assert floor <= score(cand, stats, a40_t5_costs, 1e18, "b")[1]
+                g = score(cand, stats, a40_t5_costs, 1e18, "b")[1]
+                assert floor <= g and split_floor <= g
 
 
 def _monotone(shift: float):  # noqa: ANN202
