@@ -12,7 +12,7 @@ from typing import Any
 from common import protocol as P
 from common.models.config import ModelConfig
 from common.workerconfig import WorkerConfig
-from common.workerlink import WorkerLink
+from common.workerlink import Stop, WorkerLink
 
 
 class Terminated(Exception):
@@ -87,3 +87,15 @@ def check_same_model(mine: ModelConfig, assign: P.Assign) -> None:
                          f"{mine.num_layers} layers) but the coordinator serves "
                          f"{theirs.family} (vocab {theirs.vocab_size}, {theirs.num_layers} "
                          "layers); start both with the same --model")
+
+
+def stop_code(msg: object, log: Any) -> int | None:
+    """The exit code a Shutdown (0) or the link's Stop (1 on error) asks for; None otherwise."""
+    if isinstance(msg, P.Shutdown):
+        log.info("shutdown", reason=msg.reason)
+        return 0
+    if isinstance(msg, Stop):
+        if msg.error:
+            log.error("stopping", reason=msg.reason)
+        return 1 if msg.error else 0
+    return None

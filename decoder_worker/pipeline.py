@@ -30,7 +30,7 @@ from common.backend_stage import NullStageBackend, PassOutput, StageBackendBase
 from common.models.config import ModelConfig
 from common.workerconfig import WorkerConfig
 from common.workerlink import Stop, WorkerLink
-from common.workermain import check_same_model
+from common.workermain import check_same_model, stop_code
 
 NEXT = "next"  # the Assign peer naming the next stage's KV endpoint
 
@@ -121,13 +121,8 @@ class StageLoop:
             self.run_pass(msg)
         elif isinstance(msg, P.Cancel):
             self.log.debug("cancel_noted", req_id=msg.req_id)  # freed via a pass's `free`
-        elif isinstance(msg, P.Shutdown):
-            self.log.info("shutdown", reason=msg.reason)
-            self.exit_code = 0
-        elif isinstance(msg, Stop):
-            if msg.error:
-                self.log.error("stopping", reason=msg.reason)
-            self.exit_code = 1 if msg.error else 0
+        elif (code := stop_code(msg, self.log)) is not None:
+            self.exit_code = code
         else:
             self.log.warning("unexpected_message", type=type(msg).__name__)
 

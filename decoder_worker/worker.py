@@ -21,7 +21,7 @@ from common.backend import DecodeBackend, DecodeSeq, NullDecodeBackend, NullShap
 from common.models.config import ModelConfig
 from common.workerconfig import WorkerConfig
 from common.workerlink import Stop, WorkerLink
-from common.workermain import check_same_model
+from common.workermain import check_same_model, stop_code
 
 
 def build_backend(cfg: WorkerConfig, assign: P.Assign) -> DecodeBackend:
@@ -105,13 +105,8 @@ class DecoderLoop:
             self.backend.remove(msg.req_id)
             self._pending.pop(msg.req_id, None)
             self._held.pop(msg.req_id, None)
-        elif isinstance(msg, P.Shutdown):
-            self.log.info("shutdown", reason=msg.reason)
-            self.exit_code = 0
-        elif isinstance(msg, Stop):
-            if msg.error:
-                self.log.error("stopping", reason=msg.reason)
-            self.exit_code = 1 if msg.error else 0
+        elif (code := stop_code(msg, self.log)) is not None:
+            self.exit_code = code
         else:
             self.log.warning("unexpected_message", type=type(msg).__name__)
 

@@ -237,7 +237,8 @@ def test_invalid_utf8_is_refused() -> None:
 
 
 def test_msgpack_ext_types_are_refused() -> None:
-    body = msgpack.packb({"v": P.PROTOCOL_VERSION, "req_id": msgpack.ExtType(1, b"x"), "reason": ""})
+    body = msgpack.packb({"v": P.PROTOCOL_VERSION, "req_id": msgpack.ExtType(1, b"x"),
+                          "reason": ""})
     assert "ext" in _decode_error([b"\x13", body])
 
 
