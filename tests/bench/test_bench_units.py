@@ -54,6 +54,9 @@ def test_steady_throughput_counts_admissions_after_warmup() -> None:
     assert steady_throughput(starts, first_finish=0.9) == pytest.approx(2.0)
     assert steady_throughput([5.0] * 6, first_finish=6.0) is None  # one batch
     assert steady_throughput(starts, first_finish=4.5) is None  # queue dry before a finish
+    # the last batch admitted microseconds apart is one admission, not a 3e4 seq/s rate
+    burst = [0.0] + [3.0 + i * 1e-6 for i in range(10)]
+    assert steady_throughput(burst, first_finish=1.0) is None
 
 
 def test_measure_p99_length_latency_and_bound() -> None:
