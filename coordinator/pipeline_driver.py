@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from common import protocol as P
 from common.errors import BadRequest, InternalError, WorkerLost
-from common.models.config import ModelConfig
+from common.models.config import ModelConfig, stage_layer_ranges
 from coordinator.config import CoordinatorConfig, parse_ranges
 from coordinator.registry import WorkerInfo, WorkerState
 from coordinator.requests import Request, State
@@ -49,17 +49,6 @@ class StageLayout:
         return len(self.layers)
 
 
-def even_split(num_layers: int, num_stages: int) -> tuple[Range, ...]:
-    """Contiguous ranges, the first ``num_layers % num_stages`` one layer longer."""
-    base, extra = divmod(num_layers, num_stages)
-    out, lo = [], 0
-    for s in range(num_stages):
-        hi = lo + base + (1 if s < extra else 0)
-        out.append((lo, hi))
-        lo = hi
-    return tuple(out)
-
-
 def _check_cover(ranges: tuple[Range, ...], total: int, what: str) -> None:
     lo = 0
     for first, end in ranges:
@@ -74,14 +63,15 @@ def _check_cover(ranges: tuple[Range, ...], total: int, what: str) -> None:
 def stage_layout(cfg: CoordinatorConfig, model: ModelConfig) -> StageLayout:
     """The flags' ranges (or an even split), checked against the served model."""
     num = cfg.pipeline_stages
-    layers = parse_ranges(cfg.stage_layers, "stage_layers") or even_split(model.num_layers, num)
+    layers = (parse_ranges(cfg.stage_layers, "stage_layers")
+              or tuple(stage_layer_ranges(model.num_layers, num)))
     _check_cover(layers, model.num_layers, "stage_layers")
     if model.num_encoder_layers == 0:
         if cfg.stage_encoder_layers is not None:
             raise ValueError(f"{model.name} has no encoder: drop --stage-encoder-layers")
         return StageLayout(layers)
     enc = (parse_ranges(cfg.stage_encoder_layers, "stage_encoder_layers")
-           or even_split(model.num_encoder_layers, num))
+           or tuple(stage_layer_ranges(model.num_encoder_layers, num)))
     _check_cover(enc, model.num_encoder_layers, "stage_encoder_layers")
     return StageLayout(layers, enc)
 

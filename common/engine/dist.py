@@ -65,19 +65,6 @@ class Topology:
         return self.rank_of(self.num_stages - 1, 0)
 
 
-def stage_layer_ranges(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
-    """Split layers as evenly as possible, earlier stages taking the remainder."""
-    if not 1 <= num_stages <= num_layers:
-        raise ValueError(f"num_stages={num_stages} must be between 1 and num_layers={num_layers}")
-    base, extra = divmod(num_layers, num_stages)
-    ranges, start = [], 0
-    for s in range(num_stages):
-        end = start + base + (1 if s < extra else 0)
-        ranges.append((start, end))
-        start = end
-    return ranges
-
-
 def make_tp_groups(topo: Topology) -> TPGroup:
     """Create every stage's TP group (all ranks must create all groups, in order)."""
     mine = None

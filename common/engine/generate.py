@@ -138,7 +138,7 @@ def _spmd_main(payload: dict[str, Any], rank: int, world_size: int) -> list[list
 def _stage_pipeline(spec: ModelSpec, topo: Any, tp: Any, dtype: str, device: str) -> Pipeline:
     """This rank's stage, wrapped for the loop; encoder-decoder models need T5's driver (the
     encoder output travels back to every stage for its cross-attention K/V)."""
-    from common.engine.dist import stage_layer_ranges
+    from common.models.config import stage_layer_ranges
 
     cfg = spec.config
     if cfg.is_encoder_decoder:

@@ -215,6 +215,19 @@ class ModelConfig:
         return sorted(PRESETS)
 
 
+def stage_layer_ranges(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
+    """Split layers as evenly as possible, earlier stages taking the remainder."""
+    if not 1 <= num_stages <= num_layers:
+        raise ValueError(f"num_stages={num_stages} must be between 1 and num_layers={num_layers}")
+    base, extra = divmod(num_layers, num_stages)
+    ranges, start = [], 0
+    for s in range(num_stages):
+        end = start + base + (1 if s < extra else 0)
+        ranges.append((start, end))
+        start = end
+    return ranges
+
+
 def _gpt3(name: str, layers: int, hidden: int, heads: int) -> ModelConfig:
     """GPT-3 shapes from the paper's table: GPT-2 architecture, 4x FFN, 2048 context."""
     return ModelConfig(

@@ -35,7 +35,7 @@ Ranges = tuple[tuple[int, int], tuple[int, int]]
 
 def stage_ranges(cfg: ModelConfig, num_stages: int) -> list[Ranges]:
     """RRA layout: (encoder_layer_range, layer_range) per stage, E/N and D/N layers each."""
-    from common.engine.dist import stage_layer_ranges
+    from common.models.config import stage_layer_ranges
 
     if num_stages > min(cfg.num_encoder_layers, cfg.num_layers):
         raise ValueError(f"num_stages={num_stages} exceeds the T5 encoder ({cfg.num_encoder_layers}"

@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 
 from common import protocol as P
+from common.models.config import stage_layer_ranges
 from coordinator.config import CoordinatorConfig
 from coordinator.membership import Membership
-from coordinator.pipeline_driver import even_split, stage_layout
+from coordinator.pipeline_driver import stage_layout
 from coordinator.relay import Relay
 from coordinator.server import Coordinator
 
@@ -147,7 +148,7 @@ def test_a_lost_stage_fails_what_the_pipeline_held() -> None:
 def test_layouts_cover_the_model() -> None:
     from common.models.config import ModelConfig
 
-    assert even_split(30, 4) == ((0, 8), (8, 16), (16, 23), (23, 30))
+    assert stage_layer_ranges(30, 4) == [(0, 8), (8, 16), (16, 23), (23, 30)]
     llama = ModelConfig.preset("tiny-llama")
     cfg = CoordinatorConfig("ipc:///a", "ipc:///b", policy="rra", pipeline_stages=2,
                             stage_layers="0:1,2:2")
