@@ -32,6 +32,7 @@ import numpy as np
 
 from common import protocol as P
 from common.client import AsyncClient
+from common.models.gguf_loader import default_gguf_path
 from coordinator.commands.serve import model_fields
 from coordinator.launch import LaunchSpec, LocalMesh
 from coordinator.plan_launch import plan_fields
@@ -40,7 +41,8 @@ from coordinator.planner.layout import Stage
 from coordinator.planner.planning import make_plan
 from coordinator.planner.profile import Profile
 from coordinator.planner.workload import parse_workload
-from tests.runner.measure_smollm2 import WORKLOAD, gguf_path
+
+WORKLOAD = "in=normal:64,16,128;out=normal:32,8,64"  # SmolLM2-sized chat lengths for 2 cores
 
 
 def cpu_seconds(pid: int) -> float:
@@ -100,7 +102,7 @@ def main() -> None:
     s99 = int(plan.workload_info["p99_output"])
     for k in (3, 2, 1):  # p99-length probes (SLA-(b)) at 1/4, 1/2, 3/4 of the submissions
         work.insert(k * len(work) // 4, (int(ins[k]), s99))
-    model = model_fields(gguf_path())
+    model = model_fields(str(default_gguf_path()))
     spec = LaunchSpec(**model, **plan_fields(plan, null_model=False, decoder_capacity=256),
                       dtype="bfloat16", runs_path=Path("/tmp/runner-measure"))
     mesh = LocalMesh(spec, startup_timeout_s=300)
