@@ -165,7 +165,8 @@ class EngineDecodeBackend:
 
     def register(self, seq: DecodeSeq) -> None:
         """Track a sequence whose KV is in the cache: its sampler and its last token."""
-        self.sampler.add(seq.req_id, sampling_params(seq.sampling, seq.max_new_tokens))
+        self.sampler.add(seq.req_id, sampling_params(seq.sampling, seq.max_new_tokens),
+                         position=seq.num_generated)  # the encoder sampled position 0
         self._seqs[seq.req_id] = seq
         self._last[seq.req_id] = seq.first_token
 

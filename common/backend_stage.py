@@ -48,10 +48,14 @@ class StageSeq:
 
 @dataclass
 class PassOutput:
-    """A stage's result: ``hidden`` for the next stage, or (last stage) one token each."""
+    """A stage's result: ``hidden`` for the next stage, or (last stage) one token each.
+    T5 over several stages (``common.backend_stage_engine``): ``encoder_out`` travels with a
+    lap-1 pass; ``lap_back`` = the last stage ends lap 0 and sends ``encoder_out`` to stage 0."""
 
     hidden: Any = None
     tokens: list[StepToken] = field(default_factory=list)
+    encoder_out: Any = None
+    lap_back: bool = False
 
 
 class StageBackendBase:
@@ -62,6 +66,7 @@ class StageBackendBase:
         self.model = model
         self.is_first, self.is_last = is_first, is_last
         self.seqs: dict[str, StageSeq] = {}
+        self.stage_index: int | None = None  # the worker sets it from its Assign
 
     @property
     def num_active(self) -> int:
@@ -79,12 +84,14 @@ class StageBackendBase:
             self.check(sp)
             if not sp.req_ids:
                 return PassOutput(hidden=None if self.is_last else self._empty_hidden())
-            if sp.kind == "encode":
+            if sp.kind == "encode" and sp.lap == 0:
                 self._admit(sp.requests, sp.stream)
             out = self._compute(sp)
         except ValueError:
             self.drop(sp.req_ids)
             raise
+        if isinstance(out, PassOutput):  # a T5 encode lap that hands on more than rows
+            return out
         if not self.is_last:
             return PassOutput(hidden=out)
         return PassOutput(tokens=self._emit(sp.req_ids, out))
@@ -101,11 +108,11 @@ class StageBackendBase:
         runs; every stage checks the same facts, so the first stage catches bad requests."""
         if len(set(sp.req_ids)) != len(sp.req_ids):
             raise ValueError(f"pass {sp.pass_id}: a request appears twice in req_ids")
-        if sp.kind == "encode":
+        if sp.kind == "encode" and sp.lap == 0:
             for req in sp.requests:
                 self._check_request(req)
             rows = sum(len(req.prompt_ids) for req in sp.requests)
-        else:
+        else:  # a decode, or lap 1 of a T5 encode (the start token of admitted requests)
             unknown = [r for r in sp.req_ids if r not in self.seqs]
             if unknown:
                 raise ValueError(f"pass {sp.pass_id}: requests {unknown[:5]} are not running "
@@ -114,7 +121,8 @@ class StageBackendBase:
             if moved:
                 raise ValueError(f"pass {sp.pass_id} of stream {sp.stream}: requests "
                                  f"{moved[:5]} were encoded in another stream")
-            self._check_ids("decode tokens", sp.tokens)
+            if sp.kind == "decode":
+                self._check_ids("decode tokens", sp.tokens)
             rows = len(sp.req_ids)
         if not self.is_first and sp.req_ids:
             self._check_hidden(sp, rows)
@@ -218,7 +226,13 @@ class NullStageBackend(StageBackendBase):
             return _bf16_rows(rows, self.model.hidden_size, 0x3F80)  # bf16 1.0
         vocab = self.model.vocab_size
         if sp.kind == "encode":  # a long prompt is summed once, not at every pass
-            self._token0.update((r.req_id, null_token(r.prompt_ids, 0, vocab))
-                                for r in sp.requests)
+            self._token0.update((r.req_id, _null_token0(r, vocab)) for r in sp.requests)
         return [(self._token0[r] + self.seqs[r].num_generated * 1009) % vocab
                 for r in sp.req_ids]
+
+
+def _null_token0(req: P.EncodeRequest, vocab: int) -> int:
+    """A re-encoded (migrated) request continues its sequence: the rule is a function of the
+    original prompt (minus the ``output_offset`` output tokens appended) and the position."""
+    original = req.prompt_ids[:len(req.prompt_ids) - req.output_offset]
+    return null_token(original, req.output_offset, vocab)

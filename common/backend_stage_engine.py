@@ -6,10 +6,19 @@
 
 The stage is ``common.models.registry.build_stage`` over this worker's layer range, so it holds
 one copy of its weights and the KV of every running request of every stream. Decoder-only
-families (llama, OPT, GPT-2) split at any layer. T5 runs as one stage holding the whole model:
-across several stages its encode pass needs the encoder output sent back from the last stage
-to the earlier ones (``common.models.t5_pipeline``), which the forward-only StagePass chain
-does not carry, so a partial T5 layer range is refused at startup.
+families (llama, OPT, GPT-2) split at any layer. T5 over P stages (each holding encoder layers
+``encoder_layer_range`` and decoder layers ``layer_range``, both non-empty) encodes in two laps
+(``StagePass.lap``), because every stage's decoder layers need the FINAL encoder output for
+their cross-attention K/V:
+
+    lap 0   stage 0 -> P-1: the encoder layers (the last stage applies the final norm and
+            writes its own cross K/V), then the last stage sends the encoder output straight
+            back to stage 0 (its peer "first": one hop, the coordinator never copies it)
+    lap 1   stage 0 -> P-1: each stage before the last writes its cross K/V from
+            ``encoder_out`` and passes it on while a later stage still needs it; every stage
+            runs the decoder start token through its decoder layers; the last samples token 0
+
+Decode passes then run as for decoder-only models (the cross K/V stay cached per stage).
 
 KV: one cache per stream (``KVCache`` of the stage's shape, swapped in as ``stage.cache`` for
 each pass). A stream's decode batch then stays a contiguous run of slots however the other
@@ -27,13 +36,14 @@ import torch
 
 from common import protocol as P
 from common.backend_engine import _check_dtype, sampling_params
-from common.backend_stage import StageBackendBase, StageSeq
+from common.backend_stage import PassOutput, StageBackendBase, StageSeq
 from common.engine.batch import StageBatch
 from common.engine.kv_cache import FIXED, SELF, KVCache
 from common.engine.sampling import FINISH_LENGTH, Sampler, finish_reason
 from common.engine.tp import TPGroup
 from common.models.config import ModelConfig
 from common.models.registry import ModelSpec, build_stage
+from common.models.t5_stage import decoder_start_token_id
 from common.tensorframe import to_wire
 
 Range = tuple[int, int]
@@ -50,14 +60,16 @@ def stage_ranges(cfg: ModelConfig, layer_range: Range | None,
             raise ValueError(f"{cfg.family} is decoder-only: a stage takes no encoder layers, "
                              f"got encoder_layer_range {encoder_layer_range}")
         return (layers[0], layers[1]), None
-    whole = (0, cfg.num_encoder_layers)
-    enc = tuple(encoder_layer_range) if encoder_layer_range is not None else whole
-    if layers != (0, cfg.num_layers) or enc != whole:
+    num_enc = cfg.num_encoder_layers
+    enc = tuple(encoder_layer_range) if encoder_layer_range is not None else (0, num_enc)
+    if len(enc) != 2 or not 0 <= enc[0] < enc[1] <= num_enc:
+        raise ValueError(f"a T5 stage holds a non-empty encoder_layer_range within "
+                         f"[0, {num_enc}], got {encoder_layer_range}")
+    if (enc[0] == 0) != (layers[0] == 0) or (enc[1] == num_enc) != (layers[1] == cfg.num_layers):
         raise ValueError(
-            f"T5 across several pipeline stages is not supported by stage workers (its encoder "
-            f"output would have to travel back from the last stage to the earlier ones); got "
-            f"layer_range {layers}, encoder_layer_range {enc}. Run T5 with one pipeline stage "
-            "holding the whole model, or with a WAA plan (encoder and decoder workers)")
+            f"T5 stage with encoder layers {enc} and decoder layers {layers}: the first stage "
+            "holds layer 0 of both stacks and the last stage the last layer of both (every "
+            "stage holds some of each, in pipeline order)")
     return (layers[0], layers[1]), (enc[0], enc[1])
 
 
@@ -69,11 +81,17 @@ class EngineStageBackend(StageBackendBase):
 
     def __init__(self, spec: ModelSpec, layer_range: Range | None = None,
                  encoder_layer_range: Range | None = None, dtype: str = "bfloat16",
-                 device: str = "cpu", tp: TPGroup | None = None) -> None:
+                 device: str = "cpu", tp: TPGroup | None = None,
+                 encoder_out_onward: bool = True) -> None:
+        """``encoder_out_onward``: T5 lap 1 passes the encoder output on to the next stage
+        (it needs it unless it is the last stage, which wrote its cross K/V in lap 0)."""
         _check_dtype(dtype)
         cfg = spec.config
         layers, enc = stage_ranges(cfg, layer_range, encoder_layer_range)
         super().__init__(cfg, is_first=layers[0] == 0, is_last=layers[1] == cfg.num_layers)
+        self.two_laps = enc is not None and (layers, enc) != ((0, cfg.num_layers),
+                                                             (0, cfg.num_encoder_layers))
+        self.encoder_out_onward = encoder_out_onward and not self.is_last
         kwargs: dict[str, Any] = {} if enc is None else {"encoder_layer_range": enc}
         self.stage = build_stage(cfg, layer_range=layers, tp=tp or TPGroup.single(),
                                  weights=spec.weights, dtype=dtype, device=device, **kwargs)
@@ -96,6 +114,8 @@ class EngineStageBackend(StageBackendBase):
         self._free_names([self._name(r) for r in req_ids])
 
     def _compute(self, sp: P.StagePass) -> Any:
+        if self.two_laps and sp.kind == "encode":
+            return self._encode_lap(sp)
         names = [self._name(r) for r in sp.req_ids]
         ids: list[int] | None = None
         hidden: torch.Tensor | None = None
@@ -121,6 +141,32 @@ class EngineStageBackend(StageBackendBase):
         if not self.is_last:
             return to_wire(out.contiguous())
         return self.sampler.sample(list(sp.req_ids), out)
+
+    def _encode_lap(self, sp: P.StagePass) -> Any:
+        """One lap of a T5 encode over several stages (the module docstring)."""
+        names = [self._name(r) for r in sp.req_ids]
+        enc_lens = [len(self.seqs[r].prompt) for r in sp.req_ids]
+        hidden = None if self.is_first else sp.hidden.as_torch()  # type: ignore[union-attr]
+        if sp.lap == 0:
+            ids = [t for r in sp.req_ids for t in self.seqs[r].prompt] if self.is_first \
+                else None
+            out = to_wire(self._forward("encode", sp.stream, names, enc_lens, ids,
+                                        hidden).contiguous())
+            return PassOutput(encoder_out=out, lap_back=True) if self.is_last \
+                else PassOutput(hidden=out)
+        encoder_out = None
+        if self.stage.needs_encoder_out:
+            want = (sum(enc_lens), self.model.hidden_size)
+            if sp.encoder_out is None or tuple(sp.encoder_out.shape) != want:
+                got = None if sp.encoder_out is None else tuple(sp.encoder_out.shape)
+                raise ValueError(f"pass {sp.pass_id} lap 1: this stage needs the encoder "
+                                 f"output of shape {want}, got {got}")
+            encoder_out = sp.encoder_out.as_torch()
+        out = self._start(sp.stream, names, enc_lens, encoder_out, hidden)
+        if self.is_last:
+            return self.sampler.sample(list(sp.req_ids), out)
+        return PassOutput(hidden=to_wire(out.contiguous()),
+                          encoder_out=sp.encoder_out if self.encoder_out_onward else None)
 
     def _finish(self, seq: StageSeq, token: int) -> str | None:
         params = self.sampler.params(seq.req_id)
@@ -180,6 +226,21 @@ class EngineStageBackend(StageBackendBase):
             assert hidden is not None
             batch = StageBatch(names, seq_lens, hidden=hidden.to(self.device))
         return self.stage.encode(batch) if kind == "encode" else self.stage.decode(batch)
+
+
+    def _start(self, stream: int, names: list[str], enc_lens: list[int],
+               encoder_out: torch.Tensor | None, hidden: torch.Tensor | None) -> torch.Tensor:
+        """T5 lap 1 on this stage: cross K/V from ``encoder_out`` (stages before the last),
+        then the decoder start token through the decoder layers (hidden rows, or logits)."""
+        stage = self.stage
+        stage.cache = self._cache(stream)
+        if encoder_out is not None:
+            enc = encoder_out.to(self.device)
+            stage.encode(StageBatch(names, enc_lens, hidden=enc, extra={"encoder_out": enc}))
+        if hidden is None:
+            start = [decoder_start_token_id(self.model)] * len(names)
+            return stage.decode(StageBatch.from_tokens(names, start, self.device))
+        return stage.decode(StageBatch(names, [1] * len(names), hidden=hidden.to(self.device)))
 
 
 def _empty_like(template: KVCache) -> KVCache:

@@ -9,6 +9,9 @@ group (``--tp-init``), so every rank holds the same requests in the same cache s
              seq_lens, and either the input ids (h == 0, first stage) or the hidden rows as
              float32 [rows, hidden] (h == 1); every rank runs the stage (TP all-reduces inside),
              then rank 0 samples (last stage) or forwards the rows (others)
+    START    [op, 0]                then [stream, n, tokens, e, h], the n handles, their encoder
+             lengths, the encoder output float32 [tokens, hidden] (e == 1) and the decoder
+             rows float32 [n, hidden] (h == 1): lap 1 of a T5 encode over several stages
     NOOP / EXIT                    keep-alive while idle / the worker stops
 
 Requests travel as integer handles (no strings, no pickle). A pass that fails inside the math
@@ -27,7 +30,7 @@ from common.backend_stage_engine import EngineStageBackend, Range
 from common.engine.tp import TPGroup
 from common.models.registry import ModelSpec
 
-OP_FREE, OP_PASS = 2, 3  # after tpwire's OP_EXIT, OP_NOOP
+OP_FREE, OP_PASS, OP_START = 2, 3, 4  # after tpwire's OP_EXIT, OP_NOOP
 KINDS = ("encode", "decode")
 
 
@@ -37,8 +40,9 @@ class TPStageBackend(EngineStageBackend):
 
     def __init__(self, spec: ModelSpec, tp: TPGroup, layer_range: Range | None = None,
                  encoder_layer_range: Range | None = None, dtype: str = "bfloat16",
-                 device: str = "cpu") -> None:
-        super().__init__(spec, layer_range, encoder_layer_range, dtype, device, tp=tp)
+                 device: str = "cpu", encoder_out_onward: bool = True) -> None:
+        super().__init__(spec, layer_range, encoder_layer_range, dtype, device, tp=tp,
+                         encoder_out_onward=encoder_out_onward)
         self.tp = tp
         self._handles = itertools.count()
         self._handle_of: dict[str, int] = {}
@@ -77,6 +81,21 @@ class TPStageBackend(EngineStageBackend):
             tpwire.send_floats(hidden)
         return super()._forward(kind, stream, names, seq_lens, ids, hidden)
 
+    def _start(self, stream: int, names: list[str], enc_lens: list[int],
+               encoder_out: torch.Tensor | None, hidden: torch.Tensor | None) -> torch.Tensor:
+        tpwire.send_ints([OP_START, 0])
+        tpwire.send_ints([stream, len(names), sum(enc_lens), int(encoder_out is not None),
+                          int(hidden is not None)])
+        tpwire.send_ints([int(n) for n in names])
+        tpwire.send_ints(enc_lens)
+        if encoder_out is not None:  # every rank computes on the same float32 rows
+            encoder_out = encoder_out.float().contiguous()
+            tpwire.send_floats(encoder_out)
+        if hidden is not None:
+            hidden = hidden.float().contiguous()
+            tpwire.send_floats(hidden)
+        return super()._start(stream, names, enc_lens, encoder_out, hidden)
+
     def idle(self) -> None:
         tpwire.send_noop()
 
@@ -92,7 +111,21 @@ class TPStageBackend(EngineStageBackend):
                 EngineStageBackend._free_names(self, [str(h) for h in tpwire.recv_ints(arg)])
             elif op == OP_PASS:
                 self._follow_pass()
+            elif op == OP_START:
+                self._follow_start()
         return 0
+
+    def _follow_start(self) -> None:
+        stream, n, tokens, has_enc, has_hidden = tpwire.recv_ints(5)
+        names = [str(h) for h in tpwire.recv_ints(n)]
+        enc_lens = tpwire.recv_ints(n)
+        size = self.model.hidden_size
+        encoder_out = tpwire.recv_floats((tokens, size)) if has_enc else None
+        hidden = tpwire.recv_floats((n, size)) if has_hidden else None
+        try:
+            EngineStageBackend._start(self, stream, names, enc_lens, encoder_out, hidden)
+        except ValueError:
+            pass  # rank 0 failed the same way and broadcasts FREE of these requests next
 
     def _follow_pass(self) -> None:
         kind, stream, n, rows, has_hidden = tpwire.recv_ints(5)

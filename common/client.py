@@ -18,6 +18,10 @@ Cancel and raises `Timeout`), so no call can hang on a dead server. Server error
 `Error(code, message)` and are raised as the matching `common.errors` exception.
 A stream deduplicates by token index, so a server that re-runs a request after a worker loss
 and resends tokens the client already has still yields each token exactly once.
+When the connection to the coordinator drops (it died or restarted: a restarted coordinator has
+an empty request table), every request in flight fails at once with `CoordinatorLost` instead
+of waiting for its timeout; the socket reconnects by itself, so the caller can retry on the
+same client (docs/mesh.md, "Coordinator restart").
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from common import protocol as P
 from common.errors import (
     AuthenticationFailed,
     Cancelled,
+    CoordinatorLost,
     ProtocolError,
     Timeout,
     error_from_code,
@@ -62,6 +67,11 @@ ENV_CURVE_SERVER_PUBLIC = "EXEGPT_CURVE_SERVER_PUBLIC"
 ENV_CURVE_CLIENT_KEY = "EXEGPT_CURVE_CLIENT_KEY"
 HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+CONNECTION_EVENTS = HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED
+# ZMTP pings (answered inside libzmq, not by the coordinator's loop): a coordinator host that
+# vanishes without closing the connection is noticed within the timeout
+PING_INTERVAL_MS = 2000
+PING_TIMEOUT_MS = 10000
 _HANDSHAKE_WHY = {
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "this client's public key is not on its allow-list "
                                      "(authentication failed)",
@@ -115,6 +125,7 @@ class AsyncClient:
         self._watcher: asyncio.Task[None] | None = None
         self._auth_error: AuthenticationFailed | None = None
         self._refused: asyncio.Event = asyncio.Event()
+        self._connected = False  # a handshake succeeded and no disconnect since
         self._pending: dict[str, asyncio.Queue[Any]] = {}
 
     async def __aenter__(self) -> AsyncClient:
@@ -135,7 +146,9 @@ class AsyncClient:
             # connect only once the monitor listens: libzmq reports a refused handshake
             # once and does not retry, so a missed event would leave only the timeout
             self._sock = make_socket(self._ctx, "DEALER", connect=(), curve_client=self._curve)
-            monitor = self._sock.get_monitor_socket(HANDSHAKE_EVENTS)
+            self._sock.setsockopt(zmq.HEARTBEAT_IVL, PING_INTERVAL_MS)
+            self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, PING_TIMEOUT_MS)
+            monitor = self._sock.get_monitor_socket(CONNECTION_EVENTS)
             self._sock.connect(check_endpoint(self.endpoint))
             self._reader = loop.create_task(self._read_forever())
             self._refused = asyncio.Event()
@@ -157,16 +170,25 @@ class AsyncClient:
         self._sock = self._ctx = self._reader = self._watcher = None
 
     async def _watch_handshakes(self, monitor: Any) -> None:
-        """Turn a refused handshake into AuthenticationFailed for every waiting request.
+        """Turn a refused handshake into AuthenticationFailed, and a dropped connection into
+        CoordinatorLost, for every waiting request.
 
         Why: the server cannot answer a peer it did not authenticate, and libzmq retries the
-        connection silently; without this a caller would only ever see a Timeout."""
+        connection silently; without this a caller would only ever see a Timeout. A dropped
+        connection loses the replies of every request in flight (a restarted coordinator does
+        not know them; even the same one would route them to the old connection)."""
         try:
             while True:
                 event = parse_monitor_message(await monitor.recv_multipart())
                 if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     self._auth_error = None
                     self._refused.clear()
+                    self._connected = True
+                    continue
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    if self._connected:
+                        self._connected = False
+                        self._connection_lost()
                     continue
                 self._auth_error = AuthenticationFailed(
                     f"the server at {self.endpoint} refused the connection: "
@@ -179,6 +201,17 @@ class AsyncClient:
                     queue.put_nowait(self._auth_error)
         finally:
             monitor.close(linger=0)
+
+    def _connection_lost(self) -> None:
+        """Fail every request in flight with CoordinatorLost; a Cancel for each follows the
+        Submit that may still sit in the socket's queue, so a new coordinator that receives
+        that Submit after reconnecting drops it instead of running it for nobody."""
+        for req_id, queue in list(self._pending.items()):
+            queue.put_nowait(CoordinatorLost(
+                f"the connection to the coordinator at {self.endpoint} dropped while this "
+                "request was in flight (the coordinator stopped or restarted); retry it",
+                req_id=req_id))
+            self._send_nowait(P.Cancel(req_id, "the client lost the coordinator"))
 
     async def _read_forever(self) -> None:
         while True:

@@ -14,6 +14,7 @@ one table from code to class, and that table lives here (torch-free, zmq-free).
         +-- WorkerLost           a worker holding the request died and it could not be re-run
         +-- ShuttingDown         the server is stopping and no longer takes work
         +-- Unavailable          no worker of a needed role is available
+        |   +-- CoordinatorLost  the connection to the coordinator dropped mid-request (SDK)
         +-- InternalError        a bug or unexpected failure on the server
         +-- AuthenticationFailed the server refused this client's CURVE keys (or their absence)
 """
@@ -93,6 +94,13 @@ class ShuttingDown(ServerError):
 
 class Unavailable(ServerError):
     code = "unavailable"
+
+
+class CoordinatorLost(Unavailable):
+    """The SDK lost its connection to the coordinator while the request was in flight (the
+    coordinator died or restarted). A restarted coordinator does not know the request: retry
+    it (a new ``req_id``; the SDK picks one per call). Raised by the SDK from its socket's
+    connection events, never sent on the wire (the code stays ``unavailable``)."""
 
 
 class InternalError(ServerError):

@@ -489,6 +489,12 @@ class StagePass(Message):
     in that order. Encode: ``requests`` holds the prompts (same order as ``req_ids``), and
     ``tokens`` is empty. Decode: ``tokens`` holds each sequence's last token and ``requests``
     is empty. ``kind == "decode"`` with no ``req_ids`` only frees.
+
+    T5 over several stages encodes in two laps: ``lap`` 0 runs the encoder layers stage 0 ->
+    P-1; the last stage sends the pass back to stage 0 (its peer "first") as ``lap`` 1 with
+    ``encoder_out`` = the final encoder output (``sum(seq_lens)`` rows); lap 1 writes each
+    stage's cross K/V and runs the decoder start token (``hidden``: one row per sequence);
+    ``encoder_out`` travels on only while a later stage still needs it.
     """
 
     TYPE: ClassVar[int] = 0x23
@@ -501,12 +507,17 @@ class StagePass(Message):
     free: tuple[str, ...] = ()
     hidden: Tensor | None = None
     stage_times: tuple[float, ...] = ()  # seconds each earlier stage computed this pass
+    lap: int = 0  # T5 encode over several stages: 0 encoder layers, 1 cross K/V + start token
+    encoder_out: Tensor | None = None  # lap 1: the final encoder output rows
 
     def check(self) -> None:
         if self.kind not in PASS_KINDS:
             raise ValueError(f"kind must be one of {PASS_KINDS}, got {self.kind!r}")
         if self.pass_id < 0 or self.stream < 0:
             raise ValueError("pass_id and stream must be >= 0")
+        if self.lap not in (0, 1) or (self.lap == 1 and self.kind != "encode"):
+            raise ValueError(f"lap must be 0, or 1 on an encode pass; got lap {self.lap} on "
+                             f"a {self.kind} pass")
         if self.kind == "encode" and tuple(r.req_id for r in self.requests) != self.req_ids:
             raise ValueError("an encode pass needs requests in the order of req_ids")
         if self.kind == "decode" and len(self.tokens) != len(self.req_ids):

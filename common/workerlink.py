@@ -10,9 +10,23 @@ previous stage, and ``send(msg, decoder_id="next")`` reaches the peer the coordi
 
 The compute loop never touches a socket: it takes decoded messages from ``inbox`` and hands
 outgoing ones to :meth:`WorkerLink.send` (encoded on the compute thread, forwarded over an
-inproc pipe). The I/O thread answers what needs no math itself: heartbeats (and the
-coordinator's deadline: no message from it for ``heartbeat_timeout_s`` and the worker stops),
-``Assign`` updates of the peer table, and malformed messages (an ``Error`` back to the sender).
+inproc pipe). The I/O thread answers what needs no math itself: heartbeats, ``Assign`` updates
+of the peer table, and malformed messages (an ``Error`` back to the sender).
+
+Losing the coordinator (e.g. its restart on the same endpoint)::
+
+    ASSIGNED --no message for heartbeat_timeout_s, or a Heartbeat/Assign of another
+               coordinator instance--> REJOINING: inbox emptied, Rejoin put on it (the loop
+               drops every request it holds, freeing KV), a fresh coordinator socket (nothing
+               of the old run reaches the new one), Hello with backoff; the old run's traffic
+               (outbox, KV endpoint) is dropped
+    REJOINING --Assign (same placement)--> ASSIGNED: Ready sent again, serving
+    REJOINING --startup_timeout_s without an Assign, or another placement--> Stop (exit 1)
+
+A worker the coordinator declared lost (an ``unavailable`` Error while ASSIGNED: it was silent
+past its deadline, e.g. stalled, and its requests were re-run elsewhere or failed) rejoins the
+same way, as a fresh worker; a TP rank stops instead (its group was dropped as a whole and the
+other ranks may be dead, so its collectives could hang): its supervisor restarts the group.
 """
 
 from __future__ import annotations
@@ -21,6 +35,7 @@ import collections
 import contextlib
 import os
 import queue
+import random
 import socket
 import threading
 import time
@@ -32,6 +47,8 @@ import zmq
 
 from common import protocol as P
 from common.errors import ProtocolError
+from common.faults import Faults, KVFaults
+from common.logbudget import LogLimiter
 from common.sockets import bound_endpoint, load_curve_client, make_socket
 from common.workerconfig import WorkerConfig
 
@@ -41,6 +58,9 @@ COORDINATOR_HWM = 100  # messages queued towards the coordinator before we hold 
 OUTBOX_HWM = 64  # compute-thread messages waiting for the I/O thread (then send() blocks)
 BACKLOG_LIMIT = 16  # held-back coordinator messages before the outbox stops being read
 KV_SEND_TIMEOUT_MS = 2000
+HELLO_BACKOFF_MAX_S = 2.0  # re-Hello every interval, doubling up to this, while rejoining
+# Assign fields that fix what a worker built (its backend): a re-Assign must keep them
+PLACEMENT = ("role", "group", "tp_rank", "tp_size", "layer_range", "encoder_layer_range")
 
 
 @dataclass(frozen=True)
@@ -49,6 +69,14 @@ class Stop:
 
     reason: str
     error: bool
+
+
+@dataclass(frozen=True)
+class Rejoin:
+    """Put on the inbox when the coordinator is lost: drop every request held (free its KV);
+    the link re-registers with the (restarted) coordinator, which knows none of them."""
+
+    reason: str
 
 
 class WorkerLink:
@@ -69,6 +97,15 @@ class WorkerLink:
         self._stop = threading.Event()
         self._assigned = threading.Event()
         self._assign: P.Assign | None = None
+        self._instance: str | None = None  # the coordinator instance that assigned us
+        self._rejoining_since: float | None = None  # monotonic; None while assigned
+        self._backoff = cfg.heartbeat_interval_s
+        self._ready_info: dict[str, Any] = {}
+        self.dropped = 0  # messages of a lost coordinator's run dropped while rejoining
+        self.limited = LogLimiter(log)  # per-message warnings a peer could flood
+        self._faults = KVFaults(Faults.from_env())  # EXEGPT_FAULTS (tests, soaks)
+        if self._faults.faults.active:
+            log.warning("faults_injected", faults=str(self._faults.faults))
         self._peers: dict[str, str] = {}
         self._thread = threading.Thread(target=self._run, name="worker-io", daemon=True)
         self._coord = self._make_coordinator_socket()
@@ -86,6 +123,7 @@ class WorkerLink:
         return self._assign
 
     def ready(self, info: dict[str, Any]) -> None:
+        self._ready_info = dict(info)  # said again to a restarted coordinator
         self.send(P.Ready(worker_id=self.cfg.worker_id, kv_endpoint=self.kv_endpoint, info=info))
 
     @property
@@ -137,19 +175,19 @@ class WorkerLink:
 
     def _loop(self) -> None:
         """Poll; the outbox is read only while the coordinator keeps up (backpressure)."""
-        poller = zmq.Poller()
+        self._poller = poller = zmq.Poller()
         for sock in (self._coord, self._pull, self._kv_in):
             if sock is not None:
                 poller.register(sock, zmq.POLLIN)
         self._send_hello()
         interval = self.cfg.heartbeat_interval_s
-        last_heard = next_beat = time.monotonic()
+        self._last_heard = next_beat = time.monotonic()
         beat_seq = 0
         while not self._stop.is_set():
             self._watch(poller)
             events = dict(poller.poll(timeout=max(1, int(interval * 250))))
             if events.get(self._coord, 0) & zmq.POLLIN:
-                last_heard = time.monotonic()
+                self._last_heard = time.monotonic()
                 self._drain_coordinator()
             self._flush_backlog()
             if self._pull in events:
@@ -157,12 +195,51 @@ class WorkerLink:
             if self._kv_in is not None and self._kv_in in events:
                 self._drain_kv()
             now = time.monotonic()
+            for peer, frames in self._faults.due(now):
+                self._send_kv(peer, frames, injected=True)
             if now >= next_beat:
                 interval, beat_seq = self._beat(beat_seq)
                 next_beat = now + interval
-            if now - last_heard > self._deadline():
-                self.inbox.put(Stop(f"coordinator silent for {now - last_heard:.1f} s", True))
+                self.limited.flush()
+            if self._check_deadline(now):
                 return
+
+    def _check_deadline(self, now: float) -> bool:
+        """True when the worker must stop; a silent coordinator once assigned: rejoin."""
+        silent = now - self._last_heard
+        if self._rejoining_since is not None:
+            if now - self._rejoining_since <= self.cfg.startup_timeout_s:
+                return False
+            self.inbox.put(Stop(f"coordinator gone: no Assign within "
+                                f"{self.cfg.startup_timeout_s:.0f} s of re-registering", True))
+            return True
+        if silent <= self._deadline() or self._coord.poll(0, zmq.POLLIN):
+            return False  # (woken from a stall with messages waiting: hear them out first)
+        if self._assign is None:
+            self.inbox.put(Stop(f"coordinator silent for {silent:.1f} s", True))
+            return True
+        self._rejoin(f"coordinator silent for {silent:.1f} s")
+        return False
+
+    def _rejoin(self, why: str) -> None:
+        """Drop the lost coordinator's run and say Hello again (module docstring)."""
+        self.log.warning("coordinator_lost", why=why, instance=self._instance)
+        self._rejoining_since = self._last_heard = time.monotonic()
+        self._assigned.clear()
+        with contextlib.suppress(queue.Empty):
+            while True:  # what the old coordinator sent us is void now
+                if isinstance(self.inbox.get_nowait(), Stop):
+                    self.inbox.put(Stop("stopping", False))
+                    break
+                self.dropped += 1
+        self.inbox.put(Rejoin(why))
+        self._backlog.clear()
+        self._poller.unregister(self._coord)
+        self._coord.close(linger=0)
+        self._coord = self._make_coordinator_socket()
+        self._poller.register(self._coord, zmq.POLLIN)
+        self._backoff = self.cfg.heartbeat_interval_s
+        self._send_hello()
 
     def _watch(self, poller: zmq.Poller) -> None:
         poller.modify(self._coord, zmq.POLLIN | (zmq.POLLOUT if self._backlog else 0))
@@ -202,6 +279,10 @@ class WorkerLink:
         return {"max_seqs": self.cfg.capacity}
 
     def _beat(self, seq: int) -> tuple[float, int]:
+        if self._rejoining_since is not None:  # backoff with jitter: many workers rejoin
+            self._send_hello()
+            self._backoff = min(HELLO_BACKOFF_MAX_S, self._backoff * 2)
+            return self._backoff * random.uniform(0.8, 1.2), seq
         if not self._assigned.is_set():
             self._send_hello()  # the coordinator may have started after us
             return self.cfg.heartbeat_interval_s, seq
@@ -220,7 +301,7 @@ class WorkerLink:
             try:
                 msg = P.decode(frames)
             except ProtocolError as exc:
-                self.log.warning("bad_message_from_coordinator", error=str(exc))
+                self.limited.warning("bad_message_from_coordinator", error=str(exc))
                 self._to_coordinator(P.encode(P.Error(
                     code="protocol_error", message=str(exc), req_id=P.peek_req_id(frames))))
                 continue
@@ -228,22 +309,66 @@ class WorkerLink:
 
     def _on_coordinator(self, msg: P.Message) -> None:
         if isinstance(msg, P.Heartbeat):
+            if self._rejoining_since is None and self._other_instance(msg.load):
+                self._rejoin(f"a new coordinator instance ({msg.load['instance']})")
             return
         if isinstance(msg, P.Error) and msg.code == "unavailable" and msg.req_id is None:
-            # the coordinator declared us lost (we were silent too long): stop, do not linger
+            if self._rejoining_since is not None:
+                return  # the new instance does not know us yet: our Hello is on its way
+            if self.cfg.tp_size == 1:  # declared lost: come back as a fresh worker
+                self._rejoin(f"coordinator: {msg.message}")
+                return
+            # a TP rank: the coordinator dropped our whole group, whose other ranks may be
+            # dead (our collectives would hang); stop, the supervisor restarts the group
             self.inbox.put(Stop(f"coordinator: {msg.message}", error=True))
             self._stop.set()
             return
         if isinstance(msg, P.Assign):
-            old, self._peers = self._peers, dict(msg.peers)
-            for gone in [p for p in self._kv_out if self._peers.get(p) != old.get(p)]:
-                self._kv_out.pop(gone).close(linger=0)  # lost or moved peers: drop queued KV
-            first = self._assign is None
-            self._assign = msg
-            if first:
-                self._assigned.set()
+            self._on_assign(msg)
+            return
+        if self._rejoining_since is not None:
+            self.dropped += 1  # the old run's work, still in flight
             return
         self.inbox.put(msg)
+
+    def _other_instance(self, info: Any) -> bool:
+        theirs = info.get("instance") if isinstance(info, dict) else None
+        return theirs is not None and self._instance is not None and theirs != self._instance
+
+    def _on_assign(self, msg: P.Assign) -> None:
+        first = self._assign is None
+        rejoined = not first and (self._rejoining_since is not None
+                                  or self._other_instance(msg.config))
+        if rejoined and not self._same_placement(msg):
+            return
+        old, self._peers = self._peers, dict(msg.peers)
+        for gone in [p for p in self._kv_out if self._peers.get(p) != old.get(p)]:
+            self._kv_out.pop(gone).close(linger=0)  # lost or moved peers: drop queued KV
+        self._assign = msg
+        if isinstance(msg.config.get("instance"), str):
+            self._instance = msg.config["instance"]
+        if rejoined:
+            self.log.info("rejoined", instance=self._instance, dropped=self.dropped,
+                          seconds=round(time.monotonic() - (self._rejoining_since or 0), 3))
+            self._rejoining_since = None
+            self._to_coordinator(P.encode(P.Ready(worker_id=self.cfg.worker_id,
+                                                  kv_endpoint=self.kv_endpoint,
+                                                  info=self._ready_info)))
+        elif not first and "relayout" in msg.config:  # a live re-layout: the loop rebuilds
+            self.inbox.put(msg)
+        self._assigned.set()
+
+    def _same_placement(self, msg: P.Assign) -> bool:
+        """A restarted coordinator must give us the place our backend was built for."""
+        assert self._assign is not None
+        keys = [k for k in PLACEMENT if getattr(msg, k) != getattr(self._assign, k)]
+        keys += [k for k in ("model", "pipeline") if msg.config.get(k) !=
+                 self._assign.config.get(k)]
+        if keys:
+            self.inbox.put(Stop(f"the restarted coordinator assigned a different {keys} "
+                                "than this worker was built for; restart the worker", True))
+            self._stop.set()
+        return not keys
 
     def _drain_outbox(self) -> None:
         while True:
@@ -251,6 +376,9 @@ class WorkerLink:
                 dest, *frames = self._pull.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            if self._rejoining_since is not None:
+                self.dropped += 1  # results of the lost coordinator's run
+                continue
             tag = dest.bytes
             if tag == _TO_COORDINATOR:
                 self._to_coordinator(frames)
@@ -259,7 +387,9 @@ class WorkerLink:
                 continue
             self._send_kv(tag[1:].decode(), frames)
 
-    def _send_kv(self, decoder_id: str, frames: list[Any]) -> None:
+    def _send_kv(self, decoder_id: str, frames: list[Any], injected: bool = False) -> None:
+        if not injected and self.cfg.role == "encoder" and self._inject(decoder_id, frames):
+            return
         sock = self._kv_socket(decoder_id)
         if sock is None:
             self._report_no_route(decoder_id, "has no KV endpoint for", frames)
@@ -269,8 +399,20 @@ class WorkerLink:
         except zmq.Again:  # the decoder stopped reading for KV_SEND_TIMEOUT_MS
             self._report_no_route(decoder_id, "timed out sending KV to", frames)
 
+    def _inject(self, decoder_id: str, frames: list[Any]) -> bool:
+        """EXEGPT_FAULTS: True when this KV handoff is dropped or held back."""
+        fate = self._faults.fate()
+        if fate is None:
+            return False
+        self.limited.warning("fault_injected", fault="kv_drop" if fate == "drop" else
+                             "kv_delay", decoder=decoder_id, req_id=P.peek_req_id(frames))
+        if fate != "drop":
+            assert isinstance(fate, float)
+            self._faults.hold(time.monotonic() + fate, decoder_id, frames)
+        return True
+
     def _report_no_route(self, decoder_id: str, what: str, frames: list[Any]) -> None:
-        if self.cfg.role == "pipeline":
+        if self.cfg.role == "pipeline" and frames[0].bytes[:1] == bytes([P.StagePass.TYPE]):
             self._report_stage_pass_lost(decoder_id, what, frames)
             return
         req_id = P.peek_req_id(frames)
@@ -295,14 +437,20 @@ class WorkerLink:
                 sender, *frames = self._kv_in.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            if self._rejoining_since is not None:
+                self.dropped += 1  # KV / passes of the lost coordinator's run
+                continue
             try:
                 msg = P.decode(frames)
-                want = P.StagePass if self.cfg.role == "pipeline" else P.KVHandoff
+                # a staged WAA decoder stage takes both (KV from encoder stages)
+                want = (P.StagePass, P.KVHandoff) if self.cfg.role == "pipeline" else (
+                    P.KVHandoff,)
                 if not isinstance(msg, want):
-                    raise ProtocolError(f"the KV endpoint takes {want.__name__}, got "
+                    raise ProtocolError(f"the KV endpoint takes "
+                                        f"{'/'.join(w.__name__ for w in want)}, got "
                                         f"{type(msg).__name__}")
             except ProtocolError as exc:
-                self.log.warning("bad_kv_message", error=str(exc))
+                self.limited.warning("bad_kv_message", error=str(exc))
                 with contextlib.suppress(zmq.Again):
                     self._kv_in.send_multipart([sender, *P.encode(P.Error(
                         code="protocol_error", message=str(exc),

@@ -15,9 +15,11 @@
             at once: B_E and the adjustment bands (a new BatchSizer: the next encode batch uses
             it), pipeline plans' B and N_D (each stream's knobs: its next pass / RRA cycle);
             logged ``plan_switch`` with the reason, old and new knobs and the switch's cost.
-            Other groups -> ``replan_needs_relayout`` (with that plan and its predicted gain);
-            the best knobs *for the current layout* are applied instead. Re-laying out workers
-            live is not implemented (docs/adaptation.md).
+            Other groups: pipeline plans on tp-1 stage workers are re-laid out live
+            (coordinator.adapt_relayout / relayout: drain, migrate by recompute, re-Assign,
+            rebuild from host memory; ``plan_switch`` once done, with its cost); anything else
+            -> ``replan_needs_relayout`` (with the reason, that plan and its predicted gain) and
+            the best knobs *for the current layout* are applied instead.
 
 After a switch the detector's reference becomes the observed law (it is what the new plan was
 made for) and the dwell time starts, so one shift cannot flap the plan.
@@ -35,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coordinator import adapt_relayout
 from coordinator.drift import DriftConfig, DriftDetector, Reference, observe, observed_spec
 from coordinator.planner.plan import Plan
 
@@ -164,6 +167,8 @@ class Adapter:
         self.step_ratios: deque[float] = deque(maxlen=cfg.drift.window)
         self.switches: list[dict[str, Any]] = []
         self.pending: dict[str, Any] | None = None
+        self.relayouting: dict[str, Any] | None = None  # a re-layout in progress (its plan)
+        self.relayouts = 0  # re-layouts started (each one's epoch)
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._last_eval = -float("inf")
         self.warm_s: float | None = None  # how long the planner process took to start
@@ -208,7 +213,7 @@ class Adapter:
         if not det.due() or now - self._last_eval < EVAL_INTERVAL_S:
             return
         self._last_eval = now
-        if det.evaluate(now) and self.pending is None:
+        if det.evaluate(now) and self.pending is None and self.relayouting is None:
             self._start_replan(now)
 
     def _start_replan(self, now: float) -> None:
@@ -249,8 +254,15 @@ class Adapter:
                 "replan_s": round(time.perf_counter() - pending["t_mono"], 3),
                 "search_s": round(result["seconds"], 3), "pause_s": 0.0}
         if best is not None and layout(best) != layout(self.plan):
+            target = (adapt_relayout.relayout_target(self.co, self.plan, best) if self.cfg.drift.relayout
+                      else "re-layout is off (adapt option relayout=0)")
+            if not isinstance(target, str):
+                adapt_relayout.start(self, best, target, self._event(best, pending, cost, now))
+                self._rebase(now, pending["spec"])
+                return
             self.log.warning("replan_needs_relayout", plan=best.to_dict(),
-                             throughput_gain=_gain(best, fit), kept_layout=True)
+                             throughput_gain=_gain(best, fit), kept_layout=True,
+                             relayout_unsupported=target)
         new = best if best is not None and layout(best) == layout(self.plan) else fit
         if new is None:
             self.log.warning("replan_no_plan", reasons=pending["reasons"],
@@ -262,16 +274,22 @@ class Adapter:
             apply_knobs(self.co, new)
             self.plan = new
             cost["switch_s"] = round(now - pending["t_fire"], 3)
-            event = {"reason": "; ".join(pending["reasons"]), "old": knobs(old),
-                     "new": knobs(new), "t": now, "meets_bound": new.search.get(
-                         "meets_bound", True), "predicted_old": _pred(old),
-                     "predicted_new": _pred(new), **cost}
+            event = self._event(new, pending, cost, now, old)
+            event.pop("t_fire")
             self.switches.append(event)
             self.log.info("plan_switch", **event, plan=new.to_dict())
             metrics = getattr(self.co, "metrics", None)
             if metrics is not None:  # stats compare with the new plan's predictions from now
                 metrics.set_plan(new.to_dict(), event)
         self._rebase(now, pending["spec"])
+
+    def _event(self, new: Plan, pending: dict[str, Any], cost: dict[str, Any], now: float,
+               old: Plan | None = None) -> dict[str, Any]:
+        old = old or self.plan
+        return {"reason": "; ".join(pending["reasons"]), "old": knobs(old), "new": knobs(new),
+                "t": now, "t_fire": pending["t_fire"], "relayout": None,
+                "meets_bound": new.search.get("meets_bound", True),
+                "predicted_old": _pred(old), "predicted_new": _pred(new), **cost}
 
     def _rebase(self, now: float, spec: str | None = None) -> None:
         from coordinator.planner.workload import parse_workload
@@ -298,6 +316,8 @@ class Adapter:
                 "live": live,
                 "switches": [{k: v for k, v in s.items()} for s in self.switches],
                 "replanning": self.pending is not None, "planner_warm_s": self.warm_s,
+                "relayout": (pipeline.switch.describe() if pipeline is not None
+                             and pipeline.switch is not None else None),
                 "step_time_ratio": {"median": statistics.median(ratios) if ratios else None,
                                     "count": len(ratios)},
                 "workload_spec": self.plan.workload}

@@ -38,6 +38,7 @@ class CoordinatorConfig:
     heartbeat_interval_s: float = 0.5
     heartbeat_timeout_s: float = 5.0
     drain_timeout_s: float = 10.0
+    kv_timeout_s: float = 30.0  # encode batch sent -> first token; past it: re-run (KV lost)
     model_shape: str = "tiny-llama"
     model_config: str | None = None  # JSON file of the served model's ModelConfig
     tokenizer: str | None = None  # the model's HF directory or .gguf (text prompts)
@@ -47,6 +48,9 @@ class CoordinatorConfig:
     stage_encoder_layers: str | None = None  # T5: encoder layers per stage (None: even split)
     n_d: int = 1  # rra: decode passes per encode pass (the plan's N_D)
     streams: int = 0  # pipeline policies: request groups in flight (0: one per stage)
+    # waa with layer ranges (coordinator.waa_pipeline): "0:7,7:14" per encoder / decoder stage
+    waa_encoder_layers: str | None = None
+    waa_decoder_layers: str | None = None
     adjust_token_sum: str | None = None  # "LO,HI": the plan's band for an encode batch's tokens
     adjust_decode_batch: str | None = None  # "LO,HI": the plan's band for the decode batch
     plan: str | None = None  # the plan JSON served; stats set its predictions beside measured
@@ -71,6 +75,9 @@ class CoordinatorConfig:
         if not 0 < self.heartbeat_interval_s < self.heartbeat_timeout_s:
             raise ValueError("need 0 < heartbeat_interval_s < heartbeat_timeout_s "
                              f"(got {self.heartbeat_interval_s}, {self.heartbeat_timeout_s})")
+        if self.kv_timeout_s <= 0:
+            raise ValueError("kv_timeout_s must be > 0 (seconds from an encode batch to its "
+                             "requests' first tokens)")
         if self.drain_timeout_s < 0:
             raise ValueError("drain_timeout_s must be >= 0")
         check_pipeline(self)
@@ -127,6 +134,12 @@ def check_pipeline(cfg: CoordinatorConfig) -> None:
     if cfg.n_d < 1 or cfg.streams < 0 or cfg.pipeline_stages < 0:
         raise ValueError("need n_d >= 1, streams >= 0 and pipeline_stages >= 0")
     if cfg.policy == "waa":
+        for text, what in ((cfg.waa_encoder_layers, "waa_encoder_layers"),
+                           (cfg.waa_decoder_layers, "waa_decoder_layers")):
+            parse_ranges(text, what)
+        if (cfg.waa_encoder_layers is None) != (cfg.waa_decoder_layers is None):
+            raise ValueError("a staged WAA mesh needs both --waa-encoder-layers and "
+                             "--waa-decoder-layers")
         return
     for text, what in ((cfg.stage_layers, "stage_layers"),
                        (cfg.stage_encoder_layers, "stage_encoder_layers")):
@@ -176,6 +189,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt("--heartbeat-interval", 0.5, type=float)
     opt("--heartbeat-timeout", 5.0, type=float)
     opt("--drain-timeout", 10.0, type=float)
+    opt("--kv-timeout", 30.0, type=float,
+        help="seconds from sending a request's encode batch to its first token; past it the "
+             "KV handoff counts as lost: the request is re-run (freed on both sides)")
     opt("--model-shape", "tiny-llama", help="ModelConfig preset the workers size their work by")
     opt("--model-config",
         help="JSON file with the served model's ModelConfig (overrides --model-shape)")
@@ -200,6 +216,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt("--n-d", 1, type=int, help="rra: decode passes per encode pass (the plan's N_D)")
     opt("--streams", 0, type=int,
         help="pipeline policies: request groups in flight (default: one per stage)")
+    opt("--waa-encoder-layers",
+        help="waa: LO:HI,... layers of each encoder pipeline stage (stage workers; needs "
+             "--waa-decoder-layers)")
+    opt("--waa-decoder-layers",
+        help="waa: LO:HI,... layers of each decoder pipeline stage; --streams is B_m, the "
+             "decode micro-batches in flight")
     opt("--plan",
         help="the plan JSON this mesh runs (`exegpt plan --out`): stats report its predicted "
              "throughput/latency beside the measured ones")
@@ -223,11 +245,13 @@ def from_args(args: argparse.Namespace) -> CoordinatorConfig:
         curve_server_key=args.curve_server_key, curve_allow=args.curve_allow,
         curve_worker_allow=args.curve_worker_allow,
         heartbeat_interval_s=args.heartbeat_interval, heartbeat_timeout_s=args.heartbeat_timeout,
-        drain_timeout_s=args.drain_timeout, model_shape=args.model_shape,
+        drain_timeout_s=args.drain_timeout, kv_timeout_s=args.kv_timeout,
+        model_shape=args.model_shape,
         model_config=args.model_config,
         tokenizer=args.tokenizer, adjust_token_sum=args.adjust_token_sum,
         adjust_decode_batch=args.adjust_decode_batch, ready_fd=args.ready_fd, plan=args.plan,
         profile=args.profile, adapt=args.adapt, adapt_options=args.adapt_options,
         policy=args.policy, pipeline_stages=args.pipeline_stages, stage_layers=args.stage_layers,
         stage_encoder_layers=args.stage_encoder_layers, n_d=args.n_d, streams=args.streams,
+        waa_encoder_layers=args.waa_encoder_layers, waa_decoder_layers=args.waa_decoder_layers,
     )

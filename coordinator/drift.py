@@ -58,6 +58,8 @@ class DriftConfig:
     confirm: int = 3  # consecutive "over" evaluations before firing
     min_dwell_s: float = 10.0  # after a fire: no new fire for this long ...
     min_dwell_requests: int = 128  # ... and until this many more arrivals
+    relayout: int = 1  # 1: a plan with other pipeline stages is re-laid out live; 0: knobs only
+    drain_timeout_s: float = 2.0  # re-layout: old stages drain this long, then migrate
 
     def __post_init__(self) -> None:
         if self.window < 8 or not 8 <= self.min_samples <= self.window:
@@ -71,6 +73,8 @@ class DriftConfig:
                 raise ValueError(f"{name} must be > 0 (a relative change, e.g. 0.15)")
         if not 0 < self.clear_ratio < 1 or self.min_dwell_s < 0:
             raise ValueError("need 0 < clear_ratio < 1 and min_dwell_s >= 0")
+        if self.relayout not in (0, 1) or self.drain_timeout_s < 0:
+            raise ValueError("relayout must be 0 or 1 and drain_timeout_s >= 0")
 
     @classmethod
     def parse(cls, text: str | None) -> DriftConfig:
@@ -175,6 +179,8 @@ class Observation:
     z_output: float
     p_output: float
     observed_output: tuple[np.ndarray, np.ndarray] = field(repr=False)
+    # the re-plan's output law: the censored tail extrapolated (KaplanMeier.pmf(extrapolate))
+    replan_output: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"num": self.num, "input": self.input, "output": self.output,
@@ -201,7 +207,7 @@ def observe(window: LengthWindow, ref: Reference) -> Observation:
                "p99_output": _rel(p99, ref.output.quantile(0.99)),
                "mean_input": _rel(obs_in["mean"], ref.input.mean)}
     return Observation(inputs.size, obs_in, obs_out, effects, ks, p_in, z, p_out,
-                       (values, probs))
+                       (values, probs), km.pmf(ref.output, extrapolate=True))
 
 
 def summary(dist: LengthDist) -> dict[str, float]:
@@ -293,7 +299,7 @@ class DriftDetector:
 def observed_spec(obs: Observation, window: LengthWindow, digits: int = 4) -> str:
     """The observed law as an inline workload spec (``hist:`` laws) the planner parses."""
     ins, counts = np.unique(window.inputs(), return_counts=True)
-    values, probs = obs.observed_output
+    values, probs = obs.replan_output or obs.observed_output
     hist_in = ",".join(f"{v}:{c}" for v, c in zip(ins, counts, strict=True))
     hist_out = ",".join(f"{v}:{p:.{digits}g}" for v, p in zip(values, probs, strict=True)
                         if float(f"{p:.{digits}g}") > 0)

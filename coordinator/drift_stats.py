@@ -26,6 +26,7 @@ class KaplanMeier:
     surv: np.ndarray  # surv[k-1] = P(S >= k)
     at_risk: np.ndarray  # at_risk[k-1] = subjects known to reach step k
     events: np.ndarray  # events[k-1] = subjects finishing at exactly k
+    censored_beyond: int = 0  # in-flight (censored) subjects past the last step kept
 
     @classmethod
     def fit(cls, lens: np.ndarray, exact: np.ndarray, min_at_risk: int = 1) -> KaplanMeier:
@@ -39,7 +40,7 @@ class KaplanMeier:
         at_risk, events = at_risk[:top], events[:top]
         hazard = np.divide(events, at_risk, out=np.zeros_like(events), where=at_risk > 0)
         surv = np.concatenate([[1.0], np.cumprod(1.0 - hazard)[:-1]]) if top else np.ones(0)
-        return cls(surv, at_risk, events)
+        return cls(surv, at_risk, events, int(np.count_nonzero(~exact & (lens > top))))
 
     @property
     def tail(self) -> float:
@@ -48,22 +49,59 @@ class KaplanMeier:
             return 1.0
         return float(self.surv[-1] * (1.0 - self.events[-1] / max(self.at_risk[-1], 1.0)))
 
-    def pmf(self, ref: LengthDist) -> tuple[np.ndarray, np.ndarray]:
+    def pmf(self, ref: LengthDist, extrapolate: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Mass per length, the censored tail placed by the reference's conditional law
-        beyond the last step (or on the next step when the reference has no mass there)."""
+        beyond the last step (or on the next step when the reference has no mass there).
+        ``extrapolate`` (the re-plan's law): the tail is placed by whichever of that and a
+        geometric tail (``tail_hazard``) has the longer conditional mean: after a shift toward
+        longer outputs the reference knows nothing of the new tail (docs/adaptation.md).
+        Only when some of the tail is still in flight: finished lengths are not guessed at."""
         top = self.surv.size
         mass = np.append(-np.diff(self.surv), self.surv[-1] - self.tail) if top else np.zeros(0)
         values, probs = np.arange(1, top + 1), mass
         beyond = ref.values > top
         if self.tail > 1e-12:
             if beyond.any() and ref.probs[beyond].sum() > 0:
-                cond = ref.probs[beyond] / ref.probs[beyond].sum()
-                values = np.concatenate([values, ref.values[beyond]])
-                probs = np.concatenate([probs, self.tail * cond])
+                tail_v = ref.values[beyond]
+                tail_p = ref.probs[beyond] / ref.probs[beyond].sum()
             else:
-                values, probs = np.append(values, top + 1), np.append(probs, self.tail)
+                tail_v, tail_p = np.array([top + 1]), np.array([1.0])
+            hazard = self.tail_hazard() if extrapolate and self.censored_beyond else None
+            if hazard is not None:
+                geo_v, geo_p = geometric_tail(top, hazard)
+                if geo_v @ geo_p > tail_v @ tail_p:
+                    tail_v, tail_p = geo_v, geo_p
+            values = np.concatenate([values, tail_v])
+            probs = np.concatenate([probs, self.tail * tail_p])
         keep = probs > 1e-12
         return values[keep], probs[keep]
+
+    def tail_hazard(self, z: float = 1.0) -> float | None:
+        """Finishes per token beyond the last step, fitted to the upper half of the observed
+        steps at its lower ``z``-sigma bound (Poisson count of finishes): a smaller hazard is
+        a longer tail, the cautious side for a latency bound. None: nothing at risk there."""
+        top = self.surv.size
+        if top == 0:
+            return None
+        events, risk = self.events[top // 2:].sum(), self.at_risk[top // 2:].sum()
+        if risk <= 0:
+            return None
+        return float(min(max(events - z * math.sqrt(events), 0.5) / risk, 0.5))
+
+
+TAIL_QUANTILE = 0.99  # the geometric tail is cut at its 99th percentile (the rest: there)
+TAIL_MAX_FACTOR = 4  # ... and at 4x the last observed step (the planner sizes N_D, KV by it)
+
+
+def geometric_tail(top: int, hazard: float) -> tuple[np.ndarray, np.ndarray]:
+    """Lengths top+1, top+2, ... with P = h (1-h)^(j-1), cut at the TAIL_QUANTILE point (or
+    TAIL_MAX_FACTOR x top) where the remaining mass is put; sums to 1."""
+    span = math.ceil(math.log(1.0 - TAIL_QUANTILE) / math.log(1.0 - hazard))
+    span = max(1, min(span, (TAIL_MAX_FACTOR - 1) * max(top, 1)))
+    j = np.arange(1, span + 1)
+    probs = hazard * (1.0 - hazard) ** (j - 1)
+    probs[-1] += 1.0 - probs.sum()
+    return top + j, probs
 
 
 def quantile(values: np.ndarray, probs: np.ndarray, q: float) -> int:

@@ -43,7 +43,9 @@ class WorkerGroup:
     """``count`` workers of one role, each a TP group of ``tp_size`` rank processes.
 
     ``pipeline`` groups are one stage each (count 1) holding ``layer_range`` (and, for T5,
-    ``encoder_layer_range``); None leaves the coordinator to split the layers evenly."""
+    ``encoder_layer_range``); None leaves the coordinator to split the layers evenly.
+    An encoder or decoder group with a ``layer_range`` is one stage of a staged WAA plan's
+    encoder or decoder pipeline (count 1; coordinator/waa_pipeline.py)."""
 
     role: str
     count: int
@@ -58,13 +60,12 @@ class WorkerGroup:
                              f"{self.role!r}")
         if self.count < 1 or self.tp_size < 1 or self.capacity < 1:
             raise ValueError(f"{self.role} group: count, tp_size and capacity must be >= 1")
-        if self.role == "pipeline" and self.count != 1:
-            raise ValueError("a pipeline group is one stage: count must be 1 (list a group "
-                             "per stage)")
+        if (self.role == "pipeline" or self.layer_range is not None) and self.count != 1:
+            raise ValueError("a pipeline group (or a WAA group with a layer range) is one "
+                             "stage: count must be 1 (list a group per stage)")
         ranges = (self.layer_range, self.encoder_layer_range)
-        if self.role != "pipeline" and ranges != (None, None):
-            raise ValueError("layer ranges belong to pipeline groups (encoders and decoders "
-                             "hold every layer)")
+        if self.role != "pipeline" and self.encoder_layer_range is not None:
+            raise ValueError("encoder_layer_range belongs to pipeline groups (T5 stages)")
         for rng in ranges:
             if rng is not None and (len(rng) != 2 or not 0 <= rng[0] < rng[1]):
                 raise ValueError(f"a layer range is [lo, hi) with 0 <= lo < hi, got {rng!r}")
@@ -113,6 +114,9 @@ class LaunchSpec:
                              "group")
         if self.policy != "waa":
             self._check_pipeline(roles)
+        elif len({g.layer_range is None for g in self.groups}) > 1:
+            raise ValueError("a staged WAA launch spec gives every encoder and decoder group a "
+                             "layer_range (one stage each), or none")
         if (self.model is None) != (self.model_config is None):
             raise ValueError("a real-model launch spec needs both model and model_config (the "
                              "coordinator validates requests against the model's shape)")
@@ -131,8 +135,25 @@ class LaunchSpec:
     def stages(self) -> tuple[WorkerGroup, ...]:
         return tuple(g for g in self.groups if g.role == "pipeline")
 
+    @property
+    def waa_staged(self) -> bool:
+        """A WAA plan whose groups hold layer ranges: two pipelines of stage workers."""
+        return self.policy == "waa" and self.groups[0].layer_range is not None
+
+    def stage_index(self, group: WorkerGroup, index: int) -> int:
+        """A stage's global number: pipeline groups in order; staged WAA: encoders first."""
+        if group.role == "decoder":
+            return sum(g.role == "encoder" for g in self.groups) + index
+        return index
+
     def pipeline_flags(self) -> list[str]:
         """The coordinator flags of a pipeline plan: policy, stages, layer ranges, knobs."""
+        if self.waa_staged:
+            return ["--streams", str(self.streams)] + [
+                flag for role in ("encoder", "decoder") for flag in (
+                    f"--waa-{role}-layers", ",".join(f"{g.layer_range[0]}:{g.layer_range[1]}"
+                                                     for g in self.groups if g.role == role
+                                                     and g.layer_range is not None))]
         if self.policy == "waa":
             return []
         flags = ["--policy", self.policy, "--pipeline-stages", str(len(self.stages)),
@@ -210,7 +231,8 @@ class LaunchSpec:
     def _worker_child(self, group: WorkerGroup, worker_id: str, rank: int,
                       worker_endpoint: str, tp_init: str | None, index: int = 0) -> ChildSpec:
         """One rank's argv; ``index`` counts groups of its role (a pipeline group's stage)."""
-        module = "decoder_worker" if group.role == "pipeline" else f"{group.role}_worker"
+        stage = group.role == "pipeline" or group.layer_range is not None
+        module = "decoder_worker" if stage else f"{group.role}_worker"
         argv = [sys.executable, "-m", module, "--coordinator", worker_endpoint,
                 "--worker-id", worker_id, "--tp-rank", str(rank),
                 "--tp-size", str(group.tp_size), "--capacity", str(group.capacity),
@@ -219,10 +241,10 @@ class LaunchSpec:
                 *(("--tp-init", tp_init) if tp_init is not None else ()),
                 "--heartbeat-interval", str(self.heartbeat_interval_s),
                 "--heartbeat-timeout", str(self.heartbeat_timeout_s)]
-        if group.role == "pipeline":
+        if stage:
             kv = (f"ipc://{self.ipc_dir}/kv-{worker_id}"
                   if self.transport == "ipc" else f"tcp://{self.host}:*")
-            argv += ["--role", "pipeline", "--stage", str(index),
+            argv += ["--role", "pipeline", "--stage", str(self.stage_index(group, index)),
                      "--kv-bind", kv, "--encode-cost-ms", str(self.encode_cost_ms),
                      "--encode-cost-ms-per-token", str(self.encode_cost_ms_per_token),
                      "--decode-cost-ms", str(self.decode_cost_ms)]

@@ -12,10 +12,19 @@ changes, every encoder gets a fresh Assign whose ``peers`` map decoder id -> KV 
 on the same ordered pipe as the EncodeBatches, so an encoder always knows a decoder before a
 batch names it). A worker silent for ``heartbeat_timeout_s`` is lost: the requests it held are
 answered with a WorkerLost error and the other workers are told to cancel their part.
+
+Restarts. Every Heartbeat and Assign names this coordinator's ``instance``. A worker that hears
+from another instance (or from nobody for its heartbeat deadline) drops what it held and says
+Hello again (common/workerlink.py). A message from a connection this instance never saw (a
+worker of the previous instance) is answered with this instance's Heartbeat, which tells the
+worker to re-register, and an ``unavailable`` Error; one from a worker this instance declared
+lost gets only the Error, which stops that worker (it was silent too long to be trusted).
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -23,9 +32,12 @@ import zmq
 
 from common import protocol as P
 from common.errors import ProtocolError, error_from_code
+from common.logbudget import LogLimiter
 from common.procs import write_status
 from coordinator.registry import PIPELINE_ROLE, ROLES, Registry, WorkerInfo, WorkerState
 from coordinator.requests import Request
+
+MAX_LOST_ROUTES = 4096  # connections declared lost that are remembered (and told to stop)
 
 if TYPE_CHECKING:
     from coordinator.server import Coordinator
@@ -40,6 +52,8 @@ class Membership:
         self.registry = Registry()
         self.serving = False
         self._beat_seq = 0
+        self.limited = LogLimiter(self.log)  # per-message warnings a peer could flood
+        self._lost_routes: collections.OrderedDict[bytes, None] = collections.OrderedDict()
 
     # ---- queries --------------------------------------------------------------------------
     def ready(self, role: str) -> list[WorkerInfo]:
@@ -47,7 +61,8 @@ class Membership:
 
     def missing_roles(self) -> list[str]:
         if self.co.pipeline is not None:  # a pipeline plan: every stage, or nothing
-            return [] if self.co.pipeline.stages_ready() else [PIPELINE_ROLE]
+            ok = self.co.pipeline.stages_ready() or self.co.pipeline.switching  # re-layout
+            return [] if ok else [PIPELINE_ROLE]
         return [role for role in ROLES if not self.registry.ready(role)]
 
     def can_serve(self) -> bool:
@@ -66,7 +81,7 @@ class Membership:
             self.sock.send_multipart([worker.routing_id, *P.encode(msg)], zmq.NOBLOCK,
                                      copy=False)
         except zmq.ZMQError as exc:
-            self.log.warning("worker_unreachable", worker=worker.worker_id, error=exc.strerror)
+            self.limited.warning("worker_unreachable", worker=worker.worker_id, error=exc.strerror)
 
     def send_batch(self, encoder: WorkerInfo, batch_id: int,
                    placed: list[tuple[Request, WorkerInfo]]) -> None:
@@ -109,7 +124,7 @@ class Membership:
         try:
             msg = P.decode(frames[1:])
         except ProtocolError as exc:
-            self.log.warning("bad_worker_message", error=str(exc))
+            self.limited.warning("bad_worker_message", error=str(exc))
             self._send_raw(route, P.Error(code="protocol_error", message=str(exc),
                                           req_id=P.peek_req_id(frames[1:])))
             return
@@ -118,8 +133,7 @@ class Membership:
             return
         worker = self.registry.by_route(route)
         if worker is None:
-            self._send_raw(route, P.Error(code="unavailable", message="unknown worker: send "
-                                          "Hello first (were you declared lost?)"))
+            self._unknown_route(route)
             return
         worker.last_seen = time.time()
         self._dispatch(worker, msg)
@@ -136,8 +150,24 @@ class Membership:
         elif isinstance(msg, P.Error):
             self.on_worker_error(worker, msg)
         else:
-            self.log.warning("unexpected_worker_message", worker=worker.worker_id,
+            self.limited.warning("unexpected_worker_message", worker=worker.worker_id,
                              type=type(msg).__name__)
+
+    def _unknown_route(self, route: bytes) -> None:
+        """A worker we declared lost is told so (it stops); any other unknown sender (a
+        worker of a previous coordinator instance) first gets our Heartbeat: re-register."""
+        if route in self._lost_routes:
+            self._send_raw(route, P.Error(code="unavailable", message="unknown worker: you "
+                                          "were declared lost (silent past the deadline)"))
+            return
+        self._send_raw(route, self._heartbeat(time.time()))
+        self._send_raw(route, P.Error(code="unavailable", message=f"unknown worker: send "
+                                      f"Hello first (coordinator instance "
+                                      f"{self.co.instance})"))
+
+    def _heartbeat(self, now: float) -> P.Heartbeat:
+        return P.Heartbeat(worker_id="coordinator", seq=self._beat_seq, t_sent=now,
+                           load={"in_flight": len(self.co.table), "instance": self.co.instance})
 
     def _send_raw(self, route: bytes, msg: P.Message) -> None:
         try:
@@ -163,8 +193,13 @@ class Membership:
             self._send_raw(route, P.Error(code="bad_request", message="Hello.capacity must be "
                                           "a map with a positive int max_seqs"))
             return
+        self._lost_routes.pop(route, None)
         old = self.registry.get(msg.worker_id)
-        if old is not None and old.routing_id != route:
+        if old is not None and old.routing_id == route and old.state is not WorkerState.READY:
+            old.last_seen = time.time()  # a repeated Hello (queued while we were away)
+            self.send(old, self._assign(old))
+            return
+        if old is not None:  # a new session of a known worker: what it held is gone
             self.lose(old, "re-registered")
         info = WorkerInfo(worker_id=msg.worker_id, role=role, routing_id=route,
                           tp_rank=msg.tp_rank, tp_size=msg.tp_size, device=msg.device,
@@ -177,14 +212,18 @@ class Membership:
         self.send(info, self._assign(info))
 
     def _assign(self, info: WorkerInfo) -> P.Assign:
+        """The worker's Assign, naming this instance (a worker re-registers on a change)."""
         if self.co.pipeline is not None:
-            return self.co.pipeline.assign(info)
+            assign = self.co.pipeline.assign(info)
+            return dataclasses.replace(assign, config={**assign.config,
+                                                       "instance": self.co.instance})
         peers = ({d.worker_id: d.kv_endpoint for d in self.registry.ready("decoder")
                   if d.kv_endpoint} if info.role == "encoder" else {})
         return P.Assign(worker_id=info.worker_id, role=info.role, tp_rank=info.tp_rank,
                         tp_size=info.tp_size, peers=peers,
                         heartbeat_interval_s=self.cfg.heartbeat_interval_s,
-                        config={"model": self.co.model.to_dict()})
+                        config={"model": self.co.model.to_dict(),
+                                "instance": self.co.instance})
 
     def on_ready(self, worker: WorkerInfo, msg: P.Ready) -> None:
         worker.state = WorkerState.READY
@@ -195,7 +234,7 @@ class Membership:
         if worker.role == "decoder":
             self._update_encoders()
         if self.co.pipeline is not None:
-            self.co.pipeline.on_stage_ready()  # peers refresh: before serving starts
+            self.co.pipeline.on_stage_ready(worker, msg.info)  # peers refresh; re-layout
         self._check_serving()
 
     def _update_encoders(self) -> None:
@@ -230,7 +269,7 @@ class Membership:
                 self.send(worker, P.Cancel(req_id=update.req_id, reason="unknown request"))
 
     def on_worker_error(self, worker: WorkerInfo, msg: P.Error) -> None:
-        self.log.warning("worker_error", worker=worker.worker_id, code=msg.code,
+        self.limited.warning("worker_error", worker=worker.worker_id, code=msg.code,
                          req_id=msg.req_id, error=msg.message)
         request = self.co.table.get_wire(msg.req_id) if msg.req_id else None
         if request is None:
@@ -244,8 +283,8 @@ class Membership:
     # ---- liveness -------------------------------------------------------------------------
     def tick(self, now: float) -> None:
         self._beat_seq += 1
-        beat = P.Heartbeat(worker_id="coordinator", seq=self._beat_seq, t_sent=now,
-                           load={"in_flight": len(self.co.table)})
+        self.limited.flush()
+        beat = self._heartbeat(now)
         for worker in self.registry:
             self.send(worker, beat)
         for worker in self.registry.silent(now, self.cfg.heartbeat_timeout_s):
@@ -257,6 +296,10 @@ class Membership:
         held: list[tuple[str, Request]] = []
         for member in self.registry.group_of(worker):
             self.registry.remove(member.worker_id)
+            if why != "re-registered":
+                self._lost_routes[member.routing_id] = None
+                while len(self._lost_routes) > MAX_LOST_ROUTES:
+                    self._lost_routes.popitem(last=False)
             self.log.error("worker_lost", worker=member.worker_id, worker_role=member.role,
                            why=why)
             write_status(self.cfg.ready_fd, "lost", worker=member.worker_id, why=why)

@@ -300,7 +300,7 @@ class Metrics:
                     ) -> dict[str, dict[str, Any]]:
         out = {}
         for name in sorted(set(self._tracks) | set(described)):
-            track = self._tracks.get(name) or Track(deque())
+            track = self._tracks.get(name) or Track(deque(), deque())
             info = described.get(name, {})
             mine = records.where(records.decoder == name)
             encoded = records.where(records.encoder == name)

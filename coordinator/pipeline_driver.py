@@ -5,6 +5,8 @@
                       config={"model", "pipeline": {"stage", "num_stages"}})--
     stage s --Ready(kv_endpoint)-->      ... every stage READY: stage s < P-1 gets an Assign
                                          refresh with peers {"next": stage s+1's kv_endpoint}
+                                         (T5 over P > 1 stages: the last stage gets {"first":
+                                         stage 0's}, where its encode passes start lap 1)
 
     schedule()      each idle stream (round robin) picks its next pass (coordinator.streams);
                     it goes to stage 0 as a StagePass and on through the stages by itself
@@ -19,6 +21,8 @@ streams; the ids go into the streams' next ``free`` for the stages that survive.
 
 from __future__ import annotations
 
+import dataclasses
+import secrets
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,6 +36,7 @@ from coordinator.requests import Request, State
 from coordinator.streams import Pass, Stream, StreamKnobs
 
 if TYPE_CHECKING:
+    from coordinator.relayout import Relayout
     from coordinator.server import Coordinator
 
 Range = tuple[int, int]
@@ -86,11 +91,37 @@ class PipelineDriver:
         self.streams = [Stream(i, knobs) for i in range(co.cfg.streams
                                                          or self.layout.num_stages)]
         self._inflight: dict[int, tuple[Stream, Pass]] = {}
-        self._pass_id = 0
+        # random start: a restarted coordinator's pass ids never meet a stale PassDone's
+        self._pass_id = secrets.randbits(40)
         self._next_stream = 0
         self._cycles = [0] * len(self.streams)  # rra: cycles each stream has started
         self.counters = {"encode_passes": 0, "decode_passes": 0, "free_passes": 0,
                          "failed_passes": 0}
+        self.switch: Relayout | None = None  # a live re-layout in progress (coordinator.relayout)
+
+    # ---- re-layout (coordinator.relayout drives these) -------------------------------------
+    @property
+    def switching(self) -> bool:
+        return self.switch is not None
+
+    def install(self, layout: StageLayout, streams: list[Stream]) -> None:
+        """The new layout and streams (no pass in flight, no request on any stream)."""
+        self.layout, self.streams = layout, streams
+        self._inflight.clear()
+        self._next_stream = 0
+        self._cycles = [0] * len(streams)
+
+    def relayout_assign(self, info: WorkerInfo, epoch: int) -> P.Assign:
+        """A re-Assign to the worker's new stage (``info.stage``), or to none (a spare)."""
+        if info.stage is None:
+            return P.Assign(worker_id=info.worker_id, role="pipeline", group=-1,
+                            tp_rank=info.tp_rank, tp_size=info.tp_size,
+                            heartbeat_interval_s=self.co.cfg.heartbeat_interval_s,
+                            config={"model": self.co.model.to_dict(), "pipeline": None,
+                                    "relayout": epoch,
+                                    "instance": getattr(self.co, "instance", None)})
+        assign = self.co.members._assign(info)  # noqa: SLF001 - the same Assign a Hello gets
+        return dataclasses.replace(assign, config={**assign.config, "relayout": epoch})
 
     # ---- stage workers --------------------------------------------------------------------
     def stage_of(self, msg: P.Hello) -> int:
@@ -111,9 +142,19 @@ class PipelineDriver:
                         config={"model": self.co.model.to_dict(),
                                 "pipeline": {"stage": s, "num_stages": self.layout.num_stages}})
 
+    @property
+    def _laps(self) -> bool:
+        """T5 over several stages: encodes take two laps (the last stage sends to stage 0)."""
+        return self.layout.encoder_layers is not None and self.layout.num_stages > 1
+
     def _peers(self, stage: int) -> dict[str, str]:
-        nxt = self._lead(stage + 1) if stage + 1 < self.layout.num_stages else None
-        return {"next": nxt.kv_endpoint} if nxt is not None and nxt.kv_endpoint else {}
+        if stage + 1 < self.layout.num_stages:
+            name, peer = "next", self._lead(stage + 1)
+        elif self._laps:
+            name, peer = "first", self._lead(0)
+        else:
+            return {}
+        return {name: peer.kv_endpoint} if peer is not None and peer.kv_endpoint else {}
 
     def _lead(self, stage: int) -> WorkerInfo | None:
         """The READY rank 0 of ``stage`` (it carries the stage's data)."""
@@ -129,11 +170,14 @@ class PipelineDriver:
                 return False
         return True
 
-    def on_stage_ready(self) -> None:
+    def on_stage_ready(self, worker: WorkerInfo | None = None,
+                       info: dict[str, Any] | None = None) -> None:
         """Once all stages are READY (again), tell each stage where the next one listens."""
+        if self.switch is not None and worker is not None:
+            self.switch.on_ready(worker, info if isinstance(info, dict) else {})
         if not self.stages_ready():
             return
-        for s in range(self.layout.num_stages - 1):
+        for s in range(self.layout.num_stages - (0 if self._laps else 1)):
             lead = self._lead(s)
             if lead is not None:
                 self.co.members.send(lead, self.assign(lead))
@@ -152,6 +196,10 @@ class PipelineDriver:
     # ---- passes ---------------------------------------------------------------------------
     def schedule(self) -> None:
         """Send each idle stream's next pass (round robin over streams)."""
+        if self.switch is not None:
+            self.switch.step()
+            if self.switch is not None and not self.switch.passes_allowed:
+                return
         if not self.co.members.serving or not self.stages_ready():
             return
         stage0 = self._lead(0)
@@ -200,6 +248,8 @@ class PipelineDriver:
                 stream.release(req_id)
 
     def _queued(self) -> list[str]:
+        if self.switch is not None:
+            return []  # re-laying out: arrivals wait in the queue
         held = {r for s in self.streams for r in (*s.running, *s.pending_free)}
         batch = self.co.cfg.max_encode_batch
         ids = [r.req_id for r in self.co.table.peek_queued(batch + len(held))]
@@ -279,14 +329,18 @@ class PipelineDriver:
                 "N_D": live.n_d if live else self.co.cfg.n_d,
                 "launch": {"B": self.co.cfg.max_encode_batch, "N_D": self.co.cfg.n_d},
                 "stages": [list(r) for r in self.layout.layers],
+                "relayout": self.switch.describe() if self.switch is not None else None,
                 "streams": [{"running": len(s.running), "busy": s.busy is not None,
                              "B": s.knobs.batch, "N_D": s.knobs.n_d}
                             for s in self.streams], **self.counters}
 
 
 def _encode_request(request: Request) -> P.EncodeRequest:
-    return P.EncodeRequest(req_id=request.req_id, prompt_ids=request.prompt,
-                           max_new_tokens=request.max_new_tokens, sampling=request.sampling,
+    """A request migrated by a re-layout is re-encoded from its prompt plus the tokens the
+    client has (``output_offset`` of them), for the tokens still owed."""
+    prompt, max_new, offset = request.rerun_input()
+    return P.EncodeRequest(req_id=request.req_id, prompt_ids=prompt, max_new_tokens=max_new,
+                           sampling=request.sampling, output_offset=offset,
                            lifecycle=P.Lifecycle(t_arrival=request.times.t_arrival,
                                                  t_queued=request.times.t_queued))
 

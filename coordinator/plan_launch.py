@@ -16,12 +16,17 @@ What each plan field becomes at run time:
                     band's upper end also caps each decoder's running batch (its capacity), so
                     a flood of requests waits in the coordinator instead of slowing every
                     token. Pipeline plans run their plan's B_E unadjusted.
-    B_m             not enforced: this runner's WAA decoders run their whole batch each
-                    iteration (there is no decode pipeline of micro-batches)
+    B_m             staged WAA: the decode micro-batches in flight (``--streams``); WAA
+                    groups holding the whole model run their whole batch each iteration
+    layer_range     WAA: when the groups hold layer ranges, each role is a pipeline of stage
+                    workers (coordinator/waa_pipeline.py): encoder stages hand each stage's KV
+                    to the decoder stages holding those layers, decoder stages run B_m
+                    micro-batches (a stage may be a TP group); whole-model groups are replicas as
+                    before. Staged WAA for T5 is refused for a real model with a clear message
+                    (with --null-model a staged plan runs on whole-model null workers).
 
-A WAA plan whose decoder groups hold only some layers (a decode pipeline) is refused for a real
-model, as is T5 over several pipeline stages (stage workers run T5 as one stage): each with a
-clear message instead of being run differently.
+T5 runs over several pipeline stages, each holding its ``encoder_layer_range`` and
+``layer_range`` (encodes take two laps, ``common.backend_stage_engine``).
 """
 
 from __future__ import annotations
@@ -52,10 +57,6 @@ def pipeline_fields(plan: Any, *, null_model: bool) -> dict[str, Any]:
         raise ValueError(f"a {plan.policy} plan has pipeline groups only, got "
                          f"{[g.role for g in plan.worker_groups]}")
     encoder_layers = int(plan.model.get("num_encoder_layers", 0) or 0)
-    if encoder_layers and len(stages) > 1 and not null_model:
-        raise ValueError(f"the plan runs T5 ({plan.model.get('name')}) over {len(stages)} "
-                         "pipeline stages; stage workers run T5 as one stage: re-plan with "
-                         "--workers 1 (or --policy waa), or try the plan with --null-model")
     groups = tuple(WorkerGroup("pipeline", 1, g.tp_size, layer_range=tuple(g.layer_range),
                                encoder_layer_range=(tuple(g.encoder_layer_range)
                                                     if encoder_layers and g.encoder_layer_range
@@ -66,26 +67,54 @@ def pipeline_fields(plan: Any, *, null_model: bool) -> dict[str, Any]:
 
 
 def waa_fields(plan: Any, *, null_model: bool, decoder_capacity: int) -> dict[str, Any]:
-    """Encoder and decoder groups (each holding every layer), B_E and its adjustment bands."""
+    """Encoder and decoder groups, B_E and its adjustment bands; a staged plan's groups are
+    one stage each, with B_m micro-batches."""
     from coordinator.launch import WorkerGroup
 
     num_layers = int(plan.model.get("num_layers", 0)) if isinstance(plan.model, dict) else 0
-    decoders = sum(g.count // g.tp_size for g in plan.worker_groups if g.role == "decoder")
-    band = plan.adjust.get("decode_batch")
-    if band and decoders:
-        decoder_capacity = min(decoder_capacity, max(1, math.ceil(band[1] / decoders)))
-    groups = []
     for g in plan.worker_groups:
         if g.role not in ("encoder", "decoder"):
             raise ValueError(f"a WAA plan has encoder and decoder groups, not {g.role!r}")
-        whole = tuple(g.layer_range) == (0, num_layers) or num_layers == 0
-        if not whole and not null_model:
-            raise ValueError(f"plan group {g.role} holds layers {list(g.layer_range)}: decode "
-                             "pipelines across workers are not available in this build; "
-                             "plan with fewer workers per role or run --null-model")
-        capacity = decoder_capacity if g.role == "decoder" else max(plan.B_E * 2, 1)
-        groups.append(WorkerGroup(g.role, g.count // g.tp_size, g.tp_size, capacity))
+    is_staged = num_layers > 0 and not null_model and any(
+        tuple(g.layer_range) != (0, num_layers) for g in plan.worker_groups)
+    decoders = (1 if is_staged else
+                sum(g.count // g.tp_size for g in plan.worker_groups if g.role == "decoder"))
+    band = plan.adjust.get("decode_batch")
+    if band and decoders:
+        decoder_capacity = min(decoder_capacity, max(1, math.ceil(band[1] / decoders)))
     bands = {name: ",".join(f"{x:g}" for x in plan.adjust[key])
              for name, key in (("adjust_token_sum", "token_sum"),
                                ("adjust_decode_batch", "decode_batch")) if key in plan.adjust}
+    if is_staged:
+        check_staged(plan, num_layers)
+        groups = tuple(WorkerGroup(g.role, 1, g.tp_size, decoder_capacity,
+                                   layer_range=(int(g.layer_range[0]), int(g.layer_range[1])))
+                       for role in ("encoder", "decoder")
+                       for g in plan.worker_groups if g.role == role)
+        return {"groups": groups, "encode_batch": int(plan.B_E),
+                "streams": int(plan.B_m or plan.microbatches or 1), **bands}
+    groups = [WorkerGroup(g.role, g.count // g.tp_size, g.tp_size,
+                          decoder_capacity if g.role == "decoder" else max(plan.B_E * 2, 1))
+              for g in plan.worker_groups]
     return {"groups": tuple(groups), "encode_batch": int(plan.B_E), **bands}
+
+
+def check_staged(plan: Any, num_layers: int) -> None:
+    """A staged WAA plan runs when each role's groups tile the layers in order and the model
+    is decoder-only (ValueError with what to do otherwise)."""
+    if int(plan.model.get("num_encoder_layers", 0) or 0):
+        raise ValueError(f"the WAA plan splits {plan.model.get('name')} (T5) into layer "
+                         "ranges; staged WAA runs decoder-only models: re-plan with fewer "
+                         "workers per role, or try the plan with --null-model")
+    for role in ("encoder", "decoder"):
+        groups = [g for g in plan.worker_groups if g.role == role]
+        lo = 0
+        for g in groups:
+            if int(g.layer_range[0]) != lo or int(g.layer_range[1]) <= lo:
+                raise ValueError(f"the WAA plan's {role} groups hold layers "
+                                 f"{[list(x.layer_range) for x in groups]}: a staged role "
+                                 "needs contiguous ranges covering every layer, in order")
+            lo = int(g.layer_range[1])
+        if lo != num_layers:
+            raise ValueError(f"the WAA plan's {role} groups cover layers 0..{lo} of "
+                             f"{num_layers}")

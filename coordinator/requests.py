@@ -90,6 +90,7 @@ class Request:
     times: Timestamps = field(default_factory=Timestamps)
     text_prompt: bool = False  # submitted as text: the Result carries the output as text
     attempt: int = 0  # re-runs after a worker loss (0: the first run)
+    encode_sent_at: float | None = None  # time.time() its encode batch left (KV wait timeout)
 
     @property
     def wire_id(self) -> str:
@@ -118,6 +119,7 @@ class Request:
     def start_encode(self, encoder: str, decoder: str) -> None:
         self._expect(State.QUEUED)
         self.state, self.encoder, self.decoder = State.ENCODING, encoder, decoder
+        self.encode_sent_at = time.time()
 
     def add_tokens(self, tokens: tuple[int, ...], now: float) -> int:
         """Append a decoder's new tokens (in order: one decoder, one ordered pipe); returns
@@ -203,6 +205,13 @@ class RequestTable:
         self._wire[request.wire_id] = request.req_id
         self._queue = {request.req_id: None, **self._queue}
 
+    def requeue_front(self, request: Request) -> None:
+        """A request migrated by a pipeline re-layout (coordinator.relayout): back to the head
+        of the queue in the same run (the old layout's stages no longer exist, so its id
+        cannot meet a stale message); re-encoded from ``rerun_input``."""
+        request.state, request.encoder, request.decoder = State.QUEUED, None, None
+        self._queue = {request.req_id: None, **self._queue}
+
     def dequeue(self, request: Request) -> None:
         self._queue.pop(request.req_id, None)
 
@@ -222,6 +231,12 @@ class RequestTable:
         """Requests a lost worker takes down: all on a decoder, those not yet past an encoder."""
         return [r for r in self._by_id.values() if r.decoder == worker
                 or (r.encoder == worker and r.state is State.ENCODING)]
+
+    def kv_overdue(self, now: float, limit_s: float) -> list[Request]:
+        """Requests still waiting for their first token ``limit_s`` after their encode batch
+        left: the KV handoff (or the encode) was lost on the way."""
+        return [r for r in self._by_id.values() if r.state is State.ENCODING
+                and r.encode_sent_at is not None and now - r.encode_sent_at > limit_s]
 
     def expired(self, now: float) -> list[Request]:
         return [r for r in self._by_id.values() if r.deadline is not None and now > r.deadline]

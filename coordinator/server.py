@@ -26,6 +26,7 @@ import contextlib
 import json
 import signal
 import time
+import uuid
 from typing import Any
 
 import zmq
@@ -52,6 +53,7 @@ from coordinator.metrics import Metrics, load_plan
 from coordinator.pipeline_driver import PipelineDriver
 from coordinator.relay import Relay
 from coordinator.requests import Request, RequestTable, State
+from coordinator.waa_pipeline import WaaPipelineDriver, staged
 
 DRAIN_BUDGET = 4096  # messages per socket per pump, at most ...
 PUMP_BUDGET_S = 0.02  # ... and this much time, before yielding to tick()
@@ -97,8 +99,14 @@ class Coordinator:
                                 token_sum=Band.parse(cfg.adjust_token_sum),
                                 decode_batch=Band.parse(cfg.adjust_decode_batch))
         self.table = RequestTable()
+        # who this process is: workers that see another instance's Heartbeat/Assign re-register
+        # (a restart on the same ports; docs/mesh.md, "Coordinator restart")
+        self.instance = uuid.uuid4().hex[:12]
         # rra / static / continuous plans: stage workers driven by streams (pipeline_driver)
-        self.pipeline = PipelineDriver(self) if cfg.policy != "waa" else None
+        self.pipeline: PipelineDriver | WaaPipelineDriver | None = (
+            PipelineDriver(self) if cfg.policy != "waa"
+            else WaaPipelineDriver(self) if staged(cfg)  # waa with layer ranges
+            else None)
         self.metrics = Metrics(plan=load_plan(cfg.plan) if cfg.plan else None)
         self.adapter = None  # --adapt: drift -> background re-plan -> live knobs (adapt.py)
         if cfg.adapt:
@@ -170,7 +178,8 @@ class Coordinator:
         write_status(self.cfg.ready_fd, "bound", client_endpoint=self.client_endpoint,
                      worker_endpoint=self.worker_endpoint)
         self.log.info("listening", client_endpoint=self.client_endpoint,
-                      worker_endpoint=self.worker_endpoint, model=self.model.name)
+                      worker_endpoint=self.worker_endpoint, model=self.model.name,
+                      instance=self.instance)
 
     def _curve_options(self, domain: str) -> dict[str, Any]:
         """CURVE server options for one port, when ``--curve-*`` asked for it there."""
@@ -238,6 +247,10 @@ class Coordinator:
             for request in self.table.expired(now):
                 self.fail(request, Timeout("the request's deadline passed",
                                            req_id=request.req_id))
+            if self.pipeline is None:
+                for request in self.table.kv_overdue(now, self.cfg.kv_timeout_s):
+                    self.rerun_or_fail(request, str(request.encoder), "encoder",
+                                       f"no KV handoff within {self.cfg.kv_timeout_s:g} s")
             if not self.members.can_serve() and self.members.serving:
                 self.fail_queued_unavailable()
             self.schedule()
@@ -402,7 +415,7 @@ class Coordinator:
         return {"requests": {**self.counters, "in_flight": len(self.table),
                              "queued": self.table.num_queued},
                 "workers": workers, "model": self.model.name,
-                "draining": self.draining,
+                "draining": self.draining, "instance": self.instance,
                 **({"pipeline": self.pipeline.describe()} if self.pipeline else {}),
                 **({"adapt": self.adapter.describe()} if self.adapter else {}),
                 **self.metrics.snapshot(include_requests, workers)}

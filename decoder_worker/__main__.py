@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     def make_loop(link: WorkerLink, assign: P.Assign, log: Any) -> Any:
         if role == "pipeline":
             from decoder_worker.pipeline import StageLoop, build_stage_backend
+            from decoder_worker.waa_stage import build_waa_loop, waa_place
+
+            if waa_place(assign) is not None:  # a stage of a staged WAA plan
+                return build_waa_loop(cfg, link, assign, log)
 
             stage_backend = build_stage_backend(cfg, assign)
             if cfg.tp_rank > 0 and cfg.backend == "engine":

@@ -20,7 +20,7 @@ from common import protocol as P
 from common.backend import DecodeBackend, DecodeSeq, NullDecodeBackend, NullShape
 from common.models.config import ModelConfig
 from common.workerconfig import WorkerConfig
-from common.workerlink import Stop, WorkerLink
+from common.workerlink import Rejoin, Stop, WorkerLink
 from common.workermain import check_same_model, stop_code
 
 
@@ -59,6 +59,7 @@ class DecoderLoop:
         self.exit_code: int | None = None
         self._pending: dict[str, P.TokenUpdate] = {}  # first tokens not yet published
         self._held: dict[str, list[int]] = {}  # tokens waiting for the interval / congestion
+        self._live: set[str] = set()  # sequences in the backend (dropped on a Rejoin)
         link.load = self.load
 
     def load(self) -> dict[str, Any]:
@@ -102,13 +103,22 @@ class DecoderLoop:
         if isinstance(msg, P.KVHandoff):
             self.admit(msg)
         elif isinstance(msg, P.Cancel):
-            self.backend.remove(msg.req_id)
-            self._pending.pop(msg.req_id, None)
-            self._held.pop(msg.req_id, None)
+            self.drop(msg.req_id)
+        elif isinstance(msg, Rejoin):  # the coordinator restarted: it knows none of these
+            self.log.warning("dropping_all", reason=msg.reason, sequences=len(self._live))
+            for req_id in list(self._live) + list(self._pending):
+                self.drop(req_id)
         elif (code := stop_code(msg, self.log)) is not None:
             self.exit_code = code
         else:
-            self.log.warning("unexpected_message", type=type(msg).__name__)
+            self.link.limited.warning("unexpected_message", type=type(msg).__name__)
+
+    def drop(self, req_id: str) -> None:
+        """Free a sequence's KV and forget its unpublished tokens."""
+        self.backend.remove(req_id)
+        self._live.discard(req_id)
+        self._pending.pop(req_id, None)
+        self._held.pop(req_id, None)
 
     def admit(self, handoff: P.KVHandoff) -> None:
         """Join the batch; the encode pass's token is this request's first output token."""
@@ -126,8 +136,9 @@ class DecoderLoop:
             reason = self.backend.first_reason(seq)
             if reason is None:
                 self.backend.add(seq)
+                self._live.add(seq.req_id)
         except ValueError as exc:
-            self.log.error("bad_handoff", req_id=handoff.req_id, error=str(exc))
+            self.link.limited.error("bad_handoff", req_id=handoff.req_id, error=str(exc))
             self.link.send(P.Error(code="internal", req_id=handoff.req_id, message=str(exc)))
             return
         self._pending[handoff.req_id] = P.TokenUpdate(
@@ -153,6 +164,8 @@ class DecoderLoop:
             self._last_publish = now
         updates = []
         for tok in out:
+            if tok.finished:
+                self._live.discard(tok.req_id)
             head = first.pop(tok.req_id, None)
             held = self._held.get(tok.req_id)
             if head is None and not tok.finished and not due:

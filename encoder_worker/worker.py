@@ -18,7 +18,7 @@ from common import protocol as P
 from common.backend import EncodeBackend, Encoded, EncodeItem, NullEncodeBackend, NullShape
 from common.models.config import ModelConfig
 from common.workerconfig import WorkerConfig
-from common.workerlink import Stop, WorkerLink
+from common.workerlink import Rejoin, Stop, WorkerLink
 from common.workermain import check_same_model
 
 MAX_CANCELLED = 65536
@@ -85,8 +85,12 @@ class EncoderLoop:
                 self.cancel(msg.req_id)
             elif isinstance(msg, P.EncodeBatch):
                 self.encode_batch(msg)
+            elif isinstance(msg, Rejoin):  # a new coordinator counts our batches from 0
+                self.log.warning("rejoining", reason=msg.reason)
+                self.batches_done = 0
+                self.cancelled.clear()
             else:
-                self.log.warning("unexpected_message", type=type(msg).__name__)
+                self.link.limited.warning("unexpected_message", type=type(msg).__name__)
 
     def cancel(self, req_id: str) -> None:
         """Remember a cancel for a request that may still come in a batch (or already went:

@@ -1,7 +1,9 @@
 """Attention and linear kernels chosen for decode speed on CPUs (see cpu-performance-notes.md).
 
-Linears: bf16 weights keep a oneDNN-prepacked copy for decode-sized inputs (faster than both the
-plain oneDNN call and torch's native kernel at 1-32 rows on this CPU).
+Linears: bf16 CPU weights keep a decode copy: the C kernel's packed layout (``native.py``,
+when gcc and AVX-512 BF16 are there: 1.3-2x oneDNN at 1-32 rows on this CPU) or else a
+oneDNN-prepacked one (faster than both the plain oneDNN call and torch's native kernel at 1-32
+rows). Prefill-sized inputs use the plain weight through oneDNN.
 
 Decode attention of the decoder-only families is SDPA over zero-copy views of the cache
 (``[B, Hkv, L, D]`` slices of a ``[slots, Hkv, capacity, D]`` buffer, GQA through
@@ -18,11 +20,21 @@ import math
 import torch
 import torch.nn.functional as F
 
+from common.engine import native
+
 # Decode-sized inputs (rows <= this) use the oneDNN-prepacked copy of a bf16 weight.
 PACKED_MAX_ROWS = 32
 
+# A decode copy of a weight: the C kernel's layout, a oneDNN-prepacked tensor, or none.
+DecodeWeight = native.PackedLinear | torch.Tensor | None
 
-def pack_for_decode(weight: torch.Tensor, rows_hint: int = 1) -> torch.Tensor | None:
+
+def pack_for_decode(weight: torch.Tensor, rows_hint: int = 1) -> DecodeWeight:
+    """The C kernel's packed copy of a bf16 CPU weight when available, else ``pack_onednn``."""
+    return native.pack_linear(weight) or pack_onednn(weight, rows_hint)
+
+
+def pack_onednn(weight: torch.Tensor, rows_hint: int = 1) -> torch.Tensor | None:
     """oneDNN-prepacked copy of a bf16 CPU weight for small-row (decode) GEMMs, or None.
 
     Why: at one to a few rows per step, torch's default bf16 linear re-reads the plain weight
@@ -39,15 +51,34 @@ def pack_for_decode(weight: torch.Tensor, rows_hint: int = 1) -> torch.Tensor | 
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           packed: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, through the prepacked copy for decode-sized inputs.
+           packed: DecodeWeight = None) -> torch.Tensor:
+    """``F.linear``, through the decode copy for decode-sized inputs.
 
     Measured in the running engine (shared machine, CPU time per step, interleaved): at one
     row the packed oneDNN path beat torch's native bf16 gemv (oneDNN disabled for the call)
-    by ~1.2x at 1 thread and tied at 2, although a bare-GEMM loop favoured the native one."""
-    if packed is not None and x.dim() == 2 and x.shape[0] <= PACKED_MAX_ROWS:
+    by ~1.2x at 1 thread and tied at 2, although a bare-GEMM loop favoured the native one;
+    the C kernel beats both (``native.py``)."""
+    if isinstance(packed, native.PackedLinear):
+        if x.dim() == 2 and x.shape[0] <= native.MAX_ROWS:
+            y = native.linear(x, packed, bias)
+            if y is not None:
+                return y
+    elif packed is not None and x.dim() == 2 and x.shape[0] <= PACKED_MAX_ROWS:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+def logits_linear(x: torch.Tensor, weight: torch.Tensor, packed: DecodeWeight) -> torch.Tensor:
+    """LM-head logits; with the C kernel they are its float32 accumulators, never rounded to
+    bf16 (bf16 logits near 25 are 0.125 apart: near-ties would become exact ties or flip),
+    for any number of rows (chunks of ``native.MAX_ROWS``) so every batch gets the same
+    numbers. Otherwise ``linear`` in the weight's dtype."""
+    if isinstance(packed, native.PackedLinear) and x.dim() == 2 and x.shape[0] >= 1:
+        chunks = [native.linear(part, packed, None, torch.float32)
+                  for part in x.split(native.MAX_ROWS)]
+        if all(c is not None for c in chunks):
+            return torch.cat(chunks) if len(chunks) > 1 else chunks[0]  # type: ignore[arg-type]
+    return linear(x, weight, None, packed)
 
 
 def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -117,14 +148,13 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     cached prefix)."""
     num_q, t, _ = q.shape
     s = k.shape[1]
-    group = num_q // k.shape[0]
-    if group > 1:
-        k = k.repeat_interleave(group, dim=0)
-        v = v.repeat_interleave(group, dim=0)
+    gqa = num_q != k.shape[0]  # SDPA groups the query heads itself: no repeated K/V copies
     if causal and s != t:
         mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal and t > 1, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal and t > 1, scale=scale,
+                                          enable_gqa=gqa)
 
 
 def default_scale(head_dim: int) -> float:

@@ -231,6 +231,10 @@ class KVCache:
             return buf[batch.span[0]: batch.span[1], :, :length]
         return buf[batch.slots, :, :length]
 
+    def layer_buffer(self, layer: int, name: str) -> torch.Tensor:
+        """The whole [slots, heads, capacity, D] buffer of one layer (kernels index it by slot)."""
+        return self._bufs[name][layer - self.layer_start]
+
     def prefix(self, layer: int, name: str, slot: int, end: int) -> torch.Tensor:
         """[heads, end, D] view of positions [0, end) of one slot (prefill reads its keys)."""
         return self._bufs[name][layer - self.layer_start, slot, :, :end]

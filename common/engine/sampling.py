@@ -1,12 +1,19 @@
 """Choosing the next token: greedy, temperature, top-k, top-p, each request with its own seed.
 
-Every sampled request draws from its own ``torch.Generator`` seeded from ``SamplingParams.seed``,
-so its tokens do not depend on which other requests share the batch. Greedy rows take one
-batched argmax.
+A sampled request's token at output position ``n`` draws from a generator seeded with
+``step_seed(seed, n)``: a pure function of the request's seed and the position, never of the
+generator's history. So its tokens do not depend on which other requests share the batch, nor
+on WHERE each token is sampled: in the mesh the first token may come from an encoder worker
+and the rest from a decoder worker (WAA), or all from a pipeline's last stage, and every
+placement gives the tokens of in-process ``exegpt generate`` with the same seed (a generator
+that travelled with the request would need its state on the wire; a continuing generator
+restarted at the decoder would repeat the encoder's draw). A request without a seed gets a
+random one at ``add``. Greedy rows take one batched argmax.
 """
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -81,26 +88,44 @@ def first_argmax(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
     return cols.gather(1, within).squeeze(1)
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def step_seed(seed: int, position: int) -> int:
+    """The generator seed of output position ``position`` of a request seeded ``seed``:
+    splitmix64 of (seed, position), so neighbouring seeds and positions give unrelated
+    streams (a plain ``seed + position`` would make request seed s at position 1 replay
+    request seed s + 1 at position 0)."""
+    z = (seed * 0x9E3779B97F4A7C15 + (position + 1) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
 class Sampler:
-    """Per-request sampling state (params and generator), keyed by req_id."""
+    """Per-request sampling state (params, seed, next output position), keyed by req_id."""
 
     def __init__(self) -> None:
         self._params: dict[str, SamplingParams] = {}
-        self._generators: dict[str, torch.Generator] = {}
+        self._seeds: dict[str, int] = {}
+        self._positions: dict[str, int] = {}
+        self._gen = torch.Generator()  # re-seeded for every draw (step_seed)
 
-    def add(self, req_id: str, params: SamplingParams) -> None:
+    def add(self, req_id: str, params: SamplingParams, position: int = 0) -> None:
+        """Track ``req_id``; its next sample is output position ``position`` (a WAA decoder
+        continues at 1: the encoder sampled position 0)."""
+        if position < 0:
+            raise ValueError(f"position must be >= 0, got {position}")
         self._params[req_id] = params
         if not params.greedy:
-            gen = torch.Generator()
-            if params.seed is not None:
-                gen.manual_seed(params.seed)
-            else:
-                gen.seed()
-            self._generators[req_id] = gen
+            seed = params.seed if params.seed is not None else secrets.randbits(63)
+            self._seeds[req_id] = seed & _MASK64
+            self._positions[req_id] = position
 
     def remove(self, req_id: str) -> None:
         self._params.pop(req_id, None)
-        self._generators.pop(req_id, None)
+        self._seeds.pop(req_id, None)
+        self._positions.pop(req_id, None)
 
     def params(self, req_id: str) -> SamplingParams:
         return self._params[req_id]
@@ -114,7 +139,10 @@ class Sampler:
             if params.greedy:
                 continue
             probs = torch.softmax(filter_logits(logits[row], params), dim=-1)
-            tokens[row] = int(torch.multinomial(probs, 1, generator=self._generators[req_id]))
+            position = self._positions[req_id]
+            self._positions[req_id] = position + 1
+            self._gen.manual_seed(step_seed(self._seeds[req_id], position))
+            tokens[row] = int(torch.multinomial(probs, 1, generator=self._gen))
         return tokens
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from common.engine.kernels import linear, pack_for_decode
+from common.engine.kernels import DecodeWeight, linear, logits_linear, pack_for_decode
 from common.models.weights import WeightSource
 
 
@@ -133,7 +133,7 @@ class ColumnParallelLinear(nn.Module):
         self.tp = tp
         self.weight = _param(torch.empty(out_local, in_features, dtype=dtype, device=device))
         self.bias = _param(torch.empty(out_local, dtype=dtype, device=device)) if bias else None
-        self.packed: torch.Tensor | None = None
+        self.packed: DecodeWeight = None
 
     def pack_for_decode(self, rows_hint: int = 1) -> None:
         self.packed = pack_for_decode(self.weight, rows_hint)
@@ -164,7 +164,7 @@ class RowParallelLinear(nn.Module):
         self.tp = tp
         self.weight = _param(torch.empty(out_features, in_local, dtype=dtype, device=device))
         self.bias = _param(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
-        self.packed: torch.Tensor | None = None
+        self.packed: DecodeWeight = None
 
     def pack_for_decode(self, rows_hint: int = 1) -> None:
         self.packed = pack_for_decode(self.weight, rows_hint)
@@ -213,13 +213,13 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits for this rank's vocabulary slice, gathered into the full vocabulary."""
 
-    packed: torch.Tensor | None = None
+    packed: DecodeWeight = None
 
     def pack_for_decode(self, rows_hint: int = 1) -> None:
         self.packed = pack_for_decode(self.weight, rows_hint)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        logits = linear(x, self.weight, None, self.packed)
+        logits = logits_linear(x, self.weight, self.packed)
         return self.tp.all_gather_last(logits, self.vocab_size)
 
 

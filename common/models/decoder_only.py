@@ -23,7 +23,16 @@ from common.engine.batch import StageBatch
 from common.engine.kv_cache import SELF, KVCache
 from common.engine.tp import ParallelLMHead, TPGroup, VocabParallelEmbedding, kv_head_range
 from common.models.config import ModelConfig
-from common.models.layers import MLP, Attention, DecoderLayer, Norm, PassContext, Rope, decode_bias
+from common.models.layers import (
+    MLP,
+    Attention,
+    DecoderLayer,
+    Norm,
+    PassContext,
+    Rope,
+    decode_bias,
+    native_attend_lengths,
+)
 from common.models.weights import WeightSource
 
 
@@ -169,7 +178,8 @@ class DecoderOnlyStage(nn.Module):
         self._check_context(batch.req_ids, (cache_batch.lengths + 1).tolist())
         ctx = PassContext(cache=self.cache, req_ids=batch.req_ids, slots=[], starts=[],
                           seq_lens=batch.seq_lens, positions=cache_batch.lengths,
-                          batch=cache_batch, score_bias=decode_bias(cache_batch, self.dtype))
+                          batch=cache_batch, score_bias=decode_bias(cache_batch, self.dtype),
+                          attend_lengths=native_attend_lengths(cache_batch, self.dtype))
         x = self._run(batch, ctx)
         logits = self._logits(x) if self.is_last else x
         self.cache.advance(batch.req_ids)

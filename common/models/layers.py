@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.engine import native
 from common.engine.kernels import (
     length_mask,
     mask_bias,
@@ -45,6 +46,7 @@ class PassContext:
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [T, D]
     batch: CacheBatch | None = None  # decode only
     score_bias: torch.Tensor | None = None  # decode: [B, 1, 1, L] 0 / -inf; None if uniform
+    attend_lengths: torch.Tensor | None = None  # decode: int64 [B], cached + 1 (C kernel)
 
     @property
     def is_decode(self) -> bool:
@@ -52,7 +54,11 @@ class PassContext:
 
 
 class Norm(nn.Module):
-    """RMSNorm (llama: float32 statistics, weight applied in the input dtype) or LayerNorm."""
+    """RMSNorm (llama: float32 statistics, weight applied in the input dtype) or LayerNorm.
+
+    bf16 RMSNorm follows transformers' order exactly (normalise in float32, round to bf16, then
+    multiply by the bf16 weight; ``F.rms_norm`` would round once, after the weight): through
+    the C kernel when available (also ~5x faster than ``F.rms_norm`` at decode sizes)."""
 
     def __init__(self, size: int, eps: float, rms: bool, dtype: torch.dtype,
                  device: torch.device | str) -> None:
@@ -73,7 +79,14 @@ class Norm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.rms:
             return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        if x.dim() == 2 and native.usable(x):
+            y = native.rms_norm(x, self.weight, self.eps)
+            if y is not None:
+                return y
+        normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
+        return normed.mul_(self.weight)
 
 
 class Rope(nn.Module):
@@ -98,11 +111,17 @@ class Rope(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D]; cos and sign-folded sin (``Rope.tables``): [T, D] or [T, 1, D]."""
+    """x: [T, heads, D]; cos and sign-folded sin (``Rope.tables``): [T, D] or [T, 1, D].
+
+    Same operations and roundings as transformers (``q * cos + rotate_half(q) * sin`` in the
+    input dtype; the folded sign is exact). bf16 on a CPU with the C kernels: rotated in place
+    (``x`` is the fresh QKV projection's view) and returned."""
+    if native.usable(x) and native.rope_(x, cos, sin):
+        return x
     if cos.dim() == 2:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     rotated = torch.roll(x, x.shape[-1] // 2, dims=-1)
-    return torch.addcmul(x * cos, rotated, sin)
+    return (x * cos).add_(rotated.mul_(sin))
 
 
 ACTIVATIONS = {
@@ -139,6 +158,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)
+        if self.gated and self.act is F.silu and h.dim() == 2 and native.usable(h):
+            fused = native.swiglu(h)
+            if fused is not None:
+                return self.down(fused)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
             h = self.act(gate).mul_(up)
@@ -213,6 +236,12 @@ class Attention(nn.Module):
         assert ctx.batch is not None
         ctx.cache.append(self.layer, "k", ctx.batch, k)
         ctx.cache.append(self.layer, "v", ctx.batch, v)
+        if ctx.attend_lengths is not None:
+            out = native.decode_attention(
+                q, ctx.cache.layer_buffer(self.layer, "k"), ctx.cache.layer_buffer(self.layer, "v"),
+                ctx.batch.slots, ctx.attend_lengths, self.scale)
+            if out is not None:
+                return out
         length = ctx.batch.max_len + 1
         keys = ctx.cache.view(self.layer, "k", ctx.batch, length)
         values = ctx.cache.view(self.layer, "v", ctx.batch, length)
@@ -230,6 +259,14 @@ class DecoderLayer(nn.Module):
         # In-place adds on the fresh block outputs (never on ``x``: it may be the caller's).
         x = self.attn(self.norm1(x), ctx).add_(x)
         return self.mlp(self.norm2(x)).add_(x)
+
+
+def native_attend_lengths(batch: CacheBatch, dtype: torch.dtype) -> torch.Tensor | None:
+    """Positions each sequence attends to in a decode step, when the C attention kernel will
+    run it (bf16 on a CPU with the kernels built), else None."""
+    if dtype != torch.bfloat16 or batch.lengths.device.type != "cpu" or native.lib() is None:
+        return None
+    return (batch.lengths + 1).to(torch.int64)
 
 
 def decode_bias(batch: CacheBatch, dtype: torch.dtype) -> torch.Tensor | None:

@@ -42,6 +42,9 @@ class BenchConfig:
     after_s: float = 100.0  # new-law traffic after it
     concurrency: int = 160  # requests the client keeps in flight
     adapt_options: str = ""  # --adapt-options (empty: the defaults)
+    # the old plan's stages as served ("" = the planner's even split): a layout the re-plan
+    # changes, so the adapt arm re-lays the stages out live (docs/adaptation.md)
+    served_layers: str = "0:10,10:30"
     seed: int = 0
     bin_s: float = 2.0  # throughput-over-time resolution
 
@@ -50,6 +53,19 @@ class BenchConfig:
             raise ValueError("bound, phase lengths and bin must be > 0 s")
         if self.concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        if self.served_layers:
+            served_ranges(self.served_layers)
+
+
+def served_ranges(text: str) -> tuple[tuple[int, int], ...]:
+    """``"0:10,10:30"`` -> ((0, 10), (10, 30)) (contiguity is checked against the model)."""
+    try:
+        out = tuple((int(a), int(b)) for a, b in (p.split(":") for p in text.split(",")))
+    except ValueError as exc:
+        raise ValueError(f"served layers {text!r}: use LO:HI,LO:HI,...") from exc
+    if len(out) != 2:
+        raise ValueError(f"served layers {text!r}: the bench runs two stage workers")
+    return out
 
 
 @dataclass
@@ -78,6 +94,16 @@ def make_plans(cfg: BenchConfig, workdir: Path) -> tuple[Any, Any, str]:
     profile = Profile.load(profile_path)
     old = make_plan(parse_workload(cfg.old), profile, 2, cfg.bound_s, policy="rra")
     new = make_plan(parse_workload(cfg.new), profile, 2, cfg.bound_s, policy="rra")
+    if cfg.served_layers:
+        import dataclasses
+
+        from coordinator.pipeline_driver import _check_cover
+        from coordinator.planner.plan import WorkerGroup
+
+        ranges = served_ranges(cfg.served_layers)
+        _check_cover(ranges, profile.model.num_layers, "served layers")
+        old = dataclasses.replace(old, worker_groups=tuple(
+            WorkerGroup("pipeline", 1, 1, r) for r in ranges))
     for plan, name in ((old, "old"), (new, "new")):
         (workdir / f"plan-{name}.json").write_text(plan.to_json())
     return old, new, str(profile_path)

@@ -108,7 +108,8 @@ def _switch(s: dict[str, Any], run: ArmRun) -> dict[str, Any]:
             "detect_requests_after_shift": s["detect_arrival"] - run.sent_before_shift,
             "detect_s": s["detect_s"], "replan_s": s["replan_s"], "search_s": s["search_s"],
             "switch_s": s.get("switch_s"), "pause_s": s["pause_s"], "old": s["old"],
-            "new": s["new"], "reason": s["reason"], "meets_bound": s["meets_bound"]}
+            "new": s["new"], "reason": s["reason"], "meets_bound": s["meets_bound"],
+            "relayout": s.get("relayout")}
 
 
 def _config(cfg: BenchConfig) -> dict[str, Any]:
@@ -117,7 +118,17 @@ def _config(cfg: BenchConfig) -> dict[str, Any]:
             "encode_ms_per_token_per_stage": c.encode_ms_per_token, "old": cfg.old,
             "new": cfg.new, "bound_s": cfg.bound_s, "before_s": cfg.before_s,
             "after_s": cfg.after_s, "concurrency": cfg.concurrency,
-            "adapt_options": cfg.adapt_options or "defaults", "seed": cfg.seed}
+            "adapt_options": cfg.adapt_options or "defaults", "seed": cfg.seed,
+            "served_layers": cfg.served_layers or "the planner's"}
+
+
+def _relayout(r: dict[str, Any] | None) -> str:
+    if not r:
+        return ""
+    return (f", RE-LAYOUT to stages {r['stages']} ({r['streams']} streams): drain "
+            f"{r['drain_s']:g} s, {r['migrated_requests']} requests migrated "
+            f"({r['rerun_tokens']} tokens re-run), reload {r['reload_s']:g} s, pause "
+            f"{r['pause_s']:g} s")
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -144,7 +155,8 @@ def markdown(summary: dict[str, Any]) -> str:
             f"fired {s['fired_at_s']:.1f} s after the shift ({s['detect_requests_after_shift']} "
             f"requests), re-plan {s['replan_s']:.2f} s, live {s['at_s']:.1f} s, pause "
             f"{s['pause_s']:g} s, B {s['old']['B_E']}->{s['new']['B_E']}, N_D "
-            f"{s['old']['N_D']}->{s['new']['N_D']}" for s in arm.get("switches", []))
+            f"{s['old']['N_D']}->{s['new']['N_D']}{_relayout(s.get('relayout'))}"
+            for s in arm.get("switches", []))
         if "restart" in arm:
             r = arm["restart"]
             what = (f"drain {r['drain_s']:.1f} s + stop/start {r['stop_start_s']:.1f} s = gap "

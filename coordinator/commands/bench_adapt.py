@@ -38,6 +38,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--new", default=None, help="workload spec after the shift")
     p.add_argument("--adapt-options", default="", help="the adapter's thresholds")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--served-layers", default="0:10,10:30",
+                   help="the old plan's stage layer ranges as served (the planner splits "
+                        "evenly, so the adapt arm's re-plan re-lays them out live); '' = the "
+                        "planner's own split (knob-only switches)")
     p.add_argument("--out", type=Path, default=Path("runs/bench-adapt"))
     p.add_argument("--reanalyse", action="store_true",
                    help="no runs: rebuild the numbers and plot from --out's saved records "
@@ -54,7 +58,7 @@ def config(args: argparse.Namespace) -> Any:
                        old=args.old or base.old, new=args.new or base.new,
                        bound_s=args.latency_bound, before_s=args.before_s, after_s=args.after_s,
                        concurrency=args.concurrency, adapt_options=args.adapt_options,
-                       seed=args.seed)
+                       seed=args.seed, served_layers=args.served_layers)
 
 
 def bench(cfg: Any, arms: list[str], out: Path, say: Any = print) -> dict[str, Any]:

@@ -215,11 +215,13 @@ def _plan(args: argparse.Namespace, profile: Any, policy: str) -> Any:
     problem = runnable_problem(plan, args.null_model)
     if problem is None or policy != "auto":
         return plan  # every policy runs (WAA on encoders/decoders, the others on stages)
-    # what serve still refuses (T5 over several stages): the best WAA layout, said out loud
+    # what serve still refuses (staged WAA with TP or T5 layer ranges): the best plan of the
+    # other family (RRA for a refused WAA plan), said aloud
+    fallback = "rra" if plan.policy.startswith("waa") else "waa"
     best = plan.predicted["throughput_seq_s"]
     say(f"the best plan is {plan.policy} ({best:.2f} seq/s), which this build's `exegpt serve` "
-        f"cannot run ({problem}); planning the best WAA layout instead")
-    return _plan_or_relax(args, workload, profile, bound, "waa")
+        f"cannot run ({problem}); planning the best {fallback.upper()} layout instead")
+    return _plan_or_relax(args, workload, profile, bound, fallback)
 
 
 def _plan_or_relax(args: argparse.Namespace, workload: Any, profile: Any, bound: float,

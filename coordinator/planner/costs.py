@@ -2,7 +2,10 @@
 
 A pipeline of P stages runs m micro-batches round-robin; one *round* (every micro-batch
 advancing one step) takes ``max(sum_s t_s, m * max_s t_s)``: latency-bound when the pipeline is
-not full, throughput-bound when it is. Decode contexts are the tokens each sequence attends to
+not full, throughput-bound when it is. A round that starts on an *empty* pipeline (RRA's
+encode round: the streams start their cycles together, after decode passes far shorter than an
+encode) cannot overlap its fill with earlier work: its m passes leave the last stage after
+``sum_s t_s + (m - 1) * max_s t_s`` (``fill_time``; m identical jobs in a flow shop). Decode contexts are the tokens each sequence attends to
 (decoder-only: prompt + generated so far; T5: input via cross-attention + generated).
 """
 
@@ -256,3 +259,9 @@ def round_time(stage_times: list[np.ndarray], num_micro: int) -> np.ndarray:
         return np.maximum(flat.sum(), num_micro * flat.max())
     stacked = np.stack([np.asarray(t, np.float64) for t in stage_times])
     return np.maximum(stacked.sum(axis=0), num_micro * stacked.max(axis=0))
+
+
+def fill_time(stage_times: list[float], num_micro: int) -> float:
+    """Time for ``num_micro`` identical passes, sent together into an empty pipeline, to all
+    leave it: the first takes every stage's time, each later one the slowest stage's more."""
+    return float(sum(stage_times) + (num_micro - 1) * max(stage_times))

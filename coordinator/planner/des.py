@@ -11,6 +11,13 @@ broken by insertion order.
 
     RRA / static / continuous, per stream (one micro-batch per pipeline stage):
         StreamStep(encode) -> N_D x StreamStep(decode) -> StreamStep(encode) ...
+    Each StreamStep sends one pass through the stages, as the mesh does
+    (``coordinator/streams.py``): every stage serves passes first come, first served, a stream
+    has one pass in flight, and RRA streams keep their cycles in lock step (a stream at a cycle
+    boundary waits while another is still inside the cycle of the same number). A pass's end is
+    ``StageClock.run``: it waits at each stage for the passes sent before it, so a long encode
+    holds up the other streams' decodes stage by stage (the pipeline fill the closed form's
+    encode round charges).
     WAA:  EncoderStart --(period)--> EncoderStart ...
               `--(latency + KV handoff)--> BatchReady --> merged at the next DecoderRound
           DecoderRound -> DecoderRound ... (idle when empty, woken by BatchReady)
@@ -90,6 +97,10 @@ class Sim:
         self.queue: list[tuple[float, int, Event]] = []
         self.streams: dict[int, np.ndarray] = {}
         self.batch_samples: list[tuple[float, int]] = []  # (time, decode batch) per step
+        self.clock = StageClock(len(self.pipes.get("pipeline", ())))
+        self.cycle_no: dict[int, int] = {}  # rra: cycles each stream has started
+        self.mid_cycle: set[int] = set()  # rra: streams inside a cycle (lock step)
+        self.parked: list[int] = []  # rra: streams held back at a cycle boundary
         self.waa_state: dict = {"in_flight": 0, "ready": [], "blocked": False, "free_at": 0.0,
                                 "decoder_idle": False, "active": EMPTY}
         if cand.policy.startswith("waa") and self.closed.pipelines:
@@ -133,6 +144,32 @@ class Sim:
         b = active.size / micro
         return [self.costs.decode_stage(st, b, ctx) for st in pipe]
 
+    def run_pass(self, times: list[float], start: float, kind: str) -> float:
+        """Send a pipeline pass at ``start``; returns when it leaves the last stage."""
+        spans = self.clock.run(times, start)
+        for s, (begin, end) in enumerate(spans):
+            key = ("pipeline", s)
+            self.stage_busy[key] = self.stage_busy.get(key, 0.0) + times[s]
+            if self.record and times[s] > 0:
+                self.intervals.setdefault(key, []).append((begin, end, kind))
+        return spans[-1][1] if spans else start
+
+    # ---- rra lock step (coordinator/pipeline_driver.py ``_held_back``) ----------------------
+    def held_back(self, stream: int, now: float) -> bool:
+        """A stream at a cycle boundary with requests waiting may not start its next cycle
+        while another stream is inside the cycle of the same number."""
+        nxt = self.next_arrival()
+        if nxt is None or nxt > now:
+            return False
+        mine = self.cycle_no.get(stream, 0)
+        return any(self.cycle_no.get(o, 0) == mine for o in self.mid_cycle if o != stream)
+
+    def leave_cycle(self, stream: int, now: float) -> list[Event]:
+        """``stream`` is no longer inside a cycle: re-offer the streams it held back."""
+        self.mid_cycle.discard(stream)
+        parked, self.parked = self.parked, []
+        return [StreamStep(now, p, 0) for p in parked]
+
     def busy(self, role: str, times: list[float], start: float, span: float, slot: int,
              slots: int, kind: str) -> None:
         """Charge each stage its time; for the timeline, place it at the stage's slot of the
@@ -168,6 +205,24 @@ class Sim:
             for new in event.handle(self):
                 self.push(new)
         raise RuntimeError(f"discrete-event simulation did not finish in {max_events} events")
+
+
+class StageClock:
+    """When each pipeline stage is next free. Passes are sent in time order and every stage
+    serves them first come, first served along the same route, so a pass's stage times are
+    settled when it is sent: it starts on stage s when it has left stage s-1 and the pass
+    before it has left stage s."""
+
+    def __init__(self, num_stages: int) -> None:
+        self.free = [0.0] * num_stages
+
+    def run(self, times: list[float], start: float) -> list[tuple[float, float]]:
+        spans, t = [], start
+        for s, dt in enumerate(times):
+            begin = max(t, self.free[s])
+            t = self.free[s] = begin + dt
+            spans.append((begin, t))
+        return spans
 
 
 def run_des(cand: Candidate, workload: Workload, costs: Costs, *, num_requests: int = 20000,

@@ -48,45 +48,58 @@ class StreamStep(Event):
     def _rra(self, sim: Sim) -> list[Event]:
         pipe, t, active = sim.pipes["pipeline"], self.time, sim.active(self.stream)
         if self.step == 0:
-            idx = sim.take(t, sim.cand.B_E)
-            if idx.size == 0 and active.size == 0:
-                return _wait_for_arrival(sim, StreamStep, self.stream, 0)
-            times = sim.encode_times(pipe, idx)
-            span = float(round_time(times, len(pipe)))
-            sim.busy("pipeline", times, t, span, self.stream, len(pipe), "encode")
-            sim.set_active(self.stream, np.concatenate([active, idx]))
-            return [StreamStep(t + span, self.stream, 1)]
+            return self._rra_encode(sim)
+        events: list[Event] = []
         if active.size == 0:
-            return [StreamStep(t, self.stream, 0)]
+            return [*sim.leave_cycle(self.stream, t), StreamStep(t, self.stream, 0)]
         if self.step == 1:
             sim.batch_samples.append((t, active.size))
-        times = sim.decode_times(pipe, active, 1)
-        span = float(round_time(times, len(pipe)))
-        sim.busy("pipeline", times, t, span, self.stream, len(pipe), "decode")
-        sim.set_active(self.stream, sim.emit_tokens(active, t + span))
+        if self.step == sim.cand.N_D:  # the cycle's last pass is sent: the mesh's mid_cycle
+            events = sim.leave_cycle(self.stream, t)
+        end = sim.run_pass(sim.decode_times(pipe, active, 1), t, "decode")
+        sim.set_active(self.stream, sim.emit_tokens(active, end))
         nxt = self.step + 1 if self.step < sim.cand.N_D else 0
-        return [StreamStep(t + span, self.stream, nxt)]
+        return [StreamStep(end, self.stream, nxt), *events]
+
+    def _rra_encode(self, sim: Sim) -> list[Event]:
+        pipe, t, active = sim.pipes["pipeline"], self.time, sim.active(self.stream)
+        if sim.held_back(self.stream, t):
+            sim.parked.append(self.stream)
+            return []
+        idx = sim.take(t, sim.cand.B_E)
+        if idx.size == 0 and active.size == 0:
+            return _wait_for_arrival(sim, StreamStep, self.stream, 0)
+        if idx.size:
+            sim.cycle_no[self.stream] = sim.cycle_no.get(self.stream, 0) + 1
+        sim.mid_cycle.add(self.stream)
+        end = sim.run_pass(sim.encode_times(pipe, idx), t, "encode")
+        sim.set_active(self.stream, np.concatenate([active, idx]))
+        return [StreamStep(end, self.stream, 1)]
 
     def _static(self, sim: Sim) -> list[Event]:
+        """FT-style: the whole batch decodes until its longest request (finished sequences
+        are still computed) and leaves together; one pass per step, like the mesh."""
         pipe, t, req = sim.pipes["pipeline"], self.time, sim.req
-        idx = sim.take(t, sim.cand.B_E)
-        if idx.size == 0:
-            return _wait_for_arrival(sim, StreamStep, self.stream, 0)
-        enc = sim.encode_times(pipe, idx)
-        t_enc = float(round_time(enc, len(pipe)))
-        steps = np.arange(1, int(req.out_len[idx].max()) + 1, dtype=np.float64)
-        ctx = float(req.in_len[idx].mean()) + steps
-        dec = [sim.costs.decode_stage(st, np.full(steps.size, float(idx.size)), ctx)
-               for st in pipe]
-        cum = t + t_enc + np.cumsum(round_time(dec, len(pipe)))
-        sim.busy("pipeline", [e + float(d.sum()) for e, d in zip(enc, dec, strict=True)], t,
-                 float(cum[-1] - t), self.stream, len(pipe), "batch")
-        sim.batch_samples.append((t, idx.size))
+        if self.step == 0:
+            idx = sim.take(t, sim.cand.B_E)
+            if idx.size == 0:
+                return _wait_for_arrival(sim, StreamStep, self.stream, 0)
+            sim.set_active(self.stream, idx)
+            sim.batch_samples.append((t, idx.size))
+            end = sim.run_pass(sim.encode_times(pipe, idx), t, "encode")
+            return [StreamStep(end, self.stream, 1)]
+        idx = sim.active(self.stream)
+        ctx = float(req.in_len[idx].mean()) + self.step
+        times = [sim.costs.decode_stage(st, float(idx.size), ctx) for st in pipe]
+        end = sim.run_pass(times, t, "decode")
+        if self.step == 1:
+            req.t_first_token[idx] = end
+        if self.step < int(req.out_len[idx].max()):
+            return [StreamStep(end, self.stream, self.step + 1)]
         req.generated[idx] = req.out_len[idx]
-        req.t_first_token[idx] = cum[0]
-        req.t_finish[idx] = cum[-1]  # no early termination: results leave with the batch
-        req.t_p99_token[idx[req.out_len[idx] >= sim.stats.s99]] = cum[-1]
-        return [StreamStep(float(cum[-1]), self.stream, 0)]
+        req.t_finish[idx] = end  # no early termination: results leave with the batch
+        req.t_p99_token[idx[req.out_len[idx] >= sim.stats.s99]] = end
+        return [StreamStep(end, self.stream, 0)]
 
     def _continuous(self, sim: Sim) -> list[Event]:
         pipe, t, active = sim.pipes["pipeline"], self.time, sim.active(self.stream)
@@ -95,12 +108,11 @@ class StreamStep(Event):
             return _wait_for_arrival(sim, StreamStep, self.stream, 0)
         times = [d + e for d, e in zip(sim.decode_times(pipe, active, 1),
                                        sim.encode_times(pipe, idx), strict=True)]
-        span = float(round_time(times, len(pipe)))
-        sim.busy("pipeline", times, t, span, self.stream, len(pipe), "iteration")
+        end = sim.run_pass(times, t, "iteration")
         both = np.concatenate([active, idx])
         sim.batch_samples.append((t, both.size))
-        sim.set_active(self.stream, sim.emit_tokens(both, t + span))
-        return [StreamStep(t + span, self.stream)]
+        sim.set_active(self.stream, sim.emit_tokens(both, end))
+        return [StreamStep(end, self.stream)]
 
 
 @dataclass

@@ -129,6 +129,21 @@ def preset(name: str) -> Workload:
     return Workload(name, name, truncated_normal(ia, isd, imx), truncated_normal(oa, osd, omx))
 
 
+def scaled_preset(name: str, factor: int) -> Workload:
+    """A paper task with every input and output length law divided by ``factor`` (avg, std and
+    max alike): the paper's lengths are sized for GPUs; ``T/4`` is translation at a quarter of
+    the tokens, for a CPU that needs minutes per paper-sized request."""
+    if name not in PAPER_TASKS:
+        raise ValueError(f"unknown workload preset {name!r}; presets: {sorted(PAPER_TASKS)}")
+    if factor < 1:
+        raise ValueError(f"a scaled preset divides lengths by an integer >= 1, got {factor}")
+    (ia, isd, imx), (oa, osd, omx), _ = PAPER_TASKS[name]
+    scale = (lambda a, sd, mx: (a / factor, sd / factor, max(1, mx // factor)))
+    label = f"{name}/{factor}"
+    return Workload(label, label, truncated_normal(*scale(ia, isd, imx)),
+                    truncated_normal(*scale(oa, osd, omx)))
+
+
 def from_pairs(in_lens: np.ndarray, out_lens: np.ndarray, name: str,
                timestamps: np.ndarray | None = None) -> Workload:
     pairs = np.stack([np.asarray(in_lens), np.asarray(out_lens)], axis=1)
@@ -184,11 +199,15 @@ def parse_workload(spec: str, tokenize: Callable[[str], list[int]] | None = None
     spec = spec.strip()
     if spec in PAPER_TASKS:
         return preset(spec)
+    task, slash, factor = spec.partition("/")
+    if slash and task in PAPER_TASKS and factor.isdigit():
+        return scaled_preset(task, int(factor))
     if "=" in spec:
         return _inline(spec)
     if Path(spec).suffix in (".jsonl", ".csv"):
         return load_trace(spec, tokenize)
-    raise ValueError(f"workload {spec!r} is not a preset {sorted(PAPER_TASKS)}, an inline spec "
+    raise ValueError(f"workload {spec!r} is not a preset {sorted(PAPER_TASKS)}, a scaled preset "
+                     "like 'T/4' (lengths / 4), an inline spec "
                      "like 'in=normal:256,252,512;out=normal:32,13,80', or a .jsonl/.csv trace")
 
 

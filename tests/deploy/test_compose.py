@@ -231,9 +231,9 @@ def test_plans_serve_refuses_are_refused(plan_file) -> None:  # noqa: ANN001
     split, _ = plan_file("waa", 3)  # the encoders hold layer halves: a WAA encode pipeline
     with pytest.raises(ValueError, match="not available in this build"):
         compose_dict(split, ComposeOptions())
-    t5, _ = plan_file("rra", 2, "t5.json", model="tiny-t5")
-    with pytest.raises(ValueError, match="T5"):
-        compose_dict(t5, ComposeOptions())
+    t5, _ = plan_file("rra", 2, "t5.json", model="tiny-t5")  # T5 over 2 stages now runs
+    coord = compose_dict(t5, ComposeOptions())["services"]["coordinator"]["command"]
+    assert _arg(coord, "--stage-encoder-layers") == "0:1,1:2"
     two, _ = plan_file("waa", 2, "two.json")
     other = replace(two, model=two.model | {"eos_token_id": 7})
     with pytest.raises(ValueError, match="no preset"):

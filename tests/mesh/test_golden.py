@@ -9,7 +9,7 @@ from common import protocol as P
 
 
 def test_protocol_version_is_pinned() -> None:
-    assert P.PROTOCOL_VERSION == 2
+    assert P.PROTOCOL_VERSION == 3
 
 
 def test_type_bytes_are_pinned() -> None:
@@ -25,14 +25,14 @@ def test_type_bytes_are_pinned() -> None:
 
 CANCEL_BODY = (
     b"\x83"                        # fixmap, 3 entries
-    b"\xa1v" b"\x02"               # "v": 2
+    b"\xa1v" b"\x03"               # "v": 3
     b"\xa6req_id" b"\xa2r1"        # "req_id": "r1"
     b"\xa6reason" b"\xa4user"      # "reason": "user"
 )
 
 ERROR_BODY = (
     b"\x85"
-    b"\xa1v" b"\x02"
+    b"\xa1v" b"\x03"
     b"\xa4code" b"\xaaoverloaded"
     b"\xa7message" b"\xaaqueue full"
     b"\xa6req_id" b"\xa2r1"
@@ -52,7 +52,7 @@ def test_error_bytes() -> None:
 
 
 KV_BODY_HEX = (
-    "89a17602a67265715f6964a27231aa656e636f6465725f6964a26530ab66697273745f746f6b656e2aaa70"
+    "89a17603a67265715f6964a27231aa656e636f6465725f6964a26530ab66697273745f746f6b656e2aaa70"
     "726f6d70745f6c656e02ae6d61785f6e65775f746f6b656e7308a873616d706c696e6786ab74656d706572"
     "6174757265cb0000000000000000a5746f705f6b00a5746f705f70cb3ff0000000000000a473656564c0ae"
     "73746f705f746f6b656e5f69647390aa69676e6f72655f656f73c2a26b7688a67265715f6964a27231a773"

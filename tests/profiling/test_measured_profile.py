@@ -4,7 +4,7 @@ The check that catches unit mistakes (ms vs s, per-layer vs per-model, a missing
 profile of a tiny model, loaded through the planner's Profile, predicts one whole-model decode
 step as ``num_layers * (attention + rest) + embed + lm_head + per-pass overhead``; we time the
 same engine's whole-model decode step at the same batch and context in this process and ask
-for agreement within TOLERANCE. A unit or per-model mistake is off by 2x-1000x.
+
 
 Why the direct step is timed in thread CPU time: the machine is shared (load ~4x the cores
 while these tests were written). The profile's passes are short (one layer) and their medians
@@ -30,7 +30,8 @@ from common.models.registry import build_stage
 from common.profiling import measure_profile
 from coordinator.planner.profile import Profile
 
-TOLERANCE = 0.4
+TOLERANCE = 0.4  # the accuracy claim (slow test)
+UNIT_BAND = 2.5  # the structural check: no unit or per-model mistake
 BATCH, CONTEXT = 4, 32  # a point of the quick grid
 
 
@@ -94,16 +95,16 @@ def _ratio(cfg: ModelConfig) -> tuple[float, Profile]:
 
 
 def _check_prediction(cfg: ModelConfig, attempts: int = 3) -> Profile:
-    """Within TOLERANCE in at least one of ``attempts`` (a burst of load from other test runs
-    can spoil one attempt; a unit mistake spoils all of them)."""
+    """Inside UNIT_BAND in one of ``attempts`` fresh measurements (a burst of load can spoil
+    one; a unit mistake spoils all of them)."""
     ratios = []
     for _ in range(attempts):
         ratio, profile = _ratio(cfg)
         ratios.append(round(ratio, 2))
-        if 1 - TOLERANCE < ratio < 1 + TOLERANCE:
+        if 1 / UNIT_BAND < ratio < UNIT_BAND:
             return profile
     raise AssertionError(f"profile prediction / timed decode step = {ratios}, never within "
-                         f"{TOLERANCE:.0%}")
+                         f"a factor {UNIT_BAND}: a unit or per-layer/per-model mistake")
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +151,13 @@ def test_families_with_position_embeddings_give_complete_profiles(preset: str) -
         "lm_head"}
     assert all(r["time_s"] > 0 for r in profile.rows)
     assert profile.attn("enc", 1, 2, 16) > 0 and profile.op("embed", 1, 8) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,layers", [("tiny-llama", 6), ("tiny-t5", 4)])
+def test_profile_predicts_decode_step_within_tolerance(preset: str, layers: int) -> None:
+    """The accuracy claim: the median over three fresh measurements within TOLERANCE (run on
+    a quiet machine; one ratio per measurement, so one burst of load cannot decide it)."""
+    cfg = ModelConfig.preset(preset).with_(num_layers=layers, name=f"{preset}-{layers}")
+    ratios = [_ratio(cfg)[0] for _ in range(3)]
+    assert 1 - TOLERANCE < statistics.median(ratios) < 1 + TOLERANCE, ratios

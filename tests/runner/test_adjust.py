@@ -72,9 +72,21 @@ def test_unrunnable_plans_are_refused() -> None:
     staged = _plan("waa-m", [WorkerGroup("encoder", 1, 1, (0, 4)),
                            WorkerGroup("decoder", 1, 1, (0, 2)),
                            WorkerGroup("decoder", 1, 1, (2, 4))])
-    with pytest.raises(ValueError, match="pipelines"):
-        plan_fields(staged, null_model=False, decoder_capacity=64)
+    fields = plan_fields(staged, null_model=False, decoder_capacity=64)  # staged WAA runs it
+    assert [(g.role, g.layer_range) for g in fields["groups"]] == [
+        ("encoder", (0, 4)), ("decoder", (0, 2)), ("decoder", (2, 4))]
+    assert fields["streams"] == 1 and fields["groups"][1].capacity == 10  # B_m; the band
     assert len(plan_fields(staged, null_model=True, decoder_capacity=64)["groups"]) == 3
+    tp2 = _plan("waa-m", [WorkerGroup("encoder", 2, 2, (0, 4)),
+                          WorkerGroup("decoder", 1, 1, (0, 2)),
+                          WorkerGroup("decoder", 1, 1, (2, 4))])
+    assert [g.tp_size for g in plan_fields(tp2, null_model=False,  # a stage's TP group
+                                           decoder_capacity=64)["groups"]] == [2, 1, 1]
+    gap = _plan("waa-m", [WorkerGroup("encoder", 1, 1, (0, 4)),
+                          WorkerGroup("decoder", 1, 1, (0, 2)),
+                          WorkerGroup("decoder", 1, 1, (3, 4))])
+    with pytest.raises(ValueError, match="contiguous"):
+        plan_fields(gap, null_model=False, decoder_capacity=64)
 
 
 def test_coordinator_stays_torch_free(tmp_path: Path) -> None:

@@ -132,10 +132,10 @@ def test_t5_one_stage_matches_transformers(tmp_path: Path) -> None:
     assert _run_joining(chain, work) == hf_greedy(path, work)
 
 
-def test_t5_across_stages_is_refused_with_the_reason(tmp_path: Path) -> None:
-    spec = load_spec("tiny-t5")
-    with pytest.raises(ValueError, match="T5 across several pipeline stages"):
-        EngineStageBackend(spec, (0, 1), (0, spec.config.num_encoder_layers))
+def test_a_t5_stage_without_encoder_layers_is_refused_with_the_reason(tmp_path: Path) -> None:
+    spec = load_spec("tiny-t5")  # T5 over several stages: tests/runner/test_t5_stages.py
+    with pytest.raises(ValueError, match="non-empty encoder_layer_range"):
+        EngineStageBackend(spec, (1, 2), (2, 2))
 
 
 def test_bad_pass_drops_its_requests_and_the_stage_keeps_serving(

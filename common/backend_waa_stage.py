@@ -1,0 +1,167 @@
+"""A real model's stage in a staged WAA plan (coordinator/waa_pipeline.py): the encoder side
+exports the KV of its layers after each encode pass, the decoder side assembles each request's
+KV from the encoder stages before its first decode pass.
+
+    encoder stage [a, b)   encode pass (template of common.backend_stage) -> for each request
+                           and each route (decoder stage k, layers [a,b) & [c_k,d_k)): export
+                           -> the loop sends them as KVHandoffs, then ``drop`` frees the batch
+    decoder stage [c, d)   KVHandoffs -> ``pending`` (parts, layers covered) until [c, d) is
+                           whole; the first decode pass naming the request ``join``s it: the
+                           parts go into that micro-batch's cache, the request into ``seqs``
+                           (the last stage adds its sampler; one token is already out)
+
+A request freed before it joined (finished at its first token, cancelled) leaves ``pending``
+and its id is remembered (``TOMBSTONES`` of them), so KV arriving after the free is dropped
+instead of stranded.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from common import protocol as P
+from common.backend_engine import sampling_params
+from common.backend_stage import StageSeq
+from common.backend_stage_engine import EngineStageBackend
+from common.engine.kv_cache import KVExport
+from common.engine.sampling import FINISH_LENGTH, finish_reason
+from common.tensorframe import to_wire
+
+Range = tuple[int, int]
+TOMBSTONES = 65536
+
+
+class WaaEncoderStage(EngineStageBackend):
+    """Encode passes only; every request leaves after its pass (its KV went to decoders)."""
+
+    def export_batch(self, req_ids: list[str], stream: int) -> dict[str, KVExport]:
+        """Each request's KV over this stage's layers and every KV head (a TP group gathers
+        its ranks' heads: common.backend_waa_stage_tp)."""
+        cache = self._cache(stream)
+        return {r: cache.export(self._name(r)) for r in req_ids}
+
+    def check(self, sp: P.StagePass) -> None:
+        if sp.kind != "encode":
+            raise ValueError(f"pass {sp.pass_id}: an encoder stage runs encode passes, not "
+                             f"{sp.kind!r}")
+        super().check(sp)
+
+
+def payload(req_id: str, exp: KVExport, layers: Range) -> P.KVPayload:
+    """The wire form of ``layers`` (global, within the export) of one request's KV."""
+    lo, hi = layers[0] - exp.layer_start, layers[1] - exp.layer_start
+    return P.KVPayload(req_id=req_id, seq_len=exp.seq_len, layer_start=layers[0],
+                       layer_end=layers[1], head_start=exp.head_start, head_end=exp.head_end,
+                       num_kv_heads=exp.num_kv_heads,
+                       tensors={n: to_wire(t[lo:hi].contiguous())
+                                for n, t in exp.tensors.items()})
+
+
+@dataclass
+class PendingKV:
+    """A request's KV parts received so far, and what a decoder stage needs to run it."""
+
+    prompt_len: int
+    max_new_tokens: int
+    sampling: P.Sampling
+    parts: list[KVExport] = field(default_factory=list)
+    layers: set[int] = field(default_factory=set)
+    t_complete: float | None = None
+
+
+class WaaDecoderStage(EngineStageBackend):
+    """Decode passes over micro-batches whose requests arrive as KV from encoder stages."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pending: dict[str, PendingKV] = {}
+        self.prompt_len: dict[str, int] = {}
+        self.t_kv_received: dict[str, float] = {}  # joined this pass (last stage reports it)
+        self._freed: collections.OrderedDict[str, None] = collections.OrderedDict()
+        cache = self._template
+        self.layers = (cache.layer_start, cache.layer_end)
+
+    # ---- KV arriving --------------------------------------------------------------------
+    def take(self, h: P.KVHandoff) -> None:
+        """File one KVHandoff; ValueError if it does not fit this stage."""
+        if h.req_id in self._freed or h.req_id in self.seqs:
+            return
+        kv = h.kv
+        lo, hi = max(kv.layer_start, self.layers[0]), min(kv.layer_end, self.layers[1])
+        if lo >= hi:
+            raise ValueError(f"KV of {h.req_id} for layers [{kv.layer_start}, {kv.layer_end}) "
+                             f"does not touch this stage's layers {list(self.layers)}")
+        entry = self.pending.setdefault(h.req_id, PendingKV(h.prompt_len, h.max_new_tokens,
+                                                            h.sampling))
+        tensors = {n: t.as_torch() if hasattr(t, "as_torch") else t
+                   for n, t in kv.tensors.items()}
+        entry.parts.append(KVExport(req_id=h.req_id, seq_len=kv.seq_len,
+                                    layer_start=kv.layer_start, layer_end=kv.layer_end,
+                                    head_start=kv.head_start, head_end=kv.head_end,
+                                    num_kv_heads=kv.num_kv_heads, tensors=tensors))
+        entry.layers.update(range(lo, hi))
+        if self.complete(h.req_id):
+            entry.t_complete = time.time()
+
+    def complete(self, req_id: str) -> bool:
+        entry = self.pending.get(req_id)
+        return entry is not None and len(entry.layers) == self.layers[1] - self.layers[0]
+
+    def waiting_for(self, sp: P.StagePass) -> list[str]:
+        """Requests of a decode pass whose KV is not all here yet."""
+        return [r for r in sp.req_ids if r not in self.seqs and not self.complete(r)]
+
+    # ---- joining a micro-batch ----------------------------------------------------------
+    def join(self, sp: P.StagePass) -> None:
+        """Move the pass's newly arrived requests into its micro-batch's cache."""
+        self.t_kv_received = {}
+        cache = self._cache(sp.stream)
+        for r in sp.req_ids:
+            if r in self.seqs:
+                continue
+            entry = self.pending.pop(r)
+            self.seqs[r] = StageSeq(r, sp.stream, (), entry.max_new_tokens, entry.sampling,
+                                    num_generated=1)
+            self.prompt_len[r] = entry.prompt_len
+            name = self._name(r)
+            self._stream_of[name] = sp.stream
+            for part in entry.parts:
+                cache.import_(dataclasses.replace(part, req_id=name))
+            if self.is_last:
+                self.sampler.add(r, sampling_params(entry.sampling, entry.max_new_tokens),
+                                 position=1)  # the encoder sampled position 0 (seed parity)
+            self.t_kv_received[r] = entry.t_complete or time.time()
+
+    # ---- leaving ------------------------------------------------------------------------
+    def drop(self, req_ids: Any) -> None:
+        ids = list(req_ids)
+        for r in ids:
+            if r not in self.seqs:
+                self.pending.pop(r, None)
+                self._freed[r] = None
+                if len(self._freed) > TOMBSTONES:
+                    self._freed.popitem(last=False)
+            self.prompt_len.pop(r, None)
+        super().drop(ids)
+
+    def check(self, sp: P.StagePass) -> None:
+        if sp.kind != "decode":
+            raise ValueError(f"pass {sp.pass_id}: a decoder stage runs decode passes, not "
+                             f"{sp.kind!r}")
+        super().check(sp)
+
+    def _finish(self, seq: StageSeq, token: int) -> str | None:
+        params = self.sampler.params(seq.req_id)
+        reason = finish_reason(token, seq.num_generated, params, self.model.eos_token_ids)
+        if reason is None and self.prompt_len.get(seq.req_id, 0) + seq.num_generated \
+                > self.model.max_position:
+            reason = FINISH_LENGTH
+        return reason
+
+    @property
+    def num_active(self) -> int:
+        return len(self.seqs) + len(self.pending)

@@ -1,0 +1,497 @@
+/* bf16 decode kernels for AVX-512 BF16 CPUs (built on first use by common/engine/native.py).
+ *
+ * linear:    y[M, N] = x[M, K] . W[N, K]^T (+ bias), fp32 accumulation (vdpbf16ps), for decode
+ *            row counts (M <= 64). W is pre-packed (exegpt_pack layout, see native.py) so that
+ *            one panel of 64 output columns streams contiguously; rows are register-blocked
+ *            (up to 6 rows x 4 column blocks of 16 accumulators) and K is cut into chunks that
+ *            stay in L1 while every row tile reuses them.
+ * attention: one query token per sequence against its cached keys/values, GQA heads of one KV
+ *            head together, ragged lengths, float32 scores/softmax/accumulation.
+ * rms_norm:  transformers' order: normalise in float32, round to bf16, then times the weight.
+ *
+ * Work is split over a small persistent thread pool (nthreads > 1): workers spin briefly
+ * between calls (a decode step issues them back to back), then sleep on a futex.
+ */
+#include <immintrin.h>
+#include <linux/futex.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define NB 4              /* 16-column blocks per panel */
+#define PANEL (16 * NB)   /* output columns per panel */
+#define KC 64             /* k pairs per L1 chunk: 64 pairs x 64 columns x 4 bytes = 16 KiB */
+#define MR 4              /* rows per register tile */
+#define MAX_ROWS 64
+#define MAX_THREADS 8
+
+typedef uint16_t bf16;
+
+/* ---- thread pool --------------------------------------------------------------------- */
+typedef void (*task_fn)(void *arg, int part, int parts);
+
+static struct {
+    pthread_t threads[MAX_THREADS];
+    int started;
+    _Atomic int seq;      /* bumped once per job */
+    _Atomic int pending;  /* workers still running the current job */
+    _Atomic int sleeping; /* workers blocked in futex wait */
+    task_fn fn;
+    void *arg;
+    int parts;
+} pool;
+
+static long futex(_Atomic int *addr, int op, int val) {
+    return syscall(SYS_futex, (int *)addr, op, val, NULL, NULL, 0);
+}
+
+static void *worker_main(void *p) {
+    int index = (int)(intptr_t)p; /* 1..started */
+    int seen = 0;
+    for (;;) {
+        int s, spins = 0;
+        while ((s = atomic_load_explicit(&pool.seq, memory_order_acquire)) == seen) {
+            if (++spins < 4000) {
+                _mm_pause();
+            } else {
+                atomic_fetch_add(&pool.sleeping, 1);
+                futex(&pool.seq, FUTEX_WAIT_PRIVATE, seen);
+                atomic_fetch_sub(&pool.sleeping, 1);
+                spins = 0;
+            }
+        }
+        seen = s;
+        if (index < pool.parts) pool.fn(pool.arg, index, pool.parts);
+        atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
+    }
+    return NULL;
+}
+
+static void ensure_pool(int workers) {
+    while (pool.started < workers && pool.started < MAX_THREADS - 1) {
+        int index = pool.started + 1;
+        if (pthread_create(&pool.threads[pool.started], NULL, worker_main,
+                           (void *)(intptr_t)index) != 0) break;
+        pthread_detach(pool.threads[pool.started]);
+        pool.started++;
+    }
+}
+
+/* Run fn(arg, part, parts) for part = 0..parts-1; part 0 on the calling thread. */
+static void run_parallel(task_fn fn, void *arg, int parts) {
+    if (parts > MAX_THREADS) parts = MAX_THREADS;
+    if (parts > 1) ensure_pool(parts - 1);
+    if (parts > pool.started + 1) parts = pool.started + 1;
+    if (parts <= 1) {
+        fn(arg, 0, 1);
+        return;
+    }
+    pool.fn = fn;
+    pool.arg = arg;
+    pool.parts = parts;
+    atomic_store(&pool.pending, pool.started);
+    atomic_fetch_add_explicit(&pool.seq, 1, memory_order_release);
+    if (atomic_load(&pool.sleeping) > 0) futex(&pool.seq, FUTEX_WAKE_PRIVATE, MAX_THREADS);
+    fn(arg, 0, parts);
+    int spins = 0;
+    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) {
+        if (++spins < 100000) _mm_pause();
+        else sched_yield();
+    }
+}
+
+/* ---- linear -------------------------------------------------------------------------- */
+typedef struct {
+    const bf16 *x;
+    int64_t ldx;
+    int m, k, n;
+    const bf16 *w;
+    const bf16 *bias;
+    void *y;
+    int64_t ldy;
+    int y_fp32;
+} linear_args;
+
+static inline __m512 bias_block(const linear_args *a, int col, __mmask16 mask) {
+    if (!a->bias) return _mm512_setzero_ps();
+    __m256i b = _mm256_maskz_loadu_epi16(mask, a->bias + col);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+}
+
+static inline __attribute__((always_inline)) void
+tile(const linear_args *a, int mr, int row0, int panel, int kp0, int kp1, float *acc_buf) {
+    const int kpairs = (a->k + 1) / 2;
+    const int first = kp0 == 0, last = kp1 == kpairs;
+    /* This tile's x rows for this K chunk in float32 (zero past K), broadcast from memory. */
+    float xf[MR][2 * KC] __attribute__((aligned(64)));
+    const int k0 = 2 * kp0, width = 2 * (kp1 - kp0);
+    for (int r = 0; r < mr; r++) {
+        const bf16 *xr = a->x + (int64_t)(row0 + r) * a->ldx;
+        for (int c = 0; c < width; c += 16) {
+            int left = a->k - (k0 + c);
+            left = left < 0 ? 0 : left;
+            __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+            __m256i h = _mm256_maskz_loadu_epi16(mask, xr + k0 + c);
+            _mm512_store_ps(xf[r] + c,
+                            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+        }
+    }
+    __m512 acc[MR][NB];
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; r++)
+#pragma GCC unroll 4
+        for (int b = 0; b < NB; b++)
+            if (r < mr)
+                acc[r][b] = first ? _mm512_setzero_ps()
+                                  : _mm512_loadu_ps(acc_buf + (row0 + r) * PANEL + b * 16);
+    const bf16 *wp = a->w + ((int64_t)panel * kpairs + kp0) * PANEL * 2;
+    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
+    /* Each 32-bit word of the packed panel holds (W[n, 2kp], W[n, 2kp + 1]) as bf16: the
+     * even element in float32 is the word shifted left by 16, the odd one its high half. */
+    for (int i = 0; i < kp1 - kp0; i++, wp += PANEL * 2) {
+        __m512 we[NB], wo[NB];
+#pragma GCC unroll 4
+        for (int b = 0; b < NB; b++) {
+            __m512i wv = _mm512_loadu_si512(wp + 32 * b);
+            we[b] = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16));
+            wo[b] = _mm512_castsi512_ps(_mm512_and_si512(wv, high));
+        }
+#pragma GCC unroll 6
+        for (int r = 0; r < MR; r++) {
+            if (r < mr) {
+                __m512 x0 = _mm512_set1_ps(xf[r][2 * i]), x1 = _mm512_set1_ps(xf[r][2 * i + 1]);
+#pragma GCC unroll 4
+                for (int b = 0; b < NB; b++)
+                    acc[r][b] = _mm512_fmadd_ps(x1, wo[b], _mm512_fmadd_ps(x0, we[b], acc[r][b]));
+            }
+        }
+    }
+    if (!last) {
+#pragma GCC unroll 6
+        for (int r = 0; r < MR; r++)
+#pragma GCC unroll 4
+            for (int b = 0; b < NB; b++)
+                if (r < mr) _mm512_storeu_ps(acc_buf + (row0 + r) * PANEL + b * 16, acc[r][b]);
+        return;
+    }
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; b++) {
+        int col = panel * PANEL + b * 16;
+        if (col >= a->n) break;
+        int left = a->n - col;
+        __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        __m512 bias = bias_block(a, col, mask);
+#pragma GCC unroll 6
+        for (int r = 0; r < MR; r++) {
+            if (r < mr) {
+                __m512 v = _mm512_add_ps(acc[r][b], bias);
+                int64_t off = (int64_t)(row0 + r) * a->ldy + col;
+                if (a->y_fp32) {
+                    _mm512_mask_storeu_ps((float *)a->y + off, mask, v);
+                } else {
+                    __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+                    _mm256_mask_storeu_epi16((bf16 *)a->y + off, mask, h);
+                }
+            }
+        }
+    }
+}
+
+static void linear_panels(const linear_args *a, int p0, int p1) {
+    float acc_buf[MAX_ROWS * PANEL] __attribute__((aligned(64)));
+    const int kpairs = (a->k + 1) / 2;
+    for (int p = p0; p < p1; p++) {
+        for (int kp = 0; kp < kpairs; kp += KC) {
+            int kp1 = kp + KC < kpairs ? kp + KC : kpairs;
+            int row = 0;
+            for (; row + MR <= a->m; row += MR) tile(a, MR, row, p, kp, kp1, acc_buf);
+            switch (a->m - row) {
+                case 1: tile(a, 1, row, p, kp, kp1, acc_buf); break;
+                case 2: tile(a, 2, row, p, kp, kp1, acc_buf); break;
+                case 3: tile(a, 3, row, p, kp, kp1, acc_buf); break;
+                default: break;
+            }
+        }
+    }
+}
+
+static void linear_task(void *arg, int part, int parts) {
+    const linear_args *a = (const linear_args *)arg;
+    int panels = (a->n + PANEL - 1) / PANEL;
+    linear_panels(a, (int)((int64_t)panels * part / parts),
+                  (int)((int64_t)panels * (part + 1) / parts));
+}
+
+/* Returns 0, or -1 for shapes this kernel does not take (caller falls back). */
+int exegpt_linear_bf16(const bf16 *x, int64_t ldx, int m, int k, const bf16 *w, int n,
+                       const bf16 *bias, void *y, int64_t ldy, int y_fp32, int nthreads) {
+    if (m < 1 || m > MAX_ROWS || k < 1 || n < 1) return -1;
+    linear_args a = {x, ldx, m, k, n, w, bias, y, ldy, y_fp32};
+    int panels = (n + PANEL - 1) / PANEL;
+    int parts = nthreads < panels ? nthreads : panels;
+    run_parallel(linear_task, &a, parts < 1 ? 1 : parts);
+    return 0;
+}
+
+int exegpt_panel_width(void) { return PANEL; }
+
+/* ---- vector exp (Cephes-style range reduction, degree-6 polynomial, ~1 ulp) ----------- */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 load_bf16x16(const bf16 *p) {
+    __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* ---- decode attention ----------------------------------------------------------------- */
+#define MAX_GROUP 16
+#define MAX_DIM 256
+
+typedef struct {
+    const bf16 *q;        /* [B, Hq, D] with strides q_sb, q_sh (elements) */
+    int64_t q_sb, q_sh;
+    const bf16 *k, *v;    /* cache buffers [slots, Hkv, cap, D] with the strides below */
+    int64_t c_ss, c_sh, c_sl;
+    const int64_t *slots; /* per sequence */
+    const int64_t *lens;  /* per sequence: positions to attend (cached + new) */
+    bf16 *out;            /* [B, Hq, D] contiguous */
+    int b, hq, hkv, d;
+    float scale;
+    int max_len;
+} attn_args;
+
+/* One (sequence, KV head): its G query heads against the sequence's cached rows. G and the
+ * number of 16-wide chunks of D are compile-time constants (dispatched below) so q and the
+ * accumulators live in registers. */
+static inline __attribute__((always_inline)) void
+attn_one(const attn_args *a, int seq, int h, float *scores, const int g, const int chunks) {
+    const int d = a->d, len = (int)a->lens[seq];
+    __m512 q[MAX_GROUP][MAX_DIM / 16];
+    for (int j = 0; j < g; j++)
+        for (int c = 0; c < chunks; c++)
+            q[j][c] = load_bf16x16(a->q + seq * a->q_sb + (h * g + j) * a->q_sh + c * 16);
+    const bf16 *kb = a->k + a->slots[seq] * a->c_ss + h * a->c_sh;
+    const bf16 *vb = a->v + a->slots[seq] * a->c_ss + h * a->c_sh;
+    for (int l = 0; l < len; l++) {
+        const bf16 *kr = kb + l * a->c_sl;
+        __m512 kv[MAX_DIM / 16];
+        for (int c = 0; c < chunks; c++) kv[c] = load_bf16x16(kr + c * 16);
+        for (int j = 0; j < g; j++) {
+            __m512 s = _mm512_mul_ps(q[j][0], kv[0]);
+            for (int c = 1; c < chunks; c++) s = _mm512_fmadd_ps(q[j][c], kv[c], s);
+            scores[j * a->max_len + l] = _mm512_reduce_add_ps(s) * a->scale;
+        }
+    }
+    for (int j = 0; j < g; j++) {
+        float *s = scores + j * a->max_len;
+        __m512 vmx = _mm512_set1_ps(-INFINITY);
+        int l = 0;
+        for (; l + 16 <= len; l += 16) vmx = _mm512_max_ps(vmx, _mm512_loadu_ps(s + l));
+        float mx = _mm512_reduce_max_ps(vmx);
+        for (; l < len; l++) mx = s[l] > mx ? s[l] : mx;
+        vmx = _mm512_set1_ps(mx);
+        __m512 sum = _mm512_setzero_ps();
+        for (l = 0; l + 16 <= len; l += 16) {
+            __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + l), vmx));
+            _mm512_storeu_ps(s + l, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        if (l < len) {
+            __mmask16 mask = (__mmask16)((1u << (len - l)) - 1);
+            __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, s + l), vmx));
+            e = _mm512_maskz_mov_ps(mask, e);
+            _mm512_mask_storeu_ps(s + l, mask, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+        for (l = 0; l + 16 <= len; l += 16)
+            _mm512_storeu_ps(s + l, _mm512_mul_ps(_mm512_loadu_ps(s + l), inv));
+        for (; l < len; l++) s[l] *= inv[0];
+    }
+    __m512 acc[MAX_GROUP][MAX_DIM / 16];
+    for (int j = 0; j < g; j++)
+        for (int c = 0; c < chunks; c++) acc[j][c] = _mm512_setzero_ps();
+    for (int l = 0; l < len; l++) {
+        const bf16 *vr = vb + l * a->c_sl;
+        __m512 vv[MAX_DIM / 16];
+        for (int c = 0; c < chunks; c++) vv[c] = load_bf16x16(vr + c * 16);
+        for (int j = 0; j < g; j++) {
+            __m512 p = _mm512_set1_ps(scores[j * a->max_len + l]);
+            for (int c = 0; c < chunks; c++) acc[j][c] = _mm512_fmadd_ps(p, vv[c], acc[j][c]);
+        }
+    }
+    for (int j = 0; j < g; j++) {
+        bf16 *o = a->out + ((int64_t)seq * a->hq + h * g + j) * d;
+        for (int c = 0; c < chunks; c++)
+            _mm256_storeu_si256((__m256i *)(o + c * 16), (__m256i)_mm512_cvtneps_pbh(acc[j][c]));
+    }
+}
+
+#define ATTN_CASE(G, C) \
+    if (g == G && chunks == C) { attn_one(a, seq, h, scores, G, C); return; }
+
+static void attn_dispatch(const attn_args *a, int seq, int h, float *scores) {
+    const int g = a->hq / a->hkv, chunks = a->d / 16;
+    ATTN_CASE(1, 4) ATTN_CASE(2, 4) ATTN_CASE(3, 4) ATTN_CASE(4, 4)
+    ATTN_CASE(5, 4) ATTN_CASE(6, 4) ATTN_CASE(7, 4) ATTN_CASE(8, 4)
+    ATTN_CASE(1, 8) ATTN_CASE(2, 8) ATTN_CASE(3, 8) ATTN_CASE(4, 8)
+    attn_one(a, seq, h, scores, g, chunks);
+}
+
+static void attn_task(void *arg, int part, int parts) {
+    const attn_args *a = (const attn_args *)arg;
+    float scores[MAX_GROUP * 4096];
+    int items = a->b * a->hkv;
+    int lo = (int)((int64_t)items * part / parts), hi = (int)((int64_t)items * (part + 1) / parts);
+    for (int i = lo; i < hi; i++) attn_dispatch(a, i / a->hkv, i % a->hkv, scores);
+}
+
+/* Returns 0, or -1 for shapes this kernel does not take (caller falls back). */
+int exegpt_decode_attention_bf16(const bf16 *q, int64_t q_sb, int64_t q_sh, const bf16 *k,
+                                 const bf16 *v, int64_t c_ss, int64_t c_sh, int64_t c_sl,
+                                 const int64_t *slots, const int64_t *lens, bf16 *out, int b,
+                                 int hq, int hkv, int d, float scale, int nthreads) {
+    if (b < 1 || hkv < 1 || hq % hkv || hq / hkv > MAX_GROUP || d % 16 || d > MAX_DIM) return -1;
+    int max_len = 0;
+    for (int i = 0; i < b; i++) {
+        if (lens[i] < 1) return -1;
+        max_len = lens[i] > max_len ? (int)lens[i] : max_len;
+    }
+    if ((int64_t)max_len * (hq / hkv) > MAX_GROUP * 4096) return -1;
+    attn_args a = {q, q_sb, q_sh, k, v, c_ss, c_sh, c_sl, slots, lens, out, b, hq, hkv, d,
+                   scale, max_len};
+    int items = b * hkv;
+    run_parallel(attn_task, &a, nthreads < items ? nthreads : items);
+    return 0;
+}
+
+/* ---- RMSNorm ---------------------------------------------------------------------------- */
+typedef struct {
+    const bf16 *x;
+    int64_t ldx;
+    const bf16 *w;
+    bf16 *y;
+    int rows, n;
+    float eps;
+} norm_args;
+
+static inline __m512 round_bf16(__m512 v, __mmask16 mask) {
+    __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+        _mm256_maskz_mov_epi16(mask, h)), 16));
+}
+
+static void norm_rows(const norm_args *a, int r0, int r1) {
+    for (int r = r0; r < r1; r++) {
+        const bf16 *x = a->x + r * a->ldx;
+        bf16 *y = a->y + (int64_t)r * a->n;
+        __m512 ss = _mm512_setzero_ps();
+        for (int c = 0; c < a->n; c += 16) {
+            int left = a->n - c;
+            __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+            __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, x + c)), 16));
+            ss = _mm512_fmadd_ps(v, v, ss);
+        }
+        float inv = 1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)a->n + a->eps);
+        __m512 vinv = _mm512_set1_ps(inv);
+        for (int c = 0; c < a->n; c += 16) {
+            int left = a->n - c;
+            __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+            __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, x + c)), 16));
+            __m512 w = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, a->w + c)), 16));
+            __m512 normed = round_bf16(_mm512_mul_ps(v, vinv), mask);
+            __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(normed, w));
+            _mm256_mask_storeu_epi16(y + c, mask, h);
+        }
+    }
+}
+
+static void norm_task(void *arg, int part, int parts) {
+    const norm_args *a = (const norm_args *)arg;
+    norm_rows(a, (int)((int64_t)a->rows * part / parts),
+              (int)((int64_t)a->rows * (part + 1) / parts));
+}
+
+int exegpt_rms_norm_bf16(const bf16 *x, int64_t ldx, const bf16 *w, bf16 *y, int rows, int n,
+                         float eps, int nthreads) {
+    if (rows < 1 || n < 1) return -1;
+    norm_args a = {x, ldx, w, y, rows, n, eps};
+    int parts = rows >= 16 ? nthreads : 1;
+    run_parallel(norm_task, &a, parts < 1 ? 1 : parts);
+    return 0;
+}
+
+/* ---- RoPE and SwiGLU in transformers' roundings ---------------------------------------- */
+static inline __m512 bf16_to_ps(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static inline __m512 rnd(__m512 v) { /* round to bf16 and back: one bf16 operation's result */
+    return bf16_to_ps((__m256i)_mm512_cvtneps_pbh(v));
+}
+
+/* x [rows, heads, D] (row stride ldx, head stride D) rotated in place with the row's cos and
+ * sign-folded sin tables [rows, D] (bf16): x*cos + rotate_half(x)*sin, each op rounded. */
+int exegpt_rope_bf16(bf16 *x, int64_t ldx, int rows, int heads, int d, const bf16 *cos,
+                     const bf16 *sin) {
+    if (d % 32 || rows < 1) return -1;
+    const int half = d / 2;
+    for (int r = 0; r < rows; r++) {
+        const bf16 *c = cos + (int64_t)r * d, *s = sin + (int64_t)r * d;
+        for (int h = 0; h < heads; h++) {
+            bf16 *v = x + r * ldx + (int64_t)h * d;
+            for (int i = 0; i < half; i += 16) {
+                __m512 x1 = load_bf16x16(v + i), x2 = load_bf16x16(v + half + i);
+                __m512 lo = _mm512_add_ps(rnd(_mm512_mul_ps(x1, load_bf16x16(c + i))),
+                                          rnd(_mm512_mul_ps(x2, load_bf16x16(s + i))));
+                __m512 hi = _mm512_add_ps(rnd(_mm512_mul_ps(x2, load_bf16x16(c + half + i))),
+                                          rnd(_mm512_mul_ps(x1, load_bf16x16(s + half + i))));
+                _mm256_storeu_si256((__m256i *)(v + i), (__m256i)_mm512_cvtneps_pbh(lo));
+                _mm256_storeu_si256((__m256i *)(v + half + i), (__m256i)_mm512_cvtneps_pbh(hi));
+            }
+        }
+    }
+    return 0;
+}
+
+/* y [rows, F] = silu(gate) * up from h [rows, 2F] = [gate | up]: silu rounded to bf16 first. */
+int exegpt_swiglu_bf16(const bf16 *hin, int64_t ldh, bf16 *y, int rows, int f) {
+    if (rows < 1 || f < 1) return -1;
+    for (int r = 0; r < rows; r++) {
+        const bf16 *g = hin + r * ldh, *u = g + f;
+        bf16 *o = y + (int64_t)r * f;
+        for (int i = 0; i < f; i += 16) {
+            int left = f - i;
+            __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+            __m512 gv = bf16_to_ps(_mm256_maskz_loadu_epi16(mask, g + i));
+            __m512 uv = bf16_to_ps(_mm256_maskz_loadu_epi16(mask, u + i));
+            __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+            __m512 act = rnd(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+            __m256i out = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(act, uv));
+            _mm256_mask_storeu_epi16(o + i, mask, out);
+        }
+    }
+    return 0;
+}

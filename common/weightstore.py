@@ -1,0 +1,78 @@
+"""A per-process host-memory copy of a model's weights, so a stage can be rebuilt without disk.
+
+A re-layout (docs/adaptation.md) gives a pipeline stage worker another layer range. Loading it
+from the model file again means reading (and, for GGUF, dequantising) the tensors once more;
+instead every tensor of the model is read ONCE per process into host memory (``HostWeights``)
+and any layer range is built from that copy. ``build_stage`` copies (and casts) what it takes,
+so the stage never aliases the store and one store serves every rebuild.
+
+    spec_from_host(model)   the model's ModelSpec with its weights in host memory
+                            (loaded on the first call: the "disk" load; later calls: cached)
+
+The cost is host memory: one full copy of the model in its source dtype beside the stage's own
+layers (SmolLM2-135M: ~0.5 GB as float32 after GGUF dequantisation). Only pipeline stage
+workers at tp 1 use it (a TP rank reads just its shard, and re-laying out TP groups is not
+supported live).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from common.models.registry import ModelSpec
+
+_STORES: dict[str, tuple[ModelSpec, float]] = {}
+
+
+class HostWeights:
+    """Every tensor of ``source`` read once and kept; ``get`` slices the kept copy (a view,
+    which ``build_stage`` copies when it casts / places it)."""
+
+    def __init__(self, source: Any) -> None:
+        self._tensors: dict[str, torch.Tensor] = {name: source.get(name)
+                                                  for name in source.names()}
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._get(name).shape)
+
+    def get(self, name: str, dim: int | None = None, start: int = 0,
+            end: int | None = None) -> torch.Tensor:
+        tensor = self._get(name)
+        if dim is None:
+            return tensor
+        stop = tensor.shape[dim] if end is None else end
+        if not 0 <= start <= stop <= tensor.shape[dim]:
+            raise ValueError(f"slice [{start}:{stop}] out of range for {name!r} dim {dim} "
+                             f"({tuple(tensor.shape)})")
+        return tensor.narrow(dim, start, stop - start)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors.values())
+
+    def _get(self, name: str) -> torch.Tensor:
+        if name not in self._tensors:
+            from common.models.weights import WeightError
+
+            raise WeightError(f"tensor {name!r} is not in the model")
+        return self._tensors[name]
+
+
+def spec_from_host(model: str) -> tuple[ModelSpec, float, bool]:
+    """(spec with host-memory weights, seconds this call spent loading, True if cached)."""
+    if model in _STORES:
+        return _STORES[model][0], 0.0, True
+    from common.backend_engine import load_spec
+
+    start = time.perf_counter()
+    spec = load_spec(model)
+    host = spec._replace(weights=HostWeights(spec.weights))
+    seconds = time.perf_counter() - start
+    _STORES[model] = (host, seconds)
+    return host, seconds, False

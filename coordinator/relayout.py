@@ -1,0 +1,175 @@
+"""Re-laying out a pipeline plan's stage workers while serving (docs/adaptation.md).
+
+A new plan may put other layer ranges on the stages, use another number of stages, or run
+another number of streams. Stage workers cannot be re-laid out under a pass, so the switch is
+
+    DRAIN      no new request is encoded (arrivals queue in the coordinator, none is refused);
+               the streams decode what they run, up to ``drain_timeout_s``
+    MIGRATE    past the timeout, each stream's pass in flight comes back, then its requests
+               leave the stream and go back to the head of the queue: they are re-encoded on
+               the new layout from their prompt plus the tokens the client already has
+               (migration by recompute; the client's stream continues at the next index)
+    REASSIGN   every stage worker gets a re-Assign (``config["relayout"]`` = the epoch) with
+               its new stage and layer range, or none ("spare": it frees its layers); it
+               rebuilds its backend from its host-memory weights (common.weightstore) and
+               says Ready again with the rebuild time
+    DONE       every new stage READY: the peers refresh, the new streams start with the new
+               knobs, the queue (migrated requests first) is served
+
+Nothing is dropped or duplicated: a request is in exactly one place at each step (a stream of
+the old layout, the queue, or a stream of the new layout), and no pass of the old layout is in
+flight when the workers are re-assigned, so no stale token can reach a request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from coordinator.registry import WorkerInfo, WorkerState
+from coordinator.streams import Stream, StreamKnobs
+
+if TYPE_CHECKING:
+    from coordinator.pipeline_driver import PipelineDriver, StageLayout
+
+
+@dataclass(frozen=True)
+class RelayoutConfig:
+    """How long the old layout may drain before migration, and the new one may take to load."""
+
+    drain_timeout_s: float = 2.0
+    ready_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.drain_timeout_s < 0:
+            raise ValueError("drain_timeout_s must be >= 0")
+        if self.ready_timeout_s <= 0:
+            raise ValueError("ready_timeout_s must be > 0")
+
+
+class Relayout:
+    """One switch of a PipelineDriver to a new StageLayout (phases: module docstring)."""
+
+    def __init__(self, driver: PipelineDriver, layout: StageLayout, num_streams: int,
+                 knobs: StreamKnobs, epoch: int, on_done: Callable[[dict[str, Any]], None],
+                 cfg: RelayoutConfig) -> None:
+        workers = stage_workers(driver)
+        if layout.num_stages > len(workers):
+            raise ValueError(f"the new layout has {layout.num_stages} stages but only "
+                             f"{len(workers)} tp-1 stage workers are connected")
+        if num_streams < 1:
+            raise ValueError("a layout needs at least one stream")
+        self.driver, self.layout, self.num_streams, self.knobs = driver, layout, num_streams, knobs
+        self.epoch, self.on_done, self.cfg = epoch, on_done, cfg
+        self.phase = "drain"
+        self.t0 = time.perf_counter()
+        self.t_reassign: float | None = None
+        self.waiting: dict[str, float] = {}  # worker id -> when its re-Assign went out
+        self.reload_s: dict[str, float] = {}  # worker id -> rebuild time it reported
+        self.cost: dict[str, Any] = {"migrated_requests": 0, "rerun_tokens": 0,
+                                     "drained_requests": sum(len(s.running)
+                                                             for s in driver.streams)}
+
+    @property
+    def admits(self) -> bool:
+        """Streams may take queued requests: never while switching."""
+        return False
+
+    @property
+    def passes_allowed(self) -> bool:
+        """Old streams may decode while draining (up to the timeout), nothing after."""
+        return self.phase == "drain" and not self._timed_out()
+
+    def _timed_out(self) -> bool:
+        return time.perf_counter() - self.t0 > self.cfg.drain_timeout_s
+
+    # ---- steps (each pump / tick) -------------------------------------------------------
+    def step(self) -> None:
+        if self.phase == "drain":
+            if self._timed_out():
+                self._migrate()
+            if not any(s.busy or s.running for s in self.driver.streams):
+                self._reassign()
+        elif self.phase == "reassign":
+            if not self.waiting and self.driver.stages_ready():
+                self._finish()
+            elif time.perf_counter() - (self.t_reassign or self.t0) > self.cfg.ready_timeout_s:
+                self._fail(f"{sorted(self.waiting)} did not say Ready within "
+                           f"{self.cfg.ready_timeout_s:g} s")
+
+    def _migrate(self) -> None:
+        """Idle streams hand their requests back to the queue (recompute on the new layout)."""
+        co = self.driver.co
+        for stream in self.driver.streams:
+            if stream.busy is not None:
+                continue  # its pass comes back first (its tokens are relayed as usual)
+            for req_id in list(stream.running):
+                stream.release(req_id)
+                request = co.table.get(req_id)
+                if request is None:
+                    continue
+                co.table.requeue_front(request)
+                self.cost["migrated_requests"] += 1
+                self.cost["rerun_tokens"] += len(request.tokens)
+
+    def _reassign(self) -> None:
+        """No pass in flight, no request on a stage: give every stage worker its new place."""
+        drv = self.driver
+        self.cost["drain_s"] = round(time.perf_counter() - self.t0, 4)
+        self.t_reassign = time.perf_counter()
+        self.phase = "reassign"
+        old_stages = [list(r) for r in drv.layout.layers]
+        drv.install(self.layout, [Stream(i, self.knobs) for i in range(self.num_streams)])
+        workers = stage_workers(drv)
+        for info in workers:  # none READY before any Assign goes out: peers start empty
+            info.state = WorkerState.ASSIGNED
+        for i, info in enumerate(workers):
+            info.stage = i if i < self.layout.num_stages else None
+        for info in workers:
+            self.waiting[info.worker_id] = time.perf_counter()
+            drv.co.members.send(info, drv.relayout_assign(info, self.epoch))
+        drv.co.log.info("relayout_reassign", epoch=self.epoch, old_stages=old_stages,
+                        new_stages=[list(r) for r in self.layout.layers],
+                        streams=self.num_streams, workers=len(workers), **self.cost)
+
+    def on_ready(self, worker: WorkerInfo, info: dict[str, Any]) -> None:
+        if self.phase != "reassign" or info.get("relayout") != self.epoch:
+            return
+        sent = self.waiting.pop(worker.worker_id, None)
+        if sent is not None:
+            self.reload_s[worker.worker_id] = float(info.get("reload_s", 0.0))
+            self.cost.setdefault("ready_s", {})[worker.worker_id] = round(
+                time.perf_counter() - sent, 4)
+
+    def _finish(self) -> None:
+        end = time.perf_counter()
+        self.phase = "done"
+        self.cost.update({
+            "reload_s": round(max(self.reload_s.values(), default=0.0), 4),
+            "reload_s_per_worker": {k: round(v, 4) for k, v in self.reload_s.items()},
+            "reassign_s": round(end - (self.t_reassign or end), 4),
+            "pause_s": round(end - self.t0, 4),  # no request was encoded from t0 to now
+            "stages": [list(r) for r in self.layout.layers], "streams": self.num_streams})
+        self.driver.switch = None
+        self.driver.on_stage_ready()
+        self.on_done({"ok": True, **self.cost})
+
+    def _fail(self, why: str) -> None:
+        self.phase = "failed"
+        self.driver.switch = None
+        self.driver.co.log.error("relayout_failed", epoch=self.epoch, error=why)
+        self.on_done({"ok": False, "error": why, **self.cost})
+
+    def describe(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "phase": self.phase,
+                "elapsed_s": round(time.perf_counter() - self.t0, 3),
+                "waiting": sorted(self.waiting), **self.cost}
+
+
+def stage_workers(driver: PipelineDriver) -> list[WorkerInfo]:
+    """The single-rank stage workers, in their current stage order (spares last)."""
+    workers = [w for w in driver.co.members.registry
+               if w.role == "pipeline" and w.tp_size == 1]
+    return sorted(workers, key=lambda w: (w.stage is None, w.stage or 0, w.worker_id))

@@ -1,0 +1,168 @@
+"""A live re-layout end to end: real processes, a real tiny model, traffic that shifts.
+
+Two pipeline stage workers (RRA) serve a 4-layer tiny llama. The served plan splits the
+layers 1 + 3 (a plan the planner would not make: its tp-1 stages are split evenly, so the
+re-plan of any fire needs a re-layout; with the planner's own plans a pipeline layout only
+changes through tp_size, which is not live). The traffic shifts from short to long prompts and
+outputs; the detector fires, the re-plan's plan has layer ranges 2 + 2, and the coordinator
+re-lays the stages out while serving: old stages drain (timeout 0 s here: every running
+request is migrated by recompute), the workers rebuild their layers from host memory, the new
+layout serves. Every request must be answered exactly once with transformers' greedy tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.client import AsyncClient
+from coordinator.launch import LaunchSpec, LocalMesh
+from coordinator.plan_launch import plan_fields
+from coordinator.planner.analytic import analytic_profile
+from coordinator.planner.plan import WorkerGroup
+from coordinator.planner.planning import make_plan
+from coordinator.planner.workload import parse_workload
+
+SHORT = "name=short;in=normal:8,3,16;out=normal:4,1,8"
+LONG = "name=long;in=normal:40,6,56;out=normal:16,4,24"
+OPTIONS = ("window=48,min_samples=24,eval_every=4,confirm=2,alpha=1e-3,min_dwell_s=1,"
+           "min_dwell_requests=16,drain_timeout_s=0")
+STATIONARY = 40  # short requests first: no switch allowed
+SHIFT_LIMIT = 160  # long requests sent at most while waiting for the switch
+DETECT_BOUND = 100  # long requests before the detector fires (measured: see docs)
+AFTER = 24  # long requests sent after the switch: served by the new layout
+
+
+def make_llama4(directory: Path) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(5)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      eos_token_id=3, bos_token_id=1, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # larger weights: a peaked, non-degenerate greedy output
+        for p in model.parameters():
+            p.mul_(4.0)
+    model.save_pretrained(directory)
+    return directory
+
+
+def _work(spec: str, num: int, seed: int, prefix: str) -> list[tuple[str, list[int], int]]:
+    rng = np.random.default_rng(seed)
+    ins, outs = parse_workload(spec).sample(rng, num)
+    return [(f"{prefix}{i}", [int(t) for t in rng.integers(4, 128, int(n))], int(s))
+            for i, (n, s) in enumerate(zip(ins, outs, strict=True))]
+
+
+def _served_plan(model: Path, tmp: Path) -> tuple[Path, Path]:
+    """The plan file (stages 0-1 / 1-4) and the tp-1 profile the adapter re-plans with."""
+    from common.models.registry import config_from_hf, read_hf_config
+
+    cfg = config_from_hf(read_hf_config(model))
+    profile = analytic_profile("a40", cfg, "float16", tp_sizes=(1,))
+    prof_path = tmp / "profile.json"
+    profile.save(prof_path)
+    plan = make_plan(parse_workload(SHORT), profile, 2, 1.0, policy="rra")
+    assert [list(g.layer_range) for g in plan.worker_groups] == [[0, 2], [2, 4]]
+    plan = dataclasses.replace(plan, worker_groups=(WorkerGroup("pipeline", 1, 1, (0, 1)),
+                                                    WorkerGroup("pipeline", 1, 1, (1, 4))))
+    plan_path = tmp / "plan.json"
+    plan_path.write_text(plan.to_json())
+    return plan_path, prof_path
+
+
+async def _send(client: AsyncClient, work: list[tuple[str, list[int], int]],
+                results: dict[str, list[int]], stop: asyncio.Event | None = None,
+                concurrency: int = 8) -> int:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(req_id: str, prompt: list[int], n: int) -> None:
+        try:
+            res = await client.generate(prompt_ids=prompt, max_new_tokens=n, req_id=req_id,
+                                        timeout_s=120)
+            assert req_id not in results, f"{req_id} answered twice"
+            results[req_id] = list(res.tokens)
+        finally:
+            gate.release()
+
+    tasks = []
+    for req_id, prompt, n in work:
+        if stop is not None and stop.is_set():
+            break
+        await gate.acquire()
+        tasks.append(asyncio.create_task(one(req_id, prompt, n)))
+    await asyncio.gather(*tasks)
+    return len(tasks)
+
+
+async def _adapt(client: AsyncClient) -> dict:
+    return (await client.stats()).stats["adapt"]
+
+
+async def _watch(client: AsyncClient, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        if (await _adapt(client))["switches"]:
+            stop.set()
+        await asyncio.sleep(0.2)
+
+
+def test_shift_re_lays_out_the_stages_live_and_every_request_is_exact(tmp_path: Path) -> None:
+    from coordinator.commands.serve import model_fields
+    from tests.runner.tinymodels import hf_greedy
+
+    model = make_llama4(tmp_path / "llama4")
+    plan_path, prof_path = _served_plan(model, tmp_path)
+    from coordinator.planner.plan import Plan
+
+    plan = Plan.from_json(plan_path.read_text())
+    spec = LaunchSpec(**plan_fields(plan, null_model=False, decoder_capacity=256),
+                      runs_path=tmp_path / "runs", transport="ipc", dtype="float32",
+                      heartbeat_interval_s=0.25, **model_fields(str(model)),
+                      coordinator_args=("--plan", str(plan_path), "--profile", str(prof_path),
+                                        "--adapt", "--adapt-options", OPTIONS))
+    short, long = _work(SHORT, STATIONARY, 1, "s"), _work(LONG, SHIFT_LIMIT + AFTER, 2, "l")
+    results: dict[str, list[int]] = {}
+
+    async def scenario() -> tuple[dict, dict, int]:
+        async with AsyncClient(mesh.client_endpoint) as client:
+            await _send(client, short, results)
+            assert (await _adapt(client))["switches"] == []  # stationary: no switch
+            stop = asyncio.Event()
+            watcher = asyncio.create_task(_watch(client, stop))
+            sent = await _send(client, long[:SHIFT_LIMIT], results, stop)
+            stop.set()
+            await watcher
+            adapt = await _adapt(client)
+            assert adapt["switches"], f"no switch after {sent} long requests: {adapt}"
+            sent += await _send(client, long[sent:sent + AFTER], results)
+            stats = (await client.stats()).stats
+            return adapt, stats, sent
+
+    with LocalMesh(spec, startup_timeout_s=120) as mesh:
+        adapt, stats, sent = asyncio.run(scenario())
+        assert mesh.stop(grace_s=30) == []
+    switch = adapt["switches"][0]
+    relayout = switch["relayout"]
+    print(json.dumps(switch, default=str))
+    assert switch["detect_arrival"] - STATIONARY <= DETECT_BOUND, switch
+    assert relayout["stages"] == [[0, 2], [2, 4]] and relayout["streams"] >= 1
+    assert stats["pipeline"]["stages"] == [[0, 2], [2, 4]]
+    assert stats["pipeline"]["relayout"] is None  # finished
+    for key in ("drain_s", "reload_s", "reassign_s", "pause_s", "rerun_tokens",
+                "migrated_requests"):
+        assert relayout[key] >= 0, key
+    assert relayout["pause_s"] >= relayout["reassign_s"] >= relayout["reload_s"]
+    # every request exactly once (a duplicate fails in _send), with transformers' tokens
+    work = short + long[:sent]
+    assert sorted(results) == sorted(r for r, _, _ in work)
+    expected = hf_greedy(model, [(p, n) for _, p, n in work])
+    wrong = [r for (r, _, _), want in zip(work, expected, strict=True) if results[r] != want]
+    assert not wrong, f"{len(wrong)} requests differ from transformers, e.g. {wrong[:5]}"
+    assert stats["requests"]["completed"] == len(work) and stats["requests"]["failed"] == 0
