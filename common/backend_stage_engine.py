@@ -106,7 +106,9 @@ class EngineStageBackend(StageBackendBase):
         super()._admit(requests, stream)
         if self.is_last:
             for req in requests:
-                self.sampler.add(req.req_id, sampling_params(req.sampling, req.max_new_tokens))
+                # a re-run continues at output position output_offset: same seeded draws
+                self.sampler.add(req.req_id, sampling_params(req.sampling, req.max_new_tokens),
+                                 position=req.output_offset)
 
     def _release(self, req_ids: list[str]) -> None:
         for r in req_ids:

@@ -11,8 +11,9 @@ KV from the encoder stages before its first decode pass.
                            (the last stage adds its sampler; one token is already out)
 
 A request freed before it joined (finished at its first token, cancelled) leaves ``pending``
-and its id is remembered (``TOMBSTONES`` of them), so KV arriving after the free is dropped
-instead of stranded.
+and its id is remembered (``TOMBSTONES`` of them) with its arrival time, so KV of that run
+arriving after the free is dropped instead of stranded, while a new request reusing the id
+(another ``t_arrival`` in the KVHandoff's lifecycle) is taken.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class PendingKV:
     prompt_len: int
     max_new_tokens: int
     sampling: P.Sampling
+    arrival: float | None  # the run's t_arrival: tells a reused id's KV from a freed run's
     parts: list[KVExport] = field(default_factory=list)
     layers: set[int] = field(default_factory=set)
     t_complete: float | None = None
@@ -81,22 +83,22 @@ class WaaDecoderStage(EngineStageBackend):
         self.pending: dict[str, PendingKV] = {}
         self.prompt_len: dict[str, int] = {}
         self.t_kv_received: dict[str, float] = {}  # joined this pass (last stage reports it)
-        self._freed: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._freed: collections.OrderedDict[str, float | None] = collections.OrderedDict()
         cache = self._template
         self.layers = (cache.layer_start, cache.layer_end)
 
     # ---- KV arriving --------------------------------------------------------------------
     def take(self, h: P.KVHandoff) -> None:
         """File one KVHandoff; ValueError if it does not fit this stage."""
-        if h.req_id in self._freed or h.req_id in self.seqs:
+        if h.req_id in self.seqs or self._late(h):
             return
         kv = h.kv
         lo, hi = max(kv.layer_start, self.layers[0]), min(kv.layer_end, self.layers[1])
         if lo >= hi:
             raise ValueError(f"KV of {h.req_id} for layers [{kv.layer_start}, {kv.layer_end}) "
                              f"does not touch this stage's layers {list(self.layers)}")
-        entry = self.pending.setdefault(h.req_id, PendingKV(h.prompt_len, h.max_new_tokens,
-                                                            h.sampling))
+        entry = self.pending.setdefault(h.req_id, PendingKV(
+            h.prompt_len, h.max_new_tokens, h.sampling, h.lifecycle.t_arrival))
         tensors = {n: t.as_torch() if hasattr(t, "as_torch") else t
                    for n, t in kv.tensors.items()}
         entry.parts.append(KVExport(req_id=h.req_id, seq_len=kv.seq_len,
@@ -106,6 +108,17 @@ class WaaDecoderStage(EngineStageBackend):
         entry.layers.update(range(lo, hi))
         if self.complete(h.req_id):
             entry.t_complete = time.time()
+
+    def _late(self, h: P.KVHandoff) -> bool:
+        """KV of a run freed before all of it arrived (True), or of a new run (False)."""
+        if h.req_id not in self._freed:
+            return False
+        freed, arrival = self._freed[h.req_id], h.lifecycle.t_arrival
+        if freed is None or freed == arrival:
+            self._freed[h.req_id] = arrival  # freed before any part came: now we know the run
+            return True
+        del self._freed[h.req_id]
+        return False
 
     def complete(self, req_id: str) -> bool:
         entry = self.pending.get(req_id)
@@ -141,8 +154,8 @@ class WaaDecoderStage(EngineStageBackend):
         ids = list(req_ids)
         for r in ids:
             if r not in self.seqs:
-                self.pending.pop(r, None)
-                self._freed[r] = None
+                entry = self.pending.pop(r, None)
+                self._freed[r] = entry.arrival if entry is not None else None
                 if len(self._freed) > TOMBSTONES:
                     self._freed.popitem(last=False)
             self.prompt_len.pop(r, None)

@@ -147,13 +147,18 @@ class StatusPipe:
         return [json.loads(line) for line in lines if line.strip()]
 
     def close_writer(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.write_fd)
+        """Idempotent: closing an fd number twice would close whatever reused it since."""
+        if self.write_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.write_fd)
+            self.write_fd = -1
 
     def close(self) -> None:
         self.close_writer()
-        with contextlib.suppress(OSError):
-            os.close(self.read_fd)
+        if self.read_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.read_fd)
+            self.read_fd = -1
 
 
 def write_status(fd: int | None, event: str, **fields: object) -> None:

@@ -11,8 +11,9 @@ so the stage never aliases the store and one store serves every rebuild.
 
 The cost is host memory: one full copy of the model in its source dtype beside the stage's own
 layers (SmolLM2-135M: ~0.5 GB as float32 after GGUF dequantisation). Only pipeline stage
-workers at tp 1 use it (a TP rank reads just its shard, and re-laying out TP groups is not
-supported live).
+workers at tp 1 use it, and only when the coordinator adapts (``Assign.config["host_weights"]``,
+set by ``--adapt``): a TP rank reads just its shard, and re-laying out TP groups is not
+supported live.
 """
 
 from __future__ import annotations
@@ -76,3 +77,38 @@ def spec_from_host(model: str) -> tuple[ModelSpec, float, bool]:
     seconds = time.perf_counter() - start
     _STORES[model] = (host, seconds)
     return host, seconds, False
+
+
+def measure(model: str, ranges: list[tuple[int, int]], dtype: str = "bfloat16") -> None:
+    """Print the rebuild time of stage ranges from disk vs from the host copy (the numbers in
+    docs/adaptation.md): ``python -m common.weightstore [MODEL] [LO:HI ...]``."""
+    from common.backend_engine import load_spec
+    from common.backend_stage_engine import EngineStageBackend
+
+    def build(spec: ModelSpec, layers: tuple[int, int]) -> float:
+        start = time.perf_counter()
+        EngineStageBackend(spec, layers, None, dtype, "cpu").close()
+        return time.perf_counter() - start
+
+    start = time.perf_counter()
+    disk = load_spec(model)
+    read = time.perf_counter() - start
+    print(f"disk: read {read:.2f} s + build {ranges[0]} {build(disk, ranges[0]):.2f} s")
+    host, first, _ = spec_from_host(model)
+    print(f"host copy (once per process): {first:.2f} s, {host.weights.nbytes / 1e6:.0f} MB")
+    for layers in ranges:
+        print(f"host: build {layers} {build(host, layers):.2f} s")
+
+
+if __name__ == "__main__":
+    import sys
+
+    torch.set_num_threads(1)
+    if len(sys.argv) > 1:
+        name = sys.argv[1]
+    else:
+        from common.models.gguf_loader import default_gguf_path
+
+        name = str(default_gguf_path())
+    spans = [tuple(int(x) for x in a.split(":")) for a in sys.argv[2:]] or [(0, 15), (15, 30)]
+    measure(name, [(a, b) for a, b in spans])

@@ -108,9 +108,15 @@ def replan_job(plan_json: str, profile_spec: str, workload_spec: str) -> dict[st
     return out
 
 
+NEAR_FASTEST = 0.05  # no knobs meet the bound: within this of the lowest latency, most seq/s
+
+
 def best_on_layout(old: Plan, workload: Any, profile: Any) -> Plan | None:
     """Highest throughput meeting the bound among knob changes (B_E, N_D) that keep the
-    served worker groups; if none meets it, the lowest-latency one (flagged in ``search``)."""
+    served worker groups. If none meets it: the highest throughput among those within
+    NEAR_FASTEST of the lowest latency (flagged ``meets_bound: false`` in ``search``): the
+    lowest latency alone is typically B_E 1, trading most of the throughput for a latency a
+    few percent lower while the queue grows (docs/adaptation.md, "Re-planning")."""
     from coordinator.planner.candidate import Candidate, WorkloadStats
     from coordinator.planner.costs import Costs
     from coordinator.planner.planning import plan_from
@@ -120,30 +126,31 @@ def best_on_layout(old: Plan, workload: Any, profile: Any) -> Plan | None:
 
     stats, costs = WorkloadStats(workload), Costs(profile)
     nds = nd_grid(stats.s_max) if old.policy == "rra" else [1]
-    best, fastest = None, None
+    found: list[tuple[float, float, Any, Any]] = []  # (latency, seq/s, candidate, metrics)
     for b_e in batch_grid(512):
         for n_d in nds:
             cand = Candidate(old.policy, old.num_workers, old.search.get("tp", 1),
                              old.search.get("num_tp_workers", 0), b_e, n_d, old.B_m or 1)
             m = simulate(cand, stats, costs)
             mem_ok = not m.worker_mem_bytes or max(m.worker_mem_bytes) <= m.mem_capacity_bytes
-            if not m.feasible or m.throughput_seq_s <= 0 or not mem_ok:
-                continue
-            lat = m.latency(old.sla)
-            better = lat <= old.latency_bound_s and (
-                best is None or m.throughput_seq_s > best.predicted["throughput_seq_s"])
-            if not better and fastest is not None and lat >= fastest[0]:
-                continue  # cannot win either way: skip building its plan
+            if m.feasible and m.throughput_seq_s > 0 and mem_ok:
+                found.append((m.latency(old.sla), m.throughput_seq_s, cand, m))
+    if not found:
+        return None
+    meeting = [f for f in found if f[0] <= old.latency_bound_s]
+    near = min(f[0] for f in found) * (1.0 + NEAR_FASTEST)
+    # in order of preference; plans are built lazily (WAA's encoder/decoder split follows
+    # B_E, so a candidate may change the layout: skipped)
+    for pool, meets in ((sorted(meeting, key=lambda f: -f[1]), True),
+                        (sorted((f for f in found if f[0] <= near), key=lambda f: -f[1]), False),
+                        (sorted(found, key=lambda f: f[0]), False)):
+        for _, _, cand, m in pool:
             plan = plan_from(cand, m, stats, profile, old.latency_bound_s, old.sla)
-            if layout(plan) != layout(old):
-                continue
-            best = plan if better else best
-            if fastest is None or lat < fastest[0]:
-                fastest = (lat, plan)
-    if best is None and fastest is not None:
-        best = fastest[1]
-        best.search["meets_bound"] = False
-    return best
+            if layout(plan) == layout(old):
+                if not meets:
+                    plan.search["meets_bound"] = False
+                return plan
+    return None
 
 
 # ---- the coordinator side -----------------------------------------------------------------
@@ -210,10 +217,10 @@ class Adapter:
         """Every ``eval_every`` arrivals, at most every EVAL_INTERVAL_S (an evaluation costs
         ~2 ms of the event loop); on drift start the background re-plan."""
         det = self.detector
-        if not det.due() or now - self._last_eval < EVAL_INTERVAL_S:
-            return
+        if not det.due() or now - self._last_eval < EVAL_INTERVAL_S or self.relayouting:
+            return  # (a re-layout in progress: its plan is not serving yet)
         self._last_eval = now
-        if det.evaluate(now) and self.pending is None and self.relayouting is None:
+        if det.evaluate(now) and self.pending is None:
             self._start_replan(now)
 
     def _start_replan(self, now: float) -> None:
@@ -254,7 +261,8 @@ class Adapter:
                 "replan_s": round(time.perf_counter() - pending["t_mono"], 3),
                 "search_s": round(result["seconds"], 3), "pause_s": 0.0}
         if best is not None and layout(best) != layout(self.plan):
-            target = (adapt_relayout.relayout_target(self.co, self.plan, best) if self.cfg.drift.relayout
+            target = (adapt_relayout.relayout_target(self.co, self.plan, best)
+                      if self.cfg.drift.relayout
                       else "re-layout is off (adapt option relayout=0)")
             if not isinstance(target, str):
                 adapt_relayout.start(self, best, target, self._event(best, pending, cost, now))

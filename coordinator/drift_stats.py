@@ -27,6 +27,7 @@ class KaplanMeier:
     at_risk: np.ndarray  # at_risk[k-1] = subjects known to reach step k
     events: np.ndarray  # events[k-1] = subjects finishing at exactly k
     censored_beyond: int = 0  # in-flight (censored) subjects past the last step kept
+    exact_beyond: np.ndarray | None = None  # finished lengths past it (the re-plan's tail)
 
     @classmethod
     def fit(cls, lens: np.ndarray, exact: np.ndarray, min_at_risk: int = 1) -> KaplanMeier:
@@ -40,7 +41,9 @@ class KaplanMeier:
         at_risk, events = at_risk[:top], events[:top]
         hazard = np.divide(events, at_risk, out=np.zeros_like(events), where=at_risk > 0)
         surv = np.concatenate([[1.0], np.cumprod(1.0 - hazard)[:-1]]) if top else np.ones(0)
-        return cls(surv, at_risk, events, int(np.count_nonzero(~exact & (lens > top))))
+        past = lens > top
+        return cls(surv, at_risk, events, int(np.count_nonzero(~exact & past)),
+                   lens[exact & past])
 
     @property
     def tail(self) -> float:
@@ -55,7 +58,9 @@ class KaplanMeier:
         ``extrapolate`` (the re-plan's law): the tail is placed by whichever of that and a
         geometric tail (``tail_hazard``) has the longer conditional mean: after a shift toward
         longer outputs the reference knows nothing of the new tail (docs/adaptation.md).
-        Only when some of the tail is still in flight: finished lengths are not guessed at."""
+        Only when some of the tail is still in flight; when all of it finished, the re-plan's
+        tail is those lengths as seen (a reference's tail, e.g. an earlier extrapolation, must
+        not outlive the evidence)."""
         top = self.surv.size
         mass = np.append(-np.diff(self.surv), self.surv[-1] - self.tail) if top else np.zeros(0)
         values, probs = np.arange(1, top + 1), mass
@@ -67,6 +72,10 @@ class KaplanMeier:
             else:
                 tail_v, tail_p = np.array([top + 1]), np.array([1.0])
             hazard = self.tail_hazard() if extrapolate and self.censored_beyond else None
+            known = self.exact_beyond
+            if extrapolate and not self.censored_beyond and known is not None and known.size:
+                tail_v, counts = np.unique(known, return_counts=True)  # all finished: as seen
+                tail_p = counts / counts.sum()
             if hazard is not None:
                 geo_v, geo_p = geometric_tail(top, hazard)
                 if geo_v @ geo_p > tail_v @ tail_p:
@@ -90,7 +99,7 @@ class KaplanMeier:
 
 
 TAIL_QUANTILE = 0.99  # the geometric tail is cut at its 99th percentile (the rest: there)
-TAIL_MAX_FACTOR = 4  # ... and at 4x the last observed step (the planner sizes N_D, KV by it)
+TAIL_MAX_FACTOR = 2  # ... and at 2x the last observed step (the planner sizes N_D, KV by it)
 
 
 def geometric_tail(top: int, hazard: float) -> tuple[np.ndarray, np.ndarray]:

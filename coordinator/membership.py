@@ -54,6 +54,7 @@ class Membership:
         self._beat_seq = 0
         self.limited = LogLimiter(self.log)  # per-message warnings a peer could flood
         self._lost_routes: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._pids: dict[str, int] = {}  # worker id -> the pid its last Hello named (stats)
 
     # ---- queries --------------------------------------------------------------------------
     def ready(self, role: str) -> list[WorkerInfo]:
@@ -72,7 +73,8 @@ class Membership:
         return [{"worker_id": w.worker_id, "role": w.role, "state": w.state.value,
                  "tp_rank": w.tp_rank, "tp_size": w.tp_size, "capacity": w.capacity,
                  "active": w.num_active, "outstanding_batches": w.outstanding_batches,
-                 "kv_endpoint": w.kv_endpoint, "load": w.load, "stage": w.stage}
+                 "kv_endpoint": w.kv_endpoint, "load": w.load, "stage": w.stage,
+                 "pid": self._pids.get(w.worker_id)}
                 for w in self.registry]
 
     # ---- sending --------------------------------------------------------------------------
@@ -206,6 +208,7 @@ class Membership:
                           capacity=capacity,
                           kv_endpoint=msg.kv_endpoint, last_seen=time.time(), stage=stage)
         self.registry.add(info)
+        self._pids[msg.worker_id] = msg.pid
         self.log.info("worker_hello", worker=msg.worker_id, worker_role=role, worker_pid=msg.pid,
                       host=msg.host, tp_rank=msg.tp_rank, tp_size=msg.tp_size)
         write_status(self.cfg.ready_fd, "hello", worker=msg.worker_id, role=role)

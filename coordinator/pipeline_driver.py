@@ -140,7 +140,10 @@ class PipelineDriver:
                         layer_range=self.layout.layers[s], encoder_layer_range=enc,
                         peers=self._peers(s), heartbeat_interval_s=self.co.cfg.heartbeat_interval_s,
                         config={"model": self.co.model.to_dict(),
-                                "pipeline": {"stage": s, "num_stages": self.layout.num_stages}})
+                                "pipeline": {"stage": s, "num_stages": self.layout.num_stages},
+                                # --adapt may re-lay the stages out: keep the weights in host
+                                # memory for it (common.weightstore)
+                                "host_weights": bool(self.co.cfg.adapt)})
 
     @property
     def _laps(self) -> bool:
@@ -184,6 +187,8 @@ class PipelineDriver:
 
     def on_stage_lost(self, worker_id: str, why: str) -> None:
         """Every request in the pipeline fails; the survivors free them on the next pass."""
+        if self.switch is not None:
+            self.switch.lost(worker_id)
         self._inflight.clear()
         self._cycles = [0] * len(self.streams)
         for stream in self.streams:

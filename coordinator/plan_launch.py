@@ -75,8 +75,17 @@ def waa_fields(plan: Any, *, null_model: bool, decoder_capacity: int) -> dict[st
     for g in plan.worker_groups:
         if g.role not in ("encoder", "decoder"):
             raise ValueError(f"a WAA plan has encoder and decoder groups, not {g.role!r}")
-    is_staged = num_layers > 0 and not null_model and any(
-        tuple(g.layer_range) != (0, num_layers) for g in plan.worker_groups)
+    num_enc = int(plan.model.get("num_encoder_layers", 0) or 0) if num_layers else 0
+
+    def whole(g: Any) -> bool:
+        """The group holds its role's whole model (a T5 encoder: the whole encoder, no
+        decoder layers), i.e. it is not a stage."""
+        if num_enc and g.role == "encoder":
+            return (tuple(g.layer_range) == (0, 0)
+                    and tuple(g.encoder_layer_range or (0, num_enc)) == (0, num_enc))
+        return tuple(g.layer_range) == (0, num_layers)
+
+    is_staged = num_layers > 0 and not null_model and not all(map(whole, plan.worker_groups))
     decoders = (1 if is_staged else
                 sum(g.count // g.tp_size for g in plan.worker_groups if g.role == "decoder"))
     band = plan.adjust.get("decode_batch")

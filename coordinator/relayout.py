@@ -143,6 +143,11 @@ class Relayout:
             self.cost.setdefault("ready_s", {})[worker.worker_id] = round(
                 time.perf_counter() - sent, 4)
 
+    def lost(self, worker_id: str) -> None:
+        """A stage worker died mid-switch: the new layout cannot be completed."""
+        if self.phase in ("drain", "reassign"):
+            self._fail(f"stage worker {worker_id} was lost during the re-layout")
+
     def _finish(self) -> None:
         end = time.perf_counter()
         self.phase = "done"

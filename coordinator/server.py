@@ -53,7 +53,8 @@ from coordinator.metrics import Metrics, load_plan
 from coordinator.pipeline_driver import PipelineDriver
 from coordinator.relay import Relay
 from coordinator.requests import Request, RequestTable, State
-from coordinator.waa_pipeline import WaaPipelineDriver, staged
+from coordinator.waa_layout import staged
+from coordinator.waa_pipeline import WaaPipelineDriver
 
 DRAIN_BUDGET = 4096  # messages per socket per pump, at most ...
 PUMP_BUDGET_S = 0.02  # ... and this much time, before yielding to tick()
@@ -171,6 +172,9 @@ class Coordinator:
                     self.curve.watch(sock, domain)
         # applies to every worker pipe (they connect after this): bounded inbound queues
         self._worker_raw.setsockopt(zmq.RCVHWM, WORKER_RCVHWM)
+        # a worker that re-registers on a fresh socket (same identity) takes its route over
+        # at once, even while its old connection is still being torn down
+        self._worker_raw.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.client_endpoint = bound_endpoint(self._client_raw)
         self.worker_endpoint = bound_endpoint(self._worker_raw)
         self.relay = Relay(self._client_raw, self.log, self.counters, self.tokenizer)

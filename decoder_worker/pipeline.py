@@ -65,7 +65,8 @@ def build_stage_backend(cfg: WorkerConfig, assign: P.Assign) -> StageBackendBase
     from common.backend_engine import load_spec
 
     assert cfg.model is not None
-    if cfg.tp_size == 1:  # a re-layout rebuilds from the host-memory copy (common.weightstore)
+    if cfg.tp_size == 1 and assign.config.get("host_weights"):
+        # an adapting coordinator may re-lay out: keep the model in host memory to rebuild from
         from common.weightstore import spec_from_host
 
         spec = spec_from_host(cfg.model)[0]

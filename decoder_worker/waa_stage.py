@@ -129,7 +129,8 @@ class EncoderStageLoop(StageLoop):
                                        first_token=first_token,
                                        prompt_len=len(req.prompt_ids),
                                        max_new_tokens=req.max_new_tokens,
-                                       sampling=req.sampling, kv=kv), decoder_id=peer)
+                                       sampling=req.sampling, kv=kv,
+                                       lifecycle=req.lifecycle), decoder_id=peer)
             self.kv_bytes_sent += sum(int(t.nbytes) for t in kv.tensors.values())
 
 
@@ -174,7 +175,7 @@ class DecoderStageLoop(StageLoop):
         try:
             self.dec.take(h)
         except ValueError as exc:
-            self.log.error("bad_kv_handoff", req_id=h.req_id, error=str(exc))
+            self.link.limited.error("bad_kv_handoff", req_id=h.req_id, error=str(exc))
             self.link.send(P.Error(code="internal", req_id=h.req_id, message=str(exc)))
             return
         self.kv_bytes_received += sum(int(t.nbytes) for t in h.kv.tensors.values())

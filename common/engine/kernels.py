@@ -51,21 +51,24 @@ def pack_onednn(weight: torch.Tensor, rows_hint: int = 1) -> torch.Tensor | None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           packed: DecodeWeight = None) -> torch.Tensor:
+           packed: DecodeWeight = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``, through the decode copy for decode-sized inputs.
 
     Measured in the running engine (shared machine, CPU time per step, interleaved): at one
     row the packed oneDNN path beat torch's native bf16 gemv (oneDNN disabled for the call)
     by ~1.2x at 1 thread and tied at 2, although a bare-GEMM loop favoured the native one;
-    the C kernel beats both (``native.py``)."""
+    the C kernel beats both (``native.py``). ``residual``: added to the (rounded) output."""
     if isinstance(packed, native.PackedLinear):
         if x.dim() == 2 and x.shape[0] <= native.MAX_ROWS:
-            y = native.linear(x, packed, bias)
+            y = native.linear(x, packed, bias, residual=residual)
             if y is not None:
                 return y
-    elif packed is not None and x.dim() == 2 and x.shape[0] <= PACKED_MAX_ROWS:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+    if packed is not None and not isinstance(packed, native.PackedLinear) and x.dim() == 2 \
+            and x.shape[0] <= PACKED_MAX_ROWS:
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    else:
+        y = F.linear(x, weight, bias)
+    return y if residual is None else y.add_(residual)
 
 
 def logits_linear(x: torch.Tensor, weight: torch.Tensor, packed: DecodeWeight) -> torch.Tensor:

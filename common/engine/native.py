@@ -77,10 +77,10 @@ def _build(gcc: str, target: Path) -> None:
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    lib.exegpt_linear_bf16.argtypes = [p, i64, i32, i32, p, i32, p, p, i64, i32, i32]
+    lib.exegpt_linear_bf16.argtypes = [p, i64, i32, i32, p, i32, p, p, p, i64, i32, i32]
     lib.exegpt_linear_bf16.restype = i32
     lib.exegpt_decode_attention_bf16.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, p, p,
-                                                 i32, i32, i32, i32, f32, i32]
+                                                 i64, p, i64, p, i32, i32, i32, i32, f32, i32]
     lib.exegpt_decode_attention_bf16.restype = i32
     lib.exegpt_rms_norm_bf16.argtypes = [p, i64, p, p, i32, i32, f32, i32]
     lib.exegpt_rms_norm_bf16.restype = i32
@@ -151,9 +151,11 @@ def pack_linear(weight: torch.Tensor) -> PackedLinear | None:
 
 
 def linear(x: torch.Tensor, packed: PackedLinear, bias: torch.Tensor | None = None,
-           out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor | None:
+           out_dtype: torch.dtype = torch.bfloat16, residual: torch.Tensor | None = None
+           ) -> torch.Tensor | None:
     """x [M, K] bf16 (M <= MAX_ROWS) -> [M, N] in ``out_dtype`` (bf16 or float32, the fp32
-    accumulators unrounded), or None when the kernel refuses the call."""
+    accumulators unrounded), plus ``residual`` [M, N] bf16 if given (added to the rounded
+    output and rounded again: two bf16 ops, as unfused), or None when the kernel refuses."""
     kernels = lib()
     if kernels is None or x.dim() != 2 or x.shape[1] != packed.in_features:
         return None
@@ -164,34 +166,57 @@ def linear(x: torch.Tensor, packed: PackedLinear, bias: torch.Tensor | None = No
     if bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()):
         return None
     m, n = x.shape[0], packed.out_features
+    if residual is not None and (residual.shape != (m, n) or not residual.is_contiguous()
+                                 or residual.dtype != torch.bfloat16
+                                 or out_dtype != torch.bfloat16):
+        return None
     y = torch.empty(m, n, dtype=out_dtype)
     rc = kernels.exegpt_linear_bf16(
         x.data_ptr(), x.stride(0), m, packed.in_features, packed.data.data_ptr(), n,
-        None if bias is None else bias.data_ptr(), y.data_ptr(), n,
+        None if bias is None else bias.data_ptr(),
+        None if residual is None else residual.data_ptr(), y.data_ptr(), n,
         int(out_dtype == torch.float32), _threads())
     return y if rc == 0 else None
 
 
+def _rows_ok(t: torch.Tensor | None, b: int, heads: int, d: int) -> bool:
+    """[B, heads, D] bf16 with unit stride over D and head stride D (any sequence stride)."""
+    return t is None or (t.dtype == torch.bfloat16 and tuple(t.shape) == (b, heads, d)
+                         and t.stride(2) == 1 and (heads == 1 or t.stride(1) == d))
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     slots: torch.Tensor, lengths: torch.Tensor, scale: float
+                     slots: torch.Tensor, lengths: torch.Tensor, scale: float,
+                     k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None
                      ) -> torch.Tensor | None:
     """One query per sequence against its cache rows, float32 softmax and accumulation.
 
     q: [B, Hq, D] bf16 (unit stride over D); k_cache, v_cache: the whole [slots, Hkv, cap, D]
     buffers (same strides, unit stride over D); slots, lengths: int64 [B] (lengths count the
-    positions to attend, the new one included). Returns [B, Hq, D] bf16, or None if refused."""
+    positions to attend, the new one included); k_new, v_new: this step's [B, Hkv, D] rows,
+    written into the cache at position length - 1 first (both or neither). Returns
+    [B, Hq, D] bf16, or None if refused (then nothing was written)."""
     kernels = lib()
+    b, hq, d = q.shape
+    hkv = k_cache.shape[1]
     if kernels is None or q.stride(2) != 1 or k_cache.stride() != v_cache.stride():
         return None
     if k_cache.stride(3) != 1 or slots.dtype != torch.int64 or lengths.dtype != torch.int64:
         return None
-    b, hq, d = q.shape
+    if (k_new is None) != (v_new is None) or not (_rows_ok(k_new, b, hkv, d)
+                                                   and _rows_ok(v_new, b, hkv, d)):
+        return None
+    if k_new is not None and int(lengths.max()) > k_cache.shape[2]:
+        return None
     slots, lengths = slots.contiguous(), lengths.contiguous()
     out = torch.empty(b, hq, d, dtype=torch.bfloat16)
     rc = kernels.exegpt_decode_attention_bf16(
         q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), slots.data_ptr(),
-        lengths.data_ptr(), out.data_ptr(), b, hq, k_cache.shape[1], d, scale, _threads())
+        lengths.data_ptr(), None if k_new is None else k_new.data_ptr(),
+        0 if k_new is None else k_new.stride(0), None if v_new is None else v_new.data_ptr(),
+        0 if v_new is None else v_new.stride(0), out.data_ptr(), b, hq, hkv, d, scale,
+        _threads())
     return out if rc == 0 else None
 
 

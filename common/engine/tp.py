@@ -179,10 +179,15 @@ class RowParallelLinear(nn.Module):
         if self.bias is not None:
             _copy_checked(self.bias, src.get(part.name + ".bias"), [part.name + ".bias"])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``residual`` (optional) is added after the reduction and bias, in one kernel when
+        there is nothing to reduce."""
+        if self.tp.tp_size == 1:
+            return linear(x, self.weight, self.bias, self.packed, residual)
         y = linear(x, self.weight, None, self.packed)
         y = self.tp.all_reduce(y)
-        return y if self.bias is None else y.add_(self.bias)
+        y = y if self.bias is None else y.add_(self.bias)
+        return y if residual is None else y.add_(residual)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -156,18 +156,19 @@ class MLP(nn.Module):
         self.up.load(src, [ShardSpec(n, lo, hi, transposed) for n in up_names])
         self.down.load(src, ShardSpec(down_name, lo, hi, transposed))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's output, plus ``residual`` if given (fused into the down projection)."""
         h = self.up(x)
         if self.gated and self.act is F.silu and h.dim() == 2 and native.usable(h):
             fused = native.swiglu(h)
             if fused is not None:
-                return self.down(fused)
+                return self.down(fused, residual)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
             h = self.act(gate).mul_(up)
         else:
             h = self.act(h)
-        return self.down(h)
+        return self.down(h, residual)
 
 
 class Attention(nn.Module):
@@ -212,10 +213,12 @@ class Attention(nn.Module):
         q, k = qk.split([self.num_q, self.num_kv], dim=1)
         return q, k, v.view(-1, self.num_kv, d)
 
-    def forward(self, x: torch.Tensor, ctx: PassContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: PassContext,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's output, plus ``residual`` if given (fused into the output projection)."""
         q, k, v = self._project(x, ctx)
         out = self._decode(q, k, v, ctx) if ctx.is_decode else self._prefill(q, k, v, ctx)
-        return self.o(out.reshape(x.shape[0], self.num_q * self.head_dim))
+        return self.o(out.reshape(x.shape[0], self.num_q * self.head_dim), residual)
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  ctx: PassContext) -> torch.Tensor:
@@ -234,14 +237,14 @@ class Attention(nn.Module):
     def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 ctx: PassContext) -> torch.Tensor:
         assert ctx.batch is not None
-        ctx.cache.append(self.layer, "k", ctx.batch, k)
-        ctx.cache.append(self.layer, "v", ctx.batch, v)
-        if ctx.attend_lengths is not None:
+        if ctx.attend_lengths is not None:  # the C kernel appends k, v and attends
             out = native.decode_attention(
                 q, ctx.cache.layer_buffer(self.layer, "k"), ctx.cache.layer_buffer(self.layer, "v"),
-                ctx.batch.slots, ctx.attend_lengths, self.scale)
+                ctx.batch.slots, ctx.attend_lengths, self.scale, k, v)
             if out is not None:
                 return out
+        ctx.cache.append(self.layer, "k", ctx.batch, k)
+        ctx.cache.append(self.layer, "v", ctx.batch, v)
         length = ctx.batch.max_len + 1
         keys = ctx.cache.view(self.layer, "k", ctx.batch, length)
         values = ctx.cache.view(self.layer, "v", ctx.batch, length)
@@ -256,9 +259,9 @@ class DecoderLayer(nn.Module):
         self.attn, self.mlp, self.norm1, self.norm2 = attn, mlp, norm1, norm2
 
     def forward(self, x: torch.Tensor, ctx: PassContext) -> torch.Tensor:
-        # In-place adds on the fresh block outputs (never on ``x``: it may be the caller's).
-        x = self.attn(self.norm1(x), ctx).add_(x)
-        return self.mlp(self.norm2(x)).add_(x)
+        # Residual adds into the fresh block outputs (never into ``x``: it may be the caller's).
+        x = self.attn(self.norm1(x), ctx, residual=x)
+        return self.mlp(self.norm2(x), residual=x)
 
 
 def native_attend_lengths(batch: CacheBatch, dtype: torch.dtype) -> torch.Tensor | None:

@@ -189,7 +189,7 @@ def plot(summary: dict[str, Any], path: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend()
     axes[0].set_title(f"old law -> new law at t=0 (null-model RRA mesh), {SMOOTH_S:g} s moving "
-                      "average; dotted: knob switches", fontsize=10)
+                      "average; dotted: switches (knobs or re-layout)", fontsize=10)
     axes[1].set_xlabel("seconds from the shift")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

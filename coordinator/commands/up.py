@@ -215,8 +215,8 @@ def _plan(args: argparse.Namespace, profile: Any, policy: str) -> Any:
     problem = runnable_problem(plan, args.null_model)
     if problem is None or policy != "auto":
         return plan  # every policy runs (WAA on encoders/decoders, the others on stages)
-    # what serve still refuses (staged WAA with TP or T5 layer ranges): the best plan of the
-    # other family (RRA for a refused WAA plan), said aloud
+    # what serve still refuses (a staged WAA plan for T5): the best plan of the other family
+    # (RRA for a refused WAA plan), said aloud
     fallback = "rra" if plan.policy.startswith("waa") else "waa"
     best = plan.predicted["throughput_seq_s"]
     say(f"the best plan is {plan.policy} ({best:.2f} seq/s), which this build's `exegpt serve` "

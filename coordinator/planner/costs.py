@@ -5,7 +5,8 @@ advancing one step) takes ``max(sum_s t_s, m * max_s t_s)``: latency-bound when 
 not full, throughput-bound when it is. A round that starts on an *empty* pipeline (RRA's
 encode round: the streams start their cycles together, after decode passes far shorter than an
 encode) cannot overlap its fill with earlier work: its m passes leave the last stage after
-``sum_s t_s + (m - 1) * max_s t_s`` (``fill_time``; m identical jobs in a flow shop). Decode contexts are the tokens each sequence attends to
+``sum_s t_s + (m - 1) * max_s t_s`` (``fill_time``; m identical jobs in a flow shop).
+Decode contexts are the tokens each sequence attends to
 (decoder-only: prompt + generated so far; T5: input via cross-attention + generated).
 """
 

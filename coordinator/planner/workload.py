@@ -2,6 +2,7 @@
 
 Spec strings (``--workload``), tried in this order:
 - a preset name: ``S``, ``T``, ``G``, ``C1``, ``C2`` (the paper's tasks);
+- a scaled preset ``T/4``: every length law of the task divided by 4 (for CPUs);
 - an inline spec: ``key=value`` pairs separated by ``;``:
   ``in=normal:256,252,512;out=normal:32,13,80`` (distributions: see lengths.parse_dist),
   ``preset=S;rate=4`` (a preset with Poisson arrivals at 4 requests/s);
@@ -137,11 +138,10 @@ def scaled_preset(name: str, factor: int) -> Workload:
         raise ValueError(f"unknown workload preset {name!r}; presets: {sorted(PAPER_TASKS)}")
     if factor < 1:
         raise ValueError(f"a scaled preset divides lengths by an integer >= 1, got {factor}")
-    (ia, isd, imx), (oa, osd, omx), _ = PAPER_TASKS[name]
-    scale = (lambda a, sd, mx: (a / factor, sd / factor, max(1, mx // factor)))
+    laws = [truncated_normal(avg / factor, std / factor, max(1, top // factor))
+            for avg, std, top in PAPER_TASKS[name][:2]]
     label = f"{name}/{factor}"
-    return Workload(label, label, truncated_normal(*scale(ia, isd, imx)),
-                    truncated_normal(*scale(oa, osd, omx)))
+    return Workload(label, label, laws[0], laws[1])
 
 
 def from_pairs(in_lens: np.ndarray, out_lens: np.ndarray, name: str,

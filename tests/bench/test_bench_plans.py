@@ -48,3 +48,14 @@ def test_static_plan_at_a_fixed_batch_and_plan_identity() -> None:
     assert plan_key(a) == plan_key(plans.static_plan(8, WORKLOAD, PROFILE, 4))
     assert plan_key(a) != plan_key(plans.static_plan(12, WORKLOAD, PROFILE, 4))
     assert "B=8" in plans.knobs(a)
+
+
+def test_a_t5_waa_plan_runs_unstaged() -> None:
+    """A T5 WAA plan's encoder group holds the whole encoder and no decoder layers: one
+    encoder and one decoder worker, not a layer split the runner would refuse."""
+    t5 = analytic_profile("a40", ModelConfig.preset("tiny-t5"), "float16")
+    choice = plans.choose_plan("waa", parse_workload("S/4"), t5, 2, None, True)
+    assert choice.plan is not None and choice.runnable, choice.note
+    assert plans.runnable_problem(choice.plan, False) is None
+    roles = [(g.role, tuple(g.layer_range)) for g in choice.plan.worker_groups]
+    assert roles == [("encoder", (0, 0)), ("decoder", (0, 2))]

@@ -229,8 +229,11 @@ def test_real_model_services(plan_file) -> None:  # noqa: ANN001
 
 def test_plans_serve_refuses_are_refused(plan_file) -> None:  # noqa: ANN001
     split, _ = plan_file("waa", 3)  # the encoders hold layer halves: a WAA encode pipeline
-    with pytest.raises(ValueError, match="not available in this build"):
-        compose_dict(split, ComposeOptions())
+    services = compose_dict(split, ComposeOptions())["services"]  # now runs: stage workers
+    ranges = [list(g.layer_range) for g in split.worker_groups if g.role == "encoder"]
+    assert _arg(services["coordinator"]["command"], "--waa-encoder-layers") == ",".join(
+        f"{lo}:{hi}" for lo, hi in ranges)
+    assert _arg(services["enc1"]["command"], "--role") == "pipeline"
     t5, _ = plan_file("rra", 2, "t5.json", model="tiny-t5")  # T5 over 2 stages now runs
     coord = compose_dict(t5, ComposeOptions())["services"]["coordinator"]["command"]
     assert _arg(coord, "--stage-encoder-layers") == "0:1,1:2"

@@ -56,15 +56,14 @@ def restart_coordinator(mesh: LocalMesh, timeout_s: float = 60.0, down_s: float 
     kill(old)
     old.close()
     time.sleep(down_s)
-    generation = sum(1 for c in mesh.children if c.name.startswith("coordinator"))
-    status = StatusPipe()
+    generation = len(list(mesh.spec.run_dir.glob("coordinator*.stderr")))
+    if mesh.status is not None:
+        mesh.status.close()
+    status = mesh.status = StatusPipe()
     child = start_child(coordinator_spec(mesh, status.write_fd, generation), mesh.spec.run_dir)
     status.close_writer()
     mesh.children = [c for c in mesh.children if c is not old] + [child]
     mesh.coordinator = child
-    if mesh.status is not None:
-        mesh.status.close()
-    mesh.status = status
     live = [c for c in mesh.children if c.poll() is None]
     wait_for_ready(live, status, None, timeout_s, mesh.events.append)
     return time.monotonic() - t0

@@ -36,6 +36,7 @@ from common import protocol as P
 from common.backend import null_tokens
 from common.client import AsyncClient, AsyncStream, submit_message
 from common.errors import ServerError, Timeout
+from common.procs import StartupError
 from coordinator.launch import LaunchSpec, LocalMesh, WorkerGroup
 from tests.mesh.meshctl import group_of, kill, restart_coordinator, restart_workers, wait_exit
 
@@ -112,13 +113,13 @@ def waa_spec(runs: Path) -> LaunchSpec:
     return LaunchSpec(groups=(WorkerGroup("encoder", 2), WorkerGroup("decoder", 1),
                               WorkerGroup("decoder", 1, tp_size=2)),
                       runs_path=runs, transport="ipc", decode_cost_ms=5.0, encode_batch=8,
-                      heartbeat_interval_s=0.25, heartbeat_timeout_s=3.0, drain_timeout_s=1.0)
+                      heartbeat_interval_s=0.25, heartbeat_timeout_s=5.0, drain_timeout_s=1.0)
 
 
 def pipeline_spec(runs: Path) -> LaunchSpec:
     return LaunchSpec(groups=(WorkerGroup("pipeline", 1), WorkerGroup("pipeline", 1)),
                       runs_path=runs, transport="ipc", policy="rra", n_d=4,
-                      decode_cost_ms=3.0, heartbeat_interval_s=0.25, heartbeat_timeout_s=3.0,
+                      decode_cost_ms=3.0, heartbeat_interval_s=0.25, heartbeat_timeout_s=5.0,
                       drain_timeout_s=1.0)
 
 
@@ -141,12 +142,14 @@ def inflict(mesh: LocalMesh, role: str, victim: str, restart_after: float) -> No
     restart_workers(mesh, group)
 
 
-async def wait_all_ready(client: AsyncClient, expected: int, timeout_s: float) -> bool:
+async def wait_all_ready(client: AsyncClient, mesh: LocalMesh, timeout_s: float) -> bool:
+    """Every worker process of the mesh (replacements included: by pid) is READY."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             workers = (await client.stats(timeout_s=2.0)).stats["workers"]
-            if sum(w["state"] == "ready" for w in workers) >= expected:
+            ready = {w["pid"] for w in workers if w["state"] == "ready"}
+            if {c.pid for c in mesh.workers} <= ready:
                 return True
         except ServerError:
             pass
@@ -161,7 +164,6 @@ async def soak(policy: str, seconds: float, every: float, clients: int,
     mesh.start()
     tally, kills, stop = Tally(), [], asyncio.Event()
     CountingStream.duplicated = 0
-    expected = len(mesh.workers)
     try:
         loops = [asyncio.create_task(client_loop(mesh.client_endpoint, i, tally, stop))
                  for i in range(clients)]
@@ -174,9 +176,15 @@ async def soak(policy: str, seconds: float, every: float, clients: int,
                 role, victim = VICTIMS[policy][n % len(VICTIMS[policy])]
                 kills.append(Kill(role, victim, time.monotonic()))
                 print(f"[{policy}] kill {victim} ({role})", flush=True)
-                await asyncio.to_thread(inflict, mesh, role, victim, restart_after)
-                ready = await wait_all_ready(probe, expected, 60.0)
+                try:
+                    await asyncio.to_thread(inflict, mesh, role, victim, restart_after)
+                except StartupError as exc:  # reported as never recovering, then stop
+                    print(f"[{policy}] no recovery: {exc}", flush=True)
+                    break
+                ready = await wait_all_ready(probe, mesh, 60.0)
                 kills[-1].ready_s = (time.monotonic() - kills[-1].t) if ready else None
+                if not ready:
+                    break
         stop.set()
         await asyncio.wait_for(asyncio.gather(*loops), REQUEST_TIMEOUT_S + 10)
     finally:
@@ -229,10 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     policies = ["waa", "rra"] if args.policy == "both" else [args.policy]
     seconds = args.minutes * 60 / len(policies)
     reports = []
-    with tempfile.TemporaryDirectory(prefix="exegpt-soak-") as runs:
-        for policy in policies:
-            reports.append(asyncio.run(soak(policy, seconds, args.every, args.clients,
-                                            args.restart_after, Path(runs))))
+    runs = Path(tempfile.mkdtemp(prefix="exegpt-soak-"))  # kept: the logs of every process
+    print(f"logs: {runs}", flush=True)
+    for policy in policies:
+        reports.append(asyncio.run(soak(policy, seconds, args.every, args.clients,
+                                        args.restart_after, runs)))
     print(table(reports))
     if args.json:
         args.json.write_text(json.dumps(reports, indent=2))

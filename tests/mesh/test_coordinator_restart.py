@@ -19,7 +19,7 @@ from coordinator.launch import LaunchSpec, LocalMesh, WorkerGroup
 from tests.mesh.meshctl import log_events, restart_coordinator
 
 VOCAB = 256
-FAST = {"heartbeat_interval_s": 0.25, "heartbeat_timeout_s": 3.0, "drain_timeout_s": 1.0}
+FAST = {"heartbeat_interval_s": 0.25, "heartbeat_timeout_s": 5.0, "drain_timeout_s": 1.0}
 
 
 @pytest.fixture(params=["waa", "rra"])

@@ -24,7 +24,7 @@ from tests.mesh.meshctl import wait_exit
 from tests.mesh.test_worker_loss import Seen, run_requests
 
 VOCAB = 256
-FAST = {"heartbeat_interval_s": 0.25, "heartbeat_timeout_s": 3.0, "drain_timeout_s": 1.0}
+FAST = {"heartbeat_interval_s": 0.25, "heartbeat_timeout_s": 5.0, "drain_timeout_s": 1.0}
 
 
 def check_answers(seen: dict[str, Seen], prompts: dict[str, tuple[int, ...]], max_new: int,
@@ -71,11 +71,13 @@ def test_one_tp_rank_killed_takes_its_group_down_and_requests_rerun(tmp_path: Pa
         rank1 = next(c for c in mesh.workers if c.name == "decoder-dec0.r1")
         rank0 = next(c for c in mesh.workers if c.name == "decoder-dec0.r0")
         t0 = time.monotonic()
-        seen = run_requests(mesh.client_endpoint, prompts, 250,
-                            lambda: os.kill(rank1.pid, signal.SIGKILL), timeout_s=40)
+        # 10 ms per step: 1000 tokens outlast the 5 s deadline (null-model ranks decode on
+        # their own, so rank 0 keeps streaming until its group is declared lost)
+        seen = run_requests(mesh.client_endpoint, prompts, 1000,
+                            lambda: os.kill(rank1.pid, signal.SIGKILL), timeout_s=45)
         seen.pop("__killed_at__")
-        assert time.monotonic() - t0 < 30
-        counts = check_answers(seen, prompts, 250, ())
+        assert time.monotonic() - t0 < 40
+        counts = check_answers(seen, prompts, 1000, ())
         assert counts == {"ok": len(prompts), "error": 0}
         assert wait_exit([rank0], 10) == [1]  # its group is gone: rank 0 was told so
         log = (mesh.spec.run_dir / "coordinator.jsonl").read_text()

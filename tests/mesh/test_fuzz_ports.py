@@ -299,6 +299,10 @@ def check_outcome(out: dict[str, object]) -> None:
     log = (mesh.spec.run_dir / "coordinator.jsonl").read_text()
     logged = log.count('"bad_client_message"')
     assert logged < sum(out["client"].sent.values()) / 5, f"{logged} log lines: a disk flood"  # type: ignore[attr-defined]
+    decoder_log = (mesh.spec.run_dir / "decoder-dec0.jsonl").read_text()
+    kv_logged = decoder_log.count('"bad_kv_message"')  # 20 per 10 s window, then summaries
+    windows = 2 + float(out["elapsed"]) / 10  # type: ignore[arg-type]
+    assert kv_logged <= 20 * windows, f"{kv_logged} bad_kv_message lines: a disk flood"
     growth = int(out["rss_after"]) - int(out["rss_before"])  # type: ignore[call-overload]
     assert growth < 64 << 20, f"coordinator RSS grew by {growth >> 20} MiB"
     client, kv = out["client"], out["kv"]

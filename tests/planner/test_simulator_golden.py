@@ -3,7 +3,11 @@
 ``data/simulator_golden.json`` was written by the simulator before the performance work (caches,
 de-duplicated stages, memoised WAA splits) from the candidates ``golden_cases()`` lists;
 regenerate it only for an intended change of the model: ``python tests/planner/
-test_simulator_golden.py --write``. Floats round-trip through JSON exactly (repr), so the
+test_simulator_golden.py --write``. Regenerated once (issue 6) for the RRA encode round's
+pipeline fill and the static streams' drift term: the 128 multi-stage RRA and 36 static
+candidates changed (slower: RRA throughput x0.57-0.97), the 16 single-stage RRA, 36
+continuous and 192 WAA candidates are bit for bit what the pre-optimisation simulator wrote.
+Floats round-trip through JSON exactly (repr), so the
 comparison is for equality, not a tolerance.
 """
 

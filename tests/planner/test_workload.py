@@ -83,3 +83,15 @@ def test_csv_trace_with_prompts_needs_tokenizer(tmp_path) -> None:  # noqa: ANN0
     wl = load_trace(path, tokenize=str.split)
     assert sorted(wl.pairs[:, 0].tolist()) == [2, 3]
     assert wl.output.mean == pytest.approx(6)
+
+
+def test_scaled_preset_divides_every_length_law() -> None:
+    full, quarter = parse_workload("T"), parse_workload("T/4")
+    assert quarter.name == "T/4" and quarter.spec == "T/4"
+    assert quarter.input.max == 64 and quarter.output.max == 80
+    assert quarter.input.mean == pytest.approx(full.input.mean / 4, rel=0.03)
+    assert quarter.output.mean == pytest.approx(full.output.mean / 4, rel=0.03)
+    assert parse_workload("T/1").output.max == full.output.max
+    for bad in ("T/0", "X/4", "T/x"):
+        with pytest.raises(ValueError):
+            parse_workload(bad)

@@ -45,7 +45,10 @@ def _fake(arm: str, switch: bool) -> ArmRun:
         run.switches = [{"t": 1022.0, "switch_s": 0.5, "detect_arrival": 260, "detect_s": 1.0,
                          "replan_s": 0.4, "search_s": 0.3, "pause_s": 0.0, "reason": "x",
                          "old": {"B_E": 4, "N_D": 2}, "new": {"B_E": 8, "N_D": 4},
-                         "meets_bound": True}]
+                         "meets_bound": True,
+                         "relayout": {"stages": [[0, 15], [15, 30]], "streams": 2,
+                                      "drain_s": 2.0, "migrated_requests": 3,
+                                      "rerun_tokens": 40, "reload_s": 0.1, "pause_s": 2.2}}]
     return run
 
 
@@ -67,6 +70,7 @@ def test_summary_phases_and_switch_figures() -> None:
     assert steady_after({"t": [0.0, 1.0], "seq_s": [1.0, 1.0]}, 0.0) is None  # too short
     text = markdown(out)
     assert "| adapt | after |" in text and "N_D 2->4" in text
+    assert "RE-LAYOUT to stages [[0, 15], [15, 30]]" in text and "3 requests migrated" in text
     assert "plan old_on_new_law: predicted 12.0 seq/s" in text
 
 
@@ -85,4 +89,7 @@ def test_tiny_bench_run_is_well_formed(tmp_path: Path) -> None:
     restart = summary["arms"]["restart"]["restart"]
     assert restart["gap_s"] == pytest.approx(restart["drain_s"] + restart["stop_start_s"],
                                              abs=0.02)
-    assert summary["plans"]["old"]["stages"] == [[0, 15], [15, 30]]
+    # the old plan is served with the default uneven split: the adapt arm's re-plan (the
+    # planner's even split) re-lays the stages out live
+    assert summary["plans"]["old"]["stages"] == [[0, 10], [10, 30]]
+    assert summary["plans"]["new"]["stages"] == [[0, 15], [15, 30]]

@@ -16,9 +16,9 @@ import asyncio
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pytest
 
 from common.client import AsyncClient
 from coordinator.launch import LaunchSpec, LocalMesh
@@ -36,6 +36,11 @@ STATIONARY = 40  # short requests first: no switch allowed
 SHIFT_LIMIT = 160  # long requests sent at most while waiting for the switch
 DETECT_BOUND = 100  # long requests before the detector fires (measured: see docs)
 AFTER = 24  # long requests sent after the switch: served by the new layout
+# The plans' latency bound (SLA-(b), s). The plans are made for an A40 profile, where they
+# promise ~10 ms; on this CPU the tiny model's longest requests take ~1-3 s (contended), so the
+# bound is set where a working mesh meets it with margin and the assertion catches what the
+# switch is responsible for: requests stuck behind a stalled re-layout, a slow new layout.
+BOUND_S = 10.0
 
 
 def make_llama4(directory: Path) -> Path:
@@ -69,7 +74,7 @@ def _served_plan(model: Path, tmp: Path) -> tuple[Path, Path]:
     profile = analytic_profile("a40", cfg, "float16", tp_sizes=(1,))
     prof_path = tmp / "profile.json"
     profile.save(prof_path)
-    plan = make_plan(parse_workload(SHORT), profile, 2, 1.0, policy="rra")
+    plan = make_plan(parse_workload(SHORT), profile, 2, BOUND_S, policy="rra")
     assert [list(g.layer_range) for g in plan.worker_groups] == [[0, 2], [2, 4]]
     plan = dataclasses.replace(plan, worker_groups=(WorkerGroup("pipeline", 1, 1, (0, 1)),
                                                     WorkerGroup("pipeline", 1, 1, (1, 4))))
@@ -80,7 +85,7 @@ def _served_plan(model: Path, tmp: Path) -> tuple[Path, Path]:
 
 async def _send(client: AsyncClient, work: list[tuple[str, list[int], int]],
                 results: dict[str, list[int]], stop: asyncio.Event | None = None,
-                concurrency: int = 8) -> int:
+                concurrency: int = 8, times: dict[str, Any] | None = None) -> int:
     gate = asyncio.Semaphore(concurrency)
 
     async def one(req_id: str, prompt: list[int], n: int) -> None:
@@ -89,6 +94,8 @@ async def _send(client: AsyncClient, work: list[tuple[str, list[int], int]],
                                         timeout_s=120)
             assert req_id not in results, f"{req_id} answered twice"
             results[req_id] = list(res.tokens)
+            if times is not None:
+                times[req_id] = res.lifecycle
         finally:
             gate.release()
 
@@ -129,6 +136,7 @@ def test_shift_re_lays_out_the_stages_live_and_every_request_is_exact(tmp_path: 
                                         "--adapt", "--adapt-options", OPTIONS))
     short, long = _work(SHORT, STATIONARY, 1, "s"), _work(LONG, SHIFT_LIMIT + AFTER, 2, "l")
     results: dict[str, list[int]] = {}
+    times: dict[str, Any] = {}
 
     async def scenario() -> tuple[dict, dict, int]:
         async with AsyncClient(mesh.client_endpoint) as client:
@@ -136,12 +144,12 @@ def test_shift_re_lays_out_the_stages_live_and_every_request_is_exact(tmp_path: 
             assert (await _adapt(client))["switches"] == []  # stationary: no switch
             stop = asyncio.Event()
             watcher = asyncio.create_task(_watch(client, stop))
-            sent = await _send(client, long[:SHIFT_LIMIT], results, stop)
+            sent = await _send(client, long[:SHIFT_LIMIT], results, stop, times=times)
             stop.set()
             await watcher
             adapt = await _adapt(client)
             assert adapt["switches"], f"no switch after {sent} long requests: {adapt}"
-            sent += await _send(client, long[sent:sent + AFTER], results)
+            sent += await _send(client, long[sent:sent + AFTER], results, times=times)
             stats = (await client.stats()).stats
             return adapt, stats, sent
 
@@ -166,3 +174,10 @@ def test_shift_re_lays_out_the_stages_live_and_every_request_is_exact(tmp_path: 
     wrong = [r for (r, _, _), want in zip(work, expected, strict=True) if results[r] != want]
     assert not wrong, f"{len(wrong)} requests differ from transformers, e.g. {wrong[:5]}"
     assert stats["requests"]["completed"] == len(work) and stats["requests"]["failed"] == 0
+    # after the switch: the p99-length requests (the longest output asked for) meet the bound,
+    # from arrival (queueing behind the switch included), not only from encode start (SLA-(b))
+    after = [(n, times[r]) for r, _, n in long[:sent] if times[r].t_arrival >= switch["t"]
+             - relayout["pause_s"]]
+    longest = max(n for n, _ in after)
+    worst = max(lc.t_finish - lc.t_arrival for n, lc in after if n >= longest - 1)
+    assert len(after) >= AFTER and worst <= BOUND_S, (len(after), worst)

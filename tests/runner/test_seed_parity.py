@@ -99,3 +99,31 @@ def test_sampled_mesh_matches_in_process_generate(models: dict[str, Path], tmp_p
     with LocalMesh(spec, startup_timeout_s=120) as mesh:
         assert asyncio.run(run(mesh.client_endpoint)) == expected
         assert mesh.stop(grace_s=30) == []
+
+
+def test_a_pipeline_rerun_continues_the_seeded_draws() -> None:
+    """A re-run (prompt + the k tokens already streamed, ``output_offset`` = k) on a stage
+    samples from position k: it continues the undisturbed run's tokens."""
+    from common import protocol as P
+    from common.backend_engine import load_spec
+    from common.backend_stage_engine import EngineStageBackend
+
+    stage = EngineStageBackend(load_spec("tiny-llama"), dtype="float32")
+    sampling = P.Sampling(temperature=1.0, top_k=40, seed=11, ignore_eos=True)
+    prompt = (5, 17, 33, 42)
+
+    def run(req: P.EncodeRequest, steps: int) -> list[int]:
+        out = [t.token for t in stage.run(P.StagePass(
+            pass_id=0, stream=0, kind="encode", req_ids=(req.req_id,), requests=(req,))).tokens]
+        for _ in range(steps - 1):
+            out += [t.token for t in stage.run(P.StagePass(
+                pass_id=0, stream=0, kind="decode", req_ids=(req.req_id,),
+                tokens=(out[-1],))).tokens]
+        stage.drop([req.req_id])
+        return out
+
+    whole = run(P.EncodeRequest("a", prompt, 8, sampling), 8)
+    again = run(P.EncodeRequest("b", prompt + tuple(whole[:3]), 5, sampling,
+                                output_offset=3), 5)
+    assert again == whole[3:]
+    assert run(P.EncodeRequest("c", prompt, 8, sampling), 8) == whole

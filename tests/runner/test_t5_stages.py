@@ -130,6 +130,20 @@ def test_bad_t5_layouts_are_refused_with_the_reason(t5: tuple[Path, ModelSpec]) 
         EngineStageBackend(spec, (1, 3), (4, 4))
 
 
+def test_a_lap_travels_on_the_wire_and_only_on_encode_passes() -> None:
+    import numpy as np
+
+    rows = np.arange(6, dtype=np.float32).reshape(2, 3)
+    sp = P.StagePass(pass_id=3, stream=1, kind="encode", req_ids=("a",), lap=1,
+                     requests=(P.EncodeRequest("a", (5, 6), 2),), encoder_out=rows)
+    back = P.decode(P.encode(sp))
+    assert isinstance(back, P.StagePass) and back.lap == 1
+    assert np.array_equal(back.encoder_out.as_numpy(), rows)  # type: ignore[union-attr]
+    for bad in ({"kind": "decode", "requests": (), "tokens": (1,)}, {"lap": 2}):
+        with pytest.raises(ValueError, match="lap"):
+            dataclasses.replace(sp, **bad).check()  # type: ignore[arg-type]
+
+
 def test_lap_one_without_the_encoder_output_fails_cleanly(t5: tuple[Path, ModelSpec]) -> None:
     _, spec = t5
     chain = LapChain(spec, SPLITS["even-2"])

@@ -31,11 +31,13 @@ def _encode_pass(pass_id: int = 1) -> P.StagePass:
                        requests=reqs)
 
 
-def _handoff(enc: WaaEncoderStage, req_id: str, layers: tuple[int, int]) -> P.KVHandoff:
+def _handoff(enc: WaaEncoderStage, req_id: str, layers: tuple[int, int],
+             arrival: float = 1.0) -> P.KVHandoff:
     exp = enc.export_batch([req_id], 0)[req_id]
     return P.KVHandoff(req_id=req_id, encoder_id="enc0", first_token=-1,
                        prompt_len=len(PROMPTS[req_id]), max_new_tokens=6, sampling=GREEDY,
-                       kv=payload(req_id, exp, layers))
+                       kv=payload(req_id, exp, layers),
+                       lifecycle=P.Lifecycle(t_arrival=arrival))
 
 
 def _decode(stages: list[Any], tokens: dict[str, int], stream: int, pass_id: int) -> list[int]:
@@ -74,14 +76,17 @@ def test_kv_split_by_layers_decodes_like_the_whole_model() -> None:
     assert all(d.seqs[r].num_generated == 4 for d in dec[1:] for r in PROMPTS)
 
 
-def test_late_kv_of_a_freed_request_is_dropped() -> None:
+def test_late_kv_of_a_freed_request_is_dropped_a_reused_id_is_not() -> None:
     enc = WaaEncoderStage(SPEC, (0, 2), dtype="float32")
     dec = WaaDecoderStage(SPEC, (0, 1), dtype="float32")
     enc.run(_encode_pass())
     dec.take(_handoff(enc, "a", (0, 1)))
     dec.drop(["a", "b"])  # "a" pending, "b" not here yet: both remembered
     dec.take(_handoff(enc, "b", (0, 1)))
+    dec.take(_handoff(enc, "a", (0, 1)))  # the freed run's duplicate
     assert dec.pending == {} and dec.num_active == 0
+    dec.take(_handoff(enc, "a", (0, 1), arrival=2.0))  # a new request under the same id
+    assert dec.complete("a")
     with pytest.raises(ValueError, match="does not touch"):
         WaaDecoderStage(SPEC, (1, 2), dtype="float32").take(_handoff(enc, "a", (0, 1)))
 

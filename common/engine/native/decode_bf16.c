@@ -111,6 +111,7 @@ typedef struct {
     int m, k, n;
     const bf16 *w;
     const bf16 *bias;
+    const bf16 *residual; /* optional [M, N] with row stride ldy: y = bf16(bf16(xW + b) + res) */
     void *y;
     int64_t ldy;
     int y_fp32;
@@ -190,6 +191,12 @@ tile(const linear_args *a, int mr, int row0, int panel, int kp0, int kp1, float 
             if (r < mr) {
                 __m512 v = _mm512_add_ps(acc[r][b], bias);
                 int64_t off = (int64_t)(row0 + r) * a->ldy + col;
+                if (a->residual) { /* the layer's output rounded, then the residual add */
+                    __m256i res = _mm256_maskz_loadu_epi16(mask, a->residual + off);
+                    v = _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(
+                        _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16)),
+                        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(res), 16)));
+                }
                 if (a->y_fp32) {
                     _mm512_mask_storeu_ps((float *)a->y + off, mask, v);
                 } else {
@@ -228,9 +235,10 @@ static void linear_task(void *arg, int part, int parts) {
 
 /* Returns 0, or -1 for shapes this kernel does not take (caller falls back). */
 int exegpt_linear_bf16(const bf16 *x, int64_t ldx, int m, int k, const bf16 *w, int n,
-                       const bf16 *bias, void *y, int64_t ldy, int y_fp32, int nthreads) {
-    if (m < 1 || m > MAX_ROWS || k < 1 || n < 1) return -1;
-    linear_args a = {x, ldx, m, k, n, w, bias, y, ldy, y_fp32};
+                       const bf16 *bias, const bf16 *residual, void *y, int64_t ldy, int y_fp32,
+                       int nthreads) {
+    if (m < 1 || m > MAX_ROWS || k < 1 || n < 1 || (residual && y_fp32)) return -1;
+    linear_args a = {x, ldx, m, k, n, w, bias, residual, y, ldy, y_fp32};
     int panels = (n + PANEL - 1) / PANEL;
     int parts = nthreads < panels ? nthreads : panels;
     run_parallel(linear_task, &a, parts < 1 ? 1 : parts);
@@ -273,6 +281,8 @@ typedef struct {
     int64_t c_ss, c_sh, c_sl;
     const int64_t *slots; /* per sequence */
     const int64_t *lens;  /* per sequence: positions to attend (cached + new) */
+    const bf16 *k_new, *v_new; /* optional [B, Hkv, D] rows stored at position lens - 1 */
+    int64_t kn_sb, vn_sb;      /* their sequence strides (head stride D) */
     bf16 *out;            /* [B, Hq, D] contiguous */
     int b, hq, hkv, d;
     float scale;
@@ -291,6 +301,10 @@ attn_one(const attn_args *a, int seq, int h, float *scores, const int g, const i
             q[j][c] = load_bf16x16(a->q + seq * a->q_sb + (h * g + j) * a->q_sh + c * 16);
     const bf16 *kb = a->k + a->slots[seq] * a->c_ss + h * a->c_sh;
     const bf16 *vb = a->v + a->slots[seq] * a->c_ss + h * a->c_sh;
+    if (a->k_new) { /* this step's key and value: appended to the cache, then attended */
+        memcpy((bf16 *)kb + (len - 1) * a->c_sl, a->k_new + seq * a->kn_sb + h * d, 2 * d);
+        memcpy((bf16 *)vb + (len - 1) * a->c_sl, a->v_new + seq * a->vn_sb + h * d, 2 * d);
+    }
     for (int l = 0; l < len; l++) {
         const bf16 *kr = kb + l * a->c_sl;
         __m512 kv[MAX_DIM / 16];
@@ -351,9 +365,8 @@ attn_one(const attn_args *a, int seq, int h, float *scores, const int g, const i
 
 static void attn_dispatch(const attn_args *a, int seq, int h, float *scores) {
     const int g = a->hq / a->hkv, chunks = a->d / 16;
-    ATTN_CASE(1, 4) ATTN_CASE(2, 4) ATTN_CASE(3, 4) ATTN_CASE(4, 4)
-    ATTN_CASE(5, 4) ATTN_CASE(6, 4) ATTN_CASE(7, 4) ATTN_CASE(8, 4)
-    ATTN_CASE(1, 8) ATTN_CASE(2, 8) ATTN_CASE(3, 8) ATTN_CASE(4, 8)
+    ATTN_CASE(1, 4) ATTN_CASE(3, 4) ATTN_CASE(4, 4) ATTN_CASE(8, 4)
+    ATTN_CASE(1, 8) ATTN_CASE(4, 8) ATTN_CASE(8, 8)
     attn_one(a, seq, h, scores, g, chunks);
 }
 
@@ -368,8 +381,9 @@ static void attn_task(void *arg, int part, int parts) {
 /* Returns 0, or -1 for shapes this kernel does not take (caller falls back). */
 int exegpt_decode_attention_bf16(const bf16 *q, int64_t q_sb, int64_t q_sh, const bf16 *k,
                                  const bf16 *v, int64_t c_ss, int64_t c_sh, int64_t c_sl,
-                                 const int64_t *slots, const int64_t *lens, bf16 *out, int b,
-                                 int hq, int hkv, int d, float scale, int nthreads) {
+                                 const int64_t *slots, const int64_t *lens, const bf16 *k_new,
+                                 int64_t kn_sb, const bf16 *v_new, int64_t vn_sb, bf16 *out,
+                                 int b, int hq, int hkv, int d, float scale, int nthreads) {
     if (b < 1 || hkv < 1 || hq % hkv || hq / hkv > MAX_GROUP || d % 16 || d > MAX_DIM) return -1;
     int max_len = 0;
     for (int i = 0; i < b; i++) {
@@ -377,8 +391,8 @@ int exegpt_decode_attention_bf16(const bf16 *q, int64_t q_sb, int64_t q_sh, cons
         max_len = lens[i] > max_len ? (int)lens[i] : max_len;
     }
     if ((int64_t)max_len * (hq / hkv) > MAX_GROUP * 4096) return -1;
-    attn_args a = {q, q_sb, q_sh, k, v, c_ss, c_sh, c_sl, slots, lens, out, b, hq, hkv, d,
-                   scale, max_len};
+    attn_args a = {q, q_sb, q_sh, k, v, c_ss, c_sh, c_sl, slots, lens, k_new, v_new, kn_sb,
+                   vn_sb, out, b, hq, hkv, d, scale, max_len};
     int items = b * hkv;
     run_parallel(attn_task, &a, nthreads < items ? nthreads : items);
     return 0;
