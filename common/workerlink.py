@@ -227,9 +227,10 @@ class WorkerLink:
         self._rejoining_since = self._last_heard = time.monotonic()
         self._assigned.clear()
         with contextlib.suppress(queue.Empty):
-            while True:  # what the old coordinator sent us is void now
-                if isinstance(self.inbox.get_nowait(), Stop):
-                    self.inbox.put(Stop("stopping", False))
+            while True:  # what the old coordinator sent us is void now (a Stop still counts)
+                item = self.inbox.get_nowait()
+                if isinstance(item, Stop):
+                    self.inbox.put(item)
                     break
                 self.dropped += 1
         self.inbox.put(Rejoin(why))

@@ -17,7 +17,8 @@ ROLES = ("decoder", "pipeline")
 DESCRIPTIONS = {
     "decoder": "An exegpt decoder worker: binds a KV endpoint for encoders, runs decode "
                "iterations and streams tokens to the coordinator.",
-    "pipeline": "An exegpt pipeline stage worker (RRA, static, continuous plans): holds one "
+    "pipeline": "An exegpt pipeline stage worker (RRA, static, continuous plans, and the "
+                "encoder / decoder stages of a WAA plan with layer ranges): holds one "
                 "layer range, takes StagePasses from the coordinator or the previous stage at "
                 "its KV endpoint, hands hidden rows to the next stage; the last stage samples "
                 "and reports PassDone to the coordinator.",

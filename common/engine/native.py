@@ -80,7 +80,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.exegpt_linear_bf16.argtypes = [p, i64, i32, i32, p, i32, p, p, p, i64, i32, i32]
     lib.exegpt_linear_bf16.restype = i32
     lib.exegpt_decode_attention_bf16.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, p, p,
-                                                 i64, p, i64, p, i32, i32, i32, i32, f32, i32]
+                                                 i64, p, i64, p, i32, i32, i32, i32, i32, f32,
+                                                 i32]
     lib.exegpt_decode_attention_bf16.restype = i32
     lib.exegpt_rms_norm_bf16.argtypes = [p, i64, p, p, i32, i32, f32, i32]
     lib.exegpt_rms_norm_bf16.restype = i32
@@ -88,6 +89,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.exegpt_rope_bf16.restype = i32
     lib.exegpt_swiglu_bf16.argtypes = [p, i64, p, i32, i32]
     lib.exegpt_swiglu_bf16.restype = i32
+    lib.exegpt_argmax_f32.argtypes = [p, i64, i32, i32, p]
+    lib.exegpt_argmax_f32.restype = i32
     lib.exegpt_panel_width.restype = i32
 
 
@@ -206,8 +209,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if (k_new is None) != (v_new is None) or not (_rows_ok(k_new, b, hkv, d)
                                                    and _rows_ok(v_new, b, hkv, d)):
         return None
-    if k_new is not None and int(lengths.max()) > k_cache.shape[2]:
-        return None
     slots, lengths = slots.contiguous(), lengths.contiguous()
     out = torch.empty(b, hq, d, dtype=torch.bfloat16)
     rc = kernels.exegpt_decode_attention_bf16(
@@ -215,8 +216,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), slots.data_ptr(),
         lengths.data_ptr(), None if k_new is None else k_new.data_ptr(),
         0 if k_new is None else k_new.stride(0), None if v_new is None else v_new.data_ptr(),
-        0 if v_new is None else v_new.stride(0), out.data_ptr(), b, hq, hkv, d, scale,
-        _threads())
+        0 if v_new is None else v_new.stride(0), out.data_ptr(), b, hq, hkv, d,
+        k_cache.shape[2], scale, _threads())
     return out if rc == 0 else None
 
 
@@ -258,3 +259,17 @@ def swiglu(h: torch.Tensor) -> torch.Tensor | None:
     y = torch.empty(rows, f, dtype=torch.bfloat16)
     rc = kernels.exegpt_swiglu_bf16(h.data_ptr(), h.stride(0), y.data_ptr(), rows, f)
     return y if rc == 0 else None
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor | None:
+    """``x.argmax(-1)`` of float32 CPU logits [B, V] (first maximal index, NaN maximal), one
+    vectorised pass per row, or None when refused."""
+    kernels = lib()
+    if kernels is None or x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    if x.stride(1) != 1 or x.shape[0] < 1 or x.shape[1] < 1:
+        return None
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    rc = kernels.exegpt_argmax_f32(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1],
+                                   out.data_ptr())
+    return out if rc == 0 else None

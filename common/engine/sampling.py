@@ -74,7 +74,14 @@ def first_argmax(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
     Why: torch's CPU argmax is a scalar loop (3.7 ms for 32 x 49152 float32 logits at one
     thread, a few % of a decode step); ``amax`` is vectorised. Take the max of each block of
     ``block`` columns, the first block holding the row's max, then argmax inside that block
-    only: ~5x faster, identical indices (ties and NaN included)."""
+    only: ~5x faster, identical indices (ties and NaN included). With the C kernels
+    (``native.argmax``) one vectorised pass per row, ~4x faster again."""
+    from common.engine import native
+
+    if native.lib() is not None:
+        fast = native.argmax(x)
+        if fast is not None:
+            return fast
     rows, n = x.shape
     blocks = n // block
     if blocks < 2:

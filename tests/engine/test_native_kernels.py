@@ -148,3 +148,36 @@ def test_build_is_cached_and_keyed(tmp_path: object, monkeypatch: pytest.MonkeyP
     assert path.parent == tmp_path and path.name.startswith("decode_bf16-")
     native._build(gcc, path)
     assert path.is_file() and not list(path.parent.glob("*.tmp"))
+
+
+def test_linear_residual_is_two_rounded_adds() -> None:
+    w = torch.randn(80, 48).bfloat16()
+    packed = native.pack_linear(w)
+    assert packed is not None
+    x, res = torch.randn(3, 48).bfloat16(), torch.randn(3, 80).bfloat16()
+    plain = native.linear(x, packed)
+    fused = native.linear(x, packed, residual=res)
+    assert plain is not None and fused is not None
+    assert torch.equal(fused, plain + res)  # rounded output, then a bf16 add
+    assert native.linear(x, packed, residual=res[:, :40]) is None  # wrong shape: refused
+
+
+def test_decode_attention_appends_new_rows() -> None:
+    hq, hkv, d, cap = 6, 2, 64, 40
+    k_cache = torch.randn(4, hkv, cap, d).bfloat16()
+    v_cache = torch.randn(4, hkv, cap, d).bfloat16()
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    slots, lengths = torch.tensor([2, 0]), torch.tensor([9, 40])
+    qkv = torch.randn(2, hq + 2 * hkv, d).bfloat16()
+    q, k_new, v_new = qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]
+    for i, (slot, n) in enumerate(zip(slots.tolist(), lengths.tolist(), strict=True)):
+        expected_k[slot, :, n - 1] = k_new[i]
+        expected_v[slot, :, n - 1] = v_new[i]
+    reference = native.decode_attention(q, expected_k, expected_v, slots, lengths, 0.125)
+    out = native.decode_attention(q, k_cache, v_cache, slots, lengths, 0.125, k_new, v_new)
+    assert out is not None and reference is not None
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    assert torch.equal(out, reference)
+    too_long = torch.tensor([9, 41])  # beyond the capacity: refused, nothing written
+    assert native.decode_attention(q, k_cache, v_cache, slots, too_long, 0.125, k_new,
+                                   v_new) is None

@@ -383,11 +383,12 @@ int exegpt_decode_attention_bf16(const bf16 *q, int64_t q_sb, int64_t q_sh, cons
                                  const bf16 *v, int64_t c_ss, int64_t c_sh, int64_t c_sl,
                                  const int64_t *slots, const int64_t *lens, const bf16 *k_new,
                                  int64_t kn_sb, const bf16 *v_new, int64_t vn_sb, bf16 *out,
-                                 int b, int hq, int hkv, int d, float scale, int nthreads) {
+                                 int b, int hq, int hkv, int d, int capacity, float scale,
+                                 int nthreads) {
     if (b < 1 || hkv < 1 || hq % hkv || hq / hkv > MAX_GROUP || d % 16 || d > MAX_DIM) return -1;
     int max_len = 0;
     for (int i = 0; i < b; i++) {
-        if (lens[i] < 1) return -1;
+        if (lens[i] < 1 || lens[i] > capacity) return -1;
         max_len = lens[i] > max_len ? (int)lens[i] : max_len;
     }
     if ((int64_t)max_len * (hq / hkv) > MAX_GROUP * 4096) return -1;
@@ -506,6 +507,40 @@ int exegpt_swiglu_bf16(const bf16 *hin, int64_t ldh, bf16 *y, int rows, int f) {
             __m256i out = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(act, uv));
             _mm256_mask_storeu_epi16(o + i, mask, out);
         }
+    }
+    return 0;
+}
+
+/* ---- greedy argmax over float32 logits --------------------------------------------------- */
+/* out[r] = first index of row r's maximum (NaN counts as maximal, as in torch.argmax). */
+int exegpt_argmax_f32(const float *x, int64_t ldx, int rows, int n, int64_t *out) {
+    if (rows < 1 || n < 1) return -1;
+    const __m512i step = _mm512_set1_epi32(16);
+    for (int r = 0; r < rows; r++) {
+        const float *row = x + r * ldx;
+        __m512 best = _mm512_set1_ps(-INFINITY);
+        __m512i best_idx = _mm512_setzero_si512();
+        __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        __mmask16 nan = 0;
+        for (int c = 0; c < n; c += 16) {
+            int left = n - c;
+            __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+            __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), mask, row + c);
+            __mmask16 gt = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
+            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            best = _mm512_mask_mov_ps(best, gt, v);
+            best_idx = _mm512_mask_mov_epi32(best_idx, gt, idx);
+            idx = _mm512_add_epi32(idx, step);
+        }
+        if (nan) {
+            int c = 0;
+            while (row[c] == row[c]) c++;
+            out[r] = c;
+            continue;
+        }
+        float mx = _mm512_reduce_max_ps(best);
+        __mmask16 at_max = _mm512_cmp_ps_mask(best, _mm512_set1_ps(mx), _CMP_EQ_OQ);
+        out[r] = _mm512_mask_reduce_min_epi32(at_max, best_idx);
     }
     return 0;
 }
