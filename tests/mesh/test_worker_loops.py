@@ -34,6 +34,7 @@ class FakeLink:
         self.sent: list[tuple[P.Message, str | None]] = []
         self.congested = False
         self.load: Any = dict
+        self.limited = Log()  # the link's rate-limited logger
 
     def send(self, msg: P.Message, decoder_id: str | None = None) -> None:
         self.sent.append((msg, decoder_id))

@@ -289,6 +289,25 @@ typedef struct {
     int max_len;
 } attn_args;
 
+/* Lane sums of 16 vectors, in order: out[i] = sum of v[i]'s 16 lanes (45 shuffles/adds
+ * instead of 16 horizontal reductions). */
+static inline __m512 hsum16(const __m512 v[16]) {
+    __m512 t[8], u[4], w[2];
+    for (int i = 0; i < 8; i++) /* per 128-bit lane: [A0+A2, B0+B2, A1+A3, B1+B3] */
+        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                             _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) { /* per 128-bit lane: four positions' segment sums */
+        __m512d c = _mm512_castps_pd(t[2 * i]), d = _mm512_castps_pd(t[2 * i + 1]);
+        u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(c, d)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(c, d)));
+    }
+    for (int i = 0; i < 2; i++)
+        w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88),
+                         _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
+}
+
 /* One (sequence, KV head): its G query heads against the sequence's cached rows. G and the
  * number of 16-wide chunks of D are compile-time constants (dispatched below) so q and the
  * accumulators live in registers. */
@@ -305,7 +324,23 @@ attn_one(const attn_args *a, int seq, int h, float *scores, const int g, const i
         memcpy((bf16 *)kb + (len - 1) * a->c_sl, a->k_new + seq * a->kn_sb + h * d, 2 * d);
         memcpy((bf16 *)vb + (len - 1) * a->c_sl, a->v_new + seq * a->vn_sb + h * d, 2 * d);
     }
-    for (int l = 0; l < len; l++) {
+    const __m512 vscale = _mm512_set1_ps(a->scale);
+    int full = len & ~15;
+    for (int l0 = 0; l0 < full; l0 += 16) { /* 16 positions, one transposed reduction */
+        for (int j = 0; j < g; j++) {
+            __m512 part[16];
+            for (int i = 0; i < 16; i++) {
+                const bf16 *kr = kb + (l0 + i) * a->c_sl;
+                __m512 sum = _mm512_mul_ps(q[j][0], load_bf16x16(kr));
+                for (int c = 1; c < chunks; c++)
+                    sum = _mm512_fmadd_ps(q[j][c], load_bf16x16(kr + c * 16), sum);
+                part[i] = sum;
+            }
+            _mm512_storeu_ps(scores + j * a->max_len + l0,
+                             _mm512_mul_ps(hsum16(part), vscale));
+        }
+    }
+    for (int l = full; l < len; l++) {
         const bf16 *kr = kb + l * a->c_sl;
         __m512 kv[MAX_DIM / 16];
         for (int c = 0; c < chunks; c++) kv[c] = load_bf16x16(kr + c * 16);
