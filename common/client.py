@@ -68,10 +68,6 @@ ENV_CURVE_CLIENT_KEY = "EXEGPT_CURVE_CLIENT_KEY"
 HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 CONNECTION_EVENTS = HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED
-# ZMTP pings (answered inside libzmq, not by the coordinator's loop): a coordinator host that
-# vanishes without closing the connection is noticed within the timeout
-PING_INTERVAL_MS = 2000
-PING_TIMEOUT_MS = 10000
 _HANDSHAKE_WHY = {
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "this client's public key is not on its allow-list "
                                      "(authentication failed)",
@@ -146,8 +142,6 @@ class AsyncClient:
             # connect only once the monitor listens: libzmq reports a refused handshake
             # once and does not retry, so a missed event would leave only the timeout
             self._sock = make_socket(self._ctx, "DEALER", connect=(), curve_client=self._curve)
-            self._sock.setsockopt(zmq.HEARTBEAT_IVL, PING_INTERVAL_MS)
-            self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, PING_TIMEOUT_MS)
             monitor = self._sock.get_monitor_socket(CONNECTION_EVENTS)
             self._sock.connect(check_endpoint(self.endpoint))
             self._reader = loop.create_task(self._read_forever())
@@ -156,6 +150,10 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Stop reading, fail waiting requests with Cancelled, close the socket."""
+        if self._sock is not None:
+            # before the watcher closes its end: libzmq sends monitor events blocking, so an
+            # event (a disconnect) towards a closed monitor socket would deadlock this call
+            self._sock.disable_monitor()
         for task in (self._reader, self._watcher):
             if task is not None and not task.done():
                 task.cancel()
@@ -165,7 +163,6 @@ class AsyncClient:
         for queue in self._pending.values():
             queue.put_nowait(Cancelled("client closed"))
         if self._sock is not None:
-            self._sock.disable_monitor()
             self._sock.close(linger=0)
         self._sock = self._ctx = self._reader = self._watcher = None
 

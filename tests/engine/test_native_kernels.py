@@ -181,3 +181,37 @@ def test_decode_attention_appends_new_rows() -> None:
     too_long = torch.tensor([9, 41])  # beyond the capacity: refused, nothing written
     assert native.decode_attention(q, k_cache, v_cache, slots, too_long, 0.125, k_new,
                                    v_new) is None
+
+
+def test_thread_pool_survives_fork() -> None:
+    """A forked child (local multi-process runs) inherits the pool's counters but not its
+    threads: it must start its own instead of waiting for the parent's."""
+    import os
+    import signal
+    import time
+
+    w = torch.randn(256, 64).bfloat16()
+    packed = native.pack_linear(w)
+    assert packed is not None
+    x = torch.randn(4, 64).bfloat16()
+    torch.set_num_threads(2)
+    try:
+        assert native.linear(x, packed) is not None  # the parent's pool is running
+        pid = os.fork()
+        if pid == 0:  # child: exit 0 only if the 2-way kernel call returns the right result
+            y = native.linear(x, packed)
+            ok = y is not None and bool(((y.float() - x.float() @ w.float().t()).abs()
+                                         < 0.1).all())
+            os._exit(0 if ok else 1)
+        deadline = time.monotonic() + 60
+        done, status = 0, 0
+        while not done and time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.05)
+        if not done:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung in the kernel's thread pool")
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        torch.set_num_threads(1)

@@ -37,71 +37,106 @@ typedef void (*task_fn)(void *arg, int part, int parts);
 static struct {
     pthread_t threads[MAX_THREADS];
     int started;
-    _Atomic int seq;      /* bumped once per job */
-    _Atomic int pending;  /* workers still running the current job */
-    _Atomic int sleeping; /* workers blocked in futex wait */
-    task_fn fn;
+    uint32_t job;             /* caller-side job counter */
+    _Atomic uint64_t work;    /* (job << 32) | next unclaimed chunk */
+    _Atomic int done;         /* chunks of the current job finished */
+    _Atomic int wake;         /* futex word, bumped once per job */
+    _Atomic int sleeping;     /* workers blocked in futex wait */
+    task_fn fn;               /* written before the job is published in ``work`` */
     void *arg;
-    int parts;
+    int chunks;
 } pool;
 
 static long futex(_Atomic int *addr, int op, int val) {
     return syscall(SYS_futex, (int *)addr, op, val, NULL, NULL, 0);
 }
 
-static void *worker_main(void *p) {
-    int index = (int)(intptr_t)p; /* 1..started */
-    int seen = 0;
+/* Claim and run chunks of ``job`` until none is left. A claim is a CAS on ``work``, so a
+ * thread that read a finished job's fields fails its CAS and never runs them; the caller
+ * waits only for claimed chunks, so a descheduled worker never holds up a step. */
+static void run_chunks(uint32_t job) {
     for (;;) {
-        int s, spins = 0;
-        while ((s = atomic_load_explicit(&pool.seq, memory_order_acquire)) == seen) {
+        uint64_t w = atomic_load_explicit(&pool.work, memory_order_acquire);
+        if ((uint32_t)(w >> 32) != job) return;
+        task_fn fn = pool.fn;
+        void *arg = pool.arg;
+        int chunks = pool.chunks;
+        uint32_t c = (uint32_t)w;
+        if ((int)c >= chunks) return;
+        if (!atomic_compare_exchange_weak_explicit(&pool.work, &w, w + 1, memory_order_acq_rel,
+                                                   memory_order_acquire))
+            continue;
+        fn(arg, (int)c, chunks);
+        atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
+    }
+}
+
+static void *worker_main(void *unused) {
+    (void)unused;
+    int seen = atomic_load(&pool.wake);
+    for (;;) {
+        int now, spins = 0;
+        while ((now = atomic_load_explicit(&pool.wake, memory_order_acquire)) == seen) {
             if (++spins < 4000) {
                 _mm_pause();
             } else {
                 atomic_fetch_add(&pool.sleeping, 1);
-                futex(&pool.seq, FUTEX_WAIT_PRIVATE, seen);
+                futex(&pool.wake, FUTEX_WAIT_PRIVATE, seen);
                 atomic_fetch_sub(&pool.sleeping, 1);
                 spins = 0;
             }
         }
-        seen = s;
-        if (index < pool.parts) pool.fn(pool.arg, index, pool.parts);
-        atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
+        seen = now;
+        run_chunks((uint32_t)(atomic_load_explicit(&pool.work, memory_order_acquire) >> 32));
     }
     return NULL;
 }
 
 static void ensure_pool(int workers) {
+    static pid_t owner;
+    if (owner != getpid()) { /* a forked child inherits the counters but not the threads */
+        owner = getpid();
+        pool.started = 0;
+        pool.job = 0;
+        atomic_store(&pool.work, 0);
+        atomic_store(&pool.done, 0);
+        atomic_store(&pool.sleeping, 0);
+    }
     while (pool.started < workers && pool.started < MAX_THREADS - 1) {
-        int index = pool.started + 1;
-        if (pthread_create(&pool.threads[pool.started], NULL, worker_main,
-                           (void *)(intptr_t)index) != 0) break;
+        if (pthread_create(&pool.threads[pool.started], NULL, worker_main, NULL) != 0) break;
         pthread_detach(pool.threads[pool.started]);
         pool.started++;
     }
 }
 
-/* Run fn(arg, part, parts) for part = 0..parts-1; part 0 on the calling thread. */
-static void run_parallel(task_fn fn, void *arg, int parts) {
-    if (parts > MAX_THREADS) parts = MAX_THREADS;
-    if (parts > 1) ensure_pool(parts - 1);
-    if (parts > pool.started + 1) parts = pool.started + 1;
-    if (parts <= 1) {
-        fn(arg, 0, 1);
+/* Run fn(arg, chunk, chunks) for chunk = 0..chunks-1 on the calling thread and up to
+ * threads - 1 pool workers, whichever claims a chunk first. */
+static void run_parallel(task_fn fn, void *arg, int chunks, int threads) {
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > 1 && chunks > 1) ensure_pool(threads - 1);
+    if (threads <= 1 || chunks <= 1 || pool.started == 0) {
+        for (int c = 0; c < chunks; c++) fn(arg, c, chunks);
         return;
     }
     pool.fn = fn;
     pool.arg = arg;
-    pool.parts = parts;
-    atomic_store(&pool.pending, pool.started);
-    atomic_fetch_add_explicit(&pool.seq, 1, memory_order_release);
-    if (atomic_load(&pool.sleeping) > 0) futex(&pool.seq, FUTEX_WAKE_PRIVATE, MAX_THREADS);
-    fn(arg, 0, parts);
+    pool.chunks = chunks;
+    atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
+    uint32_t job = ++pool.job;
+    atomic_store_explicit(&pool.work, (uint64_t)job << 32, memory_order_release);
+    atomic_fetch_add_explicit(&pool.wake, 1, memory_order_release);
+    if (atomic_load(&pool.sleeping) > 0) futex(&pool.wake, FUTEX_WAKE_PRIVATE, MAX_THREADS);
+    run_chunks(job);
     int spins = 0;
-    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) {
-        if (++spins < 100000) _mm_pause();
+    while (atomic_load_explicit(&pool.done, memory_order_acquire) < chunks) {
+        if (++spins < 20000) _mm_pause();
         else sched_yield();
     }
+}
+
+static int chunk_count(int items, int threads) {
+    int chunks = threads <= 1 ? 1 : 4 * threads;
+    return chunks < items ? chunks : items;
 }
 
 /* ---- linear -------------------------------------------------------------------------- */
@@ -240,8 +275,7 @@ int exegpt_linear_bf16(const bf16 *x, int64_t ldx, int m, int k, const bf16 *w, 
     if (m < 1 || m > MAX_ROWS || k < 1 || n < 1 || (residual && y_fp32)) return -1;
     linear_args a = {x, ldx, m, k, n, w, bias, residual, y, ldy, y_fp32};
     int panels = (n + PANEL - 1) / PANEL;
-    int parts = nthreads < panels ? nthreads : panels;
-    run_parallel(linear_task, &a, parts < 1 ? 1 : parts);
+    run_parallel(linear_task, &a, chunk_count(panels, nthreads), nthreads);
     return 0;
 }
 
@@ -429,8 +463,7 @@ int exegpt_decode_attention_bf16(const bf16 *q, int64_t q_sb, int64_t q_sh, cons
     if ((int64_t)max_len * (hq / hkv) > MAX_GROUP * 4096) return -1;
     attn_args a = {q, q_sb, q_sh, k, v, c_ss, c_sh, c_sl, slots, lens, k_new, v_new, kn_sb,
                    vn_sb, out, b, hq, hkv, d, scale, max_len};
-    int items = b * hkv;
-    run_parallel(attn_task, &a, nthreads < items ? nthreads : items);
+    run_parallel(attn_task, &a, chunk_count(b * hkv, nthreads), nthreads);
     return 0;
 }
 
@@ -488,8 +521,7 @@ int exegpt_rms_norm_bf16(const bf16 *x, int64_t ldx, const bf16 *w, bf16 *y, int
                          float eps, int nthreads) {
     if (rows < 1 || n < 1) return -1;
     norm_args a = {x, ldx, w, y, rows, n, eps};
-    int parts = rows >= 16 ? nthreads : 1;
-    run_parallel(norm_task, &a, parts < 1 ? 1 : parts);
+    run_parallel(norm_task, &a, rows >= 16 ? chunk_count(rows, nthreads) : 1, nthreads);
     return 0;
 }
 
