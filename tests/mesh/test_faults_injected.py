@@ -156,5 +156,7 @@ def test_a_stalled_pipeline_stage_fails_its_requests_then_rejoins_fresh(
                     time.sleep(0.3)
         assert list(out.tokens) == null_tokens([3, 4], 12, VOCAB)
         assert stage1.poll() is None
+        workers = idle_workers(mesh.client_endpoint)  # the surviving stage 0 freed them too
+        assert all(w["load"].get("active", 0) == 0 for w in workers), workers
         stage_log = (mesh.spec.run_dir / "pipeline-stage1.jsonl").read_text()
         assert '"rejoined"' in stage_log and '"dropping_all"' in stage_log
