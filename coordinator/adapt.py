@@ -33,6 +33,7 @@ import multiprocessing
 import statistics
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,12 +112,17 @@ def replan_job(plan_json: str, profile_spec: str, workload_spec: str) -> dict[st
 NEAR_FASTEST = 0.05  # no knobs meet the bound: within this of the lowest latency, most seq/s
 
 
-def best_on_layout(old: Plan, workload: Any, profile: Any) -> Plan | None:
+def best_on_layout(old: Plan, workload: Any, profile: Any, *, num_workers: int | None = None,
+                   num_tp_workers: int | None = None, b_m: int | None = None,
+                   same: Callable[[Plan], bool] | None = None) -> Plan | None:
     """Highest throughput meeting the bound among knob changes (B_E, N_D) that keep the
     served worker groups. If none meets it: the highest throughput among those within
     NEAR_FASTEST of the lowest latency (flagged ``meets_bound: false`` in ``search``): the
     lowest latency alone is typically B_E 1, trading most of the throughput for a latency a
-    few percent lower while the queue grows (docs/adaptation.md, "Re-planning")."""
+    few percent lower while the queue grows (docs/adaptation.md, "Re-planning").
+    ``num_workers``/``num_tp_workers``/``b_m`` and ``same`` (is a plan on the wanted layout?)
+    default to the served plan's; the live re-plan after a worker loss (coordinator.
+    replan_live) passes the workers that remain."""
     from coordinator.planner.candidate import Candidate, WorkloadStats
     from coordinator.planner.costs import Costs
     from coordinator.planner.planning import plan_from
@@ -126,11 +132,15 @@ def best_on_layout(old: Plan, workload: Any, profile: Any) -> Plan | None:
 
     stats, costs = WorkloadStats(workload), Costs(profile)
     nds = nd_grid(stats.s_max) if old.policy == "rra" else [1]
+    workers = old.num_workers if num_workers is None else num_workers
+    tp_workers = old.search.get("num_tp_workers", 0) if num_tp_workers is None else num_tp_workers
+    micro = (old.B_m or 1) if b_m is None else b_m
+    same = same or (lambda plan: layout(plan) == layout(old))
     found: list[tuple[float, float, Any, Any]] = []  # (latency, seq/s, candidate, metrics)
     for b_e in batch_grid(512):
         for n_d in nds:
-            cand = Candidate(old.policy, old.num_workers, old.search.get("tp", 1),
-                             old.search.get("num_tp_workers", 0), b_e, n_d, old.B_m or 1)
+            cand = Candidate(old.policy, workers, old.search.get("tp", 1), tp_workers, b_e,
+                             n_d, micro)
             m = simulate(cand, stats, costs)
             mem_ok = not m.worker_mem_bytes or max(m.worker_mem_bytes) <= m.mem_capacity_bytes
             if m.feasible and m.throughput_seq_s > 0 and mem_ok:
@@ -146,7 +156,7 @@ def best_on_layout(old: Plan, workload: Any, profile: Any) -> Plan | None:
                         (sorted(found, key=lambda f: f[0]), False)):
         for _, _, cand, m in pool:
             plan = plan_from(cand, m, stats, profile, old.latency_bound_s, old.sla)
-            if layout(plan) == layout(old):
+            if same(plan):
                 if not meets:
                     plan.search["meets_bound"] = False
                 return plan
@@ -229,6 +239,7 @@ class Adapter:
         spec = observed_spec(det.last, det.window)
         since = det.suspect_since or (now, det.window.arrivals)
         self.pending = {"t_fire": now, "t_mono": time.perf_counter(), "spec": spec,
+                        "plan": self.plan,
                         "reasons": list(det.reasons), "detect_s": now - since[0],
                         "detect_requests": det.window.arrivals - since[1],
                         "detect_arrival": det.window.arrivals,
@@ -244,6 +255,11 @@ class Adapter:
         if pending is None or future.cancelled():
             return
         now = time.time()
+        if pending.get("plan", self.plan) is not self.plan:  # workers lost/joined meanwhile
+            self.log.info("replan_discarded", reasons=pending["reasons"],
+                          why="the served plan changed (coordinator.replan_live)")
+            self._rebase(now, pending["spec"])
+            return
         try:
             result = future.result()
         except Exception as exc:  # noqa: BLE001 - a failed re-plan keeps the served plan
@@ -334,11 +350,9 @@ class Adapter:
         """One spawned planner process (spawn: the coordinator's ZeroMQ threads must not be
         forked), started and warmed up (imports) ahead of the first drift."""
         if self._pool is None:
-            ctx = multiprocessing.get_context("spawn")
-            self._pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx)
             start = time.perf_counter()
-            self._pool.submit(warm_up).add_done_callback(  # on the pool's thread: one store
-                lambda _: setattr(self, "warm_s", time.perf_counter() - start))
+            self._pool = planner_pool(  # on the pool's thread: one store
+                lambda: setattr(self, "warm_s", time.perf_counter() - start))
         return self._pool
 
     def close(self) -> None:
@@ -346,13 +360,29 @@ class Adapter:
 
     def _close_pool(self) -> None:
         pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        procs = list(getattr(pool, "_processes", {}).values())
-        pool.shutdown(wait=False, cancel_futures=True)
-        for proc in procs:  # a search in progress is abandoned, not awaited
-            if proc.is_alive():
-                proc.terminate()
+        if pool is not None:
+            stop_planner_pool(pool)
+
+
+def planner_pool(on_warm: Callable[[], None] | None = None
+                 ) -> concurrent.futures.ProcessPoolExecutor:
+    """One spawned planner process (spawn: the coordinator's ZeroMQ threads must not be
+    forked), warming up (imports) at once; ``on_warm`` runs when it is ready."""
+    ctx = multiprocessing.get_context("spawn")
+    pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx)
+    warm = pool.submit(warm_up)
+    if on_warm is not None:
+        warm.add_done_callback(lambda _: on_warm())
+    return pool
+
+
+def stop_planner_pool(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    """A search in progress is abandoned (its process terminated), not awaited."""
+    procs = list(getattr(pool, "_processes", {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
 
 
 def apply_knobs(co: Any, plan: Plan) -> None:

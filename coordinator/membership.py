@@ -238,6 +238,7 @@ class Membership:
             self._update_encoders()
         if self.co.pipeline is not None:
             self.co.pipeline.on_stage_ready(worker, msg.info)  # peers refresh; re-layout
+        self._replan("join", worker)  # a replacement or a rejoin (not the startup ones)
         self._check_serving()
 
     def _update_encoders(self) -> None:
@@ -313,3 +314,12 @@ class Membership:
             self._update_encoders()
         if worker.role == PIPELINE_ROLE and self.co.pipeline is not None:
             self.co.pipeline.on_stage_lost(worker.worker_id, why)
+        self._replan("loss", worker)
+
+    def _replan(self, kind: str, worker: WorkerInfo) -> None:
+        """A loss/join while serving: re-plan for the workers that remain (replan_live)."""
+        replanner = getattr(self.co, "replanner", None)
+        if kind == "join" and getattr(self.co.pipeline, "switching", None):
+            return  # a live re-layout's stages re-Ready: not a new worker
+        if self.serving and replanner is not None:
+            replanner.changed(kind, worker.worker_id, worker.role)

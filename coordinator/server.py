@@ -52,6 +52,7 @@ from coordinator.membership import Membership
 from coordinator.metrics import Metrics, load_plan
 from coordinator.pipeline_driver import PipelineDriver
 from coordinator.relay import Relay
+from coordinator.replan_live import LiveReplanner
 from coordinator.requests import Request, RequestTable, State
 from coordinator.waa_layout import staged
 from coordinator.waa_pipeline import WaaPipelineDriver
@@ -114,6 +115,8 @@ class Coordinator:
             from coordinator.adapt import Adapter
 
             self.adapter = Adapter.from_coordinator(self, log)
+        # worker lost / joined: re-plan the knobs for the live workers (replan_live.py)
+        self.replanner = LiveReplanner.from_coordinator(self, log)
         self.drain_meter = admission.DrainMeter()
         self.bad_log = admission.LogBudget()
         self.draining = False
@@ -143,6 +146,7 @@ class Coordinator:
             await asyncio.gather(*tasks, return_exceptions=True)
             if self.adapter is not None:
                 self.adapter.close()
+            self.replanner.close()
             for raw in (self._client_raw, self._worker_raw):
                 loop.remove_reader(raw.getsockopt(zmq.FD))
             self.members.shutdown_all("coordinator stopping")
@@ -422,6 +426,7 @@ class Coordinator:
                 "draining": self.draining, "instance": self.instance,
                 **({"pipeline": self.pipeline.describe()} if self.pipeline else {}),
                 **({"adapt": self.adapter.describe()} if self.adapter else {}),
+                "membership": self.replanner.describe(),
                 **self.metrics.snapshot(include_requests, workers)}
 
 
