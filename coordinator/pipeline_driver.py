@@ -42,6 +42,22 @@ if TYPE_CHECKING:
 Range = tuple[int, int]
 
 
+def stage_lead(co: Coordinator, stage: int) -> WorkerInfo | None:
+    """The READY rank 0 of ``stage`` (it carries the stage's data)."""
+    return next((w for w in co.members.ready("pipeline") if w.stage == stage), None)
+
+
+def all_stages_ready(co: Coordinator, num_stages: int) -> bool:
+    """Every stage has its rank 0 and all its TP ranks READY."""
+    workers = [w for w in co.members.registry
+               if w.role == "pipeline" and w.state is WorkerState.READY]
+    for s in range(num_stages):
+        lead = stage_lead(co, s)
+        if lead is None or sum(w.stage == s for w in workers) < lead.tp_size:
+            return False
+    return True
+
+
 @dataclass(frozen=True)
 class StageLayout:
     """Each stage's decoder layers (and T5 encoder layers), [lo, hi), in pipeline order."""
@@ -160,18 +176,10 @@ class PipelineDriver:
         return {name: peer.kv_endpoint} if peer is not None and peer.kv_endpoint else {}
 
     def _lead(self, stage: int) -> WorkerInfo | None:
-        """The READY rank 0 of ``stage`` (it carries the stage's data)."""
-        return next((w for w in self.co.members.ready("pipeline") if w.stage == stage), None)
+        return stage_lead(self.co, stage)
 
     def stages_ready(self) -> bool:
-        """Every stage has its rank 0 and all its TP ranks READY."""
-        workers = [w for w in self.co.members.registry
-                   if w.role == "pipeline" and w.state is WorkerState.READY]
-        for s in range(self.layout.num_stages):
-            lead = self._lead(s)
-            if lead is None or sum(w.stage == s for w in workers) < lead.tp_size:
-                return False
-        return True
+        return all_stages_ready(self.co, self.layout.num_stages)
 
     def on_stage_ready(self, worker: WorkerInfo | None = None,
                        info: dict[str, Any] | None = None) -> None:

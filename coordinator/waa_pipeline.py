@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from common import protocol as P
 from common.errors import BadRequest, InternalError, WorkerLost
-from coordinator.registry import WorkerInfo, WorkerState
+from coordinator.pipeline_driver import all_stages_ready, stage_lead
+from coordinator.registry import WorkerInfo
 from coordinator.requests import Request, State
 from coordinator.waa_layout import waa_layout
 
@@ -101,16 +102,10 @@ class WaaPipelineDriver:
                                              "waa": waa}})
 
     def _lead(self, stage: int) -> WorkerInfo | None:
-        return next((w for w in self.co.members.ready("pipeline") if w.stage == stage), None)
+        return stage_lead(self.co, stage)
 
     def stages_ready(self) -> bool:
-        workers = [w for w in self.co.members.registry
-                   if w.role == "pipeline" and w.state is WorkerState.READY]
-        for s in range(self.layout.num_stages):
-            lead = self._lead(s)
-            if lead is None or sum(w.stage == s for w in workers) < lead.tp_size:
-                return False
-        return True
+        return all_stages_ready(self.co, self.layout.num_stages)
 
     @property
     def switching(self) -> bool:

@@ -27,6 +27,7 @@ from coordinator.planner.analytic import analytic_profile
 from coordinator.planner.plan import WorkerGroup
 from coordinator.planner.planning import make_plan
 from coordinator.planner.workload import parse_workload
+from tests.runner.tinymodels import make_llama
 
 SHORT = "name=short;in=normal:8,3,16;out=normal:4,1,8"
 LONG = "name=long;in=normal:40,6,56;out=normal:16,4,24"
@@ -41,22 +42,6 @@ AFTER = 24  # long requests sent after the switch: served by the new layout
 # bound is set where a working mesh meets it with margin and the assertion catches what the
 # switch is responsible for: requests stuck behind a stalled re-layout, a slow new layout.
 BOUND_S = 10.0
-
-
-def make_llama4(directory: Path) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(5)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      eos_token_id=3, bos_token_id=1, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # larger weights: a peaked, non-degenerate greedy output
-        for p in model.parameters():
-            p.mul_(4.0)
-    model.save_pretrained(directory)
-    return directory
 
 
 def _work(spec: str, num: int, seed: int, prefix: str) -> list[tuple[str, list[int], int]]:
@@ -124,7 +109,7 @@ def test_shift_re_lays_out_the_stages_live_and_every_request_is_exact(tmp_path: 
     from coordinator.commands.serve import model_fields
     from tests.runner.tinymodels import hf_greedy
 
-    model = make_llama4(tmp_path / "llama4")
+    model = make_llama(tmp_path / "llama4", num_layers=4, seed=5)
     plan_path, prof_path = _served_plan(model, tmp_path)
     from coordinator.planner.plan import Plan
 

@@ -14,11 +14,12 @@ import torch
 torch.set_num_threads(1)
 
 
-def make_llama(directory: Path) -> Path:
+def make_llama(directory: Path, num_layers: int = 2, seed: int = 7) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(7)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=num_layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                       eos_token_id=3, bos_token_id=1, tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg)
