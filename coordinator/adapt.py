@@ -114,12 +114,14 @@ NEAR_FASTEST = 0.05  # no knobs meet the bound: within this of the lowest latenc
 
 def best_on_layout(old: Plan, workload: Any, profile: Any, *, num_workers: int | None = None,
                    num_tp_workers: int | None = None, b_m: int | None = None,
+                   num_encoders: int = 0,
                    same: Callable[[Plan], bool] | None = None) -> Plan | None:
     """Highest throughput meeting the bound among knob changes (B_E, N_D) that keep the
     served worker groups. If none meets it: the highest throughput among those within
     NEAR_FASTEST of the lowest latency (flagged ``meets_bound: false`` in ``search``): the
     lowest latency alone is typically B_E 1, trading most of the throughput for a latency a
     few percent lower while the queue grows (docs/adaptation.md, "Re-planning").
+    ``num_encoders`` fixes WAA's encoder count (0: the WAA-C/M rule picks it per B_E).
     ``num_workers``/``num_tp_workers``/``b_m`` and ``same`` (is a plan on the wanted layout?)
     default to the served plan's; the live re-plan after a worker loss (coordinator.
     replan_live) passes the workers that remain."""
@@ -140,7 +142,7 @@ def best_on_layout(old: Plan, workload: Any, profile: Any, *, num_workers: int |
     for b_e in batch_grid(512):
         for n_d in nds:
             cand = Candidate(old.policy, workers, old.search.get("tp", 1), tp_workers, b_e,
-                             n_d, micro)
+                             n_d, micro, num_encoders if old.policy.startswith("waa") else 0)
             m = simulate(cand, stats, costs)
             mem_ok = not m.worker_mem_bytes or max(m.worker_mem_bytes) <= m.mem_capacity_bytes
             if m.feasible and m.throughput_seq_s > 0 and mem_ok:

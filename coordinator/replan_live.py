@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,21 +50,6 @@ def role_counts(plan: Plan) -> tuple[int, int]:
             sum(g.count for g in plan.groups("decoder")))
 
 
-@contextlib.contextmanager
-def fixed_waa_split(num_encoders: int) -> Iterator[None]:
-    """Make the simulator's WAA split ``num_encoders``. The planner derives the split from B_E
-    (WAA-C/M rule), but after a loss the split is what is alive, not a choice; the cost model
-    itself holds for any split. Only in the planner's own process (one search at a time)."""
-    from coordinator.planner import simulator
-
-    saved = simulator.waa_split
-    setattr(simulator, "waa_split", lambda cand, stats, costs: num_encoders)  # noqa: B010
-    try:
-        yield
-    finally:
-        setattr(simulator, "waa_split", saved)  # noqa: B010
-
-
 def live_replan_job(plan_json: str, profile_spec: str, num_encoders: int, num_decoders: int,
                     num_tp_workers: int) -> dict[str, Any]:
     """The best knobs of the served plan (policy, bound, SLA, workload) on ``num_encoders``
@@ -80,11 +63,10 @@ def live_replan_job(plan_json: str, profile_spec: str, num_encoders: int, num_de
     profile = parse_profile_arg(profile_spec, old.profile_meta.get("dtype"))
     workload = parse_workload(old.workload)
     want = (num_encoders, num_decoders)
-    with fixed_waa_split(num_encoders):
-        fit = best_on_layout(old, workload, profile, num_workers=sum(want),
-                             num_tp_workers=num_tp_workers,
-                             b_m=min(old.B_m or 1, num_decoders),
-                             same=lambda plan: role_counts(plan) == want)
+    # the split is what is alive, not a WAA-C/M choice from B_E (the cost model holds for any)
+    fit = best_on_layout(old, workload, profile, num_workers=sum(want),
+                         num_tp_workers=num_tp_workers, b_m=min(old.B_m or 1, num_decoders),
+                         num_encoders=num_encoders, same=lambda plan: role_counts(plan) == want)
     return {"on_layout": fit.to_json() if fit is not None else None,
             "seconds": time.perf_counter() - start}
 

@@ -24,6 +24,10 @@ class Candidate:
     B_E: int = 1
     N_D: int = 1
     B_m: int = 1
+    # WAA: the encoder workers, when they are given (the live workers after a loss) rather
+    # than chosen by the WAA-C/M rule from B_E; 0 = chosen. Left out of repr: reprs of the
+    # searched (chosen-split) candidates key the simulator's golden data
+    num_encoders: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -34,6 +38,8 @@ class Candidate:
             raise ValueError(f"num_tp_workers must be a multiple of tp and <= workers: {self}")
         if self.policy.startswith("waa") and self.num_workers < 2:
             raise ValueError("WAA needs at least 2 workers (one encoder, one decoder)")
+        if self.num_encoders and not 0 < self.num_encoders < self.num_workers:
+            raise ValueError(f"num_encoders must leave at least one decoder: {self}")
 
 
 @dataclass(frozen=True, eq=False)

@@ -68,5 +68,7 @@ def _fitting_splits(num_workers: int, tp: int, num_tp_workers: int) -> tuple[int
 
 
 def waa_split(cand: Candidate, stats: WorkloadStats, costs: Costs) -> int:
+    if cand.num_encoders:
+        return cand.num_encoders  # given (the live workers), not chosen
     share = waa_share(cand, stats, costs)
     return nearest_split(share, cand.num_workers, cand.tp, cand.num_tp_workers)

@@ -16,6 +16,8 @@ from coordinator import replan_live
 from coordinator.adjust import BatchSizer
 from coordinator.planner import simulator
 from coordinator.planner.analytic import parse_profile_arg
+from coordinator.planner.candidate import Candidate, WorkloadStats
+from coordinator.planner.costs import Costs
 from coordinator.planner.plan import Plan
 from coordinator.planner.planning import make_plan
 from coordinator.planner.workload import parse_workload
@@ -36,7 +38,6 @@ def plan_2e1d() -> Plan:
 
 def test_the_job_plans_on_the_live_split(plan_2e1d: Plan) -> None:
     assert role_counts(plan_2e1d) == (2, 1) and plan_2e1d.num_workers == 3
-    saved = simulator.waa_split
     for enc, dec in ((1, 1), (1, 3), (3, 1)):
         out = live_replan_job(plan_2e1d.to_json(), SMOL, enc, dec, 0)
         fit = Plan.from_json(out["on_layout"])
@@ -44,7 +45,17 @@ def test_the_job_plans_on_the_live_split(plan_2e1d: Plan) -> None:
         assert (fit.policy, fit.latency_bound_s, fit.sla, fit.workload) == (
             plan_2e1d.policy, plan_2e1d.latency_bound_s, plan_2e1d.sla, plan_2e1d.workload)
         assert fit.predicted["throughput_seq_s"] > 0 and out["seconds"] > 0
-    assert simulator.waa_split is saved  # the override is undone
+
+
+def test_a_given_encoder_count_is_kept_and_checked() -> None:
+    stats = WorkloadStats(parse_workload(SHORT))
+    costs = Costs(parse_profile_arg(SMOL))
+    chosen = simulator.waa_split(Candidate("waa-c", 4, B_E=8), stats, costs)
+    given = 1 if chosen != 1 else 3
+    assert simulator.waa_split(Candidate("waa-c", 4, B_E=8, num_encoders=given),
+                               stats, costs) == given
+    with pytest.raises(ValueError, match="num_encoders"):
+        Candidate("waa-c", 4, num_encoders=4)
 
 
 # ---- the coordinator side, on a fake coordinator ------------------------------------------
