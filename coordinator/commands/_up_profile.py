@@ -8,6 +8,7 @@ the dtype, the torch version and the number of torch threads per worker. The fil
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -71,11 +72,29 @@ class ProfileKey:
         tps = "-".join(str(t) for t in self.tp_sizes)
         name = (f"profile-{self.label}-{self.model_hash}-"
                 f"{self.device}-{self.dtype}-torch{self.torch_version}-"
-                f"t{self.num_threads}-tp{tps}.json")
+                f"t{self.num_threads}-tp{tps}-eng{engine_fingerprint()}.json")
         return re.sub(r"[^A-Za-z0-9._+-]", "_", name)
 
     def path(self) -> Path:
         return cache_dir() / self.filename()
+
+
+ENGINE_SOURCES = ("common/engine", "common/models")
+
+
+@functools.cache
+def engine_fingerprint() -> str:
+    """A hash of the engine's code (kernels, model layers): a profile times one engine, and one
+    cached before an engine change would make every plan's predictions wrong (the native
+    kernels made decode passes ~0.6x of the profile measured before them)."""
+    root = Path(__file__).resolve().parents[2]
+    digest = hashlib.sha256()
+    for sub in ENGINE_SOURCES:
+        for path in sorted((root / sub).rglob("*")):
+            if path.suffix in (".py", ".c") and path.is_file():
+                digest.update(path.relative_to(root).as_posix().encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()[:8]
 
 
 def valid_tp_sizes(cfg: ModelConfig, max_tp: int) -> tuple[int, ...]:
