@@ -42,6 +42,15 @@ if TYPE_CHECKING:
 Range = tuple[int, int]
 
 
+def hello_stage(msg: P.Hello, num_stages: int, kind: str) -> int:
+    """The stage a Hello claims; ValueError (answered as bad_request) if it cannot be."""
+    stage = msg.capacity.get("stage") if isinstance(msg.capacity, dict) else None
+    if type(stage) is not int or not 0 <= stage < num_stages:
+        raise ValueError(f"a {kind} worker's Hello.capacity needs an int stage in "
+                         f"0..{num_stages - 1}, got {stage!r}")
+    return stage
+
+
 def stage_lead(co: Coordinator, stage: int) -> WorkerInfo | None:
     """The READY rank 0 of ``stage`` (it carries the stage's data)."""
     return next((w for w in co.members.ready("pipeline") if w.stage == stage), None)
@@ -141,12 +150,7 @@ class PipelineDriver:
 
     # ---- stage workers --------------------------------------------------------------------
     def stage_of(self, msg: P.Hello) -> int:
-        """The stage a Hello claims; ValueError (answered as bad_request) if it cannot be."""
-        stage = msg.capacity.get("stage") if isinstance(msg.capacity, dict) else None
-        if type(stage) is not int or not 0 <= stage < self.layout.num_stages:
-            raise ValueError(f"a pipeline worker's Hello.capacity needs an int stage in "
-                             f"0..{self.layout.num_stages - 1}, got {stage!r}")
-        return stage
+        return hello_stage(msg, self.layout.num_stages, "pipeline")
 
     def assign(self, info: WorkerInfo) -> P.Assign:
         s = info.stage if info.stage is not None else 0

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from common import protocol as P
 from common.errors import BadRequest, InternalError, WorkerLost
-from coordinator.pipeline_driver import all_stages_ready, stage_lead
+from coordinator.pipeline_driver import all_stages_ready, hello_stage, stage_lead
 from coordinator.registry import WorkerInfo
 from coordinator.requests import Request, State
 from coordinator.waa_layout import waa_layout
@@ -72,11 +72,7 @@ class WaaPipelineDriver:
 
     # ---- stage workers --------------------------------------------------------------------
     def stage_of(self, msg: P.Hello) -> int:
-        stage = msg.capacity.get("stage") if isinstance(msg.capacity, dict) else None
-        if type(stage) is not int or not 0 <= stage < self.layout.num_stages:
-            raise ValueError(f"a staged WAA worker's Hello.capacity needs an int stage in "
-                             f"0..{self.layout.num_stages - 1}, got {stage!r}")
-        return stage
+        return hello_stage(msg, self.layout.num_stages, "staged WAA")
 
     def assign(self, info: WorkerInfo) -> P.Assign:
         s = info.stage if info.stage is not None else 0

@@ -131,15 +131,20 @@ class StageLoop:
     def run(self) -> int:
         try:
             while self.exit_code is None:
-                try:
-                    msg = self.link.inbox.get(timeout=1.0)
-                except queue.Empty:
-                    self.backend.idle()  # a TP group's keep-alive
-                    continue
-                self.handle(msg)
+                msg = self.next_message()
+                if msg is not None:
+                    self.handle(msg)
             return self.exit_code
         finally:
             self.backend.close()
+
+    def next_message(self) -> P.Message | Stop | None:
+        """The next message to handle; None after an idle second (the keep-alive ran)."""
+        try:
+            return self.link.inbox.get(timeout=1.0)
+        except queue.Empty:
+            self.backend.idle()  # a TP group's keep-alive
+            return None
 
     def handle(self, msg: P.Message | Stop) -> None:
         if isinstance(msg, P.StagePass):

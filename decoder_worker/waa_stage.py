@@ -147,21 +147,9 @@ class DecoderStageLoop(StageLoop):
     def load(self) -> dict[str, Any]:
         return {**super().load(), "kv_bytes_received": self.kv_bytes_received}
 
-    def run(self) -> int:
-        try:
-            while self.exit_code is None:
-                if self.later:
-                    self.handle(self.later.popleft())
-                    continue
-                try:
-                    msg = self.link.inbox.get(timeout=1.0)
-                except queue.Empty:
-                    self.backend.idle()
-                    continue
-                self.handle(msg)
-            return self.exit_code
-        finally:
-            self.backend.close()
+    def next_message(self) -> P.Message | Stop | None:
+        """Passes held back while one waited for KV go first, in order."""
+        return self.later.popleft() if self.later else super().next_message()
 
     def handle(self, msg: P.Message | Stop) -> None:
         if isinstance(msg, P.KVHandoff):
