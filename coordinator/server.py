@@ -16,7 +16,8 @@ message costs more than the message, and ZeroMQ's FD is edge-triggered, so one s
 can swallow the other task's wake-up. Here the loop watches both FDs with ``add_reader`` and,
 after every pump, re-checks ``EVENTS`` of both sockets before going back to sleep.
 Request states: ``coordinator/requests.py``; worker membership: ``coordinator/membership.py``;
-token relay: ``coordinator/relay.py``.
+token relay: ``coordinator/relay.py``; client messages: ``coordinator/server_clients.py``;
+scheduling and request endings: ``coordinator/server_requests.py``.
 """
 
 from __future__ import annotations
@@ -31,35 +32,27 @@ from typing import Any
 
 import zmq
 
-from common import protocol as P
-from common.errors import (
-    Cancelled,
-    ProtocolError,
-    ServerError,
-    ShuttingDown,
-    Timeout,
-    Unavailable,
-    WorkerLost,
-)
+from common.errors import ShuttingDown, Timeout
 from common.models.config import ModelConfig
 from common.procs import write_status
 from common.sockets import bound_endpoint, make_socket
 from coordinator import admission, auth
 from coordinator.adjust import Band, BatchSizer
-from coordinator.batching import pick_encoder, place_batch
 from coordinator.config import CoordinatorConfig
 from coordinator.membership import Membership
 from coordinator.metrics import Metrics, load_plan
 from coordinator.pipeline_driver import PipelineDriver
 from coordinator.relay import Relay
 from coordinator.replan_live import LiveReplanner
-from coordinator.requests import Request, RequestTable, State
+from coordinator.requests import RequestTable
+from coordinator.server_clients import ClientHandling
+from coordinator.server_requests import MAX_RERUNS as MAX_RERUNS  # importable as before
+from coordinator.server_requests import RequestHandling
 from coordinator.waa_layout import staged
 from coordinator.waa_pipeline import WaaPipelineDriver
 
 DRAIN_BUDGET = 4096  # messages per socket per pump, at most ...
 PUMP_BUDGET_S = 0.02  # ... and this much time, before yielding to tick()
-MAX_RERUNS = 3  # a request whose workers keep dying (a poison request?) fails after this
 WORKER_RCVHWM = 100  # per worker: a decoder running ahead blocks (and coalesces) on its side
 # a client message is a type byte and a body (<= 16 MiB, Limits.max_body_bytes); libzmq drops
 # a peer that sends more than this before the coordinator allocates it
@@ -89,8 +82,9 @@ def load_tokenizer(source: str | None) -> Any:
     return load_hf_tokenizer(source)
 
 
-class Coordinator:
-    """State and I/O of the control plane; see the module docstring for the loop."""
+class Coordinator(ClientHandling, RequestHandling):
+    """State and I/O of the control plane; see the module docstring for the loop. Client
+    messages: server_clients.py; request scheduling and endings: server_requests.py."""
 
     def __init__(self, cfg: CoordinatorConfig, log: Any) -> None:
         self.cfg = cfg
@@ -264,170 +258,6 @@ class Coordinator:
             self.schedule()
             self.relay.flush()
             self._rearm()
-
-    # ---- clients --------------------------------------------------------------------------
-    def on_client_frames(self, frames: list[Any]) -> None:
-        client = frames[0].bytes
-        try:
-            msg = P.decode(frames[1:])
-        except ProtocolError as exc:
-            self.counters["protocol_errors"] += 1
-            suppressed = self.bad_log.allow(time.monotonic())
-            if suppressed is not None:  # a flood of bad messages must not flood the disk
-                self.log.warning("bad_client_message", error=str(exc), suppressed=suppressed)
-            self.relay.send_now(client, P.Error(code="protocol_error", message=str(exc),
-                                                req_id=P.peek_req_id(frames[1:])))
-            return
-        if isinstance(msg, P.Submit):
-            self.on_submit(client, msg)
-        elif isinstance(msg, P.Cancel):
-            self.on_cancel(client, msg)
-        elif isinstance(msg, P.StatsRequest):
-            self.relay.send_now(client, P.Stats(
-                req_id=msg.req_id, stats=self.stats(msg.include_requests),
-                requests=self.metrics.lifecycles() if msg.include_requests else {}))
-        else:
-            self.relay.send_now(client, P.Error(
-                code="bad_request", message=f"clients may not send {type(msg).__name__}",
-                req_id=getattr(msg, "req_id", None)))
-
-    def on_submit(self, client: bytes, msg: P.Submit) -> None:
-        if self.members.serving and not self.members.can_serve():
-            missing = "/".join(self.members.missing_roles())
-            self.relay.send_now(client, P.Error(code="unavailable", req_id=msg.req_id,
-                                                message=f"no {missing} worker is available"))
-            return
-        self.drain_meter.observe(time.monotonic(),
-                                 self.counters["completed"] + self.counters["failed"])
-        try:
-            request = admission.admit(msg, client, self.cfg, self.table, self.draining,
-                                      self.model.vocab_size, tokenizer=self.tokenizer,
-                                      max_position=self.model.max_position,
-                                      drain=self.drain_meter)
-        except ServerError as exc:
-            self.relay.send_now(client, admission.error_message(exc))
-            return
-        self.counters["submitted"] += 1
-        if self.adapter is not None:
-            self.adapter.observe_arrival(request)
-
-    def on_cancel(self, client: bytes, msg: P.Cancel) -> None:
-        request = self.table.get(msg.req_id)
-        if request is None or request.client != client:
-            return  # already answered (or not this client's): cancelling is idempotent
-        self.fail(request, Cancelled(msg.reason or "cancelled by the client",
-                                     req_id=request.req_id))
-
-    # ---- requests -------------------------------------------------------------------------
-    def schedule(self) -> None:
-        """Send encode batches while an encoder and decoder slots are free."""
-        if self.pipeline is not None:
-            self.pipeline.schedule()  # pipeline plans: each idle stream's next pass
-            return
-        while self.table.num_queued and self.members.serving:
-            encoder = pick_encoder(self.members.ready("encoder"),
-                                   self.cfg.max_outstanding_batches)
-            if encoder is None:
-                return
-            decoders = self.members.ready("decoder")
-            queued = self.table.peek_queued(min(2 * self.sizer.plan_batch, encoder.capacity))
-            running = sum(d.num_active for d in decoders)
-            decision = self.sizer.size([r.num_prompt_tokens for r in queued], running)
-            placed = place_batch(queued, decoders, min(decision.size, encoder.capacity))
-            if not placed:
-                return
-            if decision.reason != "plan":
-                self.counters["be_adjustments"] += 1
-                self.log.info("be_adjusted", size=len(placed), plan_B_E=self.sizer.plan_batch,
-                              running=running, reason=decision.reason,
-                              token_sum=sum(r.num_prompt_tokens for r, _ in placed))
-            self.metrics.on_encode_batch(encoder.worker_id, len(placed),
-                                         sum(r.num_prompt_tokens for r, _ in placed),
-                                         decision.reason != "plan", decision.reason)
-            self._batch_id += 1
-            self.members.send_batch(encoder, self._batch_id, placed)
-            self.log.debug("encode_batch", batch_id=self._batch_id, encoder=encoder.worker_id,
-                           size=len(placed))
-
-    def on_tokens(self, update: P.TokenUpdate, now: float) -> bool:
-        """Relay one decoder update; False when the request is unknown (tell the decoder)."""
-        request = self.table.get_wire(update.req_id)  # a stale run's id resolves to nothing
-        if request is None:
-            return False
-        request.times.take(update.lifecycle)
-        start = request.add_tokens(update.tokens, now)
-        if request.stream and update.tokens:
-            self.relay.chunk(request, start, update.tokens)
-        if update.finished or request.complete:
-            self.finish(request, update.finish_reason or "length", now)
-        return True
-
-    def finish(self, request: Request, reason: str, now: float) -> None:
-        request.close(now)
-        self.table.remove(request.req_id)
-        self.members.release(request)
-        self.counters["completed"] += 1
-        self.counters["tokens_out"] += len(request.tokens)
-        self.metrics.on_finish(request, reason)
-        if self.adapter is not None:
-            self.adapter.observe_finish(request)
-        self.relay.result(request, reason)
-        self.log.debug("request_done", req_id=request.req_id, tokens=len(request.tokens),
-                       decoder=request.decoder)
-
-    def fail(self, request: Request, exc: ServerError) -> None:
-        """Answer ``request`` with an error (exactly once) and free it everywhere."""
-        if request.state is State.DONE:
-            return
-        was_encoding = request.state is State.ENCODING
-        request.close(time.time())
-        self.table.remove(request.req_id)
-        self.members.release(request, cancel=True, encoding=was_encoding)
-        self.counters["failed"] += 1
-        self.metrics.on_fail(request, exc.code)
-        if self.adapter is not None:
-            self.adapter.observe_finish(request, exact=False)
-        self.log.info("request_failed", req_id=request.req_id, code=exc.code, error=exc.message)
-        self.relay.error(request, exc)
-
-    def rerun_or_fail(self, request: Request, lost: str, role: str, why: str) -> None:
-        """A worker holding ``request`` died: run it again from its prompt plus the tokens
-        the client already has (the stream continues at the next index, nothing twice), or
-        answer WorkerLost when no worker of that role is left or it was re-run too often."""
-        if request.state is State.DONE:
-            return
-        left = bool(self.members.ready(role))
-        if role not in ("encoder", "decoder") or not left or request.attempt >= MAX_RERUNS:
-            reason = ("pipeline stages do not re-run requests" if role not in ("encoder",
-                                                                             "decoder")
-                      else f"no {role} worker remains" if not left
-                      else f"re-run {request.attempt} times already")
-            self.fail(request, WorkerLost(f"worker {lost} was lost ({why}); {reason}",
-                                          req_id=request.req_id))
-            return
-        self.members.release(request, cancel=True, encoding=request.state is State.ENCODING)
-        self.table.requeue(request)
-        self.counters["rerun"] = self.counters.get("rerun", 0) + 1
-        self.log.warning("request_rerun", req_id=request.req_id, lost=lost,
-                         tokens_kept=len(request.tokens), attempt=request.attempt)
-
-    def fail_queued_unavailable(self) -> None:
-        missing = self.members.missing_roles()
-        for request in self.table.peek_queued(self.table.num_queued):
-            self.fail(request, Unavailable(f"no {'/'.join(missing)} worker is available",
-                                           req_id=request.req_id))
-
-    def stats(self, include_requests: bool = False) -> dict[str, Any]:
-        """Counters and workers, plus what coordinator/metrics.py measured (docs/stats.md)."""
-        workers = self.members.describe()
-        return {"requests": {**self.counters, "in_flight": len(self.table),
-                             "queued": self.table.num_queued},
-                "workers": workers, "model": self.model.name,
-                "draining": self.draining, "instance": self.instance,
-                **({"pipeline": self.pipeline.describe()} if self.pipeline else {}),
-                **({"adapt": self.adapter.describe()} if self.adapter else {}),
-                "membership": self.replanner.describe(),
-                **self.metrics.snapshot(include_requests, workers)}
 
 
 async def serve(cfg: CoordinatorConfig, log: Any) -> int:
