@@ -10,6 +10,9 @@ KV from the encoder stages before its first decode pass.
                            parts go into that micro-batch's cache, the request into ``seqs``
                            (the last stage adds its sampler; one token is already out)
 
+T5 (common.backend_waa_stage_t5): only the last encoder stage exports, the cross K/V of every
+decoder layer; no token is out when a request joins (its first pass feeds the start token).
+
 A request freed before it joined (finished at its first token, cancelled) leaves ``pending``
 and its id is remembered (``TOMBSTONES`` of them) with its arrival time, so KV of that run
 arriving after the free is dropped instead of stranded, while a new request reusing the id
@@ -26,30 +29,71 @@ from typing import Any
 
 from common import protocol as P
 from common.backend_engine import sampling_params
-from common.backend_stage import StageSeq
+from common.backend_stage import PassOutput, StageSeq
 from common.backend_stage_engine import EngineStageBackend
+from common.backend_waa_stage_t5 import SELF_NAMES, init_t5_stage
 from common.engine.kv_cache import KVExport
 from common.engine.sampling import FINISH_LENGTH, finish_reason
+from common.engine.tp import TPGroup
+from common.models.registry import ModelSpec
 from common.tensorframe import to_wire
 
 Range = tuple[int, int]
 TOMBSTONES = 65536
 
 
-class WaaEncoderStage(EngineStageBackend):
+class WaaSide(EngineStageBackend):
+    """A stage of either pipeline; T5 builds its side's stage (common.backend_waa_stage_t5).
+    ``layer_range`` is the stage's layers of its side's stack (T5's encoder side: of the
+    encoder stack)."""
+
+    side = ""
+    kv_names = SELF_NAMES  # the KV tensors the handoff carries
+    emits_first_token = True  # the encoder side samples token 0 (T5: the decoder side does)
+    first_position = 1  # the output position a request's first decode step samples
+
+    def __init__(self, spec: ModelSpec, layer_range: Range | None = None,
+                 encoder_layer_range: Range | None = None, dtype: str = "bfloat16",
+                 device: str = "cpu", tp: TPGroup | None = None,
+                 encoder_out_onward: bool = True) -> None:
+        if spec.config.is_encoder_decoder:
+            init_t5_stage(self, spec, self.side, layer_range, dtype, device, tp)
+        else:
+            super().__init__(spec, layer_range, encoder_layer_range, dtype, device, tp=tp,
+                             encoder_out_onward=encoder_out_onward)
+
+
+class WaaEncoderStage(WaaSide):
     """Encode passes only; every request leaves after its pass (its KV went to decoders)."""
+
+    side = "encoder"
 
     def export_batch(self, req_ids: list[str], stream: int) -> dict[str, KVExport]:
         """Each request's KV over this stage's layers and every KV head (a TP group gathers
         its ranks' heads: common.backend_waa_stage_tp)."""
         cache = self._cache(stream)
-        return {r: cache.export(self._name(r)) for r in req_ids}
+        return {r: _only(cache.export(self._name(r)), self.kv_names) for r in req_ids}
+
+    def _compute(self, sp: P.StagePass) -> Any:
+        """T5's last encoder stage writes the cross K/V and samples nothing (the module
+        docstring of common.backend_waa_stage_t5); otherwise the engine stage's encode."""
+        if self.emits_first_token or not self.is_last:
+            return super()._compute(sp)
+        ids = [t for req in sp.requests for t in req.prompt_ids] if self.is_first else None
+        hidden = None if self.is_first else sp.hidden.as_torch()  # type: ignore[union-attr]
+        self._forward("encode", sp.stream, [self._name(r) for r in sp.req_ids],
+                      [len(req.prompt_ids) for req in sp.requests], ids, hidden)
+        return PassOutput()
 
     def check(self, sp: P.StagePass) -> None:
         if sp.kind != "encode":
             raise ValueError(f"pass {sp.pass_id}: an encoder stage runs encode passes, not "
                              f"{sp.kind!r}")
         super().check(sp)
+
+
+def _only(exp: KVExport, names: tuple[str, ...]) -> KVExport:
+    return dataclasses.replace(exp, tensors={n: exp.tensors[n] for n in names})
 
 
 def payload(req_id: str, exp: KVExport, layers: Range) -> P.KVPayload:
@@ -75,8 +119,10 @@ class PendingKV:
     t_complete: float | None = None
 
 
-class WaaDecoderStage(EngineStageBackend):
+class WaaDecoderStage(WaaSide):
     """Decode passes over micro-batches whose requests arrive as KV from encoder stages."""
+
+    side = "decoder"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -93,6 +139,10 @@ class WaaDecoderStage(EngineStageBackend):
         if h.req_id in self.seqs or self._late(h):
             return
         kv = h.kv
+        unknown = set(kv.tensors) - set(self._template.group_of)
+        if unknown:  # before it could reach the cache (or a TP group's wire)
+            raise ValueError(f"KV of {h.req_id} carries tensors {sorted(unknown)} this stage's "
+                             f"cache does not hold ({sorted(self._template.group_of)})")
         lo, hi = max(kv.layer_start, self.layers[0]), min(kv.layer_end, self.layers[1])
         if lo >= hi:
             raise ValueError(f"KV of {h.req_id} for layers [{kv.layer_start}, {kv.layer_end}) "
@@ -138,15 +188,16 @@ class WaaDecoderStage(EngineStageBackend):
                 continue
             entry = self.pending.pop(r)
             self.seqs[r] = StageSeq(r, sp.stream, (), entry.max_new_tokens, entry.sampling,
-                                    num_generated=1)
+                                    num_generated=self.first_position)
             self.prompt_len[r] = entry.prompt_len
             name = self._name(r)
             self._stream_of[name] = sp.stream
             for part in entry.parts:
                 cache.import_(dataclasses.replace(part, req_id=name))
             if self.is_last:
+                # the encoder sampled position 0 (T5: this pass does), as whole-model WAA:
                 self.sampler.add(r, sampling_params(entry.sampling, entry.max_new_tokens),
-                                 position=1)  # the encoder sampled position 0 (seed parity)
+                                 position=self.first_position)  # same seeded draws
             self.t_kv_received[r] = entry.t_complete or time.time()
 
     # ---- leaving ------------------------------------------------------------------------
@@ -170,8 +221,8 @@ class WaaDecoderStage(EngineStageBackend):
     def _finish(self, seq: StageSeq, token: int) -> str | None:
         params = self.sampler.params(seq.req_id)
         reason = finish_reason(token, seq.num_generated, params, self.model.eos_token_ids)
-        if reason is None and self.prompt_len.get(seq.req_id, 0) + seq.num_generated \
-                > self.model.max_position:
+        if reason is None and self._context_full(self.prompt_len.get(seq.req_id, 0),
+                                                 seq.num_generated):
             reason = FINISH_LENGTH
         return reason
 

@@ -5,10 +5,14 @@
                       requests over the stage's layers; rank 0 gathers the whole heads (the
                       KVHandoff carries every head, as a TP encoder worker's does)
     JOIN    [op, n]   then per KV part [handle, stream, layer_start, layer_end, head_start,
-                      head_end, seq_len] and its "k", "v" as float32: every rank imports the
-                      heads it owns (the re-sharding), in the same order, so slots agree
+                      head_end, seq_len, m] and its m tensors, each [name, length] (an index
+                      into KV_NAMES, its length along the sequence) and float32 values: every
+                      rank imports the heads it owns (the re-sharding), in the same order, so
+                      slots agree
 
-Decoder-only models (self-attention "k" and "v"); requests travel as integer handles.
+The tensors are the stage's ``kv_names``: decoder-only models hand on self-attention "k" and
+"v", T5 the cross-attention "cross_k" and "cross_v" (whose length is the encoder input's, not
+``seq_len``). Requests travel as integer handles.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ from common.backend_waa_stage import WaaDecoderStage, WaaEncoderStage
 from common.engine.kv_cache import KVCache, KVExport
 
 OP_EXPORT, OP_JOIN = 5, 6
-KV_NAMES = ("k", "v")
-PART_INTS = 7
+KV_NAMES = ("k", "v", "cross_k", "cross_v")  # JOIN names a tensor by its index here
+PART_INTS = 8
 
 
 class TPFollowMixin:
@@ -66,16 +70,17 @@ class TPWaaEncoderStage(TPFollowMixin, TPStageBackend, WaaEncoderStage):
         """Every rank: export its heads; rank 0 returns the whole-head exports."""
         cache = self._cache(stream)
         local = [cache.export(n) for n in names]
+        kv_names = self.kv_names
         full = {t: _gather_heads(torch.cat([e.tensors[t] for e in local], 2), cache, self.tp)
-                for t in KV_NAMES}
+                for t in kv_names}
         if self.tp.tp_rank != 0:
             return []
-        lens = [e.tensors["k"].shape[2] for e in local]
-        split = {t: torch.split(whole, lens, dim=2) for t, whole in full.items()}
+        split = {t: torch.split(whole, [e.tensors[t].shape[2] for e in local], dim=2)
+                 for t, whole in full.items()}  # each tensor's own length (T5's cross K/V)
         return [KVExport(req_id=e.req_id, seq_len=e.seq_len, layer_start=e.layer_start,
                          layer_end=e.layer_end, head_start=0, head_end=cache.num_kv_heads,
                          num_kv_heads=cache.num_kv_heads,
-                         tensors={t: split[t][i].contiguous() for t in KV_NAMES})
+                         tensors={t: split[t][i].contiguous() for t in kv_names})
                 for i, e in enumerate(local)]
 
 
@@ -89,12 +94,13 @@ class TPWaaDecoderStage(TPFollowMixin, TPStageBackend, WaaDecoderStage):
             self._handle_of[r] = next(self._handles)
         if parts:
             tpwire.send_ints([OP_JOIN, len(parts)])
-            for r, part in parts:
+            for r, part in parts:  # take() let only KV_NAMES in
                 tpwire.send_ints([int(self._name(r)), sp.stream, part.layer_start,
                                   part.layer_end, part.head_start, part.head_end,
-                                  part.seq_len])
-                for t in KV_NAMES:
-                    tpwire.send_floats(part.tensors[t])
+                                  part.seq_len, len(part.tensors)])
+                for t, values in part.tensors.items():
+                    tpwire.send_ints([KV_NAMES.index(t), int(values.shape[2])])
+                    tpwire.send_floats(values)
         super().join(sp)  # rank 0 imports its own heads the same way
 
     def import_part(self, name: str, stream: int, exp: KVExport) -> None:
@@ -104,10 +110,13 @@ class TPWaaDecoderStage(TPFollowMixin, TPStageBackend, WaaDecoderStage):
 
 
 def _recv_part(stage: Any) -> tuple[str, int, KVExport]:
-    handle, stream, l0, l1, h0, h1, seq_len = tpwire.recv_ints(PART_INTS)
+    handle, stream, l0, l1, h0, h1, seq_len, count = tpwire.recv_ints(PART_INTS)
     cache = stage._cache(stream)
-    shape = (l1 - l0, h1 - h0, seq_len, cache.head_dim)
-    tensors = {t: tpwire.recv_floats(shape).to(cache.dtype) for t in KV_NAMES}
+    tensors = {}
+    for _ in range(count):
+        name, length = tpwire.recv_ints(2)
+        shape = (l1 - l0, h1 - h0, length, cache.head_dim)
+        tensors[KV_NAMES[name]] = tpwire.recv_floats(shape).to(cache.dtype)
     return str(handle), stream, KVExport(req_id=str(handle), seq_len=seq_len, layer_start=l0,
                                          layer_end=l1, head_start=h0, head_end=h1,
                                          num_kv_heads=cache.num_kv_heads, tensors=tensors)

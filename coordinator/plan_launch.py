@@ -22,8 +22,11 @@ What each plan field becomes at run time:
                     workers (coordinator/waa_pipeline.py): encoder stages hand each stage's KV
                     to the decoder stages holding those layers, decoder stages run B_m
                     micro-batches (a stage may be a TP group); whole-model groups are replicas as
-                    before. Staged WAA for T5 is refused for a real model with a clear message
-                    (with --null-model a staged plan runs on whole-model null workers).
+                    before (with --null-model a staged plan runs on whole-model null workers).
+                    T5: the encoder groups' ``encoder_layer_range`` split the encoder stack and
+                    become the encoder stages' layer ranges, the decoder groups' ``layer_range``
+                    split the decoder stack; the last encoder stage hands every decoder stage
+                    its layers' cross K/V (coordinator/waa_layout.py)
 
 T5 runs over several pipeline stages, each holding its ``encoder_layer_range`` and
 ``layer_range`` (encodes take two laps, ``common.backend_stage_engine``).
@@ -95,11 +98,9 @@ def waa_fields(plan: Any, *, null_model: bool, decoder_capacity: int) -> dict[st
              for name, key in (("adjust_token_sum", "token_sum"),
                                ("adjust_decode_batch", "decode_batch")) if key in plan.adjust}
     if is_staged:
-        check_staged(plan, num_layers)
-        groups = tuple(WorkerGroup(g.role, 1, g.tp_size, decoder_capacity,
-                                   layer_range=(int(g.layer_range[0]), int(g.layer_range[1])))
-                       for role in ("encoder", "decoder")
-                       for g in plan.worker_groups if g.role == role)
+        ranges = staged_ranges(plan, num_layers, num_enc)
+        groups = tuple(WorkerGroup(g.role, 1, g.tp_size, decoder_capacity, layer_range=rng)
+                       for g, rng in ranges)
         return {"groups": groups, "encode_batch": int(plan.B_E),
                 "streams": int(plan.B_m or plan.microbatches or 1), **bands}
     groups = [WorkerGroup(g.role, g.count // g.tp_size, g.tp_size,
@@ -108,22 +109,40 @@ def waa_fields(plan: Any, *, null_model: bool, decoder_capacity: int) -> dict[st
     return {"groups": tuple(groups), "encode_batch": int(plan.B_E), **bands}
 
 
-def check_staged(plan: Any, num_layers: int) -> None:
-    """A staged WAA plan runs when each role's groups tile the layers in order and the model
-    is decoder-only (ValueError with what to do otherwise)."""
-    if int(plan.model.get("num_encoder_layers", 0) or 0):
-        raise ValueError(f"the WAA plan splits {plan.model.get('name')} (T5) into layer "
-                         "ranges; staged WAA runs decoder-only models: re-plan with fewer "
-                         "workers per role, or try the plan with --null-model")
+def staged_ranges(plan: Any, num_layers: int, num_enc: int) -> list[tuple[Any, tuple[int, int]]]:
+    """Each staged group (encoders first) with the layers its stage holds of its side's stack
+    (T5's encoder side: of the encoder stack); ValueError with what to do when a role's
+    groups do not tile their stack in order."""
+    out = []
     for role in ("encoder", "decoder"):
         groups = [g for g in plan.worker_groups if g.role == role]
+        ranges = [_side_range(g, num_enc) for g in groups]
+        total = num_enc if num_enc and role == "encoder" else num_layers
         lo = 0
-        for g in groups:
-            if int(g.layer_range[0]) != lo or int(g.layer_range[1]) <= lo:
+        for rng in ranges:
+            if rng[0] != lo or rng[1] <= lo:
                 raise ValueError(f"the WAA plan's {role} groups hold layers "
-                                 f"{[list(x.layer_range) for x in groups]}: a staged role "
-                                 "needs contiguous ranges covering every layer, in order")
-            lo = int(g.layer_range[1])
-        if lo != num_layers:
-            raise ValueError(f"the WAA plan's {role} groups cover layers 0..{lo} of "
-                             f"{num_layers}")
+                                 f"{[list(r) for r in ranges]}: a staged role needs "
+                                 "contiguous ranges covering every layer, in order")
+            lo = rng[1]
+        if lo != total:
+            raise ValueError(f"the WAA plan's {role} groups cover layers 0..{lo} of {total}")
+        out += list(zip(groups, ranges, strict=True))
+    return out
+
+
+def _side_range(g: Any, num_enc: int) -> tuple[int, int]:
+    """A staged group's layers of its side's stack. T5 encoder groups hold encoder layers
+    only and decoder groups decoder layers only (the last encoder stage computes the decoder
+    layers' cross K/V from its own weights; it holds no other decoder layer)."""
+    dec = (int(g.layer_range[0]), int(g.layer_range[1]))
+    if not num_enc:
+        return dec
+    enc = tuple(int(x) for x in g.encoder_layer_range) if g.encoder_layer_range else (0, 0)
+    if g.role == "encoder" and dec[0] == dec[1]:
+        return (enc[0], enc[1])
+    if g.role == "decoder" and enc[0] == enc[1]:
+        return dec
+    raise ValueError(f"a staged T5 WAA plan's {g.role} group holds encoder layers "
+                     f"{list(enc)} and decoder layers {list(dec)}: an encoder stage holds "
+                     "encoder layers only, a decoder stage decoder layers only")

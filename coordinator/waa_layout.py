@@ -1,5 +1,16 @@
 """A staged WAA plan's layout: each encoder and decoder pipeline stage's layers, and which
-decoder stages each encoder stage hands KV to (torch-free; coordinator/waa_pipeline.py)."""
+decoder stages each encoder stage hands KV to (torch-free; coordinator/waa_pipeline.py).
+
+Decoder-only models: both pipelines split the same layers, and encoder stage s hands its
+prompt KV of layers [a, b) to every decoder stage overlapping them. T5 (``cross``): the encoder
+stages split the encoder stack (``num_encoder_layers``) and the decoder stages the decoder
+stack; every decoder layer's cross-attention K/V comes from the FINAL encoder output, so only
+the last encoder stage hands KV on (it holds the decoder layers' cross K/V projections, nothing
+else of them): each decoder stage gets the cross K/V of its own layers, in one KVHandoff of the
+existing format (``cross_k``/``cross_v``, as a whole-model T5 encoder worker's). The decoder
+pipeline then samples the first token from the decoder start token (``start_token``), so no
+new wire field carries the encoder output to the decoder stages.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +25,18 @@ Range = tuple[int, int]
 
 @dataclass(frozen=True)
 class WaaLayout:
-    """Each encoder stage's and each decoder stage's layers, [lo, hi), in pipeline order."""
+    """Each encoder stage's and each decoder stage's layers, [lo, hi), in pipeline order.
+    ``cross``: T5 (encoder stages hold encoder-stack layers; see the module docstring)."""
 
     encoder: tuple[Range, ...]
     decoder: tuple[Range, ...]
+    cross: bool = False
+    start_token: int = 0  # T5: what the first decode pass feeds (no token is out yet)
+
+    def __post_init__(self) -> None:
+        if not self.encoder or not self.decoder:
+            raise ValueError("a staged WAA layout needs at least one encoder and one decoder "
+                             "stage")
 
     @property
     def num_stages(self) -> int:
@@ -30,6 +49,8 @@ class WaaLayout:
 
     def routes(self, enc: int) -> list[tuple[int, Range]]:
         """The decoder stages encoder stage ``enc`` sends KV to, with the layers each gets."""
+        if self.cross:  # T5: the last encoder stage sends every decoder stage its layers
+            return list(enumerate(self.decoder)) if enc == len(self.encoder) - 1 else []
         lo, hi = self.encoder[enc]
         return [(k, (max(lo, c), min(hi, d))) for k, (c, d) in enumerate(self.decoder)
                 if max(lo, c) < min(hi, d)]
@@ -40,12 +61,13 @@ def waa_layout(cfg: CoordinatorConfig, model: ModelConfig) -> WaaLayout:
     dec = parse_ranges(cfg.waa_decoder_layers, "waa_decoder_layers")
     if not enc or not dec:
         raise ValueError("a staged WAA mesh needs --waa-encoder-layers and --waa-decoder-layers")
-    if model.is_encoder_decoder:
-        raise ValueError(f"{model.name} is an encoder-decoder model: staged WAA runs decoder-only "
-                         "models (run T5 with whole-model encoder and decoder workers)")
-    _check_cover(enc, model.num_layers, "waa_encoder_layers")
+    t5 = model.is_encoder_decoder
+    # T5's encoder stages split the encoder stack; decoder-only models split one stack twice
+    _check_cover(enc, model.num_encoder_layers if t5 else model.num_layers,
+                 "waa_encoder_layers")
     _check_cover(dec, model.num_layers, "waa_decoder_layers")
-    return WaaLayout(enc, dec)
+    start = model.pad_token_id if model.pad_token_id is not None else 0  # T5 starts with pad
+    return WaaLayout(enc, dec, cross=t5, start_token=start if t5 else 0)
 
 
 def staged(cfg: CoordinatorConfig) -> bool:

@@ -9,6 +9,7 @@ holding its layers, and B_m decode micro-batches in flight.
     queued --encode StagePass (B_E, sized by the BatchSizer)--> enc 0 --hidden--> ... enc E-1
            enc s --KVHandoff(its layers, per decoder stage overlapping them)--> dec k
            enc E-1 --PassDone(first tokens)--> coordinator: each request joins a micro-batch
+           (T5: enc E-1 alone hands on KV, no first token: coordinator/waa_layout.py)
     micro-batch m --decode StagePass(req_ids, last tokens, free)--> dec 0 --hidden--> ... dec D-1
            dec D-1 --PassDone(one token each)--> coordinator: relayed; micro-batch m's next
                                                   iteration starts (new arrivals merged in)
@@ -208,7 +209,8 @@ class WaaPipelineDriver:
                                                  requests=tuple(items)))
 
     def _encode_done(self, ids: tuple[str, ...], msg: P.PassDone, now: float) -> None:
-        """First tokens: relay them; requests still running join the emptiest micro-batch."""
+        """First tokens (T5: none, the lifecycle only): relay them; requests still running join
+        the emptiest micro-batch."""
         got = {u.req_id: u for u in msg.updates}
         for wire_id in ids:
             request = self.co.table.get_wire(wire_id)
@@ -239,19 +241,28 @@ class WaaPipelineDriver:
                 continue
             self._pass_id += 1
             ids = tuple(mb.running)
-            tokens = tuple(self.co.table.get_wire(r).tokens[-1] for r in ids)  # type: ignore[union-attr]
+            tokens = tuple(self._last_token(r) for r in ids)
             msg = P.StagePass(pass_id=self._pass_id, stream=mb.index, kind="decode",
                               req_ids=ids, tokens=tokens, free=tuple(mb.free))
             mb.free, mb.busy = [], self._pass_id
             self.counters["decode_passes" if ids else "free_passes"] += 1
             self.co.members.send(stage0, msg)
 
+    def _last_token(self, wire_id: str) -> int:
+        """What the request's next decode step feeds: its last token, or (T5, before the
+        decoder pipeline sampled the first one) the decoder start token."""
+        request = self.co.table.get_wire(wire_id)
+        assert request is not None  # _sync dropped the gone ones just before
+        return request.tokens[-1] if request.tokens else self.layout.start_token
+
     def _sync(self, mb: MicroBatch) -> None:
-        """Requests the coordinator answered meanwhile leave the micro-batch (and the stages)."""
+        """Requests the coordinator answered meanwhile leave the micro-batch (and the stages).
+        A decoder-only request always has its first token here; a T5 one may have none."""
         for part in (mb.running, mb.joining):
             for wire_id in list(part):
                 request = self.co.table.get_wire(wire_id)
-                if request is None or request.state is State.DONE or not request.tokens:
+                if request is None or request.state is State.DONE or (
+                        not request.tokens and not self.layout.cross):
                     part.remove(wire_id)
                     mb.free.append(wire_id)
 

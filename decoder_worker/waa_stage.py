@@ -2,10 +2,11 @@
 decoder_worker/pipeline.py plus the KV handoff between the two pipelines.
 
     encoder stage   StagePass(encode) --run--> hidden to "next" (or, on the last encoder
-                    stage, PassDone with the first tokens to the coordinator) and, for each
-                    request and route in config["pipeline"]["waa"]["routes"], a KVHandoff of
-                    the route's layers to peer "kv<k>" (decoder stage k); then the batch's KV
-                    is freed here
+                    stage, PassDone with the first tokens to the coordinator; T5: updates
+                    without a token) and, for each request and route in
+                    config["pipeline"]["waa"]["routes"], a KVHandoff of the route's layers to
+                    peer "kv<k>" (decoder stage k; T5: only the last encoder stage has routes,
+                    its handoffs carry cross K/V); then the batch's KV is freed here
     decoder stage   KVHandoff --> pending; StagePass(decode) --wait until every request's KV
                     is whole (KV_WAIT_S at most: then the pass fails like a bad pass)--> join
                     new requests --run--> hidden to "next" / PassDone with one token each
@@ -106,18 +107,22 @@ class EncoderStageLoop(StageLoop):
                            decoder_id=NEXT)
         firsts = {t.req_id: t.token for t in out.tokens}
         keep = [r for r in sp.req_ids if r in self.enc.seqs]  # the last stage dropped the
-        exports = self.enc.export_batch(keep, sp.stream) if keep else {}  # finished ones
+        # finished ones; T5's stages before the last hand on no KV (no routes)
+        exports = self.enc.export_batch(keep, sp.stream) if keep and self.routes else {}
         for req in sp.requests:
             if req.req_id in exports:
                 self.send_kv(req, exports[req.req_id], firsts.get(req.req_id, -1))
         t_sent = time.time()
         self.enc.drop(sp.req_ids)
         if self.enc.is_last:
+            sent = P.Lifecycle(t_kv_sent=t_sent)
             updates = tuple(P.TokenUpdate(req_id=t.req_id, tokens=(t.token,),
                                           finished=t.finished, finish_reason=t.reason,
-                                          lifecycle=P.Lifecycle(t_kv_sent=t_sent))
-                            for t in out.tokens)
-            self.tokens_out += len(updates)
+                                          lifecycle=sent) for t in out.tokens)
+            if not self.enc.emits_first_token:  # T5: no token yet, only the KV's lifecycle
+                updates = tuple(P.TokenUpdate(req_id=r, tokens=(), lifecycle=sent)
+                                for r in keep)
+            self.tokens_out += len(out.tokens)
             self.link.send(P.PassDone(worker_id=self.cfg.worker_id, pass_id=sp.pass_id,
                                       stream=sp.stream, kind=sp.kind, updates=updates,
                                       stage_times=times))

@@ -242,6 +242,8 @@ def load_plan(args: argparse.Namespace, model_config: dict[str, Any] | None) -> 
         f", streams {plan.microbatches}" if plan.policy in PIPELINE_POLICIES else "")
     print(f"exegpt serve: plan {plan.policy}, B_E {plan.B_E}{knobs}, groups "
           + ", ".join(f"{g.role} tp{g.tp_size} layers {list(g.layer_range)}"
+                      + (f" encoder layers {list(g.encoder_layer_range)}"  # T5
+                         if g.encoder_layer_range and g.encoder_layer_range[1] else "")
                       for g in plan.worker_groups), flush=True)
     return plan
 

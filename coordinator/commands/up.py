@@ -193,11 +193,9 @@ def _profile(args: argparse.Namespace, model: Model) -> Any:
 
 
 def runnable_problem(plan: Any, null_model: bool) -> str | None:
-    """Why this build's `serve --plan` would refuse ``plan`` (None: it runs it)."""
-    try:
-        from coordinator.plan_launch import plan_fields
-    except ImportError:
-        return None  # a serve without plan_launch validates the plan itself
+    """Why `serve --plan` would refuse ``plan`` (None: it runs it)."""
+    from coordinator.plan_launch import plan_fields
+
     try:
         plan_fields(plan, null_model=null_model, decoder_capacity=256)
     except ValueError as exc:
@@ -212,16 +210,14 @@ def _plan(args: argparse.Namespace, profile: Any, policy: str) -> Any:
     say(f"planning for {args.workload!r} under a {bound:g} s bound on {args.workers} worker(s)")
     workload = parse_workload(args.workload)
     plan = _plan_or_relax(args, workload, profile, bound, policy)
+    # serve runs every plan the planner makes (WAA on encoder/decoder workers or, when groups
+    # hold layer ranges, two pipelines of stages, T5 too; the others on stages): a problem
+    # here is a planner/runner mismatch, said before anything starts
     problem = runnable_problem(plan, args.null_model)
-    if problem is None or policy != "auto":
-        return plan  # every policy runs (WAA on encoders/decoders, the others on stages)
-    # what serve still refuses (a staged WAA plan for T5): the best plan of the other family
-    # (RRA for a refused WAA plan), said aloud
-    fallback = "rra" if plan.policy.startswith("waa") else "waa"
-    best = plan.predicted["throughput_seq_s"]
-    say(f"the best plan is {plan.policy} ({best:.2f} seq/s), which this build's `exegpt serve` "
-        f"cannot run ({problem}); planning the best {fallback.upper()} layout instead")
-    return _plan_or_relax(args, workload, profile, bound, fallback)
+    if problem is not None:
+        raise ValueError(f"the planner's {plan.policy} plan is not runnable by `exegpt serve`: "
+                         f"{problem}")
+    return plan
 
 
 def _plan_or_relax(args: argparse.Namespace, workload: Any, profile: Any, bound: float,
