@@ -8,6 +8,7 @@ so the stage never aliases the store and one store serves every rebuild.
 
     spec_from_host(model)   the model's ModelSpec with its weights in host memory
                             (loaded on the first call: the "disk" load; later calls: cached)
+    python -m common.weightstore [MODEL] [LO:HI ...|roles]   the rebuild times (docs)
 
 The cost is host memory: one full copy of the model in its source dtype beside the stage's own
 layers (SmolLM2-135M: ~0.5 GB as float32 after GGUF dequantisation). Only pipeline stage
@@ -65,6 +66,12 @@ class HostWeights:
         return self._tensors[name]
 
 
+def host_weights(cfg: Any, assign: Any) -> bool:
+    """Keep the model in host memory? When the coordinator adapts (it may re-lay out or
+    switch this worker's role live) and the worker is a single rank (a TP rank holds a shard)."""
+    return cfg.tp_size == 1 and bool(assign.config.get("host_weights"))
+
+
 def spec_from_host(model: str) -> tuple[ModelSpec, float, bool]:
     """(spec with host-memory weights, seconds this call spent loading, True if cached)."""
     if model in _STORES:
@@ -100,6 +107,26 @@ def measure(model: str, ranges: list[tuple[int, int]], dtype: str = "bfloat16") 
         print(f"host: build {layers} {build(host, layers):.2f} s")
 
 
+def measure_roles(model: str, dtype: str = "bfloat16") -> None:
+    """Print a whole-model role switch's rebuild (a WAA worker: encoder <-> decoder) from
+    disk vs from the host copy: ``python -m common.weightstore [MODEL] roles``."""
+    from common.backend_engine import EngineDecodeBackend, EngineEncodeBackend, load_spec
+
+    def build(spec: ModelSpec, cls: Any) -> float:
+        start = time.perf_counter()
+        cls(spec, dtype, "cpu").close()
+        return time.perf_counter() - start
+
+    start = time.perf_counter()
+    disk = load_spec(model)
+    read = time.perf_counter() - start
+    print(f"disk: read {read:.2f} s + build decoder {build(disk, EngineDecodeBackend):.2f} s")
+    host, first, _ = spec_from_host(model)
+    print(f"host copy (once per process): {first:.2f} s, {host.weights.nbytes / 1e6:.0f} MB")
+    for cls in (EngineEncodeBackend, EngineDecodeBackend):
+        print(f"host: build {cls.__name__} {build(host, cls):.2f} s")
+
+
 if __name__ == "__main__":
     import sys
 
@@ -110,5 +137,8 @@ if __name__ == "__main__":
         from common.models.gguf_loader import default_gguf_path
 
         name = str(default_gguf_path())
+    if sys.argv[2:] == ["roles"]:
+        measure_roles(name)
+        sys.exit(0)
     spans = [tuple(int(x) for x in a.split(":")) for a in sys.argv[2:]] or [(0, 15), (15, 30)]
     measure(name, [(a, b) for a, b in spans])

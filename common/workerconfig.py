@@ -129,6 +129,17 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
         add("--encode-cost-ms", type=float, default=float(_env("ENCODE_COST_MS", "0")))
         add("--encode-cost-ms-per-token", type=float,
             default=float(_env("ENCODE_COST_MS_PER_TOKEN", "0")))
+    if role == "encoder":  # an encoder that may become a decoder (adapt: role switch)
+        add("--kv-bind", default=_env("KV_BIND", "") or None,
+            help="bind a KV endpoint too, so the coordinator may switch this worker to the "
+                 "decoder role while serving (docs/adaptation.md); default: none")
+        add("--kv-advertise", default=os.environ.get("EXEGPT_KV_ADVERTISE"),
+            help="the endpoint encoders connect to, if not the bound one")
+        add("--decode-cost-ms", type=float, default=float(_env("DECODE_COST_MS", "0")))
+    if role == "decoder":  # (null model) costs of the encoder role, after a role switch
+        add("--encode-cost-ms", type=float, default=float(_env("ENCODE_COST_MS", "0")))
+        add("--encode-cost-ms-per-token", type=float,
+            default=float(_env("ENCODE_COST_MS_PER_TOKEN", "0")))
     if role in ("decoder", "pipeline"):
         add("--kv-bind", default=_env("KV_BIND", "tcp://127.0.0.1:*"),
             help="where encoders send KV (bind); tcp://host:* picks a free port")

@@ -28,6 +28,10 @@ A worker the coordinator declared lost (an ``unavailable`` Error while ASSIGNED:
 past its deadline, e.g. stalled, and its requests were re-run elsewhere or failed) rejoins the
 same way, as a fresh worker; a TP rank stops instead (its group was dropped as a whole and the
 other ranks may be dead, so its collectives could hang): its supervisor restarts the group.
+
+Failing fast: a worker whose compute fails (e.g. a TP collective whose peer rank died) calls
+:meth:`WorkerLink.goodbye` before exiting: an ``Error("worker_lost")`` without a req_id, on
+which the coordinator drops the worker's whole TP group at once (no heartbeat-deadline wait).
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ from common.workerkv import KVPaths
 
 _TO_COORDINATOR = b"C"
 _TO_DECODER = b"K"
+_GOODBYE = b"G"  # to the coordinator, then the link is told it left (goodbye())
+GOODBYE_WAIT_S = 1.0  # how long a failing worker waits for its goodbye to leave
 COORDINATOR_HWM = 100  # messages queued towards the coordinator before we hold back
 OUTBOX_HWM = 64  # compute-thread messages waiting for the I/O thread (then send() blocks)
 BACKLOG_LIMIT = 16  # held-back coordinator messages before the outbox stops being read
@@ -110,8 +116,11 @@ class WorkerLink(KVPaths):
         self._peers: dict[str, str] = {}
         self._thread = threading.Thread(target=self._run, name="worker-io", daemon=True)
         self._coord = self._make_coordinator_socket()
-        self._kv_in = self._bind_kv() if cfg.role in ("decoder", "pipeline") else None
+        # an encoder with --kv-bind binds too: it may be switched to the decoder role
+        self._kv_in = self._bind_kv() if cfg.kv_bind else None
         self._kv_out: dict[str, zmq.Socket] = {}
+        self._goodbye_pending = False  # I/O thread: a goodbye is queued towards the coordinator
+        self._goodbye_sent = threading.Event()
 
     # ---- compute-thread API ---------------------------------------------------------------
     def start(self) -> P.Assign:
@@ -137,12 +146,25 @@ class WorkerLink(KVPaths):
         dest = _TO_COORDINATOR if decoder_id is None else _TO_DECODER + decoder_id.encode()
         self._push.send_multipart([dest, *P.encode(msg)], copy=False)
 
+    def goodbye(self, why: str) -> bool:
+        """Tell the coordinator this worker is failing (and exiting) now, so it drops the
+        worker's whole TP group and re-runs its requests at once instead of waiting out the
+        heartbeat deadline: an ``Error("worker_lost")`` without a req_id. True once it left."""
+        if not self._thread.is_alive() or self._stop.is_set():
+            return False
+        self._push.send_multipart([_GOODBYE, *P.encode(P.Error(
+            code="worker_lost", message=f"{self.cfg.worker_id}: {why}"))], copy=False)
+        return self._goodbye_sent.wait(GOODBYE_WAIT_S)
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        for sock in [self._push, self._pull, self._coord, self._kv_in, *self._kv_out.values()]:
+        for sock in [self._push, self._pull, self._kv_in, *self._kv_out.values()]:
             if sock is not None:
                 sock.close(linger=0)
+        # a goodbye handed to zmq must still reach the coordinator (bounded)
+        self._coord.close(linger=int(GOODBYE_WAIT_S * 1000) if self._goodbye_sent.is_set()
+                          else 0)
 
     # ---- sockets --------------------------------------------------------------------------
     def _make_coordinator_socket(self) -> zmq.Socket:
@@ -178,6 +200,8 @@ class WorkerLink(KVPaths):
             self._flush_backlog()
             if self._pull in events:
                 self._drain_outbox()
+            if self._goodbye_pending and not self._backlog:
+                self._goodbye_sent.set()
             if self._kv_in is not None and self._kv_in in events:
                 self._drain_kv()
             now = time.monotonic()
@@ -254,7 +278,10 @@ class WorkerLink(KVPaths):
             self.cfg.startup_timeout_s
 
     def _send_hello(self) -> None:
-        hello = P.Hello(worker_id=self.cfg.worker_id, role=self.cfg.role,
+        role = self.cfg.role  # after a live role switch: the role assigned since
+        if self._assign is not None and self._assign.role in ("encoder", "decoder"):
+            role = self._assign.role
+        hello = P.Hello(worker_id=self.cfg.worker_id, role=role,
                         tp_rank=self.cfg.tp_rank, tp_size=self.cfg.tp_size,
                         device=self.cfg.device, pid=os.getpid(), host=socket.gethostname(),
                         kv_endpoint=self.kv_endpoint, capacity=self._capacity())
@@ -341,8 +368,8 @@ class WorkerLink(KVPaths):
             self._to_coordinator(P.encode(P.Ready(worker_id=self.cfg.worker_id,
                                                   kv_endpoint=self.kv_endpoint,
                                                   info=self._ready_info)))
-        elif not first and "relayout" in msg.config:  # a live re-layout: the loop rebuilds
-            self.inbox.put(msg)
+        elif not first and ("relayout" in msg.config or "role_switch" in msg.config):
+            self.inbox.put(msg)  # a live re-layout / role switch: the loop rebuilds
         self._assigned.set()
 
     def _same_placement(self, msg: P.Assign) -> bool:
@@ -367,7 +394,8 @@ class WorkerLink(KVPaths):
                 self.dropped += 1  # results of the lost coordinator's run
                 continue
             tag = dest.bytes
-            if tag == _TO_COORDINATOR:
+            self._goodbye_pending |= tag == _GOODBYE
+            if tag in (_TO_COORDINATOR, _GOODBYE):
                 self._to_coordinator(frames)
                 if len(self._backlog) >= BACKLOG_LIMIT:
                     return

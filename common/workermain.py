@@ -44,6 +44,14 @@ def run_worker(cfg: WorkerConfig, make_loop: Callable[[WorkerLink, P.Assign, Any
         link.ready({"pid": os.getpid(), "backend": cfg.backend})
         log.info("ready", kv_endpoint=link.kv_endpoint)
         code = int(loop.run())
+        role = cfg.role
+        while getattr(loop, "switch_to", None) is not None:  # a live role switch
+            from common.roleswitch import switch_role
+
+            log.info("role_switch", old_role=role, new_role=loop.switch_to.role)
+            role = loop.switch_to.role
+            loop = switch_role(cfg, link, loop.switch_to, log)
+            code = int(loop.run())
         log.info("exit", code=code, **loop.load())
         return code
     except Terminated as exc:
@@ -51,7 +59,14 @@ def run_worker(cfg: WorkerConfig, make_loop: Callable[[WorkerLink, P.Assign, Any
         return 0
     except (TimeoutError, ValueError, OSError) as exc:
         log.error("failed", error=str(exc))
+        link.goodbye(str(exc))
         print(f"{cfg.role} worker {cfg.worker_id}: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # e.g. a TP collective whose peer rank died: say so, then exit
+        log.exception("failed", error=f"{type(exc).__name__}: {exc}")
+        told = link.goodbye(f"{type(exc).__name__}: {exc}")  # its group is dropped at once
+        print(f"{cfg.role} worker {cfg.worker_id} failed (coordinator told: {told}): "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     finally:
         link.close()

@@ -6,18 +6,22 @@
                                (coordinator.drift); on drift start ONE re-plan
     observe_finish(request)    answered: its output length (exact, or a lower bound if failed)
                                and its time per token / the plan's TPOT (reported only)
-    tick(now)                  the coordinator's heartbeat: evaluate if arrivals stopped short
-                               of a due evaluation; give up a re-plan after its timeout
+    tick(now)                  the coordinator's heartbeat: a role switch's next step;
+                               evaluate if arrivals stopped short of a due evaluation; give up
+                               a re-plan after its timeout
 
-    drift --> replan_job (ProcessPoolExecutor, spawn: the planner's numpy/scipy search never
-              blocks the event loop) --> done callback on the loop thread --> apply
+    drift --> replan_job (coordinator.adapt_replan; ProcessPoolExecutor, spawn: the planner's
+              numpy/scipy search never blocks the event loop) --> done callback on the loop
+              thread --> apply
     apply:  same worker groups (roles, counts, tp_size, layer ranges) -> the new knobs go live
             at once: B_E and the adjustment bands (a new BatchSizer: the next encode batch uses
             it), pipeline plans' B and N_D (each stream's knobs: its next pass / RRA cycle);
             logged ``plan_switch`` with the reason, old and new knobs and the switch's cost.
             Other groups: pipeline plans on tp-1 stage workers are re-laid out live
             (coordinator.adapt_relayout / relayout: drain, migrate by recompute, re-Assign,
-            rebuild from host memory; ``plan_switch`` once done, with its cost); anything else
+            rebuild from host memory; ``plan_switch`` once done, with its cost); a WAA mesh of
+            whole-model tp-1 workers changes its encoder/decoder split by switching workers'
+            roles live (coordinator.adapt_roles: drain, migrate, re-Assign); anything else
             -> ``replan_needs_relayout`` (with the reason, that plan and its predicted gain) and
             the best knobs *for the current layout* are applied instead.
 
@@ -29,16 +33,23 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import multiprocessing
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator import adapt_relayout
+from coordinator import adapt_relayout, adapt_roles
+from coordinator.adapt_knobs import apply_knobs, gain, pred
+from coordinator.adapt_replan import (  # noqa: F401 - re-exported (callers, tests)
+    best_on_layout,
+    knobs,
+    layout,
+    planner_pool,
+    replan_job,
+    stop_planner_pool,
+)
 from coordinator.drift import DriftConfig, DriftDetector, Reference, observe, observed_spec
 from coordinator.planner.plan import Plan
 
@@ -61,109 +72,7 @@ class AdaptConfig:
             raise ValueError("replan_timeout_s must be > 0")
 
 
-def knobs(plan: Plan) -> dict[str, Any]:
-    """The knobs a plan sets that can change while serving."""
-    return {"policy": plan.policy, "B_E": plan.B_E, "N_D": plan.N_D,
-            "token_sum": plan.adjust.get("token_sum"),
-            "decode_batch": plan.adjust.get("decode_batch")}
-
-
-def layout(plan: Plan) -> tuple[Any, ...]:
-    """What re-laying out would change: policy, worker groups, B_m (WAA decode pipeline)."""
-    return (plan.policy, plan.worker_groups, plan.B_m if plan.policy.startswith("waa") else None)
-
-
 EVAL_INTERVAL_S = 0.05
-
-
-# ---- the background job (runs in a spawned process: plain values in and out) ---------------
-def warm_up() -> None:
-    """Import the planner in the pool's process before it is needed."""
-    import coordinator.planner.planning  # noqa: F401
-    import coordinator.planner.simulator  # noqa: F401
-
-
-def replan_job(plan_json: str, profile_spec: str, workload_spec: str) -> dict[str, Any]:
-    """Best plan for the observed workload (same policy, bound, SLA, workers), and, when that
-    plan needs other worker groups, the best knobs on the served layout."""
-    from coordinator.planner.analytic import parse_profile_arg
-    from coordinator.planner.planning import make_plan
-    from coordinator.planner.scheduler import InfeasibleBound
-    from coordinator.planner.workload import parse_workload
-
-    start = time.perf_counter()
-    old = Plan.from_json(plan_json)
-    profile = parse_profile_arg(profile_spec, old.profile_meta.get("dtype"))
-    workload = parse_workload(workload_spec)
-    out: dict[str, Any] = {"best": None, "on_layout": None, "infeasible": None}
-    try:
-        best = make_plan(workload, profile, old.num_workers, old.latency_bound_s,
-                         policy=old.policy, sla=old.sla)
-        out["best"] = best.to_json()
-    except InfeasibleBound as exc:
-        best, out["infeasible"] = None, str(exc)
-    if best is None or layout(best) != layout(old):
-        fit = best_on_layout(old, workload, profile)
-        out["on_layout"] = fit.to_json() if fit is not None else None
-    out["seconds"] = time.perf_counter() - start
-    return out
-
-
-NEAR_FASTEST = 0.05  # no knobs meet the bound: within this of the lowest latency, most seq/s
-
-
-def best_on_layout(old: Plan, workload: Any, profile: Any, *, num_workers: int | None = None,
-                   num_tp_workers: int | None = None, b_m: int | None = None,
-                   num_encoders: int = 0,
-                   same: Callable[[Plan], bool] | None = None) -> Plan | None:
-    """Highest throughput meeting the bound among knob changes (B_E, N_D) that keep the
-    served worker groups. If none meets it: the highest throughput among those within
-    NEAR_FASTEST of the lowest latency (flagged ``meets_bound: false`` in ``search``): the
-    lowest latency alone is typically B_E 1, trading most of the throughput for a latency a
-    few percent lower while the queue grows (docs/adaptation.md, "Re-planning").
-    ``num_encoders`` fixes WAA's encoder count (0: the WAA-C/M rule picks it per B_E).
-    ``num_workers``/``num_tp_workers``/``b_m`` and ``same`` (is a plan on the wanted layout?)
-    default to the served plan's; the live re-plan after a worker loss (coordinator.
-    replan_live) passes the workers that remain."""
-    from coordinator.planner.candidate import Candidate, WorkloadStats
-    from coordinator.planner.costs import Costs
-    from coordinator.planner.planning import plan_from
-    from coordinator.planner.rra_table import batch_grid
-    from coordinator.planner.scheduler import nd_grid
-    from coordinator.planner.simulator import simulate
-
-    stats, costs = WorkloadStats(workload), Costs(profile)
-    nds = nd_grid(stats.s_max) if old.policy == "rra" else [1]
-    workers = old.num_workers if num_workers is None else num_workers
-    tp_workers = old.search.get("num_tp_workers", 0) if num_tp_workers is None else num_tp_workers
-    micro = (old.B_m or 1) if b_m is None else b_m
-    same = same or (lambda plan: layout(plan) == layout(old))
-    found: list[tuple[float, float, Any, Any]] = []  # (latency, seq/s, candidate, metrics)
-    for b_e in batch_grid(512):
-        for n_d in nds:
-            cand = Candidate(old.policy, workers, old.search.get("tp", 1), tp_workers, b_e,
-                             n_d, micro, num_encoders if old.policy.startswith("waa") else 0)
-            m = simulate(cand, stats, costs)
-            mem_ok = not m.worker_mem_bytes or max(m.worker_mem_bytes) <= m.mem_capacity_bytes
-            if m.feasible and m.throughput_seq_s > 0 and mem_ok:
-                found.append((m.latency(old.sla), m.throughput_seq_s, cand, m))
-    if not found:
-        return None
-    meeting = [f for f in found if f[0] <= old.latency_bound_s]
-    near = min(f[0] for f in found) * (1.0 + NEAR_FASTEST)
-    # in order of preference; plans are built lazily (WAA's encoder/decoder split follows
-    # B_E, so a candidate may change the layout: skipped)
-    for pool, meets in ((sorted(meeting, key=lambda f: -f[1]), True),
-                        (sorted((f for f in found if f[0] <= near), key=lambda f: -f[1]), False),
-                        (sorted(found, key=lambda f: f[0]), False)):
-        for _, _, cand, m in pool:
-            plan = plan_from(cand, m, stats, profile, old.latency_bound_s, old.sla)
-            if same(plan):
-                if not meets:
-                    plan.search["meets_bound"] = False
-                return plan
-    return None
-
 
 # ---- the coordinator side -----------------------------------------------------------------
 class Adapter:
@@ -187,7 +96,8 @@ class Adapter:
         self.switches: list[dict[str, Any]] = []
         self.pending: dict[str, Any] | None = None
         self.relayouting: dict[str, Any] | None = None  # a re-layout in progress (its plan)
-        self.relayouts = 0  # re-layouts started (each one's epoch)
+        self.relayouts = 0  # re-layouts and role switches started (each one's epoch)
+        self.roles: adapt_roles.RoleSwitch | None = None  # a WAA role switch in progress
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._last_eval = -float("inf")
         self.warm_s: float | None = None  # how long the planner process took to start
@@ -217,7 +127,10 @@ class Adapter:
             self.step_ratios.append(measured / tpot)
 
     def tick(self, now: float) -> None:
-        """The heartbeat: evaluate if arrivals stopped short of it; re-plan timeout."""
+        """The heartbeat: a role switch's next step; evaluate if arrivals stopped short of
+        it; re-plan timeout."""
+        if self.roles is not None:
+            self.roles.step()
         self._maybe_evaluate(now)
         if self.pending is not None and now - self.pending["t_fire"] > self.cfg.replan_timeout_s:
             self.log.warning("replan_timeout", seconds=self.cfg.replan_timeout_s)
@@ -229,8 +142,9 @@ class Adapter:
         """Every ``eval_every`` arrivals, at most every EVAL_INTERVAL_S (an evaluation costs
         ~2 ms of the event loop); on drift start the background re-plan."""
         det = self.detector
-        if not det.due() or now - self._last_eval < EVAL_INTERVAL_S or self.relayouting:
-            return  # (a re-layout in progress: its plan is not serving yet)
+        if not det.due() or now - self._last_eval < EVAL_INTERVAL_S or self.relayouting or \
+                self.roles is not None:
+            return  # (a re-layout / role switch in progress: its plan is not serving yet)
         self._last_eval = now
         if det.evaluate(now) and self.pending is None:
             self._start_replan(now)
@@ -279,15 +193,18 @@ class Adapter:
                 "replan_s": round(time.perf_counter() - pending["t_mono"], 3),
                 "search_s": round(result["seconds"], 3), "pause_s": 0.0}
         if best is not None and layout(best) != layout(self.plan):
-            target = (adapt_relayout.relayout_target(self.co, self.plan, best)
-                      if self.cfg.drift.relayout
-                      else "re-layout is off (adapt option relayout=0)")
+            target = self._relayout_target(best)
+            if isinstance(target, adapt_roles.RoleTarget):  # WAA: workers switch role
+                event = self._event(target.plan, pending, cost, now)
+                adapt_roles.start(self, target, event)
+                self._rebase(now, pending["spec"])
+                return
             if not isinstance(target, str):
                 adapt_relayout.start(self, best, target, self._event(best, pending, cost, now))
                 self._rebase(now, pending["spec"])
                 return
             self.log.warning("replan_needs_relayout", plan=best.to_dict(),
-                             throughput_gain=_gain(best, fit), kept_layout=True,
+                             throughput_gain=gain(best, fit), kept_layout=True,
                              relayout_unsupported=target)
         new = best if best is not None and layout(best) == layout(self.plan) else fit
         if new is None:
@@ -309,13 +226,21 @@ class Adapter:
                 metrics.set_plan(new.to_dict(), event)
         self._rebase(now, pending["spec"])
 
+    def _relayout_target(self, best: Plan) -> Any:
+        """A pipeline re-layout, a WAA role switch, or why the served layout must stay."""
+        if not self.cfg.drift.relayout:
+            return "re-layout is off (adapt option relayout=0)"
+        if self.plan.policy.startswith("waa") and getattr(self.co, "pipeline", None) is None:
+            return adapt_roles.roles_target(self.co, self.plan, best)
+        return adapt_relayout.relayout_target(self.co, self.plan, best)
+
     def _event(self, new: Plan, pending: dict[str, Any], cost: dict[str, Any], now: float,
                old: Plan | None = None) -> dict[str, Any]:
         old = old or self.plan
         return {"reason": "; ".join(pending["reasons"]), "old": knobs(old), "new": knobs(new),
                 "t": now, "t_fire": pending["t_fire"], "relayout": None,
                 "meets_bound": new.search.get("meets_bound", True),
-                "predicted_old": _pred(old), "predicted_new": _pred(new), **cost}
+                "predicted_old": pred(old), "predicted_new": pred(new), **cost}
 
     def _rebase(self, now: float, spec: str | None = None) -> None:
         from coordinator.planner.workload import parse_workload
@@ -344,6 +269,7 @@ class Adapter:
                 "replanning": self.pending is not None, "planner_warm_s": self.warm_s,
                 "relayout": (pipeline.switch.describe() if pipeline is not None
                              and pipeline.switch is not None else None),
+                "role_switch": self.roles.describe() if self.roles is not None else None,
                 "step_time_ratio": {"median": statistics.median(ratios) if ratios else None,
                                     "count": len(ratios)},
                 "workload_spec": self.plan.workload}
@@ -365,51 +291,3 @@ class Adapter:
         if pool is not None:
             stop_planner_pool(pool)
 
-
-def planner_pool(on_warm: Callable[[], None] | None = None
-                 ) -> concurrent.futures.ProcessPoolExecutor:
-    """One spawned planner process (spawn: the coordinator's ZeroMQ threads must not be
-    forked), warming up (imports) at once; ``on_warm`` runs when it is ready."""
-    ctx = multiprocessing.get_context("spawn")
-    pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx)
-    warm = pool.submit(warm_up)
-    if on_warm is not None:
-        warm.add_done_callback(lambda _: on_warm())
-    return pool
-
-
-def stop_planner_pool(pool: concurrent.futures.ProcessPoolExecutor) -> None:
-    """A search in progress is abandoned (its process terminated), not awaited."""
-    procs = list(getattr(pool, "_processes", {}).values())
-    pool.shutdown(wait=False, cancel_futures=True)
-    for proc in procs:
-        if proc.is_alive():
-            proc.terminate()
-
-
-def apply_knobs(co: Any, plan: Plan) -> None:
-    """Install a plan's knobs in the running coordinator (on its loop thread, so between two
-    batches): WAA's BatchSizer; pipeline streams' B and N_D (RRA: from the next cycle)."""
-    from coordinator.adjust import Band, BatchSizer
-
-    ts, db = plan.adjust.get("token_sum"), plan.adjust.get("decode_batch")
-    co.sizer = BatchSizer(plan.B_E, cap=co.sizer.cap, token_sum=Band(*ts) if ts else None,
-                          decode_batch=Band(*db) if db else None)
-    pipeline = getattr(co, "pipeline", None)
-    if pipeline is not None:
-        from coordinator.streams import StreamKnobs
-
-        for stream in pipeline.streams:
-            stream.knobs = StreamKnobs(stream.knobs.policy, plan.B_E, plan.N_D or 1)
-
-
-def _pred(plan: Plan) -> dict[str, Any]:
-    p = plan.predicted
-    return {"throughput_seq_s": p.get("throughput_seq_s"), "latency_s": p.get(
-        "latency_p99len_s" if plan.sla == "b" else "latency_p99_s")}
-
-
-def _gain(best: Plan, fit: Plan | None) -> float | None:
-    if fit is None or not fit.predicted.get("throughput_seq_s"):
-        return None
-    return best.predicted["throughput_seq_s"] / fit.predicted["throughput_seq_s"] - 1.0

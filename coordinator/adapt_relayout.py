@@ -5,9 +5,9 @@ Supported live (docs/adaptation.md, "Switching live"): pipeline plans (rra, stat
 continuous) whose stages are single workers (tp 1): another number of stages (at most the
 stage workers connected; the others become spares), other layer ranges, other streams.
 Not supported, logged as ``relayout_unsupported`` with the reason, the old layout serving on
-with the best knobs it allows: WAA encoder/decoder counts (a process's role is fixed by its
-command line), tp_size changes (a TP group is formed at launch), T5 layer ranges, a switch
-between the WAA and pipeline families.
+with the best knobs it allows: staged WAA meshes (whole-model WAA meshes change their split by
+role switches: coordinator.adapt_roles), tp_size changes (a TP group is formed at launch), T5
+layer ranges, a switch between the WAA and pipeline families.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ def relayout_target(co: Any, old: Plan, new: Plan) -> tuple[Any, int] | str:
     from coordinator.relayout import stage_workers
 
     driver = getattr(co, "pipeline", None)
-    if driver is None or new.policy.startswith("waa"):
-        return ("WAA encoder/decoder counts: each worker process's role is fixed by its "
-                "command line (encoder_worker / decoder_worker)")
+    if driver is None or new.policy.startswith("waa") or old.policy.startswith("waa"):
+        return ("a staged WAA mesh (layer ranges per worker) is not re-laid out live; "
+                "whole-model WAA workers switch roles (coordinator.adapt_roles)")
     if any(g.role != "pipeline" or g.tp_size != 1 for g in new.worker_groups):
         return "the new plan has tensor-parallel stages (tp_size > 1): TP groups form at launch"
     if any(g.tp_size != 1 for g in old.worker_groups):
@@ -75,7 +75,7 @@ def finish(adapter: Any, new: Plan, event: dict[str, Any], cost: dict[str, Any])
     """The switch ended: adopt the plan and log ``plan_switch`` with its cost, or log why not."""
     import time
 
-    from coordinator.adapt import apply_knobs
+    from coordinator.adapt_knobs import apply_knobs
 
     co = adapter.co
     relayout = {k: v for k, v in cost.items() if k != "ok"}

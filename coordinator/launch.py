@@ -251,6 +251,11 @@ class LaunchSpec:
         elif group.role == "encoder":
             argv += ["--encode-cost-ms", str(self.encode_cost_ms),
                      "--encode-cost-ms-per-token", str(self.encode_cost_ms_per_token)]
+            if "--adapt" in self.coordinator_args and group.tp_size == 1:
+                # may be switched to the decoder role live (coordinator.adapt_roles)
+                argv += ["--kv-bind", (f"ipc://{self.ipc_dir}/kv-{worker_id}"
+                                       if self.transport == "ipc" else f"tcp://{self.host}:*"),
+                         "--decode-cost-ms", str(self.decode_cost_ms)]
         else:
             kv = (f"ipc://{self.ipc_dir}/kv-{worker_id}"
                   if self.transport == "ipc" else f"tcp://{self.host}:*")

@@ -12,6 +12,9 @@ changes, every encoder gets a fresh Assign whose ``peers`` map decoder id -> KV 
 on the same ordered pipe as the EncodeBatches, so an encoder always knows a decoder before a
 batch names it). A worker silent for ``heartbeat_timeout_s`` is lost: the requests it held are
 answered with a WorkerLost error and the other workers are told to cancel their part.
+Two faster paths lead to the same loss: a worker that fails says goodbye (an Error
+``worker_lost`` without a req_id, e.g. a TP rank whose collective broke), and a worker process
+on this host is watched by a pidfd (coordinator/exitwatch.py), so a SIGKILL is seen at once.
 
 Restarts. Every Heartbeat and Assign names this coordinator's ``instance``. A worker that hears
 from another instance (or from nobody for its heartbeat deadline) drops what it held and says
@@ -34,6 +37,7 @@ from common import protocol as P
 from common.errors import ProtocolError, error_from_code
 from common.logbudget import LogLimiter
 from common.procs import write_status
+from coordinator.exitwatch import ExitWatch
 from coordinator.registry import PIPELINE_ROLE, ROLES, Registry, WorkerInfo, WorkerState
 from coordinator.requests import Request
 
@@ -55,6 +59,9 @@ class Membership:
         self.limited = LogLimiter(self.log)  # per-message warnings a peer could flood
         self._lost_routes: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._pids: dict[str, int] = {}  # worker id -> the pid its last Hello named (stats)
+        self.draining: set[str] = set()  # decoders leaving their role (adapt_roles): still
+        # the encoders' KV routes until their requests are done or migrated
+        self.exits = ExitWatch(self._process_exited, self.log)  # local workers: pidfds
 
     # ---- queries --------------------------------------------------------------------------
     def ready(self, role: str) -> list[WorkerInfo]:
@@ -117,6 +124,7 @@ class Membership:
             self.send(encoder, P.Cancel(req_id=request.wire_id, reason="released"))
 
     def shutdown_all(self, reason: str) -> None:
+        self.exits.close()  # the workers exit now as told: not a loss
         for worker in self.registry:
             self.send(worker, P.Shutdown(reason=reason, drain=False))
 
@@ -209,6 +217,7 @@ class Membership:
                           kv_endpoint=msg.kv_endpoint, last_seen=time.time(), stage=stage)
         self.registry.add(info)
         self._pids[msg.worker_id] = msg.pid
+        self.exits.watch(msg.worker_id, msg.pid, msg.host)
         self.log.info("worker_hello", worker=msg.worker_id, worker_role=role, worker_pid=msg.pid,
                       host=msg.host, tp_rank=msg.tp_rank, tp_size=msg.tp_size)
         write_status(self.cfg.ready_fd, "hello", worker=msg.worker_id, role=role)
@@ -220,13 +229,17 @@ class Membership:
             assign = self.co.pipeline.assign(info)
             return dataclasses.replace(assign, config={**assign.config,
                                                        "instance": self.co.instance})
-        peers = ({d.worker_id: d.kv_endpoint for d in self.registry.ready("decoder")
-                  if d.kv_endpoint} if info.role == "encoder" else {})
+        peers = ({d.worker_id: d.kv_endpoint for d in self.registry if d.role == "decoder"
+                  and d.kv_endpoint and (d.state is WorkerState.READY
+                                         or d.worker_id in self.draining)}
+                 if info.role == "encoder" else {})
         return P.Assign(worker_id=info.worker_id, role=info.role, tp_rank=info.tp_rank,
                         tp_size=info.tp_size, peers=peers,
                         heartbeat_interval_s=self.cfg.heartbeat_interval_s,
                         config={"model": self.co.model.to_dict(),
-                                "instance": self.co.instance})
+                                "instance": self.co.instance,
+                                # adapting: keep the weights in host memory (role switch)
+                                "host_weights": bool(self.cfg.adapt)})
 
     def on_ready(self, worker: WorkerInfo, msg: P.Ready) -> None:
         worker.state = WorkerState.READY
@@ -238,7 +251,9 @@ class Membership:
             self._update_encoders()
         if self.co.pipeline is not None:
             self.co.pipeline.on_stage_ready(worker, msg.info)  # peers refresh; re-layout
-        self._replan("join", worker)  # a replacement or a rejoin (not the startup ones)
+        roles = getattr(self.co.adapter, "roles", None)  # a live role switch (adapt_roles)
+        if roles is None or not roles.on_ready(worker, msg.info or {}):
+            self._replan("join", worker)  # a replacement or a rejoin (not the startup ones)
         self._check_serving()
 
     def _update_encoders(self) -> None:
@@ -249,13 +264,22 @@ class Membership:
     def _check_serving(self) -> None:
         if self.serving:
             return
-        need = {"encoder": self.cfg.num_encoders, "decoder": self.cfg.num_decoders}
-        if (self.co.pipeline.stages_ready() if self.co.pipeline is not None else
-                all(self.registry.count_ready(role) >= n for role, n in need.items())):
+        if self.co.pipeline.stages_ready() if self.co.pipeline is not None else \
+                self._waa_ready():
             self.serving = True
             self.log.info("serving", workers=len(self.registry))
             write_status(self.cfg.ready_fd, "ready", client_endpoint=self.co.client_endpoint,
                          worker_endpoint=self.co.worker_endpoint, workers=self.describe())
+
+    def _waa_ready(self) -> bool:
+        """The launch's encoders and decoders are ready; adapting, the same number of workers
+        in another split also serves (roles switched live before a restart: adapt_roles)."""
+        need = {"encoder": self.cfg.num_encoders, "decoder": self.cfg.num_decoders}
+        ready = {role: self.registry.count_ready(role) for role in need}
+        if all(ready[role] >= n for role, n in need.items()):
+            return True
+        return bool(self.cfg.adapt) and min(ready.values()) >= 1 and \
+            sum(ready.values()) >= sum(need.values())
 
     def on_heartbeat(self, worker: WorkerInfo, msg: P.Heartbeat) -> None:
         if isinstance(msg.load, dict):
@@ -273,6 +297,9 @@ class Membership:
                 self.send(worker, P.Cancel(req_id=update.req_id, reason="unknown request"))
 
     def on_worker_error(self, worker: WorkerInfo, msg: P.Error) -> None:
+        if msg.code == "worker_lost" and msg.req_id is None:  # its goodbye: failing, exiting
+            self.lose(worker, f"failed: {msg.message}")
+            return
         self.limited.warning("worker_error", worker=worker.worker_id, code=msg.code,
                          req_id=msg.req_id, error=msg.message)
         request = self.co.table.get_wire(msg.req_id) if msg.req_id else None
@@ -294,12 +321,22 @@ class Membership:
         for worker in self.registry.silent(now, self.cfg.heartbeat_timeout_s):
             self.lose(worker, f"silent for {now - worker.last_seen:.1f} s")
 
+    def _process_exited(self, worker_id: str, pid: int) -> None:
+        """A local worker's process ended (its pidfd): lost now, not at the deadline."""
+        worker = self.registry.get(worker_id)
+        if worker is not None and self._pids.get(worker_id) == pid:
+            self.lose(worker, f"process {pid} exited")
+
     def lose(self, worker: WorkerInfo, why: str) -> None:
         """Drop a worker (and its TP group): re-run what it held elsewhere (or fail it when
-        no worker of its role is left), re-route the rest."""
+        no worker of its role is left), re-route the rest. Triggers: the heartbeat deadline,
+        the worker's goodbye (an ``Error("worker_lost")`` without a req_id), the exit of a
+        local worker's process (coordinator/exitwatch.py), or a new session of the worker."""
         held: list[tuple[str, Request]] = []
         for member in self.registry.group_of(worker):
             self.registry.remove(member.worker_id)
+            if why != "re-registered":
+                self.exits.forget(member.worker_id)
             if why != "re-registered":
                 self._lost_routes[member.routing_id] = None
                 while len(self._lost_routes) > MAX_LOST_ROUTES:

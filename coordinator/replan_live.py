@@ -4,12 +4,12 @@
         --> LiveReplanner.changed(kind, worker)    generation += 1; one re-plan DEBOUNCE_S
                                                     after the first change (a burst: one)
         --> _fire: the READY workers per role       impossible? -> ``replan_skipped`` (why)
-        --> live_replan_job in a spawned planner process (coordinator.adapt.planner_pool):
+        --> live_replan_job in a spawned planner process (coordinator.adapt_replan.planner_pool):
             the best knobs of the served plan's policy, bound, SLA and workload on the live
             layout (E encoders, D decoders: the WAA split fixed to what is alive)
         --> done callback on the loop thread: the worker set changed since? -> discarded
             (the newer change has its own re-plan) ``replan_discarded``
-        --> new knobs go live at once (coordinator.adapt.apply_knobs: a new BatchSizer, the
+        --> new knobs go live at once (coordinator.adapt_knobs.apply_knobs: a new BatchSizer, the
             next encode batch uses it; no pause); the plan for the live layout becomes the
             served plan (the adapter re-plans from it, stats compare with its predictions)
         log ``replan_after_loss`` / ``replan_after_join``: live counts, old/new knobs,
@@ -54,7 +54,7 @@ def live_replan_job(plan_json: str, profile_spec: str, num_encoders: int, num_de
                     num_tp_workers: int) -> dict[str, Any]:
     """The best knobs of the served plan (policy, bound, SLA, workload) on ``num_encoders``
     encoder and ``num_decoders`` decoder workers; None when nothing fits in memory."""
-    from coordinator.adapt import best_on_layout
+    from coordinator.adapt_replan import best_on_layout
     from coordinator.planner.analytic import parse_profile_arg
     from coordinator.planner.workload import parse_workload
 
@@ -205,7 +205,8 @@ class LiveReplanner:
 
     def apply(self, ctx: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
         """Install the knobs for the live layout (when they differ) and log the event."""
-        from coordinator.adapt import _pred, apply_knobs, knobs
+        from coordinator.adapt_knobs import apply_knobs, pred
+        from coordinator.adapt_replan import knobs
 
         old = ctx["plan"]
         new = Plan.from_json(result["on_layout"]) if result["on_layout"] else None
@@ -213,8 +214,8 @@ class LiveReplanner:
         record = {"encoders": live["encoders"], "decoders": live["decoders"],
                   "workers": ctx["workers"], "old": knobs(old),
                   "new": knobs(new) if new is not None else None,
-                  "predicted_old": _pred(old),
-                  "predicted_new": _pred(new) if new is not None else None,
+                  "predicted_old": pred(old),
+                  "predicted_new": pred(new) if new is not None else None,
                   "meets_bound": new.search.get("meets_bound", True) if new else None,
                   "replan_s": round(time.perf_counter() - ctx["t_mono"], 3),
                   "search_s": round(result["seconds"], 3), "pause_s": 0.0, "t": time.time()}
@@ -256,7 +257,7 @@ class LiveReplanner:
 
     def _ensure_pool(self) -> concurrent.futures.Executor:
         if self._pool is None:
-            from coordinator.adapt import planner_pool
+            from coordinator.adapt_replan import planner_pool
 
             self._pool = planner_pool()
         return self._pool
@@ -267,7 +268,7 @@ class LiveReplanner:
             self._timer = None
         pool, self._pool = self._pool, None
         if isinstance(pool, concurrent.futures.ProcessPoolExecutor):
-            from coordinator.adapt import stop_planner_pool
+            from coordinator.adapt_replan import stop_planner_pool
 
             stop_planner_pool(pool)
         elif pool is not None:

@@ -65,12 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             if cfg.tp_rank > 0 and cfg.backend == "engine":
                 return FollowerLoop(stage_backend)  # rank 0 of its TP group carries the data
             return StageLoop(cfg, link, stage_backend, log)
-        from decoder_worker.worker import DecoderLoop, build_backend
+        from decoder_worker.worker import make_loop as make_role_loop
 
-        backend = build_backend(cfg, assign)
-        if cfg.tp_rank > 0 and cfg.backend == "engine":
-            return FollowerLoop(backend)
-        return DecoderLoop(cfg, link, backend, log)
+        return make_role_loop(cfg, link, assign, log)
 
     return run_worker(cfg, make_loop)
 

@@ -21,15 +21,17 @@ from common.backend import DecodeBackend, DecodeSeq, NullDecodeBackend, NullShap
 from common.models.config import ModelConfig
 from common.workerconfig import WorkerConfig
 from common.workerlink import Rejoin, Stop, WorkerLink
-from common.workermain import check_same_model, stop_code
+from common.workermain import FollowerLoop, check_same_model, stop_code
 
 
 def build_backend(cfg: WorkerConfig, assign: P.Assign) -> DecodeBackend:
     if cfg.backend == "engine":
         from common.backend_engine import EngineDecodeBackend, load_spec
+        from common.weightstore import host_weights, spec_from_host
 
         assert cfg.model is not None
-        spec = load_spec(cfg.model)
+        spec = load_spec(cfg.model) if not host_weights(cfg, assign) else \
+            spec_from_host(cfg.model)[0]
         check_same_model(spec.config, assign)
         if cfg.tp_size == 1:
             return EngineDecodeBackend(spec, cfg.dtype, cfg.device)
@@ -42,6 +44,15 @@ def build_backend(cfg: WorkerConfig, assign: P.Assign) -> DecodeBackend:
     model = ModelConfig.from_dict(assign.config["model"])
     shape = NullShape(model, tp_rank=cfg.tp_rank, tp_size=cfg.tp_size)
     return NullDecodeBackend(shape, cfg.decode_cost_ms)
+
+
+def make_loop(cfg: WorkerConfig, link: WorkerLink, assign: P.Assign,
+              log: Any) -> DecoderLoop | FollowerLoop:
+    """The decoder role's backend and loop (at startup, or after a live role switch)."""
+    backend = build_backend(cfg, assign)
+    if cfg.tp_rank > 0 and cfg.backend == "engine":
+        return FollowerLoop(backend)
+    return DecoderLoop(cfg, link, backend, log)
 
 
 class DecoderLoop:
@@ -60,6 +71,7 @@ class DecoderLoop:
         self._pending: dict[str, P.TokenUpdate] = {}  # first tokens not yet published
         self._held: dict[str, list[int]] = {}  # tokens waiting for the interval / congestion
         self._live: set[str] = set()  # sequences in the backend (dropped on a Rejoin)
+        self.switch_to: P.Assign | None = None  # a live role switch (common.roleswitch)
         link.load = self.load
 
     def load(self) -> dict[str, Any]:
@@ -108,6 +120,11 @@ class DecoderLoop:
             self.log.warning("dropping_all", reason=msg.reason, sequences=len(self._live))
             for req_id in list(self._live) + list(self._pending):
                 self.drop(req_id)
+        elif isinstance(msg, P.Assign):  # a role switch: the coordinator migrated the rest
+            self.log.info("role_switch_drop", sequences=len(self._live))
+            for req_id in list(self._live) + list(self._pending):
+                self.drop(req_id)
+            self.switch_to, self.exit_code = msg, 0
         elif (code := stop_code(msg, self.log)) is not None:
             self.exit_code = code
         else:

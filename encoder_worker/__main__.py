@@ -10,7 +10,8 @@ from common import protocol as P
 from common import workerconfig
 from common.workerlink import WorkerLink
 from common.workermain import FollowerLoop, run_worker
-from encoder_worker.worker import EncoderLoop, build_backend
+from encoder_worker.worker import EncoderLoop
+from encoder_worker.worker import make_loop as make_role_loop
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,10 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
 
     def make_loop(link: WorkerLink, assign: P.Assign, log: Any) -> EncoderLoop | FollowerLoop:
-        backend, shape = build_backend(cfg, assign)
-        if cfg.tp_rank > 0 and cfg.backend == "engine":
-            return FollowerLoop(backend)  # rank 0 of its TP group carries the data
-        return EncoderLoop(cfg, link, backend, shape, log)
+        return make_role_loop(cfg, link, assign, log)
 
     return run_worker(cfg, make_loop)
 

@@ -19,7 +19,7 @@ from common.backend import EncodeBackend, Encoded, EncodeItem, NullEncodeBackend
 from common.models.config import ModelConfig
 from common.workerconfig import WorkerConfig
 from common.workerlink import Rejoin, Stop, WorkerLink
-from common.workermain import check_same_model
+from common.workermain import FollowerLoop, check_same_model
 
 MAX_CANCELLED = 65536
 IDLE_TICK_S = 1.0  # the backend's idle() runs this often while no batch comes
@@ -28,9 +28,11 @@ IDLE_TICK_S = 1.0  # the backend's idle() runs this often while no batch comes
 def build_backend(cfg: WorkerConfig, assign: P.Assign) -> tuple[EncodeBackend, NullShape]:
     if cfg.backend == "engine":
         from common.backend_engine import EngineEncodeBackend, load_spec
+        from common.weightstore import host_weights, spec_from_host
 
         assert cfg.model is not None
-        spec = load_spec(cfg.model)
+        spec = load_spec(cfg.model) if not host_weights(cfg, assign) else \
+            spec_from_host(cfg.model)[0]
         check_same_model(spec.config, assign)
         shape = NullShape(spec.config, tp_rank=cfg.tp_rank, tp_size=cfg.tp_size)
         if cfg.tp_size == 1:
@@ -45,6 +47,15 @@ def build_backend(cfg: WorkerConfig, assign: P.Assign) -> tuple[EncodeBackend, N
     return NullEncodeBackend(shape, cfg.encode_cost_ms, cfg.encode_cost_ms_per_token), shape
 
 
+def make_loop(cfg: WorkerConfig, link: WorkerLink, assign: P.Assign,
+              log: Any) -> EncoderLoop | FollowerLoop:
+    """The encoder role's backend and loop (at startup, or after a live role switch)."""
+    backend, shape = build_backend(cfg, assign)
+    if cfg.tp_rank > 0 and cfg.backend == "engine":
+        return FollowerLoop(backend)  # rank 0 of its TP group carries the data
+    return EncoderLoop(cfg, link, backend, shape, log)
+
+
 class EncoderLoop:
     """One compute loop; everything it sends goes through the link's I/O thread."""
 
@@ -55,6 +66,7 @@ class EncoderLoop:
         self.requests_done = 0
         self.kv_bytes_sent = 0  # KV payload bytes handed to decoders (`exegpt stats`)
         self.cancelled: dict[str, None] = {}  # insertion-ordered, bounded by MAX_CANCELLED
+        self.switch_to: P.Assign | None = None  # a live role switch (common.roleswitch)
         link.load = self.load
 
     def load(self) -> dict[str, Any]:
@@ -85,6 +97,9 @@ class EncoderLoop:
                 self.cancel(msg.req_id)
             elif isinstance(msg, P.EncodeBatch):
                 self.encode_batch(msg)
+            elif isinstance(msg, P.Assign):  # a role switch: the coordinator drained us
+                self.switch_to = msg
+                return 0
             elif isinstance(msg, Rejoin):  # a new coordinator counts our batches from 0
                 self.log.warning("rejoining", reason=msg.reason)
                 self.batches_done = 0
