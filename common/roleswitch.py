@@ -14,6 +14,11 @@ wants another encoder/decoder split::
 The process keeps its link (sockets, id, heartbeats): a worker that may become a decoder was
 started with a KV endpoint (``--kv-bind``). The roles' loops are found by module name, so the
 role packages still never import each other.
+
+A staged WAA stage worker's live re-layout (coordinator.relayout.WaaRelayout) takes the same
+path: its loop returns with the re-Assign (``config["relayout"]`` = epoch; the stage's side,
+index, layer range and KV routes), ``relayout_stage`` builds the new stage's loop from host
+memory --> Ready(info={"relayout": epoch, "reload_s": ...}).
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ def role_config(cfg: WorkerConfig, assign: P.Assign) -> WorkerConfig:
 
 def switch_role(cfg: WorkerConfig, link: WorkerLink, assign: P.Assign, log: Any) -> Any:
     """Build the new role's loop and say Ready with the rebuild time; returns the loop."""
+    if "relayout" in assign.config:
+        return relayout_stage(cfg, link, assign, log)
     start = time.perf_counter()
     new_cfg = role_config(cfg, assign)
     gc.unfreeze()  # the old role's backend is garbage now
@@ -57,4 +64,23 @@ def switch_role(cfg: WorkerConfig, link: WorkerLink, assign: P.Assign, log: Any)
                 "role_switch": assign.config.get("role_switch"), "reload_s": reload_s})
     log.info("role_switched", new_role=assign.role, epoch=assign.config.get("role_switch"),
              reload_s=round(reload_s, 4), capacity=new_cfg.capacity)
+    return loop
+
+
+def relayout_stage(cfg: WorkerConfig, link: WorkerLink, assign: P.Assign, log: Any) -> Any:
+    """A staged WAA stage's new loop (another side / range); Ready with the rebuild time."""
+    start = time.perf_counter()
+    epoch = assign.config.get("relayout")
+    gc.unfreeze()  # the old stage's backend (and its KV) is garbage now
+    gc.collect()
+    module = importlib.import_module("decoder_worker.waa_stage")
+    loop = module.build_waa_loop(cfg, link, assign, log)
+    gc.collect()
+    gc.freeze()
+    reload_s = round(time.perf_counter() - start, 4)
+    waa = assign.config["pipeline"]["waa"]
+    log.info("relayout", epoch=epoch, side=waa["side"], index=waa["index"],
+             layer_range=assign.layer_range, reload_s=reload_s)
+    link.ready({"pid": os.getpid(), "backend": cfg.backend, "relayout": epoch,
+                "reload_s": reload_s})
     return loop

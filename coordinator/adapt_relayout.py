@@ -3,11 +3,12 @@ groups, and the ``plan_switch`` once it has (coordinator.relayout does the switc
 
 Supported live (docs/adaptation.md, "Switching live"): pipeline plans (rra, static,
 continuous) whose stages are single workers (tp 1): another number of stages (at most the
-stage workers connected; the others become spares), other layer ranges, other streams.
-Not supported, logged as ``relayout_unsupported`` with the reason, the old layout serving on
-with the best knobs it allows: staged WAA meshes (whole-model WAA meshes change their split by
-role switches: coordinator.adapt_roles), tp_size changes (a TP group is formed at launch), T5
-layer ranges, a switch between the WAA and pipeline families.
+stage workers connected; the others become spares), other layer ranges, other streams; staged
+WAA plans on tp-1 stage workers: another encoder/decoder stage split, other ranges, other B_m,
+on the same number of workers (whole-model WAA meshes change their split by role switches:
+coordinator.adapt_roles). Not supported, logged as ``relayout_unsupported`` with the reason,
+the old layout serving on with the best knobs it allows: tp_size changes (a TP group is formed
+at launch), T5 layer ranges, a switch between the WAA and pipeline families.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ def relayout_target(co: Any, old: Plan, new: Plan) -> tuple[Any, int] | str:
     from coordinator.relayout import stage_workers
 
     driver = getattr(co, "pipeline", None)
-    if driver is None or new.policy.startswith("waa") or old.policy.startswith("waa"):
-        return ("a staged WAA mesh (layer ranges per worker) is not re-laid out live; "
-                "whole-model WAA workers switch roles (coordinator.adapt_roles)")
+    if driver is not None and old.policy.startswith("waa"):
+        return waa_target(co, driver, new)
+    if driver is None or new.policy.startswith("waa"):
+        return ("a switch between the WAA and pipeline families (whole-model WAA workers "
+                "switch roles: coordinator.adapt_roles)")
     if any(g.role != "pipeline" or g.tp_size != 1 for g in new.worker_groups):
         return "the new plan has tensor-parallel stages (tp_size > 1): TP groups form at launch"
     if any(g.tp_size != 1 for g in old.worker_groups):
@@ -48,26 +51,63 @@ def relayout_target(co: Any, old: Plan, new: Plan) -> tuple[Any, int] | str:
     return StageLayout(layers), max(1, new.microbatches or len(layers))
 
 
+def waa_target(co: Any, driver: Any, new: Plan) -> tuple[Any, int] | str:
+    """(WaaLayout, B_m) of a staged WAA plan the served staged mesh can switch to, or why not:
+    every group one tp-1 stage, the same number of stages as tp-1 stage workers connected."""
+    from coordinator.plan_launch import staged_ranges
+    from coordinator.relayout import stage_workers
+    from coordinator.waa_layout import WaaLayout
+
+    if not new.policy.startswith("waa"):
+        return "a switch between the WAA and pipeline families"
+    if co.model.num_encoder_layers:
+        return "encoder-decoder (T5) layer ranges are not re-laid out live"
+    if any(g.tp_size != 1 or g.count != 1 for g in new.worker_groups):
+        return ("the new plan's groups are not single tp-1 stages (tensor-parallel or "
+                "whole-model replicas): not a staged layout of these workers")
+    workers = stage_workers(driver)
+    served = [w for w in co.members.registry if w.role == "pipeline"]
+    if len(workers) != len(served):
+        return "the served stages are tensor-parallel: TP groups form at launch"
+    if driver.switching:
+        return "a re-layout is already in progress"
+    if len(new.worker_groups) != len(workers):
+        return (f"the new plan has {len(new.worker_groups)} stages, {len(workers)} stage "
+                "workers are connected (a staged WAA re-layout keeps every worker busy)")
+    if any(not w.kv_endpoint for w in workers):
+        return "a stage worker without a KV endpoint cannot become a decoder stage"
+    try:
+        ranges = staged_ranges(new, co.model.num_layers, 0)
+        layout = WaaLayout(tuple(r for g, r in ranges if g.role == "encoder"),
+                           tuple(r for g, r in ranges if g.role == "decoder"))
+    except ValueError as exc:
+        return str(exc)
+    return layout, max(1, int(new.B_m or new.microbatches or 1))
+
+
 def start(adapter: Any, new: Plan, target: tuple[Any, int], event: dict[str, Any]) -> None:
     """Start the switch; ``plan_switch`` is logged (and the plan adopted) once it is done."""
-    from coordinator.relayout import Relayout, RelayoutConfig
+    from coordinator.relayout import Relayout, RelayoutConfig, WaaRelayout, layout_stages
     from coordinator.streams import StreamKnobs
 
     co, driver = adapter.co, adapter.co.pipeline
     layout, streams = target
     adapter.relayouts += 1
-    knobs = StreamKnobs(new.policy, new.B_E, new.N_D or 1)
+    old_stages = layout_stages(driver.layout)
 
     def done(cost: dict[str, Any]) -> None:
         adapter.relayouting = None
         finish(adapter, new, event, cost)
 
     cfg = RelayoutConfig(drain_timeout_s=adapter.cfg.drift.drain_timeout_s)
-    driver.switch = Relayout(driver, layout, streams, knobs, adapter.relayouts, done, cfg)
+    if new.policy.startswith("waa"):
+        driver.switch = WaaRelayout(driver, layout, streams, adapter.relayouts, done, cfg)
+    else:
+        knobs = StreamKnobs(new.policy, new.B_E, new.N_D or 1)
+        driver.switch = Relayout(driver, layout, streams, knobs, adapter.relayouts, done, cfg)
     adapter.relayouting = {"plan": new, "event": event}
     co.log.info("relayout_start", epoch=adapter.relayouts, reason=event["reason"],
-                old_stages=[list(r) for r in driver.layout.layers],
-                new_stages=[list(r) for r in layout.layers], streams=streams)
+                old_stages=old_stages, new_stages=layout_stages(layout), streams=streams)
     driver.schedule()  # the drain starts now (an already idle pipeline re-assigns at once)
 
 

@@ -10,8 +10,9 @@ switch to the other, one ``RoleSwitch`` for all of them::
              encoded has reached its decoder (first token seen). A decoder decodes for up to
              ``drain_timeout_s``; what it still holds is MIGRATED: released and re-queued
              under a new wire id, re-encoded from prompt + the tokens the client already has
-             (the worker-loss re-run; a stale token of the old run cannot reach the request).
-             An encoder-decoder (T5) decoder's requests finish instead (FINISH_LIMIT_S)
+             (the worker-loss re-run; a stale token of the old run cannot reach the request;
+             an encoder-decoder (T5) request re-runs from its prompt and replays the streamed
+             tokens, coordinator/requests.py)
     SWITCH   Assign(role=new, config["role_switch"]=epoch) on the worker's ordered pipe; the
              worker closes its old backend and builds the new role's one from its host-memory
              weights (common.roleswitch, common.weightstore), then says Ready
@@ -20,8 +21,9 @@ switch to the other, one ``RoleSwitch`` for all of them::
 
 No request is dropped or duplicated: a request is on its old worker, in the queue, or on a
 new run, never two; the last worker of a role never moves (the new plan has >= 1 of each).
-Not live here: staged WAA meshes (stage layer ranges), tp_size > 1 workers, an encoder started
-without a KV endpoint (it cannot become a decoder): ``relayout_unsupported`` with the reason.
+Not here: staged WAA meshes (stage layer ranges: coordinator.relayout.WaaRelayout re-lays them
+out). Not live: tp_size > 1 workers, an encoder started without a KV endpoint (it cannot become
+a decoder): ``relayout_unsupported`` with the reason.
 """
 
 from __future__ import annotations
@@ -37,10 +39,6 @@ from coordinator.registry import WorkerInfo, WorkerState
 from coordinator.replan_live import role_counts
 
 ENCODER_DRAIN_LIMIT_S = 30.0  # an encoder's queued batches should be done well before this
-# An encoder-decoder (T5) request cannot be re-run from prompt + tokens on a WAA mesh: the
-# encode backend would encode its outputs as input. A T5 decoder's requests finish instead,
-# within this, or the switch is abandoned (the worker serves on in its old role).
-FINISH_LIMIT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,8 @@ def roles_target(co: Any, old: Plan, new: Plan) -> RoleTarget | str:
     if not new.policy.startswith("waa") or not old.policy.startswith("waa"):
         return "a switch between the WAA and pipeline families"
     if getattr(co, "pipeline", None) is not None:
-        return "the served WAA mesh is staged (layer ranges per worker): not re-laid out live"
+        return ("the served WAA mesh is staged (layer ranges per worker): a re-layout "
+                "(coordinator.adapt_relayout), not a role switch")
     if any(g.tp_size != 1 for g in new.worker_groups):
         return "the new plan has tensor-parallel groups (tp_size > 1): TP groups form at launch"
     workers = [w for w in co.members.registry if w.role in ("encoder", "decoder")]
@@ -135,8 +134,6 @@ class RoleSwitch:
                 return
             if phase == "drain" and self._drained(info, elapsed):
                 self._switch(info)
-            elif not self.phase:  # failed
-                return
             elif phase == "switch" and time.perf_counter() - self.t_sent[worker_id] > \
                     self.ready_timeout_s:
                 self._fail(f"{worker_id} did not say Ready within {self.ready_timeout_s:g} s")
@@ -147,16 +144,10 @@ class RoleSwitch:
     def _drained(self, info: WorkerInfo, elapsed: float) -> bool:
         """Nothing left on the worker, or its time is up (then migrate what is left)."""
         held = self.co.table.held_by(info.worker_id)
-        finish = info.role == "decoder" and bool(self.co.model.num_encoder_layers)
-        limit = (FINISH_LIMIT_S if finish else self.drain_timeout_s if info.role == "decoder"
-                 else ENCODER_DRAIN_LIMIT_S)
+        limit = self.drain_timeout_s if info.role == "decoder" else ENCODER_DRAIN_LIMIT_S
         if held and elapsed <= limit:
             return False
-        if held and finish:
-            self._fail(f"{len(held)} requests of encoder-decoder decoder {info.worker_id} did "
-                       f"not finish within {limit:g} s (they cannot be migrated)")
-            return False
-        for request in held:  # the worker-loss re-run: new wire id, prompt + tokens so far
+        for request in held:  # the worker-loss re-run: new wire id, the tokens streamed kept
             self.co.members.release(request, cancel=True,
                                     encoding=request.encoder == info.worker_id)
             self.co.table.requeue(request)

@@ -257,7 +257,7 @@ class PipelineDriver:
         the stream; one without a first token (a stage broke the contract) fails."""
         for req_id in list(stream.running):
             request = self.co.table.get(req_id)
-            if request is not None and not request.tokens:
+            if request is not None and request.last_token is None:
                 self.co.fail(request, InternalError("the pipeline returned no first token for "
                                                     "this request", req_id=req_id))
                 request = None
@@ -363,5 +363,7 @@ def _encode_request(request: Request) -> P.EncodeRequest:
 
 
 def _last_token(request: Request | None) -> int:
-    assert request is not None and request.tokens  # _sync dropped every other case
-    return request.tokens[-1]
+    """The current run's latest token (a replaying T5 re-run's is not ``tokens[-1]``)."""
+    token = request.last_token if request is not None else None
+    assert token is not None  # _sync dropped every other case
+    return token

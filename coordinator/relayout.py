@@ -29,10 +29,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from coordinator.registry import WorkerInfo, WorkerState
+from coordinator.requests import State
 from coordinator.streams import Stream, StreamKnobs
 
 if TYPE_CHECKING:
     from coordinator.pipeline_driver import PipelineDriver, StageLayout
+    from coordinator.waa_layout import WaaLayout
+    from coordinator.waa_pipeline import WaaPipelineDriver
 
 
 @dataclass(frozen=True)
@@ -50,11 +53,12 @@ class RelayoutConfig:
 
 
 class Relayout:
-    """One switch of a PipelineDriver to a new StageLayout (phases: module docstring)."""
+    """One switch of a PipelineDriver to a new StageLayout (phases: module docstring).
+    WaaRelayout (below) is the same switch for a staged WAA mesh."""
 
-    def __init__(self, driver: PipelineDriver, layout: StageLayout, num_streams: int,
-                 knobs: StreamKnobs, epoch: int, on_done: Callable[[dict[str, Any]], None],
-                 cfg: RelayoutConfig) -> None:
+    def __init__(self, driver: Any, layout: StageLayout | WaaLayout, num_streams: int,
+                 knobs: StreamKnobs | None, epoch: int,
+                 on_done: Callable[[dict[str, Any]], None], cfg: RelayoutConfig) -> None:
         workers = stage_workers(driver)
         if layout.num_stages > len(workers):
             raise ValueError(f"the new layout has {layout.num_stages} stages but only "
@@ -69,8 +73,20 @@ class Relayout:
         self.waiting: dict[str, float] = {}  # worker id -> when its re-Assign went out
         self.reload_s: dict[str, float] = {}  # worker id -> rebuild time it reported
         self.cost: dict[str, Any] = {"migrated_requests": 0, "rerun_tokens": 0,
-                                     "drained_requests": sum(len(s.running)
-                                                             for s in driver.streams)}
+                                     "drained_requests": self._running()}
+
+    # ---- what differs between the drivers (WaaRelayout overrides these) -------------------
+    def _running(self) -> int:
+        return sum(len(s.running) for s in self.driver.streams)
+
+    def _busy(self) -> bool:
+        """A pass in flight or a request on an old stream: not re-assignable yet."""
+        return any(s.busy or s.running for s in self.driver.streams)
+
+    def _install(self) -> None:
+        assert self.knobs is not None
+        self.driver.install(self.layout, [Stream(i, self.knobs)
+                                          for i in range(self.num_streams)])
 
     @property
     def admits(self) -> bool:
@@ -90,7 +106,7 @@ class Relayout:
         if self.phase == "drain":
             if self._timed_out():
                 self._migrate()
-            if not any(s.busy or s.running for s in self.driver.streams):
+            if not self._busy():
                 self._reassign()
         elif self.phase == "reassign":
             if not self.waiting and self.driver.stages_ready():
@@ -120,8 +136,8 @@ class Relayout:
         self.cost["drain_s"] = round(time.perf_counter() - self.t0, 4)
         self.t_reassign = time.perf_counter()
         self.phase = "reassign"
-        old_stages = [list(r) for r in drv.layout.layers]
-        drv.install(self.layout, [Stream(i, self.knobs) for i in range(self.num_streams)])
+        old_stages = layout_stages(drv.layout)
+        self._install()
         workers = stage_workers(drv)
         for info in workers:  # none READY before any Assign goes out: peers start empty
             info.state = WorkerState.ASSIGNED
@@ -131,7 +147,7 @@ class Relayout:
             self.waiting[info.worker_id] = time.perf_counter()
             drv.co.members.send(info, drv.relayout_assign(info, self.epoch))
         drv.co.log.info("relayout_reassign", epoch=self.epoch, old_stages=old_stages,
-                        new_stages=[list(r) for r in self.layout.layers],
+                        new_stages=layout_stages(self.layout),
                         streams=self.num_streams, workers=len(workers), **self.cost)
 
     def on_ready(self, worker: WorkerInfo, info: dict[str, Any]) -> None:
@@ -156,7 +172,7 @@ class Relayout:
             "reload_s_per_worker": {k: round(v, 4) for k, v in self.reload_s.items()},
             "reassign_s": round(end - (self.t_reassign or end), 4),
             "pause_s": round(end - self.t0, 4),  # no request was encoded from t0 to now
-            "stages": [list(r) for r in self.layout.layers], "streams": self.num_streams})
+            "stages": layout_stages(self.layout), "streams": self.num_streams})
         self.driver.switch = None
         self.driver.on_stage_ready()
         self.on_done({"ok": True, **self.cost})
@@ -173,7 +189,70 @@ class Relayout:
                 "waiting": sorted(self.waiting), **self.cost}
 
 
-def stage_workers(driver: PipelineDriver) -> list[WorkerInfo]:
+class WaaRelayout(Relayout):
+    """The same switch for a staged WAA mesh (coordinator.waa_pipeline): the stage workers
+    get another encoder/decoder split or other layer ranges. DRAIN: no encode pass starts;
+    encode passes in flight come back (their requests join micro-batches), micro-batches
+    decode until ``drain_timeout_s``. MIGRATE: each idle micro-batch's requests are re-queued
+    as a new run (``table.requeue``: a new wire id, so a late KVHandoff of the old run, which
+    travels worker to worker, can never be taken for the new one; the new decoder stages free
+    the old ids in their first pass). REASSIGN: every worker its new side, index and range;
+    the worker swaps its stage loop (common.roleswitch). ``num_streams`` is B_m."""
+
+    def __init__(self, driver: WaaPipelineDriver, layout: WaaLayout, num_micro: int,
+                 epoch: int, on_done: Callable[[dict[str, Any]], None],
+                 cfg: RelayoutConfig) -> None:
+        workers = stage_workers(driver)
+        if layout.num_stages != len(workers):  # no spare: a WAA stage loop cannot idle
+            raise ValueError(f"the new staged WAA layout has {layout.num_stages} stages, "
+                             f"{len(workers)} tp-1 stage workers are connected")
+        self.stale: list[str] = []  # the migrated requests' old wire ids
+        super().__init__(driver, layout, num_micro, None, epoch, on_done, cfg)
+
+    def _running(self) -> int:
+        drv = self.driver
+        return len({r for ids in drv._encoding.values() for r in ids}  # noqa: SLF001
+                   | {r for mb in drv.micro for r in (*mb.running, *mb.joining)})
+
+    def _busy(self) -> bool:
+        drv = self.driver
+        return bool(drv._encoding) or any(  # noqa: SLF001
+            mb.busy is not None or mb.running or mb.joining for mb in drv.micro)
+
+    def _migrate(self) -> None:
+        """Idle micro-batches hand their requests back to the queue, as new runs, in order."""
+        drv, table = self.driver, self.driver.co.table
+        moving = []
+        for mb in drv.micro:
+            if mb.busy is not None:
+                continue  # its pass comes back first (its tokens are relayed as usual)
+            drv._sync(mb)  # noqa: SLF001 - the answered ones leave first
+            for wire_id in (*mb.running, *mb.joining):
+                request = table.get_wire(wire_id)
+                if request is not None and request.state is not State.DONE:
+                    moving.append(request)
+                    self.stale.append(wire_id)
+            mb.running, mb.joining = [], []
+        for request in reversed(moving):  # requeue puts each at the head: keep their order
+            table.requeue(request)
+            self.cost["migrated_requests"] += 1
+            self.cost["rerun_tokens"] += len(request.tokens)
+
+    def _install(self) -> None:
+        # the old micro-batches' pending frees too: a late KVHandoff of theirs is dropped
+        frees = [r for mb in self.driver.micro for r in mb.free]
+        self.driver.install(self.layout, self.num_streams, self.stale + frees)
+
+
+def layout_stages(layout: Any) -> Any:
+    """A layout's stages for logs and stats: [[lo, hi], ...] (pipeline), or per side (WAA)."""
+    if hasattr(layout, "layers"):
+        return [list(r) for r in layout.layers]
+    return {"encoder": [list(r) for r in layout.encoder],
+            "decoder": [list(r) for r in layout.decoder]}
+
+
+def stage_workers(driver: PipelineDriver | WaaPipelineDriver) -> list[WorkerInfo]:
     """The single-rank stage workers, in their current stage order (spares last)."""
     workers = [w for w in driver.co.members.registry
                if w.role == "pipeline" and w.tp_size == 1]

@@ -11,7 +11,17 @@ Request state machine (the coordinator owns it; workers only ever see a request'
                            ^     (answered with an Error, or Cancelled)        (Result sent)
                            |                                    |                          |
                            +------ worker lost, another of its role remains: re-run -------+
-                                   (prompt + tokens streamed so far, the rest of the output)
+                                   (decoder-only: prompt + tokens streamed so far, the rest of
+                                   the output; encoder-decoder: the prompt again, replayed)
+
+A re-run of an encoder-decoder (T5) request cannot append the streamed tokens to the prompt:
+they are decoder-side tokens, and the encoder would read them as input. It runs again from
+the prompt alone and *replays*: its first k tokens (k = what the client already has) are
+checked against the streamed ones and dropped, then the stream continues at index k. Greedy
+decoding regenerates the same tokens, and so does seeded sampling (each draw is seeded by
+(seed, output position), common/engine/sampling.py; an unseeded sampled request of such a
+model gets its seed here at admission). A regenerated token that differs fails the request
+(:class:`ReplayMismatch`): never a discontinuous stream.
 
 Every transition stamps a lifecycle time (``time.time()`` clock): arrival and queued at admit,
 encode start/end and KV sent from the encoder (relayed by the decoder), KV received, first
@@ -21,14 +31,27 @@ and :meth:`Request.fail` move it to DONE and the table forgets it.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
+import secrets
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from common.protocol import Lifecycle, Sampling
+
+
+class ReplayMismatch(Exception):
+    """A replaying re-run regenerated a token other than the one the client already has."""
+
+    def __init__(self, req_id: str, index: int, streamed: int, regenerated: int) -> None:
+        super().__init__(
+            f"the re-run of request {req_id} from its prompt regenerated token {regenerated} at "
+            f"output index {index}, where the client already has {streamed}; the stream "
+            "cannot continue without a discontinuity")
+        self.index, self.streamed, self.regenerated = index, streamed, regenerated
 
 
 class State(enum.Enum):
@@ -91,6 +114,8 @@ class Request:
     text_prompt: bool = False  # submitted as text: the Result carries the output as text
     attempt: int = 0  # re-runs after a worker loss (0: the first run)
     encode_sent_at: float | None = None  # time.time() its encode batch left (KV wait timeout)
+    run_start: int = 0  # output index of the current run's first token (0: replays or first)
+    run_seen: int = 0  # tokens the current run has produced (replayed ones included)
 
     @property
     def wire_id(self) -> str:
@@ -103,14 +128,27 @@ class Request:
         return f"{stem}~rerun{self.attempt}"
 
     def rerun_input(self) -> tuple[tuple[int, ...], int, int]:
-        """(prompt ids, max new tokens, output offset) of the next run: the prompt plus every
-        token the client already has, and only the tokens still owed."""
-        done = len(self.tokens)
-        return self.prompt + tuple(self.tokens), self.max_new_tokens - done, done
+        """(prompt ids, max new tokens, output offset) of the current run: the prompt plus the
+        tokens it continues from (none when it replays), and the tokens still owed."""
+        done = self.run_start
+        return self.prompt + tuple(self.tokens[:done]), self.max_new_tokens - done, done
 
-    def reset_for_rerun(self) -> None:
+    def new_run(self, replay: bool) -> None:
+        """Back to the queue for another run: it continues after the streamed tokens, or
+        (``replay``, an encoder-decoder model) regenerates them first (module docstring)."""
         self.state, self.encoder, self.decoder = State.QUEUED, None, None
-        self.attempt += 1
+        self.run_start, self.run_seen = (0 if replay else len(self.tokens)), 0
+
+    @property
+    def last_token(self) -> int | None:
+        """The current run's latest token (its next decode step's input); None before the
+        run's first token."""
+        return self.tokens[self.run_start + self.run_seen - 1] if self.run_seen else None
+
+    @property
+    def replaying(self) -> int:
+        """Tokens the current run must still regenerate before it produces new ones."""
+        return max(0, len(self.tokens) - self.run_start - self.run_seen)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -123,13 +161,23 @@ class Request:
 
     def add_tokens(self, tokens: tuple[int, ...], now: float) -> int:
         """Append a decoder's new tokens (in order: one decoder, one ordered pipe); returns
-        the output position of the first of them (the StreamChunk index)."""
+        the output position of the first new one (the StreamChunk index). A replaying run's
+        tokens the client already has are checked and dropped (ReplayMismatch if one differs);
+        ``self.tokens[start:]`` are the new ones."""
+        position = self.run_start + self.run_seen
+        known = min(len(tokens), self.replaying)
+        for i in range(known):
+            if tokens[i] != self.tokens[position + i]:
+                raise ReplayMismatch(self.req_id, position + i, self.tokens[position + i],
+                                     tokens[i])
+        self.run_seen += len(tokens)
+        fresh = tokens[known:]
         start = len(self.tokens)
-        if tokens and self.times.t_first_token is None:
+        if fresh and self.times.t_first_token is None:
             self.times.t_first_token = now
         self.state = State.DECODING
-        self.tokens.extend(tokens)
-        self.times.t_tokens.extend([now] * len(tokens))
+        self.tokens.extend(fresh)
+        self.times.t_tokens.extend([now] * len(fresh))
         return start
 
     @property
@@ -146,9 +194,13 @@ class Request:
 
 
 class RequestTable:
-    """Requests in flight by req_id, plus the FIFO of those waiting for an encoder."""
+    """Requests in flight by req_id, plus the FIFO of those waiting for an encoder.
 
-    def __init__(self) -> None:
+    ``encoder_decoder`` (the served model is T5-like): re-runs replay from the prompt, and a
+    sampled request without a seed gets one at admission so that its replay draws the same."""
+
+    def __init__(self, encoder_decoder: bool = False) -> None:
+        self.encoder_decoder = encoder_decoder
         self._by_id: dict[str, Request] = {}
         self._queue: dict[str, None] = {}  # insertion-ordered set of QUEUED req_ids
         self._per_client: Counter[bytes] = Counter()  # requests in flight per client
@@ -170,6 +222,9 @@ class RequestTable:
         if request.req_id in self._by_id:
             raise ValueError(f"request id {request.req_id!r} is already in flight; use a new id")
         now = time.time()
+        sampling = request.sampling
+        if self.encoder_decoder and sampling.temperature > 0 and sampling.seed is None:
+            request.sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
         request.times.t_queued = now
         if request.times.t_arrival is None:
             request.times.t_arrival = now
@@ -201,7 +256,8 @@ class RequestTable:
     def requeue(self, request: Request) -> None:
         """Put a request whose worker was lost back at the head of the queue, as a new run."""
         self._wire.pop(request.wire_id, None)
-        request.reset_for_rerun()
+        request.new_run(self.encoder_decoder)
+        request.attempt += 1
         self._wire[request.wire_id] = request.req_id
         self._queue = {request.req_id: None, **self._queue}
 
@@ -209,7 +265,7 @@ class RequestTable:
         """A request migrated by a pipeline re-layout (coordinator.relayout): back to the head
         of the queue in the same run (the old layout's stages no longer exist, so its id
         cannot meet a stale message); re-encoded from ``rerun_input``."""
-        request.state, request.encoder, request.decoder = State.QUEUED, None, None
+        request.new_run(self.encoder_decoder)
         self._queue = {request.req_id: None, **self._queue}
 
     def dequeue(self, request: Request) -> None:

@@ -94,7 +94,7 @@ class Coordinator(ClientHandling, RequestHandling):
         self.sizer = BatchSizer(cfg.max_encode_batch, cap=1 << 30,
                                 token_sum=Band.parse(cfg.adjust_token_sum),
                                 decode_batch=Band.parse(cfg.adjust_decode_batch))
-        self.table = RequestTable()
+        self.table = RequestTable(encoder_decoder=self.model.is_encoder_decoder)
         # who this process is: workers that see another instance's Heartbeat/Assign re-register
         # (a restart on the same ports; docs/mesh.md, "Coordinator restart")
         self.instance = uuid.uuid4().hex[:12]

@@ -17,7 +17,7 @@ from coordinator.metrics import Metrics
 from coordinator.pipeline_driver import PipelineDriver
 from coordinator.relay import Relay
 from coordinator.replan_live import LiveReplanner
-from coordinator.requests import Request, RequestTable, State
+from coordinator.requests import ReplayMismatch, Request, RequestTable, State
 from coordinator.waa_pipeline import WaaPipelineDriver
 
 MAX_RERUNS = 3  # a request whose workers keep dying (a poison request?) fails after this
@@ -78,9 +78,15 @@ class RequestHandling:
         if request is None:
             return False
         request.times.take(update.lifecycle)
-        start = request.add_tokens(update.tokens, now)
-        if request.stream and update.tokens:
-            self.relay.chunk(request, start, update.tokens)
+        try:
+            start = request.add_tokens(update.tokens, now)
+        except ReplayMismatch as exc:  # a re-run diverged: an error, never a broken stream
+            self.counters["replay_mismatch"] = self.counters.get("replay_mismatch", 0) + 1
+            self.fail(request, WorkerLost(str(exc), req_id=request.req_id))
+            return True
+        fresh = tuple(request.tokens[start:])
+        if request.stream and fresh:
+            self.relay.chunk(request, start, fresh)
         if update.finished or request.complete:
             self.finish(request, update.finish_reason or "length", now)
         return True
@@ -115,8 +121,10 @@ class RequestHandling:
 
     def rerun_or_fail(self, request: Request, lost: str, role: str, why: str) -> None:
         """A worker holding ``request`` died: run it again from its prompt plus the tokens
-        the client already has (the stream continues at the next index, nothing twice), or
-        answer WorkerLost when no worker of that role is left or it was re-run too often."""
+        the client already has (an encoder-decoder model: from its prompt, replaying those
+        tokens; coordinator/requests.py), so the stream continues at the next index with
+        nothing twice; or answer WorkerLost when no worker of that role is left or it was
+        re-run too often."""
         if request.state is State.DONE:
             return
         left = bool(self.members.ready(role))
@@ -132,7 +140,8 @@ class RequestHandling:
         self.table.requeue(request)
         self.counters["rerun"] = self.counters.get("rerun", 0) + 1
         self.log.warning("request_rerun", req_id=request.req_id, lost=lost,
-                         tokens_kept=len(request.tokens), attempt=request.attempt)
+                         tokens_kept=len(request.tokens), replay=request.replaying,
+                         attempt=request.attempt)
 
     def fail_queued_unavailable(self) -> None:
         missing = self.members.missing_roles()

@@ -21,10 +21,15 @@ and remember the id so a late KVHandoff is dropped too). A lost encoder stage fa
 requests being encoded (decoding ones carry on); a lost decoder stage fails every request the
 decoder side holds; no other pipeline exists to re-run them on (WorkerLost, as today's WAA
 when no worker of the role remains), and until the stage is back new requests are refused.
+
+Live re-layout (``switch``, coordinator.relayout.WaaRelayout, started by the adapter): a new
+plan with another encoder/decoder split or other stage ranges on the same tp-1 workers; the
+driver then stops encoding, drains or migrates, and ``install``s the new layout's tables.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -37,6 +42,7 @@ from coordinator.requests import Request, State
 from coordinator.waa_layout import waa_layout
 
 if TYPE_CHECKING:
+    from coordinator.relayout import WaaRelayout
     from coordinator.server import Coordinator
 
 ENCODE_STREAM = 0  # the encode passes' ``stream`` (encoder stages keep no request across passes)
@@ -70,6 +76,27 @@ class WaaPipelineDriver:
         self._stage_by_id: dict[str, int] = {}
         self.counters = {"encode_passes": 0, "decode_passes": 0, "free_passes": 0,
                          "failed_passes": 0}
+        self.switch: WaaRelayout | None = None  # a live re-layout in progress
+
+    # ---- re-layout (coordinator.relayout.WaaRelayout drives these) -------------------------
+    @property
+    def switching(self) -> bool:
+        return self.switch is not None
+
+    def install(self, layout: Any, num_micro: int, stale: list[str]) -> None:
+        """The new layout and micro-batches (no pass in flight, no request held). ``stale``:
+        migrated requests' old wire ids, freed in the new decoder stages' first passes (a
+        late KVHandoff of the old run is then dropped there, not kept pending)."""
+        self.layout = layout
+        self._encoding.clear()
+        self.micro = [MicroBatch(i) for i in range(max(1, num_micro))]
+        for wire_id in stale:
+            self._free_later(wire_id)
+
+    def relayout_assign(self, info: WorkerInfo, epoch: int) -> P.Assign:
+        """A re-Assign to the worker's new stage (``info.stage``): the worker swaps its loop."""
+        assign = self.assign(info)
+        return dataclasses.replace(assign, config={**assign.config, "relayout": epoch})
 
     # ---- stage workers --------------------------------------------------------------------
     def stage_of(self, msg: P.Hello) -> int:
@@ -96,7 +123,9 @@ class WaaPipelineDriver:
                         peers=peers, heartbeat_interval_s=self.co.cfg.heartbeat_interval_s,
                         config={"model": self.co.model.to_dict(),
                                 "pipeline": {"stage": s, "num_stages": self.layout.num_stages,
-                                             "waa": waa}})
+                                             "waa": waa},
+                                # --adapt may re-lay the stages out: weights in host memory
+                                "host_weights": bool(self.co.cfg.adapt)})
 
     def _lead(self, stage: int) -> WorkerInfo | None:
         return stage_lead(self.co, stage)
@@ -104,14 +133,12 @@ class WaaPipelineDriver:
     def stages_ready(self) -> bool:
         return all_stages_ready(self.co, self.layout.num_stages)
 
-    @property
-    def switching(self) -> bool:
-        """No live re-layout of a staged WAA mesh (coordinator.adapt switches B_E only)."""
-        return False
-
     def on_stage_ready(self, worker: WorkerInfo | None = None,
                        info: dict[str, Any] | None = None) -> None:
         """Once every stage is READY (again), each learns its next stage and KV routes."""
+        if self.switch is not None and worker is not None:
+            self.switch.on_ready(worker, info if isinstance(info, dict) else {})
+            return  # the switch's end refreshes every stage's peers
         if not self.stages_ready():
             return
         for s in range(self.layout.num_stages):
@@ -120,6 +147,8 @@ class WaaPipelineDriver:
                 self.co.members.send(lead, self.assign(lead))
 
     def on_stage_lost(self, worker_id: str, why: str) -> None:
+        if self.switch is not None:
+            self.switch.lost(worker_id)
         side, _ = self.layout.side(self._stage_of_id(worker_id))
         lost = [r for ids in self._encoding.values() for r in ids]
         self._encoding.clear()
@@ -141,10 +170,14 @@ class WaaPipelineDriver:
 
     # ---- encode passes --------------------------------------------------------------------
     def schedule(self) -> None:
+        if self.switch is not None:
+            self.switch.step()
+            if self.switch is not None and not self.switch.passes_allowed:
+                return
         if not self.co.members.serving or not self.stages_ready():
             return
         self._schedule_decodes()
-        while self._schedule_encode():
+        while self.switch is None and self._schedule_encode():  # re-laying out: none admitted
             pass
 
     def _held(self) -> set[str]:
@@ -253,7 +286,8 @@ class WaaPipelineDriver:
         decoder pipeline sampled the first one) the decoder start token."""
         request = self.co.table.get_wire(wire_id)
         assert request is not None  # _sync dropped the gone ones just before
-        return request.tokens[-1] if request.tokens else self.layout.start_token
+        token = request.last_token  # the current run's (a replaying re-run: not tokens[-1])
+        return token if token is not None else self.layout.start_token
 
     def _sync(self, mb: MicroBatch) -> None:
         """Requests the coordinator answered meanwhile leave the micro-batch (and the stages).
@@ -262,7 +296,7 @@ class WaaPipelineDriver:
             for wire_id in list(part):
                 request = self.co.table.get_wire(wire_id)
                 if request is None or request.state is State.DONE or (
-                        not request.tokens and not self.layout.cross):
+                        request.last_token is None and not self.layout.cross):
                     part.remove(wire_id)
                     mb.free.append(wire_id)
 
@@ -318,4 +352,5 @@ class WaaPipelineDriver:
                 "encoding": sum(len(ids) for ids in self._encoding.values()),
                 "streams": [{"running": len(m.running), "joining": len(m.joining),
                              "busy": m.busy is not None} for m in self.micro],
+                "relayout": self.switch.describe() if self.switch is not None else None,
                 **self.counters}

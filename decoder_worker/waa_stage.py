@@ -13,6 +13,10 @@ decoder_worker/pipeline.py plus the KV handoff between the two pipelines.
 
 While a decode pass waits for KV, other passes that arrive are held back in order (``later``)
 and run after it; a Shutdown or Stop ends the wait at once.
+
+A live re-layout (coordinator.relayout.WaaRelayout) re-Assigns the stage another side, index
+or layer range (``config["relayout"]``): the loop returns with ``switch_to`` (its backend and
+every KV it held go) and common.roleswitch builds the new stage's loop from host memory.
 """
 
 from __future__ import annotations
@@ -52,9 +56,11 @@ def build_waa_loop(cfg: WorkerConfig, link: WorkerLink, assign: P.Assign,
     if cfg.backend != "engine":
         raise ValueError("a staged WAA worker runs a real model (--model), not the null model")
     from common.backend_engine import load_spec
+    from common.weightstore import host_weights, spec_from_host
 
     assert cfg.model is not None and assign.layer_range is not None
-    spec = load_spec(cfg.model)
+    # an adapting coordinator may re-lay the stages out: rebuild from host memory then
+    spec = spec_from_host(cfg.model)[0] if host_weights(cfg, assign) else load_spec(cfg.model)
     check_same_model(spec.config, assign)
     layers = (int(assign.layer_range[0]), int(assign.layer_range[1]))
     side, index, count = waa["side"], int(waa["index"]), int(waa["count"])
@@ -88,7 +94,20 @@ def _check_ends(is_first: bool, is_last: bool, index: int, count: int, layers: t
                          "start / end where its place in the pipeline says")
 
 
-class EncoderStageLoop(StageLoop):
+class WaaRelayoutMixin:
+    """A staged WAA stage's re-Assign: the loop ends with ``switch_to`` (the worker's main
+    loop builds the new stage's loop: common.roleswitch), as the side may change."""
+
+    switch_to: P.Assign | None = None
+    exit_code: int | None
+
+    def relayout(self, assign: P.Assign) -> None:
+        if waa_place(assign) is None:
+            raise ValueError("a staged WAA stage was re-assigned outside a staged WAA layout")
+        self.switch_to, self.exit_code = assign, 0
+
+
+class EncoderStageLoop(WaaRelayoutMixin, StageLoop):
     """Encode passes; each request's KV goes to the decoder stages holding its layers."""
 
     def __init__(self, cfg: WorkerConfig, link: WorkerLink, backend: WaaEncoderStage, log: Any,
@@ -139,7 +158,7 @@ class EncoderStageLoop(StageLoop):
             self.kv_bytes_sent += sum(int(t.nbytes) for t in kv.tensors.values())
 
 
-class DecoderStageLoop(StageLoop):
+class DecoderStageLoop(WaaRelayoutMixin, StageLoop):
     """Decode passes of the micro-batches; requests join once their KV is whole."""
 
     def __init__(self, cfg: WorkerConfig, link: WorkerLink, backend: WaaDecoderStage,

@@ -120,4 +120,4 @@ def test_what_cannot_be_re_laid_out_says_why() -> None:
     assert "contiguous" in relayout_target(co, served, gap)
     waa = _plan((WorkerGroup("encoder", 1, 1, (0, 2)), WorkerGroup("decoder", 1, 1, (0, 2))),
                 policy="waa-c")
-    assert "not re-laid out live" in relayout_target(co, served, waa)
+    assert "WAA and pipeline families" in relayout_target(co, served, waa)

@@ -138,11 +138,14 @@ def test_what_cannot_switch_roles_live_says_why() -> None:
     assert "4 of 4" in roles_target(co, _plan(2, 2), _plan(2, 3))
 
 
-def test_an_encoder_decoder_models_decoder_finishes_its_requests_instead_of_migrating() -> None:
+def test_an_encoder_decoder_models_request_migrates_and_replays_from_its_prompt() -> None:
+    """T5: the streamed tokens are decoder-side, so the migrated request is re-encoded from
+    its prompt alone and its first tokens are replayed (checked, not sent again)."""
     co, workers = _mesh({"enc0": None}, ["dec0", "dec1", "dec2"])
     co.model = dataclasses.replace(co.model, family="t5", num_encoder_layers=2)
+    co.table.encoder_decoder = True  # as a Coordinator serving a T5 model sets it
     co.on_submit(b"client", P.Submit(req_id="a", prompt=None, prompt_ids=(5, 6),
-                                     max_new_tokens=2))
+                                     max_new_tokens=3))
     co.schedule()
     [(_, batch)] = workers.take(P.EncodeBatch)
     holder = batch.requests[0].decoder_id
@@ -151,14 +154,17 @@ def test_an_encoder_decoder_models_decoder_finishes_its_requests_instead_of_migr
     done: list[dict[str, Any]] = []
     switch = RoleSwitch(co, target, 3, 0.0, done.append)
     co.adapter = _adapter(switch)
-    switch.step()  # drain timeout 0, but a T5 request cannot be re-run: it finishes first
-    assert not workers.take(P.Assign) and co.table.get("a").attempt == 0
-    co.members._dispatch(co.members.registry.get(holder), P.DecodeTokens(
-        worker_id=holder, step=2, t_emitted=0.0,
-        updates=(P.TokenUpdate("a", (8,), finished=True, finish_reason="length"),)))
-    switch.step()
+    switch.step()  # drain timeout 0: migrated at once, the worker re-assigned
     [(route, assign)] = workers.take(P.Assign)[-1:]
     assert route == holder.encode() and assign.config["role_switch"] == 3
+    assert co.table.get("a").attempt == 1
+    co.schedule()
+    [(_, rerun)] = workers.take(P.EncodeBatch)
+    item = rerun.requests[0]
+    assert (item.req_id, item.prompt_ids, item.max_new_tokens, item.output_offset) == (
+        "a~rerun1", (5, 6), 3, 0)
+    _tokens(co, item.decoder_id, "a~rerun1", (7, 8))  # 7 replayed, 8 new
+    assert co.table.get("a").tokens == [7, 8]
 
 
 def test_a_restarted_adapting_coordinator_serves_the_switched_split() -> None:
