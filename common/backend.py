@@ -15,7 +15,9 @@ The null model never stops early: a request gets exactly ``max_new_tokens`` toke
 :func:`null_tokens` to compute the expected output of a request. A re-run after a worker loss
 (``EncodeItem.output_offset = k``: the prompt ends with the k tokens already streamed) starts at
 output position k of the original prompt, so the client's stream continues unchanged; a real
-model gets the same from prefilling prompt + streamed tokens (greedy).
+model gets the same from prefilling prompt + streamed tokens (greedy; seeded sampling too, as
+its encoder samples position k and its decoder, told the offset by ``KVHandoff.output_offset``
+-> ``DecodeSeq.output_offset``, continues at k + 1).
 """
 
 from __future__ import annotations
@@ -86,13 +88,17 @@ class DecodeSeq:
 
     req_id: str
     prompt_len: int
-    first_token: int  # produced by the encode pass (output position 0)
+    first_token: int  # produced by the encode pass (output position output_offset)
     max_new_tokens: int
     kv: dict[str, Any] = field(repr=False)
     num_generated: int = 1  # tokens produced so far, the first included
     head_range: tuple[int, int] | None = None  # KV heads the sender sent (None: this rank's)
     layer_range: tuple[int, int] | None = None  # layers the sender sent (None: this stage's)
     sampling: Any = None  # protocol.Sampling (None: greedy)
+    # a re-run's offset: first_token is output position output_offset, so the seeded draw of
+    # this run's n-th token (num_generated n) is position output_offset + n; num_generated
+    # alone counts toward max_new_tokens (which a re-run already shortened by the offset)
+    output_offset: int = 0
 
 
 class StepToken(NamedTuple):

@@ -75,7 +75,8 @@ class EngineEncodeBackend:
             check_prompt(item, self.cfg)
         sampler = Sampler()
         for item in items:
-            sampler.add(item.req_id, sampling_params(item.sampling, item.max_new_tokens))
+            sampler.add(item.req_id, sampling_params(item.sampling, item.max_new_tokens),
+                        position=item.output_offset)  # a re-run continues the seeded draws
         batch = StageBatch.from_prompts(ids, [list(item.prompt) for item in items], self.device)
         try:
             first = sampler.sample(ids, self.stage.encode(batch))
@@ -165,8 +166,9 @@ class EngineDecodeBackend:
 
     def register(self, seq: DecodeSeq) -> None:
         """Track a sequence whose KV is in the cache: its sampler and its last token."""
+        # the encoder sampled output position output_offset (0 unless a re-run): continue
         self.sampler.add(seq.req_id, sampling_params(seq.sampling, seq.max_new_tokens),
-                         position=seq.num_generated)  # the encoder sampled position 0
+                         position=seq.output_offset + seq.num_generated)
         self._seqs[seq.req_id] = seq
         self._last[seq.req_id] = seq.first_token
 

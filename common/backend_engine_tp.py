@@ -110,7 +110,8 @@ class TPEncodeBackend(EngineEncodeBackend):
             return []
         sampler = Sampler()
         for name, item in zip(names, items, strict=True):
-            sampler.add(name, sampling_params(item.sampling, item.max_new_tokens))
+            sampler.add(name, sampling_params(item.sampling, item.max_new_tokens),
+                        position=item.output_offset)  # a re-run continues the seeded draws
         first = sampler.sample(names, logits)
         lengths = {name: [e.tensors[name].shape[2] for e in exports] for name in gathered}
         split = {name: torch.split(t, lengths[name], dim=2) for name, t in gathered.items()}

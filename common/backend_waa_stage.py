@@ -114,6 +114,7 @@ class PendingKV:
     max_new_tokens: int
     sampling: P.Sampling
     arrival: float | None  # the run's t_arrival: tells a reused id's KV from a freed run's
+    output_offset: int = 0  # a re-run: the encoder sampled this output position
     parts: list[KVExport] = field(default_factory=list)
     layers: set[int] = field(default_factory=set)
     t_complete: float | None = None
@@ -148,7 +149,8 @@ class WaaDecoderStage(WaaSide):
             raise ValueError(f"KV of {h.req_id} for layers [{kv.layer_start}, {kv.layer_end}) "
                              f"does not touch this stage's layers {list(self.layers)}")
         entry = self.pending.setdefault(h.req_id, PendingKV(
-            h.prompt_len, h.max_new_tokens, h.sampling, h.lifecycle.t_arrival))
+            h.prompt_len, h.max_new_tokens, h.sampling, h.lifecycle.t_arrival,
+            h.output_offset))
         tensors = {n: t.as_torch() if hasattr(t, "as_torch") else t
                    for n, t in kv.tensors.items()}
         entry.parts.append(KVExport(req_id=h.req_id, seq_len=kv.seq_len,
@@ -195,9 +197,10 @@ class WaaDecoderStage(WaaSide):
             for part in entry.parts:
                 cache.import_(dataclasses.replace(part, req_id=name))
             if self.is_last:
-                # the encoder sampled position 0 (T5: this pass does), as whole-model WAA:
+                # the encoder sampled position output_offset (T5: this pass samples 0; its
+                # re-runs replay from 0), as whole-model WAA: the same seeded draws
                 self.sampler.add(r, sampling_params(entry.sampling, entry.max_new_tokens),
-                                 position=self.first_position)  # same seeded draws
+                                 position=entry.output_offset + self.first_position)
             self.t_kv_received[r] = entry.t_complete or time.time()
 
     # ---- leaving ------------------------------------------------------------------------

@@ -39,7 +39,7 @@ __all__ = [
     "register", "message_types", "encode", "decode", "peek_req_id",
 ]
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 
 @dataclass(frozen=True)

@@ -90,8 +90,13 @@ class KVHandoff(Message):
     sampling: Sampling
     kv: KVPayload
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    # a re-run's EncodeRequest.output_offset: first_token is output position output_offset,
+    # so the decoder's seeded draws continue at output_offset + 1 (docs/mesh.md, "Worker loss")
+    output_offset: int = 0
 
     def check(self) -> None:
+        if self.output_offset < 0:
+            raise ValueError(f"output_offset must be >= 0, got {self.output_offset}")
         if self.kv.req_id != self.req_id:
             raise ValueError(f"kv.req_id {self.kv.req_id!r} != req_id {self.req_id!r}")
 

@@ -154,7 +154,8 @@ class EncoderStageLoop(WaaRelayoutMixin, StageLoop):
                                        prompt_len=len(req.prompt_ids),
                                        max_new_tokens=req.max_new_tokens,
                                        sampling=req.sampling, kv=kv,
-                                       lifecycle=req.lifecycle), decoder_id=peer)
+                                       lifecycle=req.lifecycle,
+                                       output_offset=req.output_offset), decoder_id=peer)
             self.kv_bytes_sent += sum(int(t.nbytes) for t in kv.tensors.values())
 
 

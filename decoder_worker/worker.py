@@ -148,7 +148,7 @@ class DecoderLoop:
                         kv=dict(handoff.kv.tensors),
                         head_range=(handoff.kv.head_start, handoff.kv.head_end),
                         layer_range=(handoff.kv.layer_start, handoff.kv.layer_end),
-                        sampling=handoff.sampling)
+                        sampling=handoff.sampling, output_offset=handoff.output_offset)
         try:
             reason = self.backend.first_reason(seq)
             if reason is None:

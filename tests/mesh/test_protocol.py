@@ -165,7 +165,7 @@ def test_too_few_frames() -> None:
     assert "at least 2 frames" in _decode_error([b"\x13"])
 
 
-@pytest.mark.parametrize("version", [1, 2, 4, 0, "3", None, 3.0])
+@pytest.mark.parametrize("version", [1, 2, 3, 5, 0, "4", None, 4.0])
 def test_wrong_version(version: object) -> None:
     body = _body(CANCEL) | {"v": version}
     assert "protocol version" in _decode_error(_frames(0x13, body))
