@@ -16,6 +16,7 @@ does not depend on the values), so a decode cell at 2048 tokens needs no 2048-to
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Callable
@@ -181,8 +182,37 @@ def _extrapolate(samples: Samples, measured: list[int], s: int, b: int) -> float
     return top + slope * (b - measured[-1])
 
 
+def split_fused(cells: dict[tuple[int, int], dict[str, float]]) -> None:
+    """Attention / rest of decode cells whose layer ran fused (attn NaN: no hook inside).
+
+    A decode step's attention reads ``seq_len`` cached keys: linear in the context, while
+    the rest of the layer does not depend on it. Per batch, a least-squares line of the
+    layer time (minus its all-reduces) over the measured contexts gives the rest as its
+    intercept and the attention as the remainder at each context (clipped at 0). Needs two
+    contexts per batch (every grid has them)."""
+    by_batch: dict[int, list[int]] = defaultdict(list)
+    for (b, s), c in cells.items():
+        if math.isnan(c["attn"]):
+            by_batch[b].append(s)
+    for b, seqs in by_batch.items():
+        if len(seqs) < 2:
+            raise RuntimeError(f"a fused decode layer needs two contexts per batch to split "
+                               f"attention from the rest; batch {b} has {seqs}")
+        xs = [float(s) for s in seqs]
+        ys = [cells[(b, s)]["layer"] - cells[(b, s)]["allreduce"] for s in seqs]
+        slope, icpt = statistics.linear_regression(xs, ys)
+        rest = max(icpt, 0.0) if slope >= 0 else statistics.median(ys)
+        for s, y in zip(seqs, ys, strict=True):
+            cells[(b, s)]["attn"] = max(y - rest, 0.0)
+            cells[(b, s)]["rest"] = y - cells[(b, s)]["attn"]
+
+
 def layer_rows(samples: Samples, grid: Grid, tp: int) -> list[dict[str, Any]]:
     """The profile rows of one rank: attention grids, rest/embed/lm_head by tokens."""
+    if any(math.isnan(c["attn"]) for c in samples.enc.values()):
+        raise RuntimeError("profiling hooks inside the encode layer did not fire: the "
+                           "engine's module layout changed; update common/profiling/stages.py")
+    split_fused(samples.dec)
     rows = _enc_attn_rows(samples, grid, tp)
     rows += [_row("dec_layer_attn", tp, c["attn"], batch=b, seq_len=s)
              for (b, s), c in samples.dec.items()]

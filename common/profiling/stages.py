@@ -77,7 +77,13 @@ class ProbedStage:
     def split(self, total: float) -> PassTimes:
         p = self.probe
         layer = p.span(("layer", "pre"), ("layer", "post"))
-        attn = sum(p.span((f"in{i}", "post"), (f"out{i}", "pre")) for i in range(self.num_attn))
+        if self.num_attn and ("in0", "post") not in p.marks:
+            # a fused layer (the engine's one-C-call decode layer, common/engine/native_layer)
+            # runs no attention submodule: NaN here, split by context in layers.split_fused
+            attn = float("nan")
+        else:
+            attn = sum(p.span((f"in{i}", "post"), (f"out{i}", "pre"))
+                       for i in range(self.num_attn))
         embed = sum(p.span((f"embed{i}", "pre"), (f"embed{i}", "post"))
                     for i in range(self.num_embeds))
         head = p.span(("norm", "pre"), ("lm_head", "post")) if self.has_head else 0.0

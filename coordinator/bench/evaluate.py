@@ -124,33 +124,46 @@ class Evaluation:
                              "throughput_seq_s": m.get("throughput_seq_s"),
                              "tpot_s": m.get("tpot_s"), "load_avg_1min": run.load_avg,
                              "predicted_latency_p99len_s": plan.predicted["latency_p99len_s"],
-                             "predicted_tpot_s": plan.predicted["tpot_s"]})
+                             "predicted_tpot_s": plan.predicted["tpot_s"],
+                             "stages": len(plan.worker_groups),
+                             **self._encode_passes(run, plan)})
             self.progress.step()
         lats = [x["latency_s"] for x in baseline if x.get("latency_s") is not None]
-        factor = self._calibrate(baseline)
-        if factor is None:
+        fit = self._calibrate(baseline)
+        if fit is None:
             return {"mode": "auto", "bounds": B.percentile_bounds(lats), "baseline": baseline,
                     "calibration": None}
         # calibrated: the paper's grid (every batch size), timed by the calibrated profile
         pts = B.predicted_latencies(self.setup.workload, self.setup.profile, self.cfg.workers,
                                     B.batch_cap(self.cfg.workers, self.cfg.requests))
         return {"mode": "auto", "bounds": B.percentile_bounds([lat for _, lat in pts]),
-                "baseline": baseline, "calibration": factor,
+                "baseline": baseline, "calibration": fit,
                 "calibrated_static": [{"batch": b, "latency_s": lat} for b, lat in pts]}
 
-    def _calibrate(self, baseline: list[dict[str, Any]]) -> float | None:
-        """Scale the profile by the contention the baseline runs measured (calibrate.py)."""
-        from coordinator.bench.calibrate import contention_factor, scaled_profile
+    def _encode_passes(self, run: MeshRun, plan: Any) -> dict[str, float]:
+        """The run's median encode pass, measured and predicted (calibrate.encode_passes)."""
+        from coordinator.bench.calibrate import encode_passes
 
-        factor = contention_factor(baseline) if self.cfg.calibrate else None
-        if factor is None:
+        got = encode_passes(run.repeats[-1], plan, self.setup.profile) if run.repeats else None
+        return {} if got is None else {"encode_pass_s": got[0],
+                                       "predicted_encode_pass_s": got[1]}
+
+    def _calibrate(self, baseline: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """Fit compute x c + o per stage pass to the baseline runs and plan with the profile
+        so calibrated (calibrate.py); returns the fit (results.json ``bounds.calibration``)."""
+        from coordinator.bench.calibrate import calibrated_profile, fit_pass_model
+
+        fit = fit_pass_model(baseline) if self.cfg.calibrate else None
+        if fit is None:
             return None
-        self.progress.say(f"calibration: measured time per token = {factor:.2f} x the "
-                          "profile's (CPU-time) prediction; planning with the profile scaled")
-        profile = scaled_profile(self.setup.profile, factor, "static baseline runs, tpot")
+        c, o = fit.compute_factor, fit.stage_overhead_s
+        self.progress.say(f"calibration ({fit.method}): a stage pass on the mesh takes "
+                          f"{c:.2f} x the profile's (CPU-time) compute + {o * 1e3:.1f} ms")
+        profile = calibrated_profile(self.setup.profile, fit, "static baseline runs, tpot")
         self.setup = replace(self.setup, profile=profile,
-                             profile_source=f"{self.setup.profile_source} x {factor:.3g}")
-        return factor
+                             profile_source=f"{self.setup.profile_source} x {c:.3g} "
+                                            f"+ {o * 1e3:.3g} ms/pass")
+        return fit.to_json()
 
     # ------------------------------------------------------------------ policies
     def row(self, bound: float | None, index: int, policy: str) -> dict[str, Any]:

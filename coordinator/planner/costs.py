@@ -8,6 +8,16 @@ encode) cannot overlap its fill with earlier work: its m passes leave the last s
 ``sum_s t_s + (m - 1) * max_s t_s`` (``fill_time``; m identical jobs in a flow shop).
 Decode contexts are the tokens each sequence attends to
 (decoder-only: prompt + generated so far; T5: input via cross-attention + generated).
+
+**Fixed per-pass overhead.** On the mesh every stage pass also pays a cost that does not grow
+with the batch: the coordinator's round trip, message framing, the worker's Python around the
+engine call, the stage hand-off. The profile's per-layer rows cannot see it (they time one
+layer inside one process), so it comes from the mesh itself (``coordinator/bench/calibrate.py``
+fits it from measured runs) and lives in ``meta["mesh_overhead_s"]``, one value per kind of
+pass (``PASS_KINDS``): a pipeline stage pass (RRA, static, continuous: encode or decode), a WAA
+encoder stage pass, a WAA decoder stage iteration, and a KV hand-off. Each stage pass adds its
+kind's value once; an absent key is 0 (analytic profiles, uncalibrated measured ones), which
+leaves every time bit for bit what it was.
 """
 
 from __future__ import annotations
@@ -22,6 +32,22 @@ from coordinator.planner.layout import Pipeline, Stage
 from coordinator.planner.profile import Profile
 
 MEMORY_RESERVE = 0.9  # fraction of a worker's memory usable for weights + KV (rest: workspace)
+PASS_KINDS = ("stage", "waa_encode", "waa_decode", "handoff")  # keys of meta["mesh_overhead_s"]
+
+
+def mesh_overheads(meta: dict[str, Any]) -> dict[str, float]:
+    """The fixed per-pass seconds of every kind (0.0 where the profile has none); a bad key or
+    a negative value is refused, so a typo cannot silently plan without overhead."""
+    given = meta.get("mesh_overhead_s") or {}
+    unknown = sorted(set(given) - set(PASS_KINDS))
+    if unknown:
+        raise ValueError(f"mesh_overhead_s has unknown pass kinds {unknown}; "
+                         f"known: {list(PASS_KINDS)}")
+    out = {k: float(given.get(k, 0.0)) for k in PASS_KINDS}
+    bad = {k: v for k, v in out.items() if not v >= 0.0}
+    if bad:
+        raise ValueError(f"mesh_overhead_s values must be >= 0 s, got {bad}")
+    return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -34,15 +60,24 @@ class Costs:
         object.__setattr__(self, "hidden_bytes", m.hidden_size * d)
         object.__setattr__(self, "kv_bytes", m.kv_bytes_per_token_per_layer(d))
         object.__setattr__(self, "dec_allreduces", 3 if m.is_encoder_decoder else 2)
+        object.__setattr__(self, "overhead", mesh_overheads(self.profile.meta))
+
+    def fixed(self, kind: str | None) -> float:
+        """Fixed seconds one stage pass of ``kind`` pays on the mesh (None: none, for a cost
+        that is part of a pass already charged)."""
+        return 0.0 if kind is None else self.overhead[kind]
 
     # ---- compute -----------------------------------------------------------------------------
-    def expected_encode(self, pipe: Pipeline, batch: int, stats: Any) -> list[float]:
+    def expected_encode(self, pipe: Pipeline, batch: int, stats: Any, kind: str = "stage"
+                        ) -> list[float]:
         """Per-stage encode time of ``batch`` inputs averaged over batch compositions
-        (``stats.encode_nodes``); memoised per (pipeline, batch), since the search revisits
-        each B_E often, and per distinct stage, since pipelines repeat stages."""
+        (``stats.encode_nodes``), plus the fixed overhead of a ``kind`` pass; memoised per
+        (pipeline, batch), since the search revisits each B_E often, and per distinct stage,
+        since pipelines repeat stages."""
         cache = self.__dict__.setdefault("_enc_cache", {})
         pipes = self.__dict__.setdefault("_enc_pipe_cache", {})
-        item = pipes.get((id(pipe), batch, id(stats)))
+        fixed = self.fixed(kind)
+        item = pipes.get((id(pipe), batch, id(stats), kind))
         if item is not None and item[0] is pipe and item[1] is stats:
             return item[2]
         out = []
@@ -59,16 +94,18 @@ class Costs:
                     parts[parts_key] = self._encode_parts(st.tp, batch, means, effs)
                 t = self._encode_total(parts[parts_key], layers, st.first, st.last)
                 cache[key] = (float(weights @ t), stats)
-            out.append(cache[key][0])
-        pipes[id(pipe), batch, id(stats)] = (pipe, stats, out)  # objects kept: ids stay valid
+            out.append(cache[key][0] + fixed)
+        pipes[id(pipe), batch, id(stats), kind] = (pipe, stats, out)  # objects kept: ids stay valid
         return out
 
-    def encode_stage(self, st: Stage, batch: float, mean_len: Any, eff_len: Any) -> Any:
-        """One encode pass of ``batch`` ragged inputs through this stage's encode layers
-        (``mean_len``/``eff_len`` may be arrays of scenarios: an array comes back)."""
+    def encode_stage(self, st: Stage, batch: float, mean_len: Any, eff_len: Any,
+                     kind: str | None = "stage") -> Any:
+        """One encode pass of ``batch`` ragged inputs through this stage's encode layers, plus
+        the fixed overhead of a ``kind`` pass (None: a prefill riding in a pass already
+        charged) (``mean_len``/``eff_len`` may be arrays of scenarios: an array comes back)."""
         layers = st.num_enc if self.profile.model.is_encoder_decoder else st.num_dec
         parts = self._encode_parts(st.tp, batch, mean_len, eff_len)
-        return self._encode_total(parts, layers, st.first, st.last)
+        return self._encode_total(parts, layers, st.first, st.last) + self.fixed(kind)
 
     def _encode_parts(self, tp: int, batch: float, mean_len: Any, eff_len: Any
                       ) -> dict[str, Any]:
@@ -99,29 +136,32 @@ class Costs:
             t = t + parts["send"]
         return t if np.ndim(t) else float(t)
 
-    def decode_stage(self, st: Stage, batch: np.ndarray | float, ctx: np.ndarray | float) -> Any:
-        """One decode step of ``batch`` sequences on this stage: floats in, float out; arrays
-        (one entry per step) in, array out."""
+    def decode_stage(self, st: Stage, batch: np.ndarray | float, ctx: np.ndarray | float,
+                     kind: str = "stage") -> Any:
+        """One decode step of ``batch`` sequences on this stage, plus the fixed overhead of a
+        ``kind`` pass (an empty step costs nothing): floats in, float out; arrays (one entry
+        per step) in, array out."""
+        fixed = self.fixed(kind)
         if isinstance(batch, float | int):
             if batch <= 0:
                 return 0.0
-            return float(self._decode(st, float(batch), float(ctx)))
+            return float(self._decode(st, float(batch), float(ctx)) + fixed)
         batch = np.asarray(batch, np.float64)
-        return np.where(batch > 0, self._decode(st, batch, ctx), 0.0)
+        return np.where(batch > 0, self._decode(st, batch, ctx) + fixed, 0.0)
 
     def decode_pipeline(self, pipe: Pipeline, batch: np.ndarray, ctx: np.ndarray,
-                        known: tuple[dict[int, Any], dict[tuple[str, int], Any]] | None = None
-                        ) -> list[np.ndarray]:
+                        known: tuple[dict[int, Any], dict[tuple[str, int], Any]] | None = None,
+                        kind: str = "stage") -> list[np.ndarray]:
         """decode_stage for every stage, computing each TP degree's per-layer cost once
         (``known``: per-layer costs per tp and op costs already computed, see rra_table.py)."""
         batch = np.asarray(batch, np.float64)
         alive = batch > 0
-        return self.per_stage(pipe, batch, ctx, lambda t: np.where(alive, t, 0.0), known)
+        return self.per_stage(pipe, batch, ctx, lambda t: np.where(alive, t, 0.0), known, kind)
 
     def per_stage(self, pipe: Pipeline, batch: Any, ctx: Any, finish: Callable[[Any], Any],
-                  known: tuple[dict[int, Any], dict[tuple[str, int], Any]] | None = None
-                  ) -> list[Any]:
-        """``finish(_decode(stage, batch, ctx))`` for every stage of the pipeline.
+                  known: tuple[dict[int, Any], dict[tuple[str, int], Any]] | None = None,
+                  kind: str = "stage") -> list[Any]:
+        """``finish(_decode(stage, batch, ctx) + fixed(kind))`` for every stage of the pipeline.
 
         The search's hot path. Pipelines repeat stages (same tp, layer count and position), the
         per-layer cost depends only on tp and the stage-send cost on nothing but the batch, so
@@ -137,6 +177,7 @@ class Costs:
             return ops[name, tp]
 
         done = []
+        fixed = self.fixed(kind)
         distinct, index = self._distinct_stages(pipe)
         for tp, num_dec, first, last in distinct:
             if tp not in layer:
@@ -148,7 +189,7 @@ class Costs:
                 t = t + op("lm_head", tp, batch)
             else:
                 t = t + op("stage_send", 1, batch * self.hidden_bytes)
-            done.append(finish(t))
+            done.append(finish(t + fixed))
         return [done[i] for i in index]
 
     def _distinct_stages(self, pipe: Pipeline
@@ -187,7 +228,7 @@ class Costs:
         p = self.profile
         shards = {(st.num_dec, st.tp) for st in pipe}  # stages repeat: each shard size once
         return max(float(p.op("kv_handoff", 1, tokens * self.kv_bytes * num_dec / tp))
-                   for num_dec, tp in shards)
+                   for num_dec, tp in shards) + self.fixed("handoff")
 
     # ---- memory ------------------------------------------------------------------------------
     def weight_bytes(self, st: Stage) -> float:

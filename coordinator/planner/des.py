@@ -130,19 +130,22 @@ class Sim:
         return float(self.req.t_arrival[self.next_req])
 
     # ---- stage costs -----------------------------------------------------------------------
-    def encode_times(self, pipe: Pipeline, idx: np.ndarray) -> list[float]:
+    def encode_times(self, pipe: Pipeline, idx: np.ndarray, kind: str | None = "stage"
+                     ) -> list[float]:
+        """``kind``: the fixed per-pass overhead (costs.py; None: riding in a charged pass)."""
         if idx.size == 0:
             return [0.0] * len(pipe)
         lens = self.req.in_len[idx].astype(np.float64)
         mean, eff = float(lens.mean()), float(np.sqrt((lens**2).mean()))
-        return [self.costs.encode_stage(st, idx.size, mean, eff) for st in pipe]
+        return [self.costs.encode_stage(st, idx.size, mean, eff, kind) for st in pipe]
 
-    def decode_times(self, pipe: Pipeline, active: np.ndarray, micro: int) -> list[float]:
+    def decode_times(self, pipe: Pipeline, active: np.ndarray, micro: int,
+                     kind: str = "stage") -> list[float]:
         if active.size == 0:
             return [0.0] * len(pipe)
         ctx = float((self.req.in_len[active] + self.req.generated[active] + 1).mean())
         b = active.size / micro
-        return [self.costs.decode_stage(st, b, ctx) for st in pipe]
+        return [self.costs.decode_stage(st, b, ctx, kind) for st in pipe]
 
     def run_pass(self, times: list[float], start: float, kind: str) -> float:
         """Send a pipeline pass at ``start``; returns when it leaves the last stage."""

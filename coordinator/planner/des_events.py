@@ -106,8 +106,10 @@ class StreamStep(Event):
         idx = sim.take(t, sim.cand.B_E - active.size)
         if idx.size == 0 and active.size == 0:
             return _wait_for_arrival(sim, StreamStep, self.stream, 0)
-        times = [d + e for d, e in zip(sim.decode_times(pipe, active, 1),
-                                       sim.encode_times(pipe, idx), strict=True)]
+        # one pass carries the decode step and the prefills: its fixed overhead once
+        prefill = sim.encode_times(pipe, idx, None if active.size else "stage")
+        times = [d + e for d, e in zip(sim.decode_times(pipe, active, 1), prefill,
+                                       strict=True)]
         end = sim.run_pass(times, t, "iteration")
         both = np.concatenate([active, idx])
         sim.batch_samples.append((t, both.size))
@@ -127,7 +129,7 @@ class EncoderStart(Event):
         idx = sim.take(t, sim.cand.B_E)
         if idx.size == 0:
             return _wait_for_arrival(sim, EncoderStart)
-        times = sim.encode_times(sim.pipes["encoder"], idx)
+        times = sim.encode_times(sim.pipes["encoder"], idx, "waa_encode")
         latency, period = sum(times), max(times)
         hand = sim.costs.handoff(sim.pipes["decoder"], float(sim.req.in_len[idx].sum()))
         w["in_flight"] += 1
@@ -170,7 +172,7 @@ class DecoderRound(Event):
             return events
         m = sim.cand.B_m
         sim.batch_samples.append((t, active.size))
-        times = sim.decode_times(sim.pipes["decoder"], active, m)
+        times = sim.decode_times(sim.pipes["decoder"], active, m, "waa_decode")
         span = float(round_time(times, m))
         sim.busy("decoder", [m * x for x in times], t, span, 0, m, "decode")
         w["active"] = sim.emit_tokens(active, t + span)

@@ -127,7 +127,7 @@ def waa_split_floor(cand: Candidate, stats: WorkloadStats, costs: Costs) -> floa
     if pipes is None:
         return float("inf")
     enc_pipe, dec_pipe = pipes
-    e_period = max(expected_encode(costs, enc_pipe, cand.B_E, stats))
+    e_period = max(expected_encode(costs, enc_pipe, cand.B_E, stats, "waa_encode"))
     ctx = stats.in_decode_weighted + stats.mean_age
     t0 = sum(_stage_times(costs, dec_pipe, 1e-12, ctx, 1))
     b_d = cand.B_E * stats.mean_s * min(1.0, t0 / e_period * (1.0 - 1e-6))
@@ -156,7 +156,7 @@ def _waa_rates(cand: Candidate, stats: WorkloadStats, costs: Costs
         pipes = waa_pipelines(cand, stats, costs)
         rates = None
         if pipes is not None:
-            e_period = max(expected_encode(costs, pipes[0], cand.B_E, stats))
+            e_period = max(expected_encode(costs, pipes[0], cand.B_E, stats, "waa_encode"))
             ctx = stats.in_decode_weighted + stats.mean_age
             stages = _stage_times(costs, pipes[1], cand.B_E * stats.mean_s, ctx, cand.B_m)
             flat = np.array(stages, np.float64)  # costs.round_time of floats, minus its checks
@@ -196,7 +196,7 @@ def waa_bound(cand: Candidate, max_micro: int, stats: WorkloadStats, costs: Cost
     pipes = waa_pipelines(cand, stats, costs)
     if pipes is None:
         return 0.0
-    e_period = max(expected_encode(costs, pipes[0], cand.B_E, stats))
+    e_period = max(expected_encode(costs, pipes[0], cand.B_E, stats, "waa_encode"))
     ctx = stats.in_decode_weighted + stats.mean_age
     stages = _stage_times(costs, pipes[1], cand.B_E * stats.mean_s, ctx, max_micro)
     return cand.B_E / max(e_period, sum(stages)) * (1.0 + 1e-9)
@@ -225,4 +225,4 @@ def _stage_times(costs: Costs, pipe: Pipeline, b_d: float, ctx: float, num_micro
                 ops[name, tp] = p.op(name, tp, b)
     if ("stage_send", 1) not in ops:
         ops["stage_send", 1] = p.op("stage_send", 1, b * costs.hidden_bytes)
-    return costs.per_stage(pipe, b, ctx, float, known)
+    return costs.per_stage(pipe, b, ctx, float, known, "waa_decode")

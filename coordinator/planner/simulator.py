@@ -11,7 +11,8 @@ Saturated and offline, like the paper (arrivals are the discrete-event simulator
   ``B_D = X * E[S] * round(B_D)`` at the encoder's rate X.
 - static: batch B, decode runs until the batch's longest output (E[max of B draws]); no early
   termination; SLA-(b) uses the maximum output length (the paper's rule).
-- continuous: iteration-level batching with B slots; B/E[S] prefills land in every iteration.
+- continuous: iteration-level batching with B slots; Binomial(B, 1/E[S]) prefills ride in each
+  iteration's pass; a round lasts the longest traverse or the busiest stage (``_continuous``).
 """
 
 from __future__ import annotations
@@ -66,10 +67,11 @@ def _per_worker(pipe: Pipeline, values: list[float]) -> list[float]:
     return [v for st, v in zip(pipe, values, strict=True) for _ in range(st.tp)]
 
 
-def expected_encode(costs: Costs, pipe: Pipeline, batch: int, stats: WorkloadStats
-                    ) -> list[float]:
-    """Per-stage encode time of a batch of ``batch`` inputs, averaged over batch compositions."""
-    return costs.expected_encode(pipe, batch, stats)
+def expected_encode(costs: Costs, pipe: Pipeline, batch: int, stats: WorkloadStats,
+                    kind: str = "stage") -> list[float]:
+    """Per-stage encode time of a batch of ``batch`` inputs, averaged over batch compositions
+    (``kind``: which fixed per-pass overhead the mesh adds, costs.py)."""
+    return costs.expected_encode(pipe, batch, stats, kind)
 
 
 def rra_cycle(cand: Candidate, stats: WorkloadStats) -> tuple[np.ndarray, np.ndarray]:
@@ -173,15 +175,56 @@ def _static(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline)
                    extra={"cycle_s": cycle, "t_encode_s": t_enc})
 
 
+def prefill_law(slots: int, mean_s: float, streams: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(k, P(one stream's iteration prefills k), P(the most any of ``streams`` streams
+    prefills in one round is k), the same seen by a live request, whose own stream has only
+    B - 1 other slots to refill): each of the B busy slots finishes in a given iteration with
+    probability 1/E[S] (Little's law), so k ~ Binomial(B, 1/E[S]), cut where the tail is
+    < 1e-12."""
+    from scipy.stats import binom
+
+    q = min(1.0, 1.0 / mean_s)
+    k_max = int(binom.ppf(1.0 - 1e-12, slots, q)) if q < 1.0 else slots
+    ks = np.arange(0, max(k_max, 0) + 1)
+    pk = binom.pmf(ks, slots, q)
+    pk = pk / pk.sum()
+    own = binom.cdf(ks, slots - 1, q)
+    cdf = np.cumsum(pk)
+    return (ks, pk, np.diff(np.concatenate([[0.0], cdf ** streams])),
+            np.diff(np.concatenate([[0.0], cdf ** (streams - 1) * own / own[-1]])))
+
+
 def _continuous(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline) -> Metrics:
+    """Each stream's iteration decodes its B slots and prefills the k that finished the
+    iteration before (``prefill_law``), in ONE pass per stage. The P streams are not in lock
+    step: a round (every stream one iteration) lasts at least the longest pass's traverse of
+    all stages, and at least the busiest stage's load (its P passes). Both depend on the
+    round's prefills: the traverse on the largest k among the P streams (K), the load on
+    that K plus the other P - 1 streams' mean prefill. So ``T_iter = E_K[max(sum_s (d_s +
+    e_s(K)), max_s (P d_s + e_s(K) + (P - 1) mean_e_s))]``; with identical passes this is
+    ``round_time``. A live request's latency is s x the same round seen from its stream.
+    (Charging the mean prefill to every pass, the former formula, priced a fractional
+    prefill at a one-sequence pass and ignored that a prefill holds the other streams up:
+    the DES measured -50%..+110% against it; see docs/planner.md for the agreement now.)"""
     streams, b = len(pipe), float(cand.B_E)
     joins = b / stats.mean_s
     ctx = stats.in_decode_weighted + stats.mean_age
-    per_stage = [float(costs.decode_stage(st, np.array([b]), np.array([ctx]))[0])
-                 + costs.encode_stage(st, joins, stats.mean_in, stats.eff_in) for st in pipe]
-    t_iter = float(round_time(per_stage, streams)[()])
-    lat = stats.s99 * t_iter
-    util = [streams * t / t_iter for t in per_stage]
+    dec = np.array([float(costs.decode_stage(st, np.array([b]), np.array([ctx]))[0])
+                    for st in pipe])
+    ks, pk, pmax, pmax_live = prefill_law(cand.B_E, stats.mean_s, streams)
+    kf = ks.astype(np.float64)
+    pre = np.stack([np.where(ks > 0, costs.encode_stage(st, np.maximum(kf, 1.0), stats.mean_in,
+                                                         stats.eff_in, None), 0.0)
+                    for st in pipe])  # [stage, k]: prefill of k newcomers, in the decode pass
+    mean_pre = pre @ pk
+    traverse = dec.sum() + pre.sum(axis=0)
+    load = (streams * dec + (streams - 1) * mean_pre)[:, None] + pre
+    rounds = np.maximum(traverse, load.max(axis=0))  # per K
+    t_iter = float(pmax @ rounds)
+    # the p99-length request's rounds: its own stream refills at most B - 1 slots meanwhile
+    lat = stats.s99 * float(pmax_live @ rounds)
+    util = [streams * float(d + e) / t_iter for d, e in zip(dec, mean_pre, strict=True)]
     mem = [costs.weight_bytes(st) + costs.kv_bytes_held(st, streams * b * ctx) for st in pipe]
     return _finish(costs, stats, {"pipeline": pipe}, x=streams * joins / t_iter, lat_b=lat,
                    lat_a=lat, ttft=t_iter, tpot=t_iter, b_d=b, util=_per_worker(pipe, util),
@@ -208,7 +251,7 @@ def waa_stage_times(costs: Costs, pipe: Pipeline, b_d: float, ctx: float, num_mi
     b = b_d / num_micro
     if b <= 0:
         return [0.0] * len(pipe)
-    return costs.per_stage(pipe, b, ctx, float)
+    return costs.per_stage(pipe, b, ctx, float, None, "waa_decode")
 
 
 def waa_round(costs: Costs, pipe: Pipeline, b_d: float, ctx: float, num_micro: int) -> float:
@@ -219,7 +262,7 @@ def waa_core(cand: Candidate, stats: WorkloadStats, costs: Costs,
              pipes: tuple[Pipeline, Pipeline], distinct: bool = False) -> Core:
     """``distinct``: memory of one stage per memory shape only (enough for the peak)."""
     enc_pipe, dec_pipe = pipes
-    enc = expected_encode(costs, enc_pipe, cand.B_E, stats)
+    enc = expected_encode(costs, enc_pipe, cand.B_E, stats, "waa_encode")
     e_lat, e_period = sum(enc), max(enc)
     hand = costs.handoff(dec_pipe, cand.B_E * stats.mean_in)
     ctx = stats.in_decode_weighted + stats.mean_age

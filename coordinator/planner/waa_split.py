@@ -35,9 +35,10 @@ def _waa_share(cand: Candidate, stats: WorkloadStats, costs: Costs) -> float:
     st = whole[0]
     b_d = cand.B_E * stats.mean_s
     if cand.policy == "waa-c":
-        need_e = costs.encode_stage(st, cand.B_E, stats.mean_in, stats.eff_in)
+        need_e = costs.encode_stage(st, cand.B_E, stats.mean_in, stats.eff_in, "waa_encode")
         ctx = np.array([stats.in_decode_weighted + stats.mean_age])
-        need_d = float(costs.decode_stage(st, np.array([b_d]), ctx)[0])  # one round per batch
+        # one round per batch
+        need_d = float(costs.decode_stage(st, np.array([b_d]), ctx, "waa_decode")[0])
     else:
         enc_tokens = cand.B_E * stats.mean_in
         dec_tokens = b_d * (stats.in_decode_weighted + stats.mean_age)

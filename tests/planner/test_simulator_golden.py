@@ -7,8 +7,13 @@ test_simulator_golden.py --write``. Regenerated once (issue 6) for the RRA encod
 pipeline fill and the static streams' drift term: the 128 multi-stage RRA and 36 static
 candidates changed (slower: RRA throughput x0.57-0.97), the 16 single-stage RRA, 36
 continuous and 192 WAA candidates are bit for bit what the pre-optimisation simulator wrote.
-Floats round-trip through JSON exactly (repr), so the
-comparison is for equality, not a tolerance.
+Regenerated again (issue 6, continuous closed form): the 36 continuous candidates changed
+(throughput x0.42-x1.95, median x1.06; p99-length latency x0.51-x2.41), because the
+iteration now charges Binomial(B, 1/E[S]) whole prefills and the round the longest traverse
+or busiest stage of the P streams' passes, which the stage-level DES confirms (test_des.py);
+the 144 RRA, 36 static and 192 WAA candidates are unchanged bit for bit (also with the new
+fixed per-pass overhead term, which is 0 for analytic profiles). Floats round-trip through
+JSON exactly (repr), so the comparison is for equality, not a tolerance.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import pytest
 from common.models.config import ModelConfig
 from common.profiling import Grid, Timing, measure_profile
 from common.profiling.comm import slowest_rank_rows
-from common.profiling.layers import Samples, layer_rows
+from common.profiling.layers import Samples, layer_rows, split_fused
 from coordinator.planner.profile import Profile
 
 
@@ -85,3 +85,17 @@ def test_bad_arguments_fail_before_any_process_starts(kwargs: dict, match: str) 
     args = {"model": "tiny-llama"} | kwargs
     with pytest.raises(ValueError, match=match):
         measure_profile(**args, quick=True, progress=False)
+
+
+def test_fused_decode_layers_are_split_by_context() -> None:
+    """The engine's fused decode layer fires no attention hook: attention = the part of the
+    layer that grows with the context (a line per batch), rest = its intercept."""
+    cells = {(b, s): {"attn": float("nan"), "layer": 2e-4 + 1e-5 * b + 1e-7 * b * s + 3e-6,
+                      "allreduce": 3e-6, "rest": float("nan")}
+             for b in (1, 4) for s in (16, 64, 256)}
+    split_fused(cells)
+    for (b, s), c in cells.items():
+        assert c["attn"] == pytest.approx(1e-7 * b * s, rel=1e-6)
+        assert c["rest"] == pytest.approx(2e-4 + 1e-5 * b, rel=1e-6)
+    with pytest.raises(RuntimeError, match="two contexts"):
+        split_fused({(1, 16): {"attn": float("nan"), "layer": 1e-4, "allreduce": 0.0}})

@@ -13,7 +13,14 @@ forces lengths). All are submitted at once (saturated, like the plan). Reported:
   share a stamp) with its batch and mean context, its wall time vs the cost model's time for
   that exact (batch, context); encode passes (encode start -> end) vs the model's encode time;
 - CPU: each worker process's CPU seconds (/proc, user + system) over the run vs its busy wall
-  time, i.e. how much of a pass's wall time was the process actually computing.
+  time, i.e. how much of a pass's wall time was the process actually computing;
+- the pass model the bench calibrates with (``coordinator/bench/calibrate.py``): least squares
+  of every measured pass against ``c x profile compute + o x passes`` (``pass_fit``: decode
+  messages and encode passes apart), and the plan re-simulated with the decode fit's (c, o)
+  (``predicted_with_pass_fit``) beside the one-factor wall/CPU re-simulation (``contention``).
+  For WAA a decode message is one decoder iteration (or k merged ones), so its fit is the
+  WAA decode iteration's (c, o) directly; for pipeline plans the stamps interleave the
+  streams and the decode fit is indicative only (the bench fits pipelines by TPOT).
 """
 
 from __future__ import annotations
@@ -122,7 +129,41 @@ def main() -> None:
     report["cpu_s_per_process"] = cpu
     report["load_average"] = [load0, load1]
     report["contention"] = contention(plan, profile, workload, report, cpu)
+    report["predicted_with_pass_fit"] = with_pass_fit(plan, profile, workload,
+                                                      report["pass_fit"]["decode"])
     print(json.dumps(report, indent=1))
+
+
+def affine(pred: list[float], meas: list[float], passes: list[float]) -> dict[str, Any]:
+    """Least squares ``meas = c * pred + o * passes`` (None when fewer than 3 passes)."""
+    if len(pred) < 3:
+        return {"c": None, "o_ms": None, "n": len(pred)}
+    a = np.stack([np.asarray(pred), np.asarray(passes, np.float64)], axis=1)
+    (c, o), *_ = np.linalg.lstsq(a, np.asarray(meas), rcond=None)
+    fitted = a @ np.array([c, o])
+    return {"c": round(float(c), 3), "o_ms": round(float(o) * 1e3, 2), "n": len(pred),
+            "residual_rms_pct": round(float(np.sqrt(np.mean((np.asarray(meas) / fitted - 1)
+                                                            ** 2))) * 100, 1)}
+
+
+def with_pass_fit(plan: Any, profile: Profile, workload: Any, fit: dict[str, Any]
+                  ) -> dict[str, Any] | None:
+    """The plan re-simulated with compute x c + o per stage pass (the bench's calibration)."""
+    from coordinator.bench.calibrate import PassFit, calibrated_profile
+    from coordinator.planner.candidate import Candidate
+    from coordinator.planner.simulator import simulate
+
+    if fit["c"] is None or fit["c"] <= 0 or fit["o_ms"] < 0:
+        return None
+    cal = calibrated_profile(profile, PassFit(fit["c"], fit["o_ms"] / 1e3, "measure_gap"),
+                             "measure_gap decode passes")
+    search = plan.search
+    cand = Candidate(plan.policy, plan.num_workers, int(search.get("tp", 1)),
+                     int(search.get("num_tp_workers", 0)), plan.B_E, plan.N_D or 1,
+                     plan.B_m or 1)
+    met = simulate(cand, workload, cal)
+    return {"throughput_seq_s": round(met.throughput_seq_s, 3),
+            "latency_p99len_s": round(met.latency_p99len_s, 2)}
 
 
 def contention(plan: Any, profile: Profile, workload: Any, report: dict[str, Any],
@@ -167,6 +208,7 @@ def summarise(plan: Any, profile: Profile, work: list[tuple[int, int]],
     per_stage = np.array([[n * costs.decode_stage(st, float(b), c) for st in stages]
                           for _t, n, b, c in steps])
     pred = per_stage[1:].sum(axis=1)
+    counts = [float(n) for _t, n, _b, _c in steps[1:]]
     batches: dict[float, list[int]] = defaultdict(list)
     for r, prompt in zip(results, prompts, strict=True):
         batches[r.lifecycle.t_encode_start].append(prompt)
@@ -221,6 +263,8 @@ def summarise(plan: Any, profile: Profile, work: list[tuple[int, int]],
             "batches": [[round(t0 - starts_sorted[0], 1),
                          round(starts[t0].lifecycle.t_encode_end - starts_sorted[0], 1),
                          len(lens)] for t0, lens in sorted(batches.items())]},
+        "pass_fit": {"decode": affine(list(pred), list(gaps), counts),
+                     "encode": affine(list(enc_pred), enc_meas, [len(stages)] * len(enc_meas))},
         "busy_wall_s": [round(x, 2) for x in busy_wall],
         "stage_busy_predicted_s": [round(float(x), 2) for x in busy_pred],
     }
