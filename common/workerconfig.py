@@ -48,6 +48,7 @@ class WorkerConfig:
     stage: int | None = None
     curve_server_public: str | None = None  # CURVE to the coordinator: its server.key ...
     curve_key: str | None = None  # ... and this worker's .key_secret (exegpt keys --workers)
+    curve_mesh_key: str | None = None  # keys/mesh.key_secret: CURVE on the KV endpoints
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -116,6 +117,9 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
         help="the coordinator's public key (server.key) when its worker port uses CURVE")
     add("--curve-key", default=_env("CURVE_KEY", "") or None,
         help="this worker's key pair (.key_secret from `exegpt keys --workers N`)")
+    add("--curve-mesh-key", default=_env("CURVE_MESH_KEY", "") or None,
+        help="the mesh pair (keys/mesh.key_secret): CURVE between workers' KV endpoints; "
+             "every worker of the mesh needs it")
     add("--null-model", action="store_const", const="null", dest="backend",
         default=_env("BACKEND", ""), help="no math: real-sized KV, deterministic tokens")
     add("--model", default=_env("MODEL", "") or None,
@@ -169,4 +173,5 @@ def from_args(args: argparse.Namespace, role: str) -> WorkerConfig:
         publish_interval_ms=getattr(args, "publish_interval_ms", 1.0),
         stage=getattr(args, "stage", None),
         curve_server_public=args.curve_coordinator_key, curve_key=args.curve_key,
+        curve_mesh_key=args.curve_mesh_key,
     )

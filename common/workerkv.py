@@ -8,7 +8,8 @@ answered with an ``Error`` (rate-limited warning); while the link re-registers w
 coordinator everything is dropped. Outbound: a send that has no route or times out
 (``KV_SEND_TIMEOUT_MS``: the peer stopped reading) is reported to the coordinator (an Error for
 the request, or ``PassDone(error)`` for a stage pass); ``EXEGPT_FAULTS`` may drop or delay a
-handoff first (common/faults.py).
+handoff first (common/faults.py). With ``--curve-mesh-key`` both ends speak CURVE with the
+mesh key pair (common/meshcurve.py); a peer without it is refused at the handshake.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from common import protocol as P
 from common.errors import ProtocolError
 from common.faults import KVFaults
 from common.logbudget import LogLimiter
+from common.meshcurve import kv_client_keys, kv_server_options
 from common.sockets import bound_endpoint, make_socket
 from common.workerconfig import WorkerConfig
 
@@ -52,7 +54,8 @@ class KVPaths:
 
     def _bind_kv(self) -> zmq.Socket:
         assert self.cfg.kv_bind is not None
-        sock = make_socket(self._ctx, "ROUTER", bind=self.cfg.kv_bind)
+        sock = make_socket(self._ctx, "ROUTER", bind=self.cfg.kv_bind,
+                           **kv_server_options(self._ctx, self.cfg.curve_mesh_key, self.log))
         self.kv_endpoint = advertised(bound_endpoint(sock), self.cfg.kv_advertise)
         return sock
 
@@ -61,7 +64,8 @@ class KVPaths:
         endpoint = self._peers.get(decoder_id)
         if sock is None and endpoint is not None:
             sock = make_socket(self._ctx, "DEALER", connect=endpoint,
-                               identity=self.cfg.worker_id, sndtimeo_ms=KV_SEND_TIMEOUT_MS)
+                               identity=self.cfg.worker_id, sndtimeo_ms=KV_SEND_TIMEOUT_MS,
+                               curve_client=kv_client_keys(self.cfg.curve_mesh_key))
             self._kv_out[decoder_id] = sock
         return sock
 

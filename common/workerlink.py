@@ -128,7 +128,9 @@ class WorkerLink(KVPaths):
         self._thread.start()
         if not self._assigned.wait(self.cfg.startup_timeout_s):
             raise TimeoutError(f"no Assign from the coordinator at {self.cfg.coordinator} within "
-                               f"{self.cfg.startup_timeout_s:.0f} s; is it running?")
+                               f"{self.cfg.startup_timeout_s:.0f} s; is it running?"
+                               + (" (or did it refuse this worker's CURVE key?)"
+                                  if self.cfg.curve_key else ""))
         assert self._assign is not None
         return self._assign
 

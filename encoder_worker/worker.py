@@ -125,6 +125,8 @@ class EncoderLoop:
                                            for r in todo])
         except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not us
             self.log.exception("encode_failed", batch_id=batch.batch_id)
+            if self.cfg.tp_size > 1:  # the group's ranks may be out of lockstep (a dead peer):
+                raise  # fail the worker (its goodbye drops the group; the batch is re-run)
             for r in todo:
                 self.link.send(P.Error(code="internal", req_id=r.req_id,
                                        message=f"encode failed on {self.cfg.worker_id}: {exc}"))
@@ -151,7 +153,7 @@ class EncoderLoop:
         handoff = P.KVHandoff(req_id=out.req_id, encoder_id=self.cfg.worker_id,
                               first_token=out.first_token, prompt_len=len(request.prompt_ids),
                               max_new_tokens=request.max_new_tokens, sampling=request.sampling,
-                              kv=kv, lifecycle=lifecycle)
+                              kv=kv, lifecycle=lifecycle, output_offset=request.output_offset)
         assert request.decoder_id is not None
         self.link.send(handoff, decoder_id=request.decoder_id)
         self.kv_bytes_sent += sum(int(t.nbytes) for t in kv.tensors.values())

@@ -2,8 +2,9 @@
 
 Why: at decode sizes (1-64 rows) torch's bf16 linears either read the weights slowly (oneDNN
 at one row) or lose a lot of throughput at 8-32 rows, and CPU SDPA is slow for one query per
-sequence over a ragged batch. The C kernels stream pre-packed weights with AVX-512 BF16 dot
-products and fp32 accumulation (see the C file's header).
+sequence over a ragged batch. The C kernels stream pre-packed weights, widened to fp32 in
+AVX-512 registers with fp32 FMA accumulation (see the C file's header); ``native_layer.py``
+runs a whole llama decoder layer from them in one call.
 
 Availability: only on a CPU with ``avx512_bf16``, with gcc on the PATH, on Linux, and unless
 ``EXEGPT_NATIVE=0``. The shared library is cached under ``$EXEGPT_KERNEL_CACHE`` (default

@@ -193,6 +193,8 @@ class DecoderOnlyStage(nn.Module):
         if x is None:
             raise ValueError("a first stage needs input_ids; later stages need hidden")
         x = x.to(self.dtype)
+        if ctx.is_decode and ctx.attend_lengths is not None:
+            ctx.fused = self.layers[0].step_plan(ctx)
         for layer in self.layers:
             x = layer(x, ctx)
         return x

@@ -21,6 +21,7 @@ from common.engine.kernels import (
     sdpa_decode_attention,
 )
 from common.engine.kv_cache import CacheBatch, KVCache
+from common.engine.native_layer import LayerShape, LayerWeights, StepPlan
 from common.engine.tp import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -47,6 +48,7 @@ class PassContext:
     batch: CacheBatch | None = None  # decode only
     score_bias: torch.Tensor | None = None  # decode: [B, 1, 1, L] 0 / -inf; None if uniform
     attend_lengths: torch.Tensor | None = None  # decode: int64 [B], cached + 1 (C kernel)
+    fused: StepPlan | None = None  # decode: whole layers in one C call (native_layer.py)
 
     @property
     def is_decode(self) -> bool:
@@ -252,16 +254,60 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block: x + attn(norm1(x)), then + mlp(norm2(x))."""
+    """Pre-norm residual block: x + attn(norm1(x)), then + mlp(norm2(x)).
+
+    A llama-style layer (RMSNorm, SwiGLU, RoPE, one TP rank, weights packed for the C
+    kernels) runs a bf16 decode step as one C call (``native_layer``): same kernels, same
+    order, so the same numbers as the module path, which stays the fallback."""
 
     def __init__(self, attn: Attention, mlp: MLP, norm1: Norm, norm2: Norm) -> None:
         super().__init__()
         self.attn, self.mlp, self.norm1, self.norm2 = attn, mlp, norm1, norm2
+        self._fused: LayerWeights | None = None
+        self._fused_checked = False
 
     def forward(self, x: torch.Tensor, ctx: PassContext) -> torch.Tensor:
+        if ctx.fused is not None:
+            weights = self.fused_weights()
+            if weights is not None:
+                out = ctx.fused.run_layer(weights, x,
+                                          ctx.cache.layer_buffer(self.attn.layer, "k"),
+                                          ctx.cache.layer_buffer(self.attn.layer, "v"))
+                if out is not None:
+                    return out
         # Residual adds into the fresh block outputs (never into ``x``: it may be the caller's).
         x = self.attn(self.norm1(x), ctx, residual=x)
         return self.mlp(self.norm2(x), residual=x)
+
+    def fused_shape(self) -> LayerShape:
+        a, f = self.attn, self.mlp.ffn_range
+        return LayerShape(hidden=self.norm1.weight.shape[0], hq=a.num_q, hkv=a.num_kv,
+                          head_dim=a.head_dim, ffn=f[1] - f[0], eps=self.norm1.eps,
+                          scale=a.scale)
+
+    def fused_weights(self) -> LayerWeights | None:
+        """This layer's weights for the one-call kernel (built on first use after the
+        weights were packed), or None when the layer does not fit it."""
+        if not self._fused_checked:
+            a, m, n1, n2 = self.attn, self.mlp, self.norm1, self.norm2
+            fits = (n1.rms and n2.rms and n1.eps == n2.eps and m.gated and m.act is F.silu
+                    and a.o.tp.tp_size == 1 and m.down.tp.tp_size == 1)
+            self._fused = LayerWeights.of(self.fused_shape(), n1.weight, n2.weight, {
+                "qkv": (a.qkv.packed, a.qkv.bias), "o": (a.o.packed, a.o.bias),
+                "up": (m.up.packed, m.up.bias), "down": (m.down.packed, m.down.bias),
+            }) if fits else None
+            self._fused_checked = self._fused is not None or a.qkv.packed is not None
+        return self._fused
+
+    def step_plan(self, ctx: PassContext) -> StepPlan | None:
+        """The per-step state of the one-call kernel (every layer of a stage shares it)."""
+        if ctx.rope is None or ctx.attend_lengths is None or ctx.batch is None \
+                or self.fused_weights() is None:
+            return None
+        return StepPlan.build(self.fused_shape(), ctx.rope[0], ctx.rope[1], ctx.batch.slots,
+                              ctx.attend_lengths,
+                              ctx.cache.layer_buffer(self.attn.layer, "k"),
+                              ctx.cache.layer_buffer(self.attn.layer, "v"))
 
 
 def native_attend_lengths(batch: CacheBatch, dtype: torch.dtype) -> torch.Tensor | None:

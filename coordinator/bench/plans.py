@@ -1,10 +1,10 @@
 """The plan each (bound, policy) pair runs, and whether this build's runner can run it.
 
-`exegpt` is the planner's own choice among its policies (RRA, WAA-C, WAA-M). When that choice
-is one this build's runner refuses, the bench runs the best plan it *can* run among them and
-says so (as `exegpt up` does); every other policy is planned as asked and, if refused, reported
-with the runner's reason. Static plans at a fixed batch size (the bound derivation) are built
-from the simulator directly, as the planner's sweep does.
+`exegpt` is the planner's own choice among its policies (RRA, WAA-C, WAA-M); every policy is
+planned as asked. The runner runs every plan the planner makes; a plan it still refuses (a
+malformed plan file) is reported with the runner's reason, never swapped for another.
+Static plans at a fixed batch size (the bound derivation) are built from the simulator
+directly, as the planner's sweep does.
 """
 
 from __future__ import annotations
@@ -59,21 +59,7 @@ def choose_plan(policy: str, workload: Any, profile: Any, workers: int, bound: f
     problem = runnable_problem(plan, null_model)
     if problem is None:
         return PlanChoice(policy, plan, True)
-    if policy != "exegpt":
-        return PlanChoice(policy, plan, False, f"not runnable: {problem}")
-    best = None
-    for family in ("rra", "waa-c", "waa-m"):
-        alt, _ = _make(family, workload, profile, workers, bound)
-        if alt is None or runnable_problem(alt, null_model) is not None:
-            continue
-        if best is None or alt.predicted["throughput_seq_s"] > best.predicted["throughput_seq_s"]:
-            best = alt
-    if best is None:
-        return PlanChoice(policy, plan, False, f"not runnable: {problem}")
-    return PlanChoice(policy, best, True,
-                      f"planner's best ({plan.policy}, {plan.predicted['throughput_seq_s']:.3g} "
-                      f"seq/s predicted) is not runnable here ({problem}); ran the best "
-                      f"runnable plan ({best.policy})")
+    return PlanChoice(policy, plan, False, f"not runnable: {problem}")
 
 
 def static_plan(batch: int, workload: Any, profile: Any, workers: int) -> Any | None:

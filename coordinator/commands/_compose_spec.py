@@ -60,8 +60,12 @@ class ComposeOptions:
     null_model: bool = False
     dtype: str = "bfloat16"
     curve_dir: str | None = None  # `exegpt keys --dir`: the client port then requires CURVE
+    curve_workers: bool = False  # ... and the worker port and KV endpoints (keys --workers N)
 
     def __post_init__(self) -> None:
+        if self.curve_workers and not self.curve_dir:
+            raise ValueError("CURVE between coordinator and workers needs --curve-dir (the "
+                             "keys of `exegpt keys --workers N`)")
         if not 0 < self.client_port < 65536:
             raise ValueError(f"client port must be in 1..65535, got {self.client_port}")
         if "/" in self.model_file:
@@ -135,6 +139,8 @@ def launch_spec(plan: Any, opts: ComposeOptions) -> Any:
                  "tokenizer": opts.model_path, "dtype": opts.dtype}
     curve = (("--curve-server-key", f"{KEYS_IN_CONTAINER}/server.key_secret",
               "--curve-allow", f"{KEYS_IN_CONTAINER}/allow") if opts.curve_dir else ())
+    if opts.curve_workers:
+        curve += ("--curve-worker-allow", f"{KEYS_IN_CONTAINER}/allow-workers")
     return LaunchSpec(**fields, **model, transport="tcp", host="0.0.0.0",
                       client_endpoint=f"tcp://0.0.0.0:{CLIENT_PORT}",
                       runs_path=Path(RUNS_IN_CONTAINER), run_id=opts.run_id,
@@ -147,8 +153,10 @@ def compose_dict(plan: Any, opts: ComposeOptions,
     flags = build_flags() if flags is None else flags
     spec = launch_spec(plan, opts)
     services = {"coordinator": _coordinator(spec, opts, flags["coordinator"])}
-    for name, cmd in worker_services(spec):
+    for index, (name, cmd) in enumerate(worker_services(spec)):
         services[name] = _worker(cmd, opts, flags)
+        if opts.curve_workers:
+            _worker_keys(services[name], opts, index)
     return {"name": "exegpt", "x-exegpt-plan": _plan_summary(plan), "services": services}
 
 
@@ -199,6 +207,18 @@ def _worker(cmd: list[str], opts: ComposeOptions,
         service["volumes"].append(f"{opts.models_dir}:{MODELS_IN_CONTAINER}:ro")
     service.update(command=cmd, depends_on=["coordinator"], restart="on-failure")
     return service
+
+
+def _worker_keys(service: dict[str, Any], opts: ComposeOptions, index: int) -> None:
+    """Worker CURVE: mount only the files this worker needs (not the coordinator's or the
+    clients' secrets): the server public key, its own pair (worker-<index>) and the mesh pair."""
+    keys = {"server.key": "server.key", f"workers/worker-{index}.key_secret": "worker.key_secret",
+            "mesh.key_secret": "mesh.key_secret"}
+    service["volumes"] += [f"{opts.curve_dir}/{src}:{KEYS_IN_CONTAINER}/{dst}:ro"
+                           for src, dst in keys.items()]
+    service["command"] += ["--curve-coordinator-key", f"{KEYS_IN_CONTAINER}/server.key",
+                           "--curve-key", f"{KEYS_IN_CONTAINER}/worker.key_secret",
+                           "--curve-mesh-key", f"{KEYS_IN_CONTAINER}/mesh.key_secret"]
 
 
 def _common(opts: ComposeOptions) -> dict[str, Any]:

@@ -46,6 +46,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--curve-dir", default=None,
                    help="keys directory from `exegpt keys` (mounted read-only at /keys): "
                         "the client port then admits only CURVE clients on its allow-list")
+    p.add_argument("--curve-workers", action="store_true",
+                   help="with --curve-dir: CURVE on the worker port and the KV endpoints too "
+                        "(needs `exegpt keys --workers N`, N >= the worker services)")
     p.set_defaults(func=run)
 
 
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         opts = ComposeOptions(image=args.image, plan_file=_relative_plan(args),
                               model_file=args.model_file, client_port=args.client_port,
                               null_model=args.null_model, dtype=args.dtype,
-                              curve_dir=args.curve_dir)
+                              curve_dir=args.curve_dir, curve_workers=args.curve_workers)
         data = compose_dict(plan, opts)
         if "--model-config" in data["services"].get("coordinator", {}).get("command", []):
             _write_model_config(plan, opts, _out_dir(args))

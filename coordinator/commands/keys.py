@@ -8,6 +8,8 @@ Layout written under ``--dir`` (default ``./keys``)::
     allow/client-<i>.key                     the client allow-list (--curve-allow)
     workers/worker-<i>.key(_secret)          with --workers N: pairs for workers
     allow-workers/worker-<i>.key             their allow-list (--curve-worker-allow)
+    mesh.key, mesh.key_secret                with --workers N: the pair every worker holds
+                                             for CURVE between KV endpoints (--curve-mesh-key)
 
 Running it again keeps the existing pairs (an existing server key stays valid for deployed
 clients) and only adds the ones missing; ``--force`` makes every pair anew. Secret files are
@@ -56,10 +58,14 @@ def write_keys(root: Path, num_clients: int, num_workers: int = 0,
     """Make (or complete) the key layout; returns the files written, by kind."""
     if num_clients < 0 or num_workers < 0:
         raise ValueError("--clients and --workers must be >= 0")
-    made: dict[str, list[Path]] = {"server": [], "clients": [], "workers": []}
+    made: dict[str, list[Path]] = {"server": [], "clients": [], "workers": [], "mesh": []}
     _, secret, new = _pair(root, "server", force)
     if new:
         made["server"].append(secret)
+    if num_workers:  # the KV endpoints' shared pair (common/meshcurve.py)
+        _, secret, new = _pair(root, "mesh", force)
+        if new:
+            made["mesh"].append(secret)
     for kind, prefix, count in (("clients", "client", num_clients),
                                 ("workers", "worker", num_workers)):
         allow = root / ("allow" if kind == "clients" else "allow-workers")
@@ -83,9 +89,12 @@ def run(args: argparse.Namespace) -> int:
     total = sum(len(v) for v in made.values())
     print(f"{root}: {total} new key pair(s) "
           f"(server {len(made['server'])}, clients {len(made['clients'])}, "
-          f"workers {len(made['workers'])})")
+          f"workers {len(made['workers'])}, mesh {len(made['mesh'])})")
     print(f"coordinator: --curve-server-key {root}/server.key_secret --curve-allow {root}/allow"
           + (f" --curve-worker-allow {root}/allow-workers" if args.workers else ""))
+    if args.workers:
+        print(f"worker <i>:  --curve-coordinator-key {root}/server.key --curve-key "
+              f"{root}/workers/worker-<i>.key_secret --curve-mesh-key {root}/mesh.key_secret")
     print(f"client:      --server-key {root}/server.key --client-key "
           f"{root}/clients/client-0.key_secret")
     return 0

@@ -72,7 +72,8 @@ def test_engine_linear_uses_kernel_and_falls_back_for_prefill() -> None:
     assert logits.dtype == torch.float32 and logits.shape == (150, 48)
 
 
-@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (4, 4, 32), (8, 2, 128)])
+@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (4, 4, 32), (8, 2, 128), (4, 2, 16),
+                                      (2, 1, 48)])
 def test_decode_attention_ragged_matches_float32(hq: int, hkv: int, d: int) -> None:
     gen = torch.Generator().manual_seed(hq + d)
     slots_total, cap = 7, 80

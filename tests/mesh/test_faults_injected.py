@@ -9,6 +9,7 @@ Error; nothing hangs, and nothing is left running on a worker afterwards (KV fre
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -50,6 +51,13 @@ def check_answers(seen: dict[str, Seen], prompts: dict[str, tuple[int, ...]], ma
     return counts
 
 
+def _epoch(event: dict) -> float:
+    """A log line's wall-clock time (JSON logs carry an ISO-8601 UTC ``timestamp``)."""
+    from datetime import datetime
+
+    return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00")).timestamp()
+
+
 def idle_workers(endpoint: str, timeout_s: float = 5.0) -> list[dict]:
     """Worker loads once nothing runs any more (polls: heartbeats carry ``active``)."""
     deadline = time.monotonic() + timeout_s
@@ -70,11 +78,12 @@ def test_one_tp_rank_killed_takes_its_group_down_and_requests_rerun(tmp_path: Pa
     with LocalMesh(spec) as mesh:
         rank1 = next(c for c in mesh.workers if c.name == "decoder-dec0.r1")
         rank0 = next(c for c in mesh.workers if c.name == "decoder-dec0.r0")
-        t0 = time.monotonic()
+        t0, killed = time.monotonic(), []
         # 10 ms per step: 1000 tokens outlast the 5 s deadline (null-model ranks decode on
         # their own, so rank 0 keeps streaming until its group is declared lost)
         seen = run_requests(mesh.client_endpoint, prompts, 1000,
-                            lambda: os.kill(rank1.pid, signal.SIGKILL), timeout_s=45)
+                            lambda: (killed.append(time.time()),
+                                     os.kill(rank1.pid, signal.SIGKILL)), timeout_s=45)
         seen.pop("__killed_at__")
         assert time.monotonic() - t0 < 40
         counts = check_answers(seen, prompts, 1000, ())
@@ -82,6 +91,12 @@ def test_one_tp_rank_killed_takes_its_group_down_and_requests_rerun(tmp_path: Pa
         assert wait_exit([rank0], 10) == [1]  # its group is gone: rank 0 was told so
         log = (mesh.spec.run_dir / "coordinator.jsonl").read_text()
         assert '"request_rerun"' in log and "dec0.r1" in log
+        # the coordinator watches local worker processes (pidfds): lost at the kill, not at
+        # the 5 s heartbeat deadline
+        lost = [json.loads(line) for line in log.splitlines() if '"worker_lost"' in line]
+        r1 = next(e for e in lost if e["worker"] == "dec0.r1")
+        assert r1["why"].startswith("process ") and r1["why"].endswith(" exited"), r1
+        assert _epoch(r1) - killed[0] < FAST["heartbeat_timeout_s"] / 2, (r1, killed)
         workers = idle_workers(mesh.client_endpoint)
         assert sorted(w["worker_id"] for w in workers) == ["dec1.r0", "dec1.r1", "enc0"]
 

@@ -5,8 +5,10 @@ group (dec0: two rank processes sharing every decode step over gloo) and a tp_si
 decoder (dec1). Once every request is streaming, rank 1 of dec0 is killed: its group can no
 longer decode, the coordinator declares it lost and re-runs what it held on dec1 from the
 prompt plus the tokens already streamed. Checked on the raw wire (the SDK would hide repeats):
-every stream is gap-free and repeat-free and equals transformers' greedy output; the requests
-re-run had tokens before the kill and after it.
+every stream is gap-free and repeat-free and equals transformers' greedy output (seeded
+requests: in-process ``generate``'s with the same seed, so a WAA re-run continues the seeded
+draws at the output position it resumes from); the requests re-run had tokens before the kill
+and after it.
 
 The group is dropped as soon as the coordinator hears of the death (rank 1's process exit
 through a pidfd, or rank 0's goodbye when its gloo collective fails), not at the heartbeat
@@ -32,6 +34,8 @@ import torch
 import zmq
 
 from common import protocol as P
+from common.engine.generate import generate
+from common.engine.sampling import SamplingParams
 from common.sockets import make_socket
 from coordinator.commands.serve import model_fields
 from coordinator.launch import LaunchSpec, LocalMesh, WorkerGroup
@@ -43,6 +47,24 @@ torch.set_num_threads(1)
 VOCAB = 128  # make_llama's vocabulary; its context is 128 positions
 MAX_NEW = 96
 HEARTBEAT_TIMEOUT_S = 10.0  # the slow path; the fast ones must beat it by far
+SEEDED = {"r1", "r2", "r5", "r6"}  # sampled with a seed (both parities: either decoder)
+
+
+def seeded(req_id: str) -> P.Sampling:
+    """A request's sampling: seeded at temperature 1 for SEEDED, greedy otherwise."""
+    if req_id not in SEEDED:
+        return P.Sampling(ignore_eos=True)
+    return P.Sampling(temperature=1.0, seed=100 + int(req_id[1:]), ignore_eos=True)
+
+
+def seeded_reference(directory: Path, prompts: dict[str, tuple[int, ...]],
+                     max_new: int) -> dict[str, list[int]]:
+    """In-process ``generate`` of the SEEDED requests, uninterrupted, same seeds."""
+    ids = sorted(SEEDED & set(prompts))
+    params = [SamplingParams(max_new_tokens=max_new, temperature=1.0, ignore_eos=True,
+                             seed=seeded(r).seed) for r in ids]
+    rows = generate(str(directory), [list(prompts[r]) for r in ids], params, dtype="float32")
+    return {r: list(row.token_ids) for r, row in zip(ids, rows, strict=True)}
 
 
 @torch.no_grad()
@@ -139,10 +161,12 @@ def test_a_killed_tp_rank_reruns_its_groups_requests_token_exact(mesh: LocalMesh
     assert mesh.spec.model is not None
     expected = greedy_reference(Path(mesh.spec.model), prompts, MAX_NEW)
     assert max(len(set(row)) for row in expected.values()) > 8  # not a degenerate reference
+    expected |= seeded_reference(Path(mesh.spec.model), prompts, MAX_NEW)
     rank0, rank1 = (next(c for c in mesh.workers if c.name == f"decoder-dec0.r{r}")
                     for r in (0, 1))
     seen, killed_at = stream_and_act(mesh.client_endpoint, prompts, MAX_NEW, all_streaming,
-                                     lambda: os.kill(rank1.pid, signal.SIGKILL), timeout_s=60)
+                                     lambda: os.kill(rank1.pid, signal.SIGKILL), timeout_s=60,
+                                     sampling=seeded)
     assert killed_at < float("inf"), "the requests finished before anything was killed"
     for req_id, entry in seen.items():
         entry.check(expected[req_id])  # one Result; gap-free, repeat-free, token-exact
@@ -152,6 +176,7 @@ def test_a_killed_tp_rank_reruns_its_groups_requests_token_exact(mesh: LocalMesh
     assert reruns and all(r["lost"].startswith("dec0") for r in reruns), reruns
     cut = [r for r in reruns if 4 <= r["tokens_kept"] < MAX_NEW]
     assert cut, f"no re-run request was cut mid-stream: {reruns}"
+    assert {r["req_id"] for r in cut} & SEEDED, f"no seeded request was re-run: {reruns}"
     for r in cut:  # its stream continued across the kill
         times = seen[r["req_id"]].times
         assert times[0] < killed_at < times[-1]

@@ -1,13 +1,15 @@
 /* bf16 decode kernels for AVX-512 BF16 CPUs (built on first use by common/engine/native.py).
  *
- * linear:    y[M, N] = x[M, K] . W[N, K]^T (+ bias), fp32 accumulation (vdpbf16ps), for decode
- *            row counts (M <= 64). W is pre-packed (exegpt_pack layout, see native.py) so that
- *            one panel of 64 output columns streams contiguously; rows are register-blocked
- *            (up to 6 rows x 4 column blocks of 16 accumulators) and K is cut into chunks that
- *            stay in L1 while every row tile reuses them.
+ * linear:    y[M, N] = x[M, K] . W[N, K]^T (+ bias), weights widened to fp32 in registers and
+ *            FMA-accumulated in fp32 (faster than vdpbf16ps here), for decode row counts
+ *            (M <= 64). W is pre-packed (pack_linear layout, see native.py) so that one panel
+ *            of 64 output columns streams contiguously; rows are register-blocked (up to 6
+ *            rows x 4 column blocks of 16 accumulators) and K is cut into chunks that stay in
+ *            L1 while every row tile reuses them (the next chunk is prefetched).
  * attention: one query token per sequence against its cached keys/values, GQA heads of one KV
  *            head together, ragged lengths, float32 scores/softmax/accumulation.
  * rms_norm:  transformers' order: normalise in float32, round to bf16, then times the weight.
+ * layer:     a whole llama decoder layer from the kernels above, one call (native_layer.py).
  *
  * Work is split over a small persistent thread pool (nthreads > 1): workers spin briefly
  * between calls (a decode step issues them back to back), then sleep on a futex.
@@ -25,9 +27,12 @@
 #define NB 4              /* 16-column blocks per panel */
 #define PANEL (16 * NB)   /* output columns per panel */
 #define KC 64             /* k pairs per L1 chunk: 64 pairs x 64 columns x 4 bytes = 16 KiB */
-#define MR 4              /* rows per register tile */
+#define MR 6              /* rows per register tile */
 #define MAX_ROWS 64
 #define MAX_THREADS 8
+#ifndef PFHINT
+#define PFHINT _MM_HINT_T0
+#endif
 
 typedef uint16_t bf16;
 
@@ -188,7 +193,12 @@ tile(const linear_args *a, int mr, int row0, int panel, int kp0, int kp1, float 
     const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
     /* Each 32-bit word of the packed panel holds (W[n, 2kp], W[n, 2kp + 1]) as bf16: the
      * even element in float32 is the word shifted left by 16, the odd one its high half. */
+    const int pf = row0 == 0; /* the first row tile pulls the next K chunk towards L1 */
     for (int i = 0; i < kp1 - kp0; i++, wp += PANEL * 2) {
+        if (pf) {
+#pragma GCC unroll 4
+            for (int b = 0; b < NB; b++) _mm_prefetch((const char *)(wp + KC * PANEL * 2 + 32 * b), PFHINT);
+        }
         __m512 we[NB], wo[NB];
 #pragma GCC unroll 4
         for (int b = 0; b < NB; b++) {
@@ -255,6 +265,8 @@ static void linear_panels(const linear_args *a, int p0, int p1) {
                 case 1: tile(a, 1, row, p, kp, kp1, acc_buf); break;
                 case 2: tile(a, 2, row, p, kp, kp1, acc_buf); break;
                 case 3: tile(a, 3, row, p, kp, kp1, acc_buf); break;
+                case 4: tile(a, 4, row, p, kp, kp1, acc_buf); break;
+                case 5: tile(a, 5, row, p, kp, kp1, acc_buf); break;
                 default: break;
             }
         }
@@ -342,16 +354,31 @@ static inline __m512 hsum16(const __m512 v[16]) {
                          _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
 }
 
-/* One (sequence, KV head): its G query heads against the sequence's cached rows. G and the
- * number of 16-wide chunks of D are compile-time constants (dispatched below) so q and the
- * accumulators live in registers. */
+/* One (sequence, KV head): its G query heads against the sequence's cached rows. Rows are
+ * widened bf16 -> fp32 two dwords at a time: a 32-bit word holds (x[2i], x[2i+1]), the even
+ * element in fp32 is the word shifted left by 16 and the odd one its high half, so a 32-wide
+ * slice of D becomes an "even" and an "odd" vector with two ALU ops (q is split the same way;
+ * a last slice of 16 when D is an odd multiple of 16 fills half the lanes, the rest zero;
+ * dot products do not care about the order, and the value accumulators are re-interleaved at
+ * the end). Keys are widened once per block of 16 positions into an L1 buffer that all G
+ * heads read. G and D/32 are compile-time constants (dispatched below) so q and the
+ * accumulators live in registers. ``next_k``/``next_len``: the next item's keys, prefetched
+ * while this item accumulates its values (this item's values are prefetched during QK). */
 static inline __attribute__((always_inline)) void
-attn_one(const attn_args *a, int seq, int h, float *scores, const int g, const int chunks) {
+attn_one(const attn_args *a, int seq, int h, float *scores, const bf16 *next_k, int next_len,
+         const int g, const int c2) {
     const int d = a->d, len = (int)a->lens[seq];
-    __m512 q[MAX_GROUP][MAX_DIM / 16];
+    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
+    /* dwords of chunk c: all 16, or 8 for the last one when D is an odd multiple of 16 */
+#define CHUNK_MASK(c) ((c) == c2 - 1 && (d & 31) ? (__mmask16)0x00FF : (__mmask16)0xFFFF)
+    __m512 qe[MAX_GROUP][MAX_DIM / 32], qo[MAX_GROUP][MAX_DIM / 32];
     for (int j = 0; j < g; j++)
-        for (int c = 0; c < chunks; c++)
-            q[j][c] = load_bf16x16(a->q + seq * a->q_sb + (h * g + j) * a->q_sh + c * 16);
+        for (int c = 0; c < c2; c++) {
+            __m512i w = _mm512_maskz_loadu_epi32(
+                CHUNK_MASK(c), a->q + seq * a->q_sb + (h * g + j) * a->q_sh + c * 32);
+            qe[j][c] = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+            qo[j][c] = _mm512_castsi512_ps(_mm512_and_si512(w, high));
+        }
     const bf16 *kb = a->k + a->slots[seq] * a->c_ss + h * a->c_sh;
     const bf16 *vb = a->v + a->slots[seq] * a->c_ss + h * a->c_sh;
     if (a->k_new) { /* this step's key and value: appended to the cache, then attended */
@@ -359,29 +386,38 @@ attn_one(const attn_args *a, int seq, int h, float *scores, const int g, const i
         memcpy((bf16 *)vb + (len - 1) * a->c_sl, a->v_new + seq * a->vn_sb + h * d, 2 * d);
     }
     const __m512 vscale = _mm512_set1_ps(a->scale);
-    int full = len & ~15;
-    for (int l0 = 0; l0 < full; l0 += 16) { /* 16 positions, one transposed reduction */
+    float kf[16][MAX_DIM] __attribute__((aligned(64)));
+    for (int l0 = 0; l0 < len; l0 += 16) { /* 16 positions, one transposed reduction */
+        const int n = len - l0 < 16 ? len - l0 : 16;
+        for (int i = 0; i < n; i++) {
+            const bf16 *kr = kb + (l0 + i) * a->c_sl;
+            const bf16 *vr = vb + (l0 + i) * a->c_sl;
+            for (int off = 0; off < 2 * d; off += 64) _mm_prefetch((const char *)vr + off, _MM_HINT_T0);
+            for (int c = 0; c < c2; c++) {
+                __m512i w = _mm512_maskz_loadu_epi32(CHUNK_MASK(c), kr + c * 32);
+                _mm512_store_ps(kf[i] + 32 * c, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+                _mm512_store_ps(kf[i] + 32 * c + 16, _mm512_castsi512_ps(_mm512_and_si512(w, high)));
+            }
+        }
         for (int j = 0; j < g; j++) {
             __m512 part[16];
+#pragma GCC unroll 16
             for (int i = 0; i < 16; i++) {
-                const bf16 *kr = kb + (l0 + i) * a->c_sl;
-                __m512 sum = _mm512_mul_ps(q[j][0], load_bf16x16(kr));
-                for (int c = 1; c < chunks; c++)
-                    sum = _mm512_fmadd_ps(q[j][c], load_bf16x16(kr + c * 16), sum);
-                part[i] = sum;
+                if (i < n) {
+                    __m512 sum = _mm512_mul_ps(qe[j][0], _mm512_load_ps(kf[i]));
+                    sum = _mm512_fmadd_ps(qo[j][0], _mm512_load_ps(kf[i] + 16), sum);
+                    for (int c = 1; c < c2; c++) {
+                        sum = _mm512_fmadd_ps(qe[j][c], _mm512_load_ps(kf[i] + 32 * c), sum);
+                        sum = _mm512_fmadd_ps(qo[j][c], _mm512_load_ps(kf[i] + 32 * c + 16), sum);
+                    }
+                    part[i] = sum;
+                } else {
+                    part[i] = _mm512_setzero_ps();
+                }
             }
-            _mm512_storeu_ps(scores + j * a->max_len + l0,
-                             _mm512_mul_ps(hsum16(part), vscale));
-        }
-    }
-    for (int l = full; l < len; l++) {
-        const bf16 *kr = kb + l * a->c_sl;
-        __m512 kv[MAX_DIM / 16];
-        for (int c = 0; c < chunks; c++) kv[c] = load_bf16x16(kr + c * 16);
-        for (int j = 0; j < g; j++) {
-            __m512 s = _mm512_mul_ps(q[j][0], kv[0]);
-            for (int c = 1; c < chunks; c++) s = _mm512_fmadd_ps(q[j][c], kv[c], s);
-            scores[j * a->max_len + l] = _mm512_reduce_add_ps(s) * a->scale;
+            __mmask16 mask = n == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+            _mm512_mask_storeu_ps(scores + j * a->max_len + l0, mask,
+                                  _mm512_mul_ps(hsum16(part), vscale));
         }
     }
     for (int j = 0; j < g; j++) {
@@ -410,33 +446,54 @@ attn_one(const attn_args *a, int seq, int h, float *scores, const int g, const i
             _mm512_storeu_ps(s + l, _mm512_mul_ps(_mm512_loadu_ps(s + l), inv));
         for (; l < len; l++) s[l] *= inv[0];
     }
-    __m512 acc[MAX_GROUP][MAX_DIM / 16];
+    __m512 ae[MAX_GROUP][MAX_DIM / 32], ao[MAX_GROUP][MAX_DIM / 32];
     for (int j = 0; j < g; j++)
-        for (int c = 0; c < chunks; c++) acc[j][c] = _mm512_setzero_ps();
+        for (int c = 0; c < c2; c++) ae[j][c] = ao[j][c] = _mm512_setzero_ps();
     for (int l = 0; l < len; l++) {
         const bf16 *vr = vb + l * a->c_sl;
-        __m512 vv[MAX_DIM / 16];
-        for (int c = 0; c < chunks; c++) vv[c] = load_bf16x16(vr + c * 16);
+        if (l < next_len)
+            for (int off = 0; off < 2 * d; off += 64)
+                _mm_prefetch((const char *)(next_k + l * a->c_sl) + off, _MM_HINT_T0);
+        __m512 ve[MAX_DIM / 32], vo[MAX_DIM / 32];
+        for (int c = 0; c < c2; c++) {
+            __m512i w = _mm512_maskz_loadu_epi32(CHUNK_MASK(c), vr + c * 32);
+            ve[c] = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+            vo[c] = _mm512_castsi512_ps(_mm512_and_si512(w, high));
+        }
         for (int j = 0; j < g; j++) {
             __m512 p = _mm512_set1_ps(scores[j * a->max_len + l]);
-            for (int c = 0; c < chunks; c++) acc[j][c] = _mm512_fmadd_ps(p, vv[c], acc[j][c]);
+            for (int c = 0; c < c2; c++) {
+                ae[j][c] = _mm512_fmadd_ps(p, ve[c], ae[j][c]);
+                ao[j][c] = _mm512_fmadd_ps(p, vo[c], ao[j][c]);
+            }
         }
     }
+    const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30,
+                                             15, 31);
     for (int j = 0; j < g; j++) {
         bf16 *o = a->out + ((int64_t)seq * a->hq + h * g + j) * d;
-        for (int c = 0; c < chunks; c++)
-            _mm256_storeu_si256((__m256i *)(o + c * 16), (__m256i)_mm512_cvtneps_pbh(acc[j][c]));
+        for (int c = 0; c < c2; c++) {
+            __m512 lo = _mm512_permutex2var_ps(ae[j][c], lo_idx, ao[j][c]);
+            __m512 hi = _mm512_permutex2var_ps(ae[j][c], hi_idx, ao[j][c]);
+            _mm256_storeu_si256((__m256i *)(o + c * 32), (__m256i)_mm512_cvtneps_pbh(lo));
+            if (CHUNK_MASK(c) == 0xFFFF)
+                _mm256_storeu_si256((__m256i *)(o + c * 32 + 16),
+                                    (__m256i)_mm512_cvtneps_pbh(hi));
+        }
     }
+#undef CHUNK_MASK
 }
 
 #define ATTN_CASE(G, C) \
-    if (g == G && chunks == C) { attn_one(a, seq, h, scores, G, C); return; }
+    if (g == G && c2 == C) { attn_one(a, seq, h, scores, next_k, next_len, G, C); return; }
 
-static void attn_dispatch(const attn_args *a, int seq, int h, float *scores) {
-    const int g = a->hq / a->hkv, chunks = a->d / 16;
-    ATTN_CASE(1, 4) ATTN_CASE(3, 4) ATTN_CASE(4, 4) ATTN_CASE(8, 4)
-    ATTN_CASE(1, 8) ATTN_CASE(4, 8) ATTN_CASE(8, 8)
-    attn_one(a, seq, h, scores, g, chunks);
+static void attn_dispatch(const attn_args *a, int seq, int h, float *scores, const bf16 *next_k,
+                          int next_len) {
+    const int g = a->hq / a->hkv, c2 = (a->d + 31) / 32;
+    ATTN_CASE(1, 2) ATTN_CASE(3, 2) ATTN_CASE(4, 2) ATTN_CASE(8, 2)
+    ATTN_CASE(1, 4) ATTN_CASE(4, 4) ATTN_CASE(8, 4)
+    attn_one(a, seq, h, scores, next_k, next_len, g, c2);
 }
 
 static void attn_task(void *arg, int part, int parts) {
@@ -444,7 +501,16 @@ static void attn_task(void *arg, int part, int parts) {
     float scores[MAX_GROUP * 4096];
     int items = a->b * a->hkv;
     int lo = (int)((int64_t)items * part / parts), hi = (int)((int64_t)items * (part + 1) / parts);
-    for (int i = lo; i < hi; i++) attn_dispatch(a, i / a->hkv, i % a->hkv, scores);
+    for (int i = lo; i < hi; i++) {
+        const bf16 *next_k = NULL;
+        int next_len = 0;
+        if (i + 1 < hi) {
+            int s = (i + 1) / a->hkv, h = (i + 1) % a->hkv;
+            next_k = a->k + a->slots[s] * a->c_ss + h * a->c_sh;
+            next_len = (int)a->lens[s];
+        }
+        attn_dispatch(a, i / a->hkv, i % a->hkv, scores, next_k, next_len);
+    }
 }
 
 /* Returns 0, or -1 for shapes this kernel does not take (caller falls back). */
@@ -609,5 +675,61 @@ int exegpt_argmax_f32(const float *x, int64_t ldx, int rows, int n, int64_t *out
         __mmask16 at_max = _mm512_cmp_ps_mask(best, _mm512_set1_ps(mx), _CMP_EQ_OQ);
         out[r] = _mm512_mask_reduce_min_epi32(at_max, best_idx);
     }
+    return 0;
+}
+
+/* ---- one whole llama decoder layer ------------------------------------------------------
+ * The kernels above in the order (and with the roundings) of the Python path in
+ * common/models/layers.py: RMSNorm, QKV linear, RoPE on the query and key heads, attention
+ * (appending this step's K/V), output linear + residual, RMSNorm, gate/up linear, SwiGLU,
+ * down linear + residual. One call per layer instead of ~10 saves the Python and ctypes
+ * overhead of each (~5 us apiece, a tenth of a batch-1 step). */
+typedef struct {
+    const bf16 *norm1, *norm2;   /* [H] RMSNorm weights */
+    const bf16 *qkv, *qkv_bias;  /* packed [(Hq + 2 Hkv) D, H]; bias or NULL */
+    const bf16 *o, *o_bias;      /* packed [H, Hq D] */
+    const bf16 *up, *up_bias;    /* packed [2F, H]: gate rows, then up rows */
+    const bf16 *down, *down_bias; /* packed [H, F] */
+} layer_weights;
+
+typedef struct {
+    int m, hidden, hq, hkv, d, ffn, capacity, nthreads;
+    float eps, scale;
+    const bf16 *cos, *sin;       /* [m, D] RoPE tables (sign-folded sin) */
+    const int64_t *slots, *lens; /* [m] cache slot, positions attended (cached + 1) */
+    int64_t c_ss, c_sh, c_sl;    /* cache strides (elements) of one layer's buffer */
+    bf16 *normed, *qkv_out, *attn, *mid, *gate_up, *act; /* scratch, contiguous rows */
+} layer_step;
+
+/* Returns 0 with ``out`` [m, H] written, or -1 before anything was written to the cache
+ * (shapes the kernels refuse, a length beyond the capacity): the caller falls back. */
+int exegpt_llama_layer_bf16(const layer_weights *w, const layer_step *s, const bf16 *x, bf16 *out,
+                            bf16 *k_cache, bf16 *v_cache) {
+    const int m = s->m, h = s->hidden, d = s->d, f = s->ffn, nt = s->nthreads;
+    const int nq = s->hq * d, nkv = s->hkv * d, nqkv = nq + 2 * nkv;
+    if (m < 1 || m > MAX_ROWS || h < 1 || f < 1 || d % 32 || s->hkv < 1 || s->hq % s->hkv
+        || s->hq / s->hkv > MAX_GROUP || d > MAX_DIM)
+        return -1;
+    int max_len = 0;
+    for (int i = 0; i < m; i++) {
+        if (s->lens[i] < 1 || s->lens[i] > s->capacity) return -1;
+        max_len = s->lens[i] > max_len ? (int)s->lens[i] : max_len;
+    }
+    if ((int64_t)max_len * (s->hq / s->hkv) > MAX_GROUP * 4096) return -1;
+    exegpt_rms_norm_bf16(x, h, w->norm1, s->normed, m, h, s->eps, nt);
+    exegpt_linear_bf16(s->normed, h, m, h, w->qkv, nqkv, w->qkv_bias, NULL, s->qkv_out, nqkv, 0,
+                       nt);
+    exegpt_rope_bf16(s->qkv_out, nqkv, m, s->hq + s->hkv, d, s->cos, s->sin);
+    if (exegpt_decode_attention_bf16(s->qkv_out, nqkv, d, k_cache, v_cache, s->c_ss, s->c_sh,
+                                     s->c_sl, s->slots, s->lens, s->qkv_out + nq, nqkv,
+                                     s->qkv_out + nq + nkv, nqkv, s->attn, m, s->hq, s->hkv, d,
+                                     s->capacity, s->scale, nt))
+        return -1; /* unreachable after the checks above; nothing was written */
+    exegpt_linear_bf16(s->attn, nq, m, nq, w->o, h, w->o_bias, x, s->mid, h, 0, nt);
+    exegpt_rms_norm_bf16(s->mid, h, w->norm2, s->normed, m, h, s->eps, nt);
+    exegpt_linear_bf16(s->normed, h, m, h, w->up, 2 * f, w->up_bias, NULL, s->gate_up, 2 * f, 0,
+                       nt);
+    exegpt_swiglu_bf16(s->gate_up, 2 * f, s->act, m, f);
+    exegpt_linear_bf16(s->act, f, m, f, w->down, h, w->down_bias, s->mid, out, h, 0, nt);
     return 0;
 }
