@@ -28,17 +28,13 @@ def test_an_unmeetable_bound_is_reported_not_run() -> None:
     assert "tightest reachable latency" in choice.note
 
 
-def test_exegpt_falls_back_to_the_best_runnable_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_refused_plan_is_reported_never_swapped(monkeypatch: pytest.MonkeyPatch) -> None:
     best = plans.choose_plan("exegpt", WORKLOAD, PROFILE, 4, None, True).plan
-    refused = best.policy
-    monkeypatch.setattr(plans, "runnable_problem",
-                        lambda plan, null: "refused" if plan.policy == refused else None)
-    choice = plans.choose_plan("exegpt", WORKLOAD, PROFILE, 4, None, True)
-    assert choice.runnable and choice.plan.policy != refused
-    assert "not runnable here (refused)" in choice.note
     monkeypatch.setattr(plans, "runnable_problem", lambda plan, null: "refused")
-    static = plans.choose_plan("static", WORKLOAD, PROFILE, 4, None, True)
-    assert not static.runnable and static.note == "not runnable: refused"
+    for policy in ("exegpt", "static"):
+        choice = plans.choose_plan(policy, WORKLOAD, PROFILE, 4, None, True)
+        assert not choice.runnable and choice.note == "not runnable: refused"
+    assert plans.choose_plan("exegpt", WORKLOAD, PROFILE, 4, None, True).plan.policy == best.policy
 
 
 def test_static_plan_at_a_fixed_batch_and_plan_identity() -> None:
