@@ -144,9 +144,11 @@ def test_a_crashing_loop_says_goodbye_and_exits_1(tmp_path: Path,
 
 def test_exit_watch_sees_a_local_worker_process_end() -> None:
     # a process whose command line names a worker module (as `python -m decoder_worker`)
-    code = "import sys, time; sys.stdin.read()"
+    code = "import sys; print('up', flush=True); sys.stdin.read()"
     proc = subprocess.Popen([sys.executable, "-c", code, "decoder_worker"],
-                            stdin=subprocess.PIPE)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    proc.stdout.readline()  # exec'd: before that, /proc/PID/cmdline is still the parent's
     exited: list[tuple[str, int]] = []
 
     async def scenario() -> float:
