@@ -18,21 +18,23 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from common.client import AsyncClient
-from coordinator.launch import LaunchSpec, LocalMesh
-from coordinator.plan_launch import plan_fields
+from coordinator.launch import LocalMesh
 from coordinator.planner.analytic import analytic_profile
 from coordinator.planner.plan import WorkerGroup
 from coordinator.planner.planning import make_plan
 from coordinator.planner.workload import parse_workload
+from tests.runner.adaptmesh import (
+    LONG,
+    SHORT,
+    adapt_spec,
+    adapt_stats,
+    draw_work,
+    send_work,
+    watch_switch,
+)
 from tests.runner.tinymodels import make_llama
 
-SHORT = "name=short;in=normal:8,3,16;out=normal:4,1,8"
-LONG = "name=long;in=normal:40,6,56;out=normal:16,4,24"
-OPTIONS = ("window=48,min_samples=24,eval_every=4,confirm=2,alpha=1e-3,min_dwell_s=1,"
-           "min_dwell_requests=16,drain_timeout_s=0")
 STATIONARY = 40  # short requests first: no switch allowed
 SHIFT_LIMIT = 160  # long requests sent at most while waiting for the switch
 DETECT_BOUND = 100  # long requests before the detector fires (measured: see docs)
@@ -42,13 +44,6 @@ AFTER = 24  # long requests sent after the switch: served by the new layout
 # bound is set where a working mesh meets it with margin and the assertion catches what the
 # switch is responsible for: requests stuck behind a stalled re-layout, a slow new layout.
 BOUND_S = 10.0
-
-
-def _work(spec: str, num: int, seed: int, prefix: str) -> list[tuple[str, list[int], int]]:
-    rng = np.random.default_rng(seed)
-    ins, outs = parse_workload(spec).sample(rng, num)
-    return [(f"{prefix}{i}", [int(t) for t in rng.integers(4, 128, int(n))], int(s))
-            for i, (n, s) in enumerate(zip(ins, outs, strict=True))]
 
 
 def _served_plan(model: Path, tmp: Path) -> tuple[Path, Path]:
@@ -68,45 +63,7 @@ def _served_plan(model: Path, tmp: Path) -> tuple[Path, Path]:
     return plan_path, prof_path
 
 
-async def _send(client: AsyncClient, work: list[tuple[str, list[int], int]],
-                results: dict[str, list[int]], stop: asyncio.Event | None = None,
-                concurrency: int = 8, times: dict[str, Any] | None = None) -> int:
-    gate = asyncio.Semaphore(concurrency)
-
-    async def one(req_id: str, prompt: list[int], n: int) -> None:
-        try:
-            res = await client.generate(prompt_ids=prompt, max_new_tokens=n, req_id=req_id,
-                                        timeout_s=120)
-            assert req_id not in results, f"{req_id} answered twice"
-            results[req_id] = list(res.tokens)
-            if times is not None:
-                times[req_id] = res.lifecycle
-        finally:
-            gate.release()
-
-    tasks = []
-    for req_id, prompt, n in work:
-        if stop is not None and stop.is_set():
-            break
-        await gate.acquire()
-        tasks.append(asyncio.create_task(one(req_id, prompt, n)))
-    await asyncio.gather(*tasks)
-    return len(tasks)
-
-
-async def _adapt(client: AsyncClient) -> dict:
-    return (await client.stats()).stats["adapt"]
-
-
-async def _watch(client: AsyncClient, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        if (await _adapt(client))["switches"]:
-            stop.set()
-        await asyncio.sleep(0.2)
-
-
 def test_shift_re_lays_out_the_stages_live_and_every_request_is_exact(tmp_path: Path) -> None:
-    from coordinator.commands.serve import model_fields
     from tests.runner.tinymodels import hf_greedy
 
     model = make_llama(tmp_path / "llama4", num_layers=4, seed=5)
@@ -114,27 +71,23 @@ def test_shift_re_lays_out_the_stages_live_and_every_request_is_exact(tmp_path: 
     from coordinator.planner.plan import Plan
 
     plan = Plan.from_json(plan_path.read_text())
-    spec = LaunchSpec(**plan_fields(plan, null_model=False, decoder_capacity=256),
-                      runs_path=tmp_path / "runs", transport="ipc", dtype="float32",
-                      heartbeat_interval_s=0.25, **model_fields(str(model)),
-                      coordinator_args=("--plan", str(plan_path), "--profile", str(prof_path),
-                                        "--adapt", "--adapt-options", OPTIONS))
-    short, long = _work(SHORT, STATIONARY, 1, "s"), _work(LONG, SHIFT_LIMIT + AFTER, 2, "l")
+    spec = adapt_spec(plan, plan_path, prof_path, model, tmp_path, 256)
+    short, long = draw_work(SHORT, STATIONARY, 1, "s"), draw_work(LONG, SHIFT_LIMIT + AFTER, 2, "l")
     results: dict[str, list[int]] = {}
     times: dict[str, Any] = {}
 
     async def scenario() -> tuple[dict, dict, int]:
         async with AsyncClient(mesh.client_endpoint) as client:
-            await _send(client, short, results)
-            assert (await _adapt(client))["switches"] == []  # stationary: no switch
+            await send_work(client, short, results)
+            assert (await adapt_stats(client))["switches"] == []  # stationary: no switch
             stop = asyncio.Event()
-            watcher = asyncio.create_task(_watch(client, stop))
-            sent = await _send(client, long[:SHIFT_LIMIT], results, stop, times=times)
+            watcher = asyncio.create_task(watch_switch(client, stop))
+            sent = await send_work(client, long[:SHIFT_LIMIT], results, stop, times=times)
             stop.set()
             await watcher
-            adapt = await _adapt(client)
+            adapt = await adapt_stats(client)
             assert adapt["switches"], f"no switch after {sent} long requests: {adapt}"
-            sent += await _send(client, long[sent:sent + AFTER], results, times=times)
+            sent += await send_work(client, long[sent:sent + AFTER], results, times=times)
             stats = (await client.stats()).stats
             return adapt, stats, sent
 

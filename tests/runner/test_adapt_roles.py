@@ -25,17 +25,22 @@ import pytest
 
 from common.client import AsyncClient
 from coordinator.adapt_roles import served_plan
-from coordinator.launch import LaunchSpec, LocalMesh
-from coordinator.plan_launch import plan_fields
+from coordinator.launch import LocalMesh
 from coordinator.planner.analytic import analytic_profile
 from coordinator.planner.plan import Plan
 from coordinator.planner.planning import make_plan
 from coordinator.planner.workload import parse_workload
-from tests.runner.test_adapt_relayout import LONG, SHORT, _adapt, _send, _watch, _work
+from tests.runner.adaptmesh import (
+    LONG,
+    SHORT,
+    adapt_spec,
+    adapt_stats,
+    draw_work,
+    send_work,
+    watch_switch,
+)
 from tests.runner.tinymodels import make_llama, make_t5
 
-OPTIONS = ("window=48,min_samples=24,eval_every=4,confirm=2,alpha=1e-3,min_dwell_s=1,"
-           "min_dwell_requests=16,drain_timeout_s=0")
 STATIONARY = 24  # short requests first: no switch allowed
 SHIFT_LIMIT = 160  # long requests sent at most while waiting for the switch
 AFTER = 16  # long requests sent after the switch: served by the new split
@@ -60,34 +65,29 @@ def _served_plan(model: Path, tmp: Path, policy: str,
 
 def _run(tmp_path: Path, policy: str, counts: tuple[int, int], want: tuple[int, int],
          t5: bool = False) -> None:
-    from coordinator.commands.serve import model_fields
     from tests.runner.tinymodels import hf_greedy
 
     model = make_t5(tmp_path / "t5") if t5 else make_llama(tmp_path / "llama4", num_layers=4,
                                                             seed=5)
     plan, plan_path, prof_path = _served_plan(model, tmp_path, policy, counts)
-    spec = LaunchSpec(**plan_fields(plan, null_model=False, decoder_capacity=64),
-                      runs_path=tmp_path / "runs", transport="ipc", dtype="float32",
-                      heartbeat_interval_s=0.25, **model_fields(str(model)),
-                      coordinator_args=("--plan", str(plan_path), "--profile", str(prof_path),
-                                        "--adapt", "--adapt-options", OPTIONS))
-    short, long = _work(SHORT, STATIONARY, 1, "s"), _work(LONG, SHIFT_LIMIT + AFTER, 2, "l")
+    spec = adapt_spec(plan, plan_path, prof_path, model, tmp_path, 64)
+    short, long = draw_work(SHORT, STATIONARY, 1, "s"), draw_work(LONG, SHIFT_LIMIT + AFTER, 2, "l")
     if t5:  # its vocabulary is 96 (prompt ids avoid the special ids 0..3)
         short, long = ([(r, [4 + t % 92 for t in p], n) for r, p, n in w] for w in (short, long))
     results: dict[str, list[int]] = {}
 
     async def scenario() -> tuple[dict, dict, int]:
         async with AsyncClient(mesh.client_endpoint) as client:
-            await _send(client, short, results)
-            assert (await _adapt(client))["switches"] == []  # stationary: no switch
+            await send_work(client, short, results)
+            assert (await adapt_stats(client))["switches"] == []  # stationary: no switch
             stop = asyncio.Event()
-            watcher = asyncio.create_task(_watch(client, stop))
-            sent = await _send(client, long[:SHIFT_LIMIT], results, stop)
+            watcher = asyncio.create_task(watch_switch(client, stop))
+            sent = await send_work(client, long[:SHIFT_LIMIT], results, stop)
             stop.set()
             await watcher
-            adapt = await _adapt(client)
+            adapt = await adapt_stats(client)
             assert adapt["switches"], f"no switch after {sent} long requests: {adapt}"
-            sent += await _send(client, long[sent:sent + AFTER], results)
+            sent += await send_work(client, long[sent:sent + AFTER], results)
             return adapt, (await client.stats()).stats, sent
 
     with LocalMesh(spec, startup_timeout_s=120) as mesh:
