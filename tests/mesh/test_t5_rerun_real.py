@@ -12,7 +12,6 @@ draws the same); the re-run requests were cut mid-stream and replayed what they 
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -27,7 +26,7 @@ from common.engine.generate import generate
 from common.engine.sampling import SamplingParams
 from coordinator.commands.serve import model_fields
 from coordinator.launch import LaunchSpec, LocalMesh, WorkerGroup
-from tests.mesh.test_tp_rank_kill_real import all_streaming, stream_and_act
+from tests.mesh.test_tp_rank_kill_real import all_streaming, check_killed_run, stream_and_act
 from tests.runner.tinymodels import make_t5
 
 torch.set_num_threads(1)
@@ -98,12 +97,7 @@ def test_a_killed_t5_decoders_requests_replay_and_stream_on_token_exact(
     seen, killed_at = stream_and_act(
         mesh.client_endpoint, prompts, MAX_NEW, all_streaming,
         lambda: os.kill(dec0.pid, signal.SIGKILL), timeout_s=60, sampling=_sampling)
-    assert killed_at < float("inf"), "the requests finished before anything was killed"
-    for req_id, entry in seen.items():
-        entry.check(expected[req_id])  # one Result; gap-free, repeat-free, token-exact
-    reruns = [json.loads(line) for line in
-              (mesh.spec.run_dir / "coordinator.jsonl").read_text().splitlines()
-              if '"request_rerun"' in line]
+    reruns = check_killed_run(mesh, seen, killed_at, expected)
     cut = [r for r in reruns if 4 <= r["tokens_kept"] < MAX_NEW]
     assert cut, f"no re-run request was cut mid-stream: {reruns}"
     assert all(r["lost"] == "dec0" and r["replay"] == r["tokens_kept"] for r in reruns)

@@ -12,12 +12,10 @@ from __future__ import annotations
 import pytest
 
 from common import protocol as P
-from coordinator.config import CoordinatorConfig
-from coordinator.membership import Membership
-from coordinator.relay import Relay
 from coordinator.requests import ReplayMismatch, Request, RequestTable
 from coordinator.server import Coordinator
-from tests.runner.test_pipeline_driver import Log, Sock
+from tests.runner.fakewaa import waa_coordinator
+from tests.runner.test_pipeline_driver import Sock
 
 
 def _request(table: RequestTable, req_id: str = "r", sampling: P.Sampling | None = None,
@@ -106,23 +104,7 @@ def test_unseeded_sampling_of_an_encoder_decoder_model_gets_a_seed_at_admission(
 
 def _t5_mesh(decoders: list[str]) -> tuple[Coordinator, Sock, Sock]:
     """A serving WAA coordinator of the tiny-t5 shape: one encoder and ``decoders``."""
-    cfg = CoordinatorConfig("ipc:///tmp/c", "ipc:///tmp/w", policy="waa", max_encode_batch=4,
-                            num_encoders=1, num_decoders=len(decoders), model_shape="tiny-t5")
-    co = Coordinator(cfg, Log())
-    workers, clients = Sock(), Sock()
-    co.client_endpoint = co.worker_endpoint = "ipc:///tmp/x"
-    co.relay = Relay(clients, co.log, co.counters)  # type: ignore[arg-type]
-    co.members = Membership(co, workers)  # type: ignore[arg-type]
-    hellos = [("enc0", "encoder", None)] + [(w, "decoder", f"ipc:///tmp/kv-{w}")
-                                            for w in decoders]
-    for worker, role, kv in hellos:
-        co.members.on_hello(worker.encode(), P.Hello(worker_id=worker, role=role,
-                                                     kv_endpoint=kv, capacity={"max_seqs": 8}))
-    for worker, _, kv in hellos:
-        co.members._dispatch(co.members.registry.get(worker),
-                             P.Ready(worker_id=worker, kv_endpoint=kv))
-    workers.sent.clear()
-    return co, workers, clients
+    return waa_coordinator({"enc0": None}, decoders, model_shape="tiny-t5")
 
 
 def _tokens(co: Coordinator, decoder: str, wire_id: str, tokens: tuple[int, ...],

@@ -132,6 +132,18 @@ def _record(seen: dict[str, Seen], msg: P.Message) -> None:
         entry.errors.append(msg)
 
 
+def check_killed_run(mesh: LocalMesh, seen: dict[str, Seen], killed_at: float,
+                     expected: dict[str, list[int]]) -> list[dict]:
+    """Every stream token-exact with one Result (no gap, no repeat) after a kill that
+    happened mid-stream; returns the coordinator's ``request_rerun`` log records."""
+    assert killed_at < float("inf"), "the requests finished before anything was killed"
+    for req_id, entry in seen.items():
+        entry.check(expected[req_id])  # one Result; gap-free, repeat-free, token-exact
+    return [json.loads(line) for line in
+            (mesh.spec.run_dir / "coordinator.jsonl").read_text().splitlines()
+            if '"request_rerun"' in line]
+
+
 def all_streaming(seen: dict[str, Seen]) -> bool:
     """Every request has a few tokens and none is finished: what dec0 holds is mid-stream."""
     return all(sum(len(t) for _, t in s.chunks) >= 4 and not s.results for s in seen.values())
@@ -167,12 +179,7 @@ def test_a_killed_tp_rank_reruns_its_groups_requests_token_exact(mesh: LocalMesh
     seen, killed_at = stream_and_act(mesh.client_endpoint, prompts, MAX_NEW, all_streaming,
                                      lambda: os.kill(rank1.pid, signal.SIGKILL), timeout_s=60,
                                      sampling=seeded)
-    assert killed_at < float("inf"), "the requests finished before anything was killed"
-    for req_id, entry in seen.items():
-        entry.check(expected[req_id])  # one Result; gap-free, repeat-free, token-exact
-    reruns = [json.loads(line) for line in
-              (mesh.spec.run_dir / "coordinator.jsonl").read_text().splitlines()
-              if '"request_rerun"' in line]
+    reruns = check_killed_run(mesh, seen, killed_at, expected)
     assert reruns and all(r["lost"].startswith("dec0") for r in reruns), reruns
     cut = [r for r in reruns if 4 <= r["tokens_kept"] < MAX_NEW]
     assert cut, f"no re-run request was cut mid-stream: {reruns}"

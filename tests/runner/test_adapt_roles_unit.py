@@ -14,29 +14,14 @@ from coordinator.config import CoordinatorConfig
 from coordinator.membership import Membership
 from coordinator.planner.plan import Plan, WorkerGroup
 from coordinator.registry import WorkerState
-from coordinator.relay import Relay
 from coordinator.server import Coordinator
+from tests.runner.fakewaa import waa_coordinator
 from tests.runner.test_pipeline_driver import Log, Sock
 
 
 def _mesh(encoders: dict[str, str | None], decoders: list[str]) -> tuple[Coordinator, Sock]:
     """A serving WAA coordinator: encoders (id -> KV endpoint or None) and decoders."""
-    cfg = CoordinatorConfig("ipc:///tmp/c", "ipc:///tmp/w", policy="waa", max_encode_batch=4,
-                            num_encoders=len(encoders), num_decoders=len(decoders))
-    co = Coordinator(cfg, Log())
-    workers, clients = Sock(), Sock()
-    co.client_endpoint = co.worker_endpoint = "ipc:///tmp/x"
-    co.relay = Relay(clients, co.log, co.counters)  # type: ignore[arg-type]
-    co.members = Membership(co, workers)  # type: ignore[arg-type]
-    hellos = [(w, "encoder", kv) for w, kv in encoders.items()]
-    hellos += [(w, "decoder", f"ipc:///tmp/kv-{w}") for w in decoders]
-    for worker, role, kv in hellos:
-        co.members.on_hello(worker.encode(), P.Hello(worker_id=worker, role=role,
-                                                     kv_endpoint=kv, capacity={"max_seqs": 8}))
-    for worker, _, kv in hellos:
-        co.members._dispatch(co.members.registry.get(worker),
-                             P.Ready(worker_id=worker, kv_endpoint=kv))
-    workers.sent.clear()
+    co, workers, _ = waa_coordinator(encoders, decoders)
     return co, workers
 
 
