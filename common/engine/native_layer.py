@@ -123,12 +123,6 @@ class StepPlan:
         m = slots.shape[0]
         if lib is None or _declare(lib) is None or not 1 <= m <= native.MAX_ROWS:
             return None
-        if native._threads() > 1:
-            # Measured with 2 threads on 2 cores: the back-to-back pool jobs of the fused
-            # call made our steps slower (36 vs 20 ms at batch 1) and transformers' OpenMP
-            # steps run right after 4-10x slower; not yet explained, so the one-call layer
-            # is for one-thread processes (mesh workers) and more threads use the modules.
-            return None
         cos, sin = cos.reshape(m, -1), sin.reshape(m, -1)
         if not (cos.dtype == sin.dtype == torch.bfloat16 and cos.shape[1] == shape.head_dim
                 and cos.is_contiguous() and sin.is_contiguous()):
