@@ -79,14 +79,16 @@ class ProfileKey:
         return cache_dir() / self.filename()
 
 
-ENGINE_SOURCES = ("common/engine", "common/models")
+# the engine, and the profiler that times it (its grid decides where the planner interpolates)
+ENGINE_SOURCES = ("common/engine", "common/models", "common/profiling")
 
 
 @functools.cache
 def engine_fingerprint() -> str:
-    """A hash of the engine's code (kernels, model layers): a profile times one engine, and one
-    cached before an engine change would make every plan's predictions wrong (the native
-    kernels made decode passes ~0.6x of the profile measured before them)."""
+    """A hash of the engine's code (kernels, model layers) and the profiler's (grid, timing): a
+    profile times one engine on one grid, and one cached before an engine change would make
+    every plan's predictions wrong (the native kernels made decode passes ~0.6x of the
+    profile measured before them)."""
     root = Path(__file__).resolve().parents[2]
     digest = hashlib.sha256()
     for sub in ENGINE_SOURCES:
