@@ -7,6 +7,7 @@ from typing import Any
 
 from coordinator.planner.candidate import Candidate, Metrics, WorkloadStats
 from coordinator.planner.costs import Costs
+from coordinator.planner.des_events import waa_cap
 from coordinator.planner.layout import Pipeline
 from coordinator.planner.plan import Plan, WorkerGroup
 from coordinator.planner.profile import Profile
@@ -56,12 +57,30 @@ def make_plan(workload: Workload, profile: Profile, num_workers: int, latency_bo
 def adjust_bands(cand: Candidate, metrics: Metrics, stats: WorkloadStats) -> dict[str, list[float]]:
     """Dynamic adjustment: the runner changes the next B_E when the encoder's token sum or the
     decode batch leaves mean +- 2 sigma (sums of independent lengths; the paper gives no
-    values). Sigma: sqrt(B_E) * std(I) for the token sum, sqrt(B_D) for the decode batch."""
+    values). Sigma: sqrt(B_E) * std(I) for the token sum, sqrt(B_D) for the decode batch.
+
+    The runner counts a decoder's sequences from the moment a batch is placed on it, so the
+    WAA decode band also holds the batches encoded for the decoders but not yet merged (the
+    DES's ``waa_cap``). An encoder-bound WAA plan's decode batch does not hover around B_D:
+    it swings from a merged batch's peak to near empty every encoder period
+    (planner/waa_burst.py), so its band is [0, peak + 2 sqrt(peak) + those batches]: the
+    runner keeps the plan's B_E unless the decoders hold more than the plan ever has (a
+    B_D +- 2 sigma band there cut every batch to one or two requests on the mesh), and never
+    grows it (the encoder is already the bottleneck)."""
     tok_mean = cand.B_E * stats.mean_in
     tok_sd = math.sqrt(cand.B_E) * stats.workload.input.std
     bd_sd = math.sqrt(max(metrics.B_D, 0.0))
+    decode = [max(metrics.B_D - 2 * bd_sd, 0.0), metrics.B_D + 2 * bd_sd]
+    extra = metrics.extra
+    if "peak_decode_batch" in extra:
+        ahead = cand.B_E * waa_cap(extra)
+        if extra["encode_period_s"] > extra["round_s"]:  # never grown: the encoder is full
+            peak = extra["peak_decode_batch"]
+            decode = [0.0, peak + 2 * math.sqrt(peak) + ahead]
+        else:
+            decode = [decode[0] + ahead, decode[1] + ahead]
     return {"token_sum": [max(tok_mean - 2 * tok_sd, 0.0), tok_mean + 2 * tok_sd],
-            "decode_batch": [max(metrics.B_D - 2 * bd_sd, 0.0), metrics.B_D + 2 * bd_sd]}
+            "decode_batch": decode}
 
 
 def _groups(role: str, pipe: Pipeline, model_is_t5: bool) -> list[WorkerGroup]:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.optimize import brentq
 
 from coordinator.planner.candidate import Candidate, Metrics, WorkloadStats, infeasible
 from coordinator.planner.costs import Costs, fill_time, round_time
@@ -33,6 +32,7 @@ from coordinator.planner.layout import (
 )
 from coordinator.planner.profile import Profile
 from coordinator.planner.rra_table import cycle_sums, decode_parts, step_batches
+from coordinator.planner.waa_burst import Burst, RoundTable, burst_timeline
 from coordinator.planner.waa_split import nearest_split, waa_share, waa_split  # noqa: F401
 from coordinator.planner.workload import Workload
 
@@ -271,24 +271,46 @@ def waa_core(cand: Candidate, stats: WorkloadStats, costs: Costs,
     if e_period <= rnd:  # decoder-bound: one batch merged per round
         x = cand.B_E / rnd
         pre = np.ceil((e_lat + hand) / rnd - 1e-9) * rnd
-    else:  # encoder-bound: decoder rounds run faster than batches arrive
+        lat, ttft, tpot, peak = pre + stats.s99 * rnd, pre + rnd, rnd, b_d
+        batches_ahead = max(1.0, np.ceil((e_lat + hand) / rnd))
+    else:  # encoder-bound: a batch merges every period and thins out (waa_burst.py)
         x = cand.B_E / e_period
-        # Little's law at the encoder's rate: the root lies in (0, B_E * E[S]) because the
-        # decoder is faster than the encoder at that batch.
-        def gap(b: float) -> float:
-            return x * stats.mean_s * waa_round(costs, dec_pipe, b, ctx, cand.B_m) - b
-
-        b_d = brentq(gap, 1e-9, cand.B_E * stats.mean_s, xtol=1e-6, rtol=1e-10)
+        burst = waa_burst(cand, stats, costs, dec_pipe, ctx, e_period)
+        b_d, peak = burst.mean_batch, burst.peak_batch
         rnd = waa_round(costs, dec_pipe, b_d, ctx, cand.B_m)
-        pre = e_lat + hand + rnd / 2
-    lat = pre + stats.s99 * rnd
-    in_flight = max(1.0, np.ceil((e_lat + hand) / rnd)) * cand.B_E * stats.mean_in
+        pre = e_lat + hand
+        first = float(burst.to_token[0])
+        lat = pre + burst.to_p99
+        ttft, tpot = pre + first, burst.tpot(stats.surv, first)
+        batches_ahead = float(np.ceil((e_lat + hand) / e_period - 1e-9))  # one per period
+    in_flight = batches_ahead * cand.B_E * stats.mean_in
     mem = [w + costs.encoder_kv_bytes(st, float(in_flight))
            for st, w in costs.weighted_stages(enc_pipe, distinct)]
-    mem += [w + costs.kv_bytes_held(st, b_d * ctx)
+    mem += [w + costs.kv_bytes_held(st, peak * ctx)
             for st, w in costs.weighted_stages(dec_pipe, distinct)]
     return Core(x, lat, mem, {"enc": enc, "e_lat": e_lat, "e_period": e_period, "hand": hand,
-                              "ctx": ctx, "b_d": b_d, "rnd": rnd, "pre": pre})
+                              "ctx": ctx, "b_d": b_d, "rnd": rnd, "pre": pre, "ttft": ttft,
+                              "tpot": tpot, "peak": peak})
+
+
+def waa_burst(cand: Candidate, stats: WorkloadStats, costs: Costs, dec_pipe: Pipeline,
+              ctx: float, e_period: float) -> Burst:
+    """The encoder-bound decoders' burst timeline (waa_burst.py), memoised per candidate:
+    the search's score and the full metrics ask for the same one."""
+    cache = costs.__dict__.setdefault("_waa_burst", {})
+    key = (cand.B_E, cand.B_m, id(dec_pipe), ctx, e_period, id(stats))
+    if key not in cache:
+        m = cand.B_m
+
+        def rounds(b: np.ndarray) -> np.ndarray:
+            per = costs.per_stage(dec_pipe, b / m, ctx, lambda t: np.where(b > 0, t, 0.0),
+                                  None, "waa_decode")
+            return round_time(per, m)
+
+        table = RoundTable(rounds, float(cand.B_E))
+        cache[key] = (burst_timeline(cand.B_E, e_period, stats.surv, table, stats.s99),
+                      stats, dec_pipe)  # both kept alive: their ids stay valid
+    return cache[key][0]
 
 
 def _waa(cand: Candidate, stats: WorkloadStats, costs: Costs) -> Metrics:
@@ -297,15 +319,17 @@ def _waa(cand: Candidate, stats: WorkloadStats, costs: Costs) -> Metrics:
         return infeasible("the TP workers or micro-batches do not fit this WAA split")
     enc_pipe, dec_pipe = pipes
     core = waa_core(cand, stats, costs, pipes)
-    enc, ctx, b_d, rnd, pre = (core.parts[k] for k in ("enc", "ctx", "b_d", "rnd", "pre"))
+    enc, ctx, b_d, rnd = (core.parts[k] for k in ("enc", "ctx", "b_d", "rnd"))
     util = [core.x / cand.B_E * e for e in enc] + [
         cand.B_m * t / rnd for t in waa_stage_times(costs, dec_pipe, b_d, ctx, cand.B_m)]
     n_enc, mem = len(enc_pipe), core.mem
     workers = _per_worker(enc_pipe, util[:n_enc]) + _per_worker(dec_pipe, util[n_enc:])
     mems = _per_worker(enc_pipe, mem[:n_enc]) + _per_worker(dec_pipe, mem[n_enc:])
     return _finish(costs, stats, {"encoder": enc_pipe, "decoder": dec_pipe},
-                   x=core.x, lat_b=core.lat, lat_a=core.lat, ttft=pre + rnd, tpot=rnd, b_d=b_d,
+                   x=core.x, lat_b=core.lat, lat_a=core.lat, ttft=core.parts["ttft"],
+                   tpot=core.parts["tpot"], b_d=b_d,
                    util=workers, mem=mems,
                    extra={"round_s": rnd, "encode_latency_s": core.parts["e_lat"],
                           "handoff_s": core.parts["hand"],
-                          "encode_period_s": core.parts["e_period"]})
+                          "encode_period_s": core.parts["e_period"],
+                          "peak_decode_batch": core.parts["peak"]})

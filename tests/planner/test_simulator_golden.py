@@ -12,8 +12,14 @@ Regenerated again (issue 6, continuous closed form): the 36 continuous candidate
 iteration now charges Binomial(B, 1/E[S]) whole prefills and the round the longest traverse
 or busiest stage of the P streams' passes, which the stage-level DES confirms (test_des.py);
 the 144 RRA, 36 static and 192 WAA candidates are unchanged bit for bit (also with the new
-fixed per-pass overhead term, which is 0 for analytic profiles). Floats round-trip through
-JSON exactly (repr), so the comparison is for equality, not a tolerance.
+fixed per-pass overhead term, which is 0 for analytic profiles). Regenerated a third time
+(issue 6, encoder-bound WAA): the decoders' batch is now a burst timeline
+(coordinator/planner/waa_burst.py), which the DES confirms where the steady batch was 20-28%
+short on a CPU profile; 35 encoder-bound WAA candidates changed (p99-length latency
+x0.99-x1.22, throughput unchanged; memory now at the peak batch and the encoder's in-flight
+batches counted per encoder period), every WAA candidate gained ``peak_decode_batch`` in its
+extra, and the RRA, static and continuous candidates are unchanged bit for bit. Floats
+round-trip through JSON exactly (repr), so the comparison is for equality, not a tolerance.
 """
 
 from __future__ import annotations
