@@ -14,15 +14,9 @@ outgoing ones to :meth:`WorkerLink.send` (encoded on the compute thread, forward
 inproc pipe). The I/O thread answers what needs no math itself: heartbeats, ``Assign`` updates
 of the peer table, and malformed messages (an ``Error`` back to the sender).
 
-Losing the coordinator (e.g. its restart on the same endpoint)::
-
-    ASSIGNED --no message for heartbeat_timeout_s, or a Heartbeat/Assign of another
-               coordinator instance--> REJOINING: inbox emptied, Rejoin put on it (the loop
-               drops every request it holds, freeing KV), a fresh coordinator socket (nothing
-               of the old run reaches the new one), Hello with backoff; the old run's traffic
-               (outbox, KV endpoint) is dropped
-    REJOINING --Assign (same placement)--> ASSIGNED: Ready sent again, serving
-    REJOINING --startup_timeout_s without an Assign, or another placement--> Stop (exit 1)
+Losing the coordinator (e.g. its restart on the same endpoint): heartbeats, the deadline and
+the rejoin live in common/workerlink_liveness.py (a mixin, like workerkv: same thread, same
+state); ``Stop`` and ``Rejoin`` are defined there and importable from here.
 
 A worker the coordinator declared lost (an ``unavailable`` Error while ASSIGNED: it was silent
 past its deadline, e.g. stalled, and its requests were re-run elsewhere or failed) rejoins the
@@ -37,15 +31,10 @@ which the coordinator drops the worker's whole TP group at once (no heartbeat-de
 from __future__ import annotations
 
 import collections
-import contextlib
-import os
 import queue
-import random
-import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -57,6 +46,9 @@ from common.logbudget import LogLimiter
 from common.sockets import load_curve_client, make_socket
 from common.workerconfig import WorkerConfig
 from common.workerkv import KVPaths
+from common.workerlink_liveness import Liveness, Rejoin, Stop
+
+__all__ = ["Rejoin", "Stop", "WorkerLink"]  # Stop / Rejoin: defined in workerlink_liveness
 
 _TO_COORDINATOR = b"C"
 _TO_DECODER = b"K"
@@ -65,28 +57,11 @@ GOODBYE_WAIT_S = 1.0  # how long a failing worker waits for its goodbye to leave
 COORDINATOR_HWM = 100  # messages queued towards the coordinator before we hold back
 OUTBOX_HWM = 64  # compute-thread messages waiting for the I/O thread (then send() blocks)
 BACKLOG_LIMIT = 16  # held-back coordinator messages before the outbox stops being read
-HELLO_BACKOFF_MAX_S = 2.0  # re-Hello every interval, doubling up to this, while rejoining
 # Assign fields that fix what a worker built (its backend): a re-Assign must keep them
 PLACEMENT = ("role", "group", "tp_rank", "tp_size", "layer_range", "encoder_layer_range")
 
 
-@dataclass(frozen=True)
-class Stop:
-    """Put on the inbox when the worker must stop: why, and whether that is an error."""
-
-    reason: str
-    error: bool
-
-
-@dataclass(frozen=True)
-class Rejoin:
-    """Put on the inbox when the coordinator is lost: drop every request held (free its KV);
-    the link re-registers with the (restarted) coordinator, which knows none of them."""
-
-    reason: str
-
-
-class WorkerLink(KVPaths):
+class WorkerLink(KVPaths, Liveness):
     """Owns the worker's sockets on one I/O thread; see the module docstring."""
 
     def __init__(self, cfg: WorkerConfig, log: Any) -> None:
@@ -216,44 +191,6 @@ class WorkerLink(KVPaths):
             if self._check_deadline(now):
                 return
 
-    def _check_deadline(self, now: float) -> bool:
-        """True when the worker must stop; a silent coordinator once assigned: rejoin."""
-        silent = now - self._last_heard
-        if self._rejoining_since is not None:
-            if now - self._rejoining_since <= self.cfg.startup_timeout_s:
-                return False
-            self.inbox.put(Stop(f"coordinator gone: no Assign within "
-                                f"{self.cfg.startup_timeout_s:.0f} s of re-registering", True))
-            return True
-        if silent <= self._deadline() or self._coord.poll(0, zmq.POLLIN):
-            return False  # (woken from a stall with messages waiting: hear them out first)
-        if self._assign is None:
-            self.inbox.put(Stop(f"coordinator silent for {silent:.1f} s", True))
-            return True
-        self._rejoin(f"coordinator silent for {silent:.1f} s")
-        return False
-
-    def _rejoin(self, why: str) -> None:
-        """Drop the lost coordinator's run and say Hello again (module docstring)."""
-        self.log.warning("coordinator_lost", why=why, instance=self._instance)
-        self._rejoining_since = self._last_heard = time.monotonic()
-        self._assigned.clear()
-        with contextlib.suppress(queue.Empty):
-            while True:  # what the old coordinator sent us is void now (a Stop still counts)
-                item = self.inbox.get_nowait()
-                if isinstance(item, Stop):
-                    self.inbox.put(item)
-                    break
-                self.dropped += 1
-        self.inbox.put(Rejoin(why))
-        self._backlog.clear()
-        self._poller.unregister(self._coord)
-        self._coord.close(linger=0)
-        self._coord = self._make_coordinator_socket()
-        self._poller.register(self._coord, zmq.POLLIN)
-        self._backoff = self.cfg.heartbeat_interval_s
-        self._send_hello()
-
     def _watch(self, poller: zmq.Poller) -> None:
         poller.modify(self._coord, zmq.POLLIN | (zmq.POLLOUT if self._backlog else 0))
         poller.modify(self._pull, zmq.POLLIN if len(self._backlog) < BACKLOG_LIMIT else 0)
@@ -274,39 +211,6 @@ class WorkerLink(KVPaths):
             except zmq.Again:
                 return
             self._backlog.popleft()
-
-    def _deadline(self) -> float:
-        return self.cfg.heartbeat_timeout_s if self._assigned.is_set() else \
-            self.cfg.startup_timeout_s
-
-    def _send_hello(self) -> None:
-        role = self.cfg.role  # after a live role switch: the role assigned since
-        if self._assign is not None and self._assign.role in ("encoder", "decoder"):
-            role = self._assign.role
-        hello = P.Hello(worker_id=self.cfg.worker_id, role=role,
-                        tp_rank=self.cfg.tp_rank, tp_size=self.cfg.tp_size,
-                        device=self.cfg.device, pid=os.getpid(), host=socket.gethostname(),
-                        kv_endpoint=self.kv_endpoint, capacity=self._capacity())
-        self._to_coordinator(P.encode(hello))
-
-    def _capacity(self) -> dict[str, Any]:
-        if self.cfg.role == "pipeline":
-            return {"max_seqs": self.cfg.capacity, "stage": self.cfg.stage}
-        return {"max_seqs": self.cfg.capacity}
-
-    def _beat(self, seq: int) -> tuple[float, int]:
-        if self._rejoining_since is not None:  # backoff with jitter: many workers rejoin
-            self._send_hello()
-            self._backoff = min(HELLO_BACKOFF_MAX_S, self._backoff * 2)
-            return self._backoff * random.uniform(0.8, 1.2), seq
-        if not self._assigned.is_set():
-            self._send_hello()  # the coordinator may have started after us
-            return self.cfg.heartbeat_interval_s, seq
-        beat = P.Heartbeat(worker_id=self.cfg.worker_id, seq=seq, t_sent=time.time(),
-                           load=self.load())
-        self._to_coordinator(P.encode(beat))
-        assert self._assign is not None
-        return self._assign.heartbeat_interval_s, seq + 1
 
     def _drain_coordinator(self) -> None:
         while True:

@@ -12,7 +12,9 @@ decoder_worker/pipeline.py plus the KV handoff between the two pipelines.
                     new requests --run--> hidden to "next" / PassDone with one token each
 
 While a decode pass waits for KV, other passes that arrive are held back in order (``later``)
-and run after it; a Shutdown or Stop ends the wait at once.
+and run after it; a Shutdown or Stop ends the wait at once. KV that will not join fails its
+pass; on a TP stage a RuntimeError there is a broken collective (the join broadcasts the KV to
+the other ranks): the worker fails, its goodbye drops the group at once (common/workermain.py).
 
 A live re-layout (coordinator.relayout.WaaRelayout) re-Assigns the stage another side, index
 or layer range (``config["relayout"]``): the loop returns with ``switch_to`` (its backend and
@@ -205,6 +207,12 @@ class DecoderStageLoop(WaaRelayoutMixin, StageLoop):
             try:
                 self.dec.join(sp)
             except (ValueError, RuntimeError) as exc:
+                if isinstance(exc, RuntimeError) and self.cfg.tp_size > 1:
+                    # a TP stage's join is a collective (rank 0 broadcasts the KV): a broken
+                    # one (gloo raises a plain RuntimeError when a peer rank died) leaves the
+                    # ranks out of lockstep, so the worker fails: run_worker's goodbye has the
+                    # coordinator drop the group at once (no heartbeat-deadline wait)
+                    raise
                 self.dec.drop(sp.req_ids)
                 self.fail(sp, f"could not take the KV handed over: {exc}")
                 return

@@ -68,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
                               null_model=args.null_model, dtype=args.dtype,
                               curve_dir=args.curve_dir, curve_workers=args.curve_workers)
         data = compose_dict(plan, opts)
+        if opts.curve_workers:
+            _check_worker_keys(args.curve_dir, _out_dir(args),
+                               [name for name in data["services"] if name != "coordinator"])
         if "--model-config" in data["services"].get("coordinator", {}).get("command", []):
             _write_model_config(plan, opts, _out_dir(args))
         base = _base_path(args)
@@ -112,6 +115,27 @@ def _write_model_config(plan: Any, opts: Any, out_dir: Path) -> None:
               file=sys.stderr)
     models.mkdir(parents=True, exist_ok=True)
     (models / opts.model_config_name).write_text(json.dumps(config, indent=1) + "\n")
+
+
+def _check_worker_keys(curve_dir: str, out_dir: Path, workers: list[str]) -> None:
+    """Worker service ``i`` mounts ``workers/worker-<i>.key_secret`` (and the coordinator admits
+    ``allow-workers/``): without enough pairs Docker would mount empty directories in their
+    place and the workers could not start, so say which command makes them. ``curve_dir`` is
+    resolved as Docker resolves the mount: against the compose file's directory."""
+    root = out_dir / curve_dir
+    need = ["server.key", "mesh.key_secret"]
+    for i in range(len(workers)):
+        need += [f"workers/worker-{i}.key_secret", f"allow-workers/worker-{i}.key"]
+    missing = [name for name in need if not (root / name).is_file()]
+    if not missing:
+        return
+    have = sum((root / f"workers/worker-{i}.key_secret").is_file() for i in range(len(workers)))
+    shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+    here = (Path.cwd() / curve_dir).resolve() == root.resolve()  # else name it absolutely
+    raise ValueError(f"--curve-workers: {len(workers)} worker services need {len(workers)} "
+                     f"worker key pairs in {root}, which has {have} of them (missing {shown}); "
+                     f"run `exegpt keys --dir {curve_dir if here else root.resolve()} --workers "
+                     f"{len(workers)}` (it keeps the pairs already there) and compose again")
 
 
 def _shape(config: dict[str, Any]) -> dict[str, Any]:
