@@ -140,11 +140,23 @@ def bound_met(p99len: float | None, bound_s: float | None, failed: int) -> bool:
     return p99len is not None and p99len <= bound_s
 
 
+# The measured p99-length latency is encode start -> the p99-th token. A static plan's SLA-(b)
+# runs to the maximum output length (the paper's rule for systems without early termination),
+# so its prediction of the same moment is kept beside it under this name.
+COMPARABLE = {"latency_p99len_s": "latency_to_p99_token_s"}
+
+
+def comparable(predicted: dict[str, Any], key: str) -> Any:
+    """The prediction of the moment ``key`` measures (see COMPARABLE)."""
+    alt = COMPARABLE.get(key)
+    return predicted[alt] if alt and predicted.get(alt) is not None else predicted.get(key)
+
+
 def relative_errors(predicted: dict[str, Any], measured: dict[str, Any]) -> dict[str, float | None]:
     """(measured - predicted) / predicted per compared figure (None where either is missing)."""
     out: dict[str, float | None] = {}
     for key in COMPARED:
-        p, m = predicted.get(key), measured.get(key)
+        p, m = comparable(predicted, key), measured.get(key)
         ok = isinstance(p, int | float) and isinstance(m, int | float) and p and math.isfinite(p)
         out[key] = (m - p) / p if ok else None  # type: ignore[operator]
     return out

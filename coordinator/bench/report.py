@@ -13,6 +13,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from coordinator.bench.measure import comparable
+
 
 def _by_bound(rows: list[dict[str, Any]]) -> dict[float | None, dict[str, dict[str, Any]]]:
     out: dict[float | None, dict[str, dict[str, Any]]] = {}
@@ -92,7 +94,7 @@ def _row_md(r: dict[str, Any], static: dict[str, Any] | None) -> str:
              _f(pr.get("throughput_seq_s")),
              _f(me.get("throughput_seq_s")) + _pct(er.get("throughput_seq_s")),
              _f(me.get("throughput_tok_s"), ".1f"),
-             _f(pr.get("latency_p99len_s")),
+             _f(comparable(pr, "latency_p99len_s")),
              _f(me.get("latency_p99len_s")) + _pct(er.get("latency_p99len_s")),
              _f(me.get("latency_p99_s")), _f(me.get("ttft_s")), _f(me.get("tpot_s")),
              "-" if vs is None else f"{vs:.2f}x", met, _load(me), note.replace("|", "/")]

@@ -172,7 +172,10 @@ def _static(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline)
     return _finish(costs, stats, {"pipeline": pipe}, x=streams * b / cycle, lat_b=lat_b,
                    lat_a=lat_a, ttft=t_enc + float(t_dec[0]), tpot=float(t_dec.mean()),
                    b_d=float(b), util=_per_worker(pipe, util), mem=_per_worker(pipe, mem),
-                   extra={"cycle_s": cycle, "t_encode_s": t_enc})
+                   extra={"cycle_s": cycle, "t_encode_s": t_enc,
+                          # what a client sees of a p99-length request (its own last token;
+                          # SLA-(b) above runs to the maximum length, the paper's rule)
+                          "latency_to_p99_token_s": float(cum[stats.s99 - 1])})
 
 
 def prefill_law(slots: int, mean_s: float, streams: int

@@ -34,7 +34,8 @@ def check_results(out: Path, num_bounds: int, policies: list[str]) -> dict:
         assert MEASURED_KEYS <= set(row["measured"])
         assert row["measured"]["failed"] == 0
         assert set(row["error"]) == set(COMPARED)
-        assert set(row["predicted"]) == set(COMPARED)
+        # static plans also predict the moment the p99-length latency measures (measure.py)
+        assert set(row["predicted"]) - {"latency_to_p99_token_s"} == set(COMPARED)
         assert (out / row["records"]).is_file()
         assert isinstance(row["measured"]["bound_met"], bool)
     for png in ("throughput_vs_bound.png", "predicted_vs_measured.png", "timeline.png"):

@@ -89,6 +89,11 @@ def test_relative_errors_and_median() -> None:
                           {"throughput_seq_s": 1.5, "latency_p99len_s": 3.0})
     assert err["throughput_seq_s"] == pytest.approx(-0.25)
     assert err["latency_p99len_s"] is None and err["ttft_s"] is None
+    # a static plan's SLA-(b) runs to the maximum length; the measured figure is compared with
+    # its prediction of the p99-th token instead
+    static = relative_errors({"latency_p99len_s": 8.0, "latency_to_p99_token_s": 4.0},
+                             {"latency_p99len_s": 5.0})
+    assert static["latency_p99len_s"] == pytest.approx(0.25)
     med = median_of([{"x": 1.0, "bound_met": True}, {"x": 3.0, "bound_met": True},
                      {"x": 2.0, "bound_met": False}])
     assert med["x"] == 2.0 and med["bound_met"] is False
