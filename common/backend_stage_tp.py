@@ -13,6 +13,9 @@ group (``--tp-init``), so every rank holds the same requests in the same cache s
              lengths, the encoder output float32 [tokens, hidden] (e == 1) and the decoder
              rows float32 [n, hidden] (h == 1): lap 1 of a T5 encode over several stages
     NOOP / EXIT                    keep-alive while idle / the worker stops
+    REGROUP  [op, 0]                a live re-group (decoder_worker.regroup): every rank
+                                   leaves this gloo group here, at a collective boundary,
+                                   and waits for its next Assign instead of exiting
 
 Requests travel as integer handles (no strings, no pickle). A pass that fails inside the math
 fails the same way on every rank; rank 0 then broadcasts FREE of its requests.
@@ -30,8 +33,9 @@ from common.backend_stage_engine import EngineStageBackend, Range
 from common.engine.tp import TPGroup
 from common.models.registry import ModelSpec
 
-OP_FREE, OP_PASS, OP_START = 2, 3, 4  # after tpwire's OP_EXIT, OP_NOOP
+OP_FREE, OP_PASS, OP_START, OP_REGROUP = 2, 3, 4, 5  # after tpwire's OP_EXIT, OP_NOOP
 KINDS = ("encode", "decode")
+REGROUP = -1  # follow()'s result when rank 0 left the group for a re-group (not an exit code)
 
 
 class TPStageBackend(EngineStageBackend):
@@ -46,6 +50,7 @@ class TPStageBackend(EngineStageBackend):
         self.tp = tp
         self._handles = itertools.count()
         self._handle_of: dict[str, int] = {}
+        self._left = False  # this rank left its gloo group (a re-group): close() sends nothing
 
     # ---- rank 0 ---------------------------------------------------------------------------
     def _admit(self, requests: Any, stream: int) -> None:
@@ -100,13 +105,30 @@ class TPStageBackend(EngineStageBackend):
         tpwire.send_noop()
 
     def close(self) -> None:
-        tpwire.send_exit()
+        if not self._left:
+            tpwire.send_exit()
+
+    def leave_group(self) -> None:
+        """Rank 0, re-grouping (decoder_worker.regroup): the followers leave with it, at this
+        header, and wait for their own Assign; the process group is destroyed on every rank."""
+        import torch.distributed as dist
+
+        tpwire.send_ints([OP_REGROUP, 0])
+        dist.destroy_process_group()
+        self._left = True
 
     # ---- ranks > 0 ------------------------------------------------------------------------
     def follow(self) -> int:
-        """Mirror rank 0's passes until it says EXIT; returns the exit code."""
+        """Mirror rank 0's passes until it says EXIT (returns the exit code, 0) or REGROUP
+        (returns ``REGROUP``: this rank left the group and takes its next Assign)."""
         while (header := tpwire.recv_header()) is not None:
             op, arg = header
+            if op == OP_REGROUP:
+                import torch.distributed as dist
+
+                dist.destroy_process_group()
+                self._left = True
+                return REGROUP
             if op == OP_FREE:
                 EngineStageBackend._free_names(self, [str(h) for h in tpwire.recv_ints(arg)])
             elif op == OP_PASS:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import gc
+import importlib
 import os
+import queue
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -45,7 +48,12 @@ def run_worker(cfg: WorkerConfig, make_loop: Callable[[WorkerLink, P.Assign, Any
         log.info("ready", kv_endpoint=link.kv_endpoint)
         code = int(loop.run())
         role = cfg.role
-        while getattr(loop, "switch_to", None) is not None:  # a live role switch
+        while getattr(loop, "switch_to", None) is not None:  # a live role switch / re-group
+            if "tp" in loop.switch_to.config:  # a TP re-group (decoder_worker.regroup)
+                regroup = importlib.import_module("decoder_worker.regroup").regroup
+                cfg, loop = regroup(cfg, link, loop.switch_to, log)
+                code = int(loop.run())
+                continue
             from common.roleswitch import switch_role
 
             log.info("role_switch", old_role=role, new_role=loop.switch_to.role)
@@ -82,16 +90,42 @@ def setup_worker_logs(cfg: WorkerConfig) -> Any:
 
 class FollowerLoop:
     """TP ranks > 0 of a worker group (encoder or decoder): no mesh data traffic (the link
-    still heartbeats), just mirror rank 0 through the group's gloo broadcasts."""
+    still heartbeats), just mirror rank 0 through the group's gloo broadcasts. A pipeline
+    stage's follower whose rank 0 leaves for a live re-group (REGROUP) takes its next Assign
+    from the link (``switch_to``: decoder_worker.regroup builds its new place)."""
 
-    def __init__(self, backend: Any) -> None:
-        self.backend = backend
+    def __init__(self, backend: Any, link: WorkerLink | None = None, log: Any = None) -> None:
+        self.backend, self.link, self.log = backend, link, log
+        self.switch_to: P.Assign | None = None
 
     def load(self) -> dict[str, Any]:
         return {"follower": True}
 
     def run(self) -> int:
-        return int(self.backend.follow())
+        code = int(self.backend.follow())
+        if code >= 0:
+            return code
+        if self.link is None:  # REGROUP without a link to hear the new place from
+            raise ValueError("rank 0 left the TP group for a re-group; this rank cannot follow")
+        return self._await_assign()
+
+    def _await_assign(self) -> int:
+        """The re-group's Assign (the coordinator sent it with rank 0's, or after rank 0's
+        rendezvous); a Shutdown / Stop meanwhile ends the worker."""
+        assert self.link is not None
+        deadline = time.monotonic() + self.link.cfg.startup_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                msg = self.link.inbox.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if isinstance(msg, P.Assign) and "tp" in msg.config:
+                self.switch_to = msg
+                return 0
+            if (code := stop_code(msg, self.log)) is not None:
+                return code
+        raise TimeoutError("left the TP group for a re-group, but no Assign came within "
+                           f"{self.link.cfg.startup_timeout_s:.0f} s")
 
 
 def check_same_model(mine: ModelConfig, assign: P.Assign) -> None:

@@ -2,13 +2,14 @@
 groups, and the ``plan_switch`` once it has (coordinator.relayout does the switch itself).
 
 Supported live (docs/adaptation.md, "Switching live"): pipeline plans (rra, static,
-continuous) whose stages are single workers (tp 1): another number of stages (at most the
-stage workers connected; the others become spares), other layer ranges, other streams; staged
+continuous): another number of stages (at most the stage workers connected; the others become
+spares), other layer ranges, other streams, other tp_size per stage (the stage workers are
+re-grouped into new TP groups: coordinator.relayout_tp); staged
 WAA plans on tp-1 stage workers: another encoder/decoder stage split, other ranges, other B_m,
 on the same number of workers (whole-model WAA meshes change their split by role switches:
 coordinator.adapt_roles). Not supported, logged as ``relayout_unsupported`` with the reason,
-the old layout serving on with the best knobs it allows: tp_size changes (a TP group is formed
-at launch), T5 layer ranges, a switch between the WAA and pipeline families.
+the old layout serving on with the best knobs it allows: more TP ranks than stage workers
+connected, T5 layer ranges, a switch between the WAA and pipeline families.
 """
 
 from __future__ import annotations
@@ -29,18 +30,17 @@ def relayout_target(co: Any, old: Plan, new: Plan) -> tuple[Any, int] | str:
     if driver is None or new.policy.startswith("waa"):
         return ("a switch between the WAA and pipeline families (whole-model WAA workers "
                 "switch roles: coordinator.adapt_roles)")
-    if any(g.role != "pipeline" or g.tp_size != 1 for g in new.worker_groups):
-        return "the new plan has tensor-parallel stages (tp_size > 1): TP groups form at launch"
-    if any(g.tp_size != 1 for g in old.worker_groups):
-        return "the served stages are tensor-parallel: TP groups form at launch"
+    if any(g.role != "pipeline" for g in new.worker_groups):
+        return "the new plan's groups are not pipeline stages"
     if driver.switching:
         return "a re-layout is already in progress"
     if co.model.num_encoder_layers:
         return "encoder-decoder (T5) layer ranges are not re-laid out live"
     workers = stage_workers(driver)
     served = [w for w in co.members.registry if w.role == "pipeline"]
-    if len(workers) != len(served):
-        return "the served stages are tensor-parallel: TP groups form at launch"
+    if len(workers) != len(served) or any(g.tp_size != 1 for g in (*old.worker_groups,
+                                                                    *new.worker_groups)):
+        return tp_target(co, new, len(served))
     layers = tuple(tuple(g.layer_range) for g in new.worker_groups)
     if len(layers) > len(workers):
         return f"the new plan has {len(layers)} stages, {len(workers)} stage workers are connected"
@@ -49,6 +49,27 @@ def relayout_target(co: Any, old: Plan, new: Plan) -> tuple[Any, int] | str:
     except ValueError as exc:
         return str(exc)
     return StageLayout(layers), max(1, new.microbatches or len(layers))
+
+
+def tp_target(co: Any, new: Plan, connected: int) -> tuple[Any, int] | str:
+    """(TpStageLayout, streams) when either side has TP stages: every worker re-grouped
+    (coordinator.relayout_tp), one group of ``tp_size`` ranks per stage."""
+    from coordinator.pipeline_driver import _check_cover
+    from coordinator.relayout_tp import TpStageLayout
+
+    if any(g.count != g.tp_size for g in new.worker_groups):
+        return "the new plan's pipeline stages are not one TP group each (count != tp_size)"
+    tps = tuple(g.tp_size for g in new.worker_groups)
+    if sum(tps) > connected:
+        return (f"the new plan needs {sum(tps)} stage workers (tp {list(tps)}), "
+                f"{connected} are connected")
+    layers = tuple(tuple(g.layer_range) for g in new.worker_groups)
+    try:
+        _check_cover(layers, co.model.num_layers, "the new plan's layer ranges")
+        layout = TpStageLayout(layers, tp=tps)
+    except ValueError as exc:
+        return str(exc)
+    return layout, max(1, new.microbatches or len(layers))
 
 
 def waa_target(co: Any, driver: Any, new: Plan) -> tuple[Any, int] | str:
@@ -88,6 +109,7 @@ def waa_target(co: Any, driver: Any, new: Plan) -> tuple[Any, int] | str:
 def start(adapter: Any, new: Plan, target: tuple[Any, int], event: dict[str, Any]) -> None:
     """Start the switch; ``plan_switch`` is logged (and the plan adopted) once it is done."""
     from coordinator.relayout import Relayout, RelayoutConfig, WaaRelayout, layout_stages
+    from coordinator.relayout_tp import TpRelayout, TpStageLayout
     from coordinator.streams import StreamKnobs
 
     co, driver = adapter.co, adapter.co.pipeline
@@ -104,10 +126,12 @@ def start(adapter: Any, new: Plan, target: tuple[Any, int], event: dict[str, Any
         driver.switch = WaaRelayout(driver, layout, streams, adapter.relayouts, done, cfg)
     else:
         knobs = StreamKnobs(new.policy, new.B_E, new.N_D or 1)
-        driver.switch = Relayout(driver, layout, streams, knobs, adapter.relayouts, done, cfg)
+        kind = TpRelayout if isinstance(layout, TpStageLayout) else Relayout
+        driver.switch = kind(driver, layout, streams, knobs, adapter.relayouts, done, cfg)
     adapter.relayouting = {"plan": new, "event": event}
     co.log.info("relayout_start", epoch=adapter.relayouts, reason=event["reason"],
-                old_stages=old_stages, new_stages=layout_stages(layout), streams=streams)
+                old_stages=old_stages, new_stages=layout_stages(layout), streams=streams,
+                tp_sizes=list(getattr(layout, "tp", ())) or None)
     driver.schedule()  # the drain starts now (an already idle pipeline re-assigns at once)
 
 

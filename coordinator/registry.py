@@ -6,7 +6,9 @@ Worker lifecycle (one entry per worker process, i.e. per TP rank)::
           any state --heartbeat deadline passed / Shutdown / exit--> LOST (entry removed)
 
 Only rank 0 of a TP group carries data (it receives EncodeBatch / KVHandoff on the group's
-behalf); the other ranks register and heartbeat so that a dead rank takes its group down.
+behalf); the other ranks register and heartbeat so that a dead rank takes its group down. A
+group is the launch's (ids ``<group>.r<rank>``) until a live TP re-group
+(coordinator.relayout_tp) names it in ``WorkerInfo.tp_group``.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ class WorkerInfo:
     batches_sent: int = 0
     load: dict[str, object] = field(default_factory=dict)  # its latest Heartbeat.load
     stage: int | None = None  # pipeline role: its stage (Hello.capacity["stage"])
+    # the TP group the coordinator formed live (coordinator.relayout_tp); None: the launch's
+    # group, named by the id stem
+    tp_group: str | None = None
 
     @property
     def free_slots(self) -> int:
@@ -103,9 +108,15 @@ class Registry:
         return [w for w in self._by_id.values() if now - w.last_seen > timeout_s]
 
     def group_of(self, info: WorkerInfo) -> list[WorkerInfo]:
-        """The ranks of ``info``'s TP group (same id stem ``<group>.r<rank>``)."""
-        stem = group_stem(info.worker_id)
-        return [w for w in self._by_id.values() if group_stem(w.worker_id) == stem]
+        """The ranks of ``info``'s TP group: the group a live re-group assigned
+        (``tp_group``), else the launch's (same id stem ``<group>.r<rank>``)."""
+        key = group_key(info)
+        return [w for w in self._by_id.values() if group_key(w) == key]
+
+
+def group_key(info: WorkerInfo) -> str:
+    """A worker's TP group: the coordinator-assigned id, else the launch's id stem."""
+    return f"live:{info.tp_group}" if info.tp_group is not None else group_stem(info.worker_id)
 
 
 def group_stem(worker_id: str) -> str:

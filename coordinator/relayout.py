@@ -59,13 +59,10 @@ class Relayout:
     def __init__(self, driver: Any, layout: StageLayout | WaaLayout, num_streams: int,
                  knobs: StreamKnobs | None, epoch: int,
                  on_done: Callable[[dict[str, Any]], None], cfg: RelayoutConfig) -> None:
-        workers = stage_workers(driver)
-        if layout.num_stages > len(workers):
-            raise ValueError(f"the new layout has {layout.num_stages} stages but only "
-                             f"{len(workers)} tp-1 stage workers are connected")
+        self.driver, self.layout, self.num_streams, self.knobs = driver, layout, num_streams, knobs
+        self._check_workers()
         if num_streams < 1:
             raise ValueError("a layout needs at least one stream")
-        self.driver, self.layout, self.num_streams, self.knobs = driver, layout, num_streams, knobs
         self.epoch, self.on_done, self.cfg = epoch, on_done, cfg
         self.phase = "drain"
         self.t0 = time.perf_counter()
@@ -75,7 +72,13 @@ class Relayout:
         self.cost: dict[str, Any] = {"migrated_requests": 0, "rerun_tokens": 0,
                                      "drained_requests": self._running()}
 
-    # ---- what differs between the drivers (WaaRelayout overrides these) -------------------
+    # ---- what differs between the drivers (WaaRelayout, TpRelayout override these) ---------
+    def _check_workers(self) -> None:
+        workers = stage_workers(self.driver)
+        if self.layout.num_stages > len(workers):
+            raise ValueError(f"the new layout has {self.layout.num_stages} stages but only "
+                             f"{len(workers)} tp-1 stage workers are connected")
+
     def _running(self) -> int:
         return sum(len(s.running) for s in self.driver.streams)
 

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
             stage_backend = build_stage_backend(cfg, assign)
             if cfg.tp_rank > 0 and cfg.backend == "engine":
-                return FollowerLoop(stage_backend)  # rank 0 of its TP group carries the data
+                return FollowerLoop(stage_backend, link, log)  # rank 0 carries the data
             return StageLoop(cfg, link, stage_backend, log)
         from decoder_worker.worker import make_loop as make_role_loop
 

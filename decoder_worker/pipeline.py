@@ -121,6 +121,7 @@ class StageLoop:
         self.tokens_out = 0
         self.busy_s = 0.0
         self.exit_code: int | None = None
+        self.switch_to: P.Assign | None = None  # a TP re-group (decoder_worker.regroup)
         link.load = self.load
 
     def load(self) -> dict[str, Any]:
@@ -149,6 +150,11 @@ class StageLoop:
     def handle(self, msg: P.Message | Stop) -> None:
         if isinstance(msg, P.StagePass):
             self.run_pass(msg)
+        elif isinstance(msg, P.Assign) and "tp" in msg.config:  # a TP re-group: this loop
+            leave = getattr(self.backend, "leave_group", None)  # ends, run_worker regroups
+            if leave is not None:
+                leave()  # this TP stage's followers leave the gloo group with it, here
+            self.switch_to, self.exit_code = msg, 0
         elif isinstance(msg, P.Assign):
             self.relayout(msg)
         elif isinstance(msg, P.Cancel):

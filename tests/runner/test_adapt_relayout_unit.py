@@ -111,9 +111,11 @@ def test_what_cannot_be_re_laid_out_says_why() -> None:
     one = _plan((WorkerGroup("pipeline", 1, 1, (0, 2)),))
     layout, streams = relayout_target(co, served, one)  # type: ignore[misc]
     assert layout.layers == ((0, 2),) and streams == 1
-    tp = _plan((WorkerGroup("pipeline", 2, 2, (0, 2)),))
-    assert "tp_size > 1" in relayout_target(co, served, tp)
-    assert "served stages are tensor-parallel" in relayout_target(co, tp, one)
+    tp = _plan((WorkerGroup("pipeline", 2, 2, (0, 2)),))  # tp changes: relayout_tp
+    assert relayout_target(co, served, tp)[0].tp == (2,)  # type: ignore[union-attr]
+    assert relayout_target(co, tp, one)[0].tp == (1,)  # type: ignore[union-attr]
+    big = _plan((WorkerGroup("pipeline", 4, 4, (0, 2)),))
+    assert "needs 4 stage workers" in relayout_target(co, served, big)
     three = _plan(tuple(WorkerGroup("pipeline", 1, 1, r) for r in ((0, 1), (1, 2), (2, 2))))
     assert "3 stages, 2 stage workers" in relayout_target(co, served, three)
     gap = _plan((WorkerGroup("pipeline", 1, 1, (0, 1)), WorkerGroup("pipeline", 1, 1, (0, 2))))

@@ -1,0 +1,186 @@
+"""tp_size changes live, end to end: two real stage worker processes of a tiny llama go from
+two tp-1 stages to one tp-2 stage (a real gloo group formed live: rank 0 binds a fresh
+rendezvous, the coordinator tells rank 1) and back, while requests stream; and (slow) a
+launched tp-2 group split into two tp-1 stages and re-grouped.
+
+The coordinator runs in this process (its own event loop, real sockets) so the test can start
+the switch through the adapter's own path (``adapt_relayout.relayout_target`` / ``start``:
+the one a drift re-plan takes) at a chosen moment instead of waiting for a detector. Every
+request must be answered exactly once with transformers' greedy tokens, and each switch must
+be logged as ``plan_switch`` with its cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.client import AsyncClient
+from coordinator.config import CoordinatorConfig
+from coordinator.planner.plan import Plan, WorkerGroup
+from tests.runner.adaptmesh import SHORT, draw_work, send_work
+from tests.runner.tinymodels import hf_greedy, make_llama
+
+# no drift fires by itself; drain timeout 0: the running requests are migrated (re-encoded
+# on the new layout from prompt + tokens already streamed)
+OPTIONS = "window=4096,min_samples=4096,drain_timeout_s=0"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Log:
+    """The coordinator's log, kept: (event, fields) in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def __getattr__(self, level: str) -> Any:
+        return lambda event, **kw: self.events.append((event, kw))
+
+    def of(self, name: str) -> list[dict[str, Any]]:
+        return [kw for event, kw in self.events if event == name]
+
+
+def _files(model: Path, tmp: Path, start_tp2: bool) -> tuple[Plan, Plan, CoordinatorConfig]:
+    """The two tp-1 stages plan, the tp-2 one, and the adapting coordinator's config (serving
+    the first, or the second when ``start_tp2``)."""
+    from common.models.registry import config_from_hf, read_hf_config
+    from coordinator.planner.analytic import analytic_profile
+    from coordinator.planner.planning import make_plan
+    from coordinator.planner.workload import parse_workload
+
+    cfg = config_from_hf(read_hf_config(model))
+    profile = analytic_profile("a40", cfg, "float16", tp_sizes=(1, 2))
+    profile.save(tmp / "profile.json")
+    plan = make_plan(parse_workload(SHORT), profile, 2, 10.0, policy="rra")
+    plan = dataclasses.replace(plan, worker_groups=(WorkerGroup("pipeline", 1, 1, (0, 2)),
+                                                    WorkerGroup("pipeline", 1, 1, (2, 4))),
+                               microbatches=2)
+    tp2 = dataclasses.replace(plan, worker_groups=(WorkerGroup("pipeline", 2, 2, (0, 4)),),
+                              microbatches=1)
+    (tmp / "plan.json").write_text((tp2 if start_tp2 else plan).to_json())
+    (tmp / "model.json").write_text(json.dumps(cfg.to_dict()))
+    co_cfg = CoordinatorConfig(
+        f"ipc://{tmp}/client", f"ipc://{tmp}/workers", policy="rra",
+        pipeline_stages=1 if start_tp2 else 2,
+        max_encode_batch=8, n_d=plan.N_D or 1, heartbeat_interval_s=0.25,
+        model_config=str(tmp / "model.json"), plan=str(tmp / "plan.json"),
+        profile=str(tmp / "profile.json"), adapt=True, adapt_options=OPTIONS)
+    return plan, tp2, co_cfg
+
+
+def _workers(model: Path, tmp: Path, endpoint: str, tp2: bool) -> list[subprocess.Popen[bytes]]:
+    """Two stage worker processes: stages 0 and 1, or ranks 0 and 1 of one tp-2 stage (a
+    launch-time group: ids ``stage0.r<rank>``, ``--tp-init``)."""
+    from coordinator.launch import free_port
+
+    env = {**os.environ, "EXEGPT_RUNS_DIR": str(tmp / "runs"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
+    init = f"tcp://127.0.0.1:{free_port()}"
+    out = []
+    for i in (0, 1):
+        place = (["--stage", "0", "--worker-id", f"stage0.r{i}", "--tp-rank", str(i),
+                  "--tp-size", "2", "--tp-init", init] if tp2 else
+                 ["--stage", str(i), "--worker-id", f"stage{i}"])
+        argv = [sys.executable, "-m", "decoder_worker", "--role", "pipeline", *place,
+                "--coordinator", endpoint, "--model", str(model), "--dtype", "float32",
+                "--kv-bind", f"ipc://{tmp}/kv{i}", "--heartbeat-interval", "0.25",
+                "--heartbeat-timeout", "10"]
+        out.append(subprocess.Popen(argv, env=env, cwd=ROOT))
+    return out
+
+
+async def _switch(co: Any, new: Plan) -> dict[str, Any]:
+    """Start the adapter's re-layout to ``new`` now; wait until it is live (its cost)."""
+    from coordinator import adapt_relayout
+
+    target = adapt_relayout.relayout_target(co, co.adapter.plan, new)
+    assert not isinstance(target, str), target
+    before = len(co.adapter.switches)
+    adapt_relayout.start(co.adapter, new, target, {"reason": "test: tp change",
+                                                   "t_fire": time.time()})
+    deadline = time.monotonic() + 90
+    while len(co.adapter.switches) == before:
+        assert co.adapter.relayouting is not None, "the re-layout failed"
+        assert time.monotonic() < deadline, co.pipeline.describe()
+        await asyncio.sleep(0.05)
+    return co.adapter.switches[-1]
+
+
+def test_two_tp1_stages_become_one_tp2_stage_and_back_while_serving(tmp_path: Path) -> None:
+    _round_trip(tmp_path, start_tp2=False)
+
+
+@pytest.mark.slow
+def test_a_launched_tp2_group_splits_into_two_stages_and_regroups(tmp_path: Path) -> None:
+    """The launch's own group (``--tp-init``, ids ``stage0.r0/.r1``) is dissolved too."""
+    _round_trip(tmp_path, start_tp2=True)
+
+
+def _round_trip(tmp_path: Path, start_tp2: bool) -> None:
+    from coordinator.server import Coordinator
+
+    model = make_llama(tmp_path / "llama4", num_layers=4, seed=5)
+    tp1, tp2, cfg = _files(model, tmp_path, start_tp2)
+    first, second = (tp1, tp2) if start_tp2 else (tp2, tp1)
+    log = Log()
+    work = draw_work(SHORT, 36, 3, "r")
+    results: dict[str, list[int]] = {}
+    procs: list[subprocess.Popen[bytes]] = []
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
+        co = Coordinator(cfg, log)
+        runner = asyncio.create_task(co.run())
+        procs.extend(_workers(model, tmp_path, cfg.worker_endpoint, start_tp2))
+        try:
+            deadline = time.monotonic() + 120
+            while getattr(co, "members", None) is None or not co.members.serving:
+                assert time.monotonic() < deadline and not runner.done(), "mesh not ready"
+                await asyncio.sleep(0.1)
+            async with AsyncClient(cfg.client_endpoint) as client:
+                sending = asyncio.create_task(send_work(client, work, results, concurrency=4))
+                while len(results) < 6:
+                    await asyncio.sleep(0.05)
+                there = await _switch(co, first)
+                size = first.worker_groups[0].tp_size
+                assert sorted((w.tp_rank, w.tp_size) for w in co.members.registry) == (
+                    [(0, 2), (1, 2)] if size == 2 else [(0, 1), (0, 1)])
+                n, passes = len(results), dict(co.pipeline.counters)
+                while len(results) < min(len(work), n + 8):  # served by the new layout
+                    await asyncio.sleep(0.05)
+                assert co.pipeline.counters["decode_passes"] > passes["decode_passes"]
+                back = await _switch(co, second)
+                await sending
+            return there, back
+        finally:
+            co.request_stop()
+            await asyncio.wait_for(runner, 30)
+
+    try:
+        there, back = asyncio.run(scenario())
+    finally:
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=15)
+    expected = hf_greedy(model, [(prompt, n) for _, prompt, n in work])
+    assert {r: results.get(r) for r, _, _ in work} == {
+        r: want for (r, _, _), want in zip(work, expected, strict=True)}
+    layouts = [[{"role": "pipeline", "tp_size": 2, "layer_range": [0, 4]}],
+               [{"role": "pipeline", "tp_size": 1, "layer_range": [0, 2]},
+                {"role": "pipeline", "tp_size": 1, "layer_range": [2, 4]}]]
+    assert [s["new_layout"] for s in log.of("plan_switch")] == layouts[::-1 if start_tp2 else 1]
+    assert [there["relayout"]["tp_sizes"], back["relayout"]["tp_sizes"]] == [
+        [g["tp_size"] for g in layout] for layout in layouts[::-1 if start_tp2 else 1]]
+    print(json.dumps({"there": there["relayout"], "back": back["relayout"],
+                      "switch_s": [there["switch_s"], back["switch_s"]]}))
