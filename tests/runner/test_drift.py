@@ -275,7 +275,11 @@ def test_adapter_keeps_the_layout_and_sets_pipeline_streams(
     plan = make_plan(parse_workload("C1"), parse_profile_arg(profile), 4, 40.0, policy="static")
     streams = [Stream(i, StreamKnobs("static", plan.B_E)) for i in range(2)]
     adapter, co, log = _adapter(tmp_path, plan, profile, monkeypatch,
-                                SimpleNamespace(streams=streams))
+                                SimpleNamespace(streams=streams, switching=False))
+    # no stage worker connected: the new plan's TP layout cannot be re-grouped, so it is kept
+    co.model = SimpleNamespace(num_encoder_layers=0, num_layers=40)
+    co.members = SimpleNamespace(registry=[])
+    co.pipeline.co = co
     result = replan_job(plan.to_json(), profile, "T")
     adapter.apply(result, _pending("T"), 101.0)
     fit = Plan.from_json(result["on_layout"])
