@@ -275,6 +275,7 @@ def waa_core(cand: Candidate, stats: WorkloadStats, costs: Costs,
         x = cand.B_E / rnd
         pre = np.ceil((e_lat + hand) / rnd - 1e-9) * rnd
         lat, ttft, tpot, peak = pre + stats.s99 * rnd, pre + rnd, rnd, b_d
+        busy = 1.0  # a round follows a round
         batches_ahead = max(1.0, np.ceil((e_lat + hand) / rnd))
     else:  # encoder-bound: a batch merges every period and thins out (waa_burst.py)
         x = cand.B_E / e_period
@@ -285,6 +286,7 @@ def waa_core(cand: Candidate, stats: WorkloadStats, costs: Costs,
         first = float(burst.to_token[0])
         lat = pre + burst.to_p99
         ttft, tpot = pre + first, burst.tpot(stats.surv, first)
+        busy = burst.busy  # the decoders idle between a burst's tail and the next merge
         batches_ahead = float(np.ceil((e_lat + hand) / e_period - 1e-9))  # one per period
     in_flight = batches_ahead * cand.B_E * stats.mean_in
     mem = [w + costs.encoder_kv_bytes(st, float(in_flight))
@@ -293,7 +295,7 @@ def waa_core(cand: Candidate, stats: WorkloadStats, costs: Costs,
             for st, w in costs.weighted_stages(dec_pipe, distinct)]
     return Core(x, lat, mem, {"enc": enc, "e_lat": e_lat, "e_period": e_period, "hand": hand,
                               "ctx": ctx, "b_d": b_d, "rnd": rnd, "pre": pre, "ttft": ttft,
-                              "tpot": tpot, "peak": peak})
+                              "tpot": tpot, "peak": peak, "busy": busy})
 
 
 def waa_burst(cand: Candidate, stats: WorkloadStats, costs: Costs, dec_pipe: Pipeline,
@@ -322,9 +324,10 @@ def _waa(cand: Candidate, stats: WorkloadStats, costs: Costs) -> Metrics:
         return infeasible("the TP workers or micro-batches do not fit this WAA split")
     enc_pipe, dec_pipe = pipes
     core = waa_core(cand, stats, costs, pipes)
-    enc, ctx, b_d, rnd = (core.parts[k] for k in ("enc", "ctx", "b_d", "rnd"))
+    enc, ctx, b_d, rnd, busy = (core.parts[k] for k in ("enc", "ctx", "b_d", "rnd", "busy"))
     util = [core.x / cand.B_E * e for e in enc] + [
-        cand.B_m * t / rnd for t in waa_stage_times(costs, dec_pipe, b_d, ctx, cand.B_m)]
+        busy * cand.B_m * t / rnd
+        for t in waa_stage_times(costs, dec_pipe, b_d, ctx, cand.B_m)]
     n_enc, mem = len(enc_pipe), core.mem
     workers = _per_worker(enc_pipe, util[:n_enc]) + _per_worker(dec_pipe, util[n_enc:])
     mems = _per_worker(enc_pipe, mem[:n_enc]) + _per_worker(dec_pipe, mem[n_enc:])

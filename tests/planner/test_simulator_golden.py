@@ -18,7 +18,10 @@ fixed per-pass overhead term, which is 0 for analytic profiles). Regenerated a t
 short on a CPU profile; 35 encoder-bound WAA candidates changed (p99-length latency
 x0.99-x1.22, throughput unchanged; memory now at the peak batch and the encoder's in-flight
 batches counted per encoder period), every WAA candidate gained ``peak_decode_batch`` in its
-extra, and the RRA, static and continuous candidates are unchanged bit for bit. Floats
+extra, and the RRA, static and continuous candidates are unchanged bit for bit. A fourth
+time: an encoder-bound WAA decoder's utilisation is now its busy fraction on the burst
+timeline times its stage's share of the round (it was read as always busy; the DES agrees,
+test_waa_burst.py): 5 candidates' ``util`` changed, nothing else. Floats
 round-trip through JSON exactly (repr), so the comparison is for equality, not a tolerance.
 """
 

@@ -57,6 +57,8 @@ def test_encoder_bound_waa_agrees_with_des(b_e: int, workload: str, rel: float,
     assert closed.B_D == pytest.approx(des.B_D, rel=0.12)
     # the decoders must hold a whole merged batch at once: what the mesh's capacity is sized by
     assert ex["peak_decode_batch"] >= 0.95 * b_e
+    # the decoder idles between a burst's tail and the next merge (was read as 100% busy)
+    assert closed.worker_util[-1] == pytest.approx(des.worker_util[-1], abs=0.06)
 
 
 def test_burst_timeline_of_a_linear_round() -> None:
