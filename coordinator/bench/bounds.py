@@ -9,7 +9,9 @@ static plans: bounds from the static p99-length latency would be ones no static 
 planned for. Both modes stop at the largest batch the K
 requests fill twice on every stream: the paper's grid (steps of 4 up to 512) sizes bounds for
 batches a K-request run never forms, and a plan for such a bound never reaches its steady
-state here.
+state here. A concurrency cap (``--max-in-flight``) also stops them at the largest batch
+whose B x streams requests in flight the cap allows: the bounds then come from static plans
+the capped planner may itself choose (with the default cap, K // 2, both stops agree).
 """
 
 from __future__ import annotations
@@ -34,19 +36,24 @@ def percentile_bounds(latencies: Sequence[float]) -> list[float | None]:
     return [float(np.percentile(lats, q)) for q in PERCENTILES] + [None]
 
 
-def measured_batches(num_streams: int, num_requests: int, asked: Sequence[int] = ()
-                     ) -> list[int]:
-    """Batch sizes the measured baseline runs: ``asked``, else powers of two up to the batch
-    that keeps every stream busy for two batches with ``num_requests`` requests."""
+def measured_batches(num_streams: int, num_requests: int, asked: Sequence[int] = (),
+                     max_in_flight: int | None = None) -> list[int]:
+    """Batch sizes the measured baseline runs: ``asked``, else powers of two up to
+    ``batch_cap``."""
     if asked:
         return sorted(set(asked))
-    cap = batch_cap(num_streams, num_requests)
+    cap = batch_cap(num_streams, num_requests, max_in_flight)
     return [b for b in MEASURED_BATCHES if b <= cap] or [1]
 
 
-def batch_cap(num_streams: int, num_requests: int) -> int:
-    """The largest static batch K requests fill twice on every stream."""
-    return max(1, num_requests // (2 * max(num_streams, 1)))
+def batch_cap(num_streams: int, num_requests: int, max_in_flight: int | None = None) -> int:
+    """The largest static batch K requests fill twice on every stream and, with a cap, whose
+    B x streams requests in flight (planner/inflight.py) stay within it (at least 1)."""
+    streams = max(num_streams, 1)
+    cap = num_requests // (2 * streams)
+    if max_in_flight is not None:
+        cap = min(cap, max_in_flight // streams)
+    return max(1, cap)
 
 
 def predicted_latencies(workload: object, profile: object, workers: int,

@@ -3,6 +3,10 @@
 Policy names are the user's (`exegpt` = the planner's own choice among RRA and WAA); each maps
 to the planner's policy family. Bounds are seconds on the SLA-(b) latency (a request of the
 workload's p99 output length, from the start of its encode); ``None`` means no bound.
+
+Every plan is searched under a concurrency cap (the planner's ``max_in_flight``): by default
+K // 2 requests in flight, so that K requests fill every plan twice and each run measures a
+steady state rather than a fill and drain (docs/bench.md); ``--max-in-flight 0`` lifts it.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ class BenchConfig:
     calibrate: bool = True  # scale the profile by the baseline runs' contention (auto bounds)
     startup_timeout_s: float = 300.0
     request_timeout_s: float = 900.0
+    max_in_flight: int | None = None  # None: K // 2 (the default); 0: no cap; N: at most N
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -96,6 +101,16 @@ class BenchConfig:
             raise ValueError(f"--reference-batch must be >= 1, got {self.reference_batch}")
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"--dtype must be bfloat16 or float32, got {self.dtype!r}")
+        if self.max_in_flight is not None and self.max_in_flight < 0:
+            raise ValueError(f"--max-in-flight must be >= 0 (0: no cap), got "
+                             f"{self.max_in_flight}")
+
+    @property
+    def in_flight_cap(self) -> int | None:
+        """The planner's ``max_in_flight`` for every plan (None: no cap)."""
+        if self.max_in_flight is None:
+            return self.requests // 2
+        return self.max_in_flight or None
 
     @property
     def runs_dir(self) -> Path:

@@ -36,9 +36,11 @@ def plan_key(plan: Any) -> str:
 
 
 def in_flight(plan: Any) -> float:
-    """Requests the plan keeps in flight at steady state (all streams / decoders)."""
-    per = max(float(plan.B_E), float(plan.B_D or 0.0))
-    return per * (plan.microbatches if plan.policy in ("rra", "static", "continuous") else 1)
+    """Requests the plan keeps in flight at steady state: the planner's own count (the one
+    its ``max_in_flight`` cap bounds, coordinator/planner/inflight.py)."""
+    from coordinator.planner.inflight import plan_in_flight
+
+    return plan_in_flight(plan)
 
 
 def worker_busy(stats: dict[str, Any]) -> list[dict[str, Any]]:
@@ -97,17 +99,23 @@ class Evaluation:
             return {"mode": "given", "bounds": list(mode), "baseline": []}
         if mode == "predicted":
             pts = B.predicted_latencies(self.setup.workload, self.setup.profile,
-                                        self.cfg.workers,
-                                        B.batch_cap(self.cfg.workers, self.cfg.requests))
+                                        self.cfg.workers, self._batch_cap())
             return {"mode": mode, "bounds": B.percentile_bounds([lat for _, lat in pts]),
                     "baseline": [{"batch": b, "latency_s": lat} for b, lat in pts]}
         return self._measured_bounds()
 
+    def _batch_cap(self) -> int:
+        """The largest static batch the bound sweeps use (bounds.batch_cap, under the cap)."""
+        return B.batch_cap(self.cfg.workers, self.cfg.requests, self.cfg.in_flight_cap)
+
+    def _baseline_batches(self) -> list[int]:
+        return B.measured_batches(self.cfg.workers, self.cfg.requests, self.cfg.bound_batches,
+                                  self.cfg.in_flight_cap)
+
     def _measured_bounds(self) -> dict[str, Any]:
         from coordinator.bench.workset import draw_requests
 
-        batches = B.measured_batches(self.cfg.workers, self.cfg.requests,
-                                     self.cfg.bound_batches)
+        batches = self._baseline_batches()
         baseline = []
         for b in batches:
             plan = static_plan(b, self.setup.workload, self.setup.profile, self.cfg.workers)
@@ -135,7 +143,7 @@ class Evaluation:
                     "calibration": None}
         # calibrated: the paper's grid (every batch size), timed by the calibrated profile
         pts = B.predicted_latencies(self.setup.workload, self.setup.profile, self.cfg.workers,
-                                    B.batch_cap(self.cfg.workers, self.cfg.requests))
+                                    self._batch_cap())
         return {"mode": "auto", "bounds": B.percentile_bounds([lat for _, lat in pts]),
                 "baseline": baseline, "calibration": fit,
                 "calibrated_static": [{"batch": b, "latency_s": lat} for b, lat in pts]}
@@ -169,7 +177,7 @@ class Evaluation:
     def row(self, bound: float | None, index: int, policy: str) -> dict[str, Any]:
         s = self.setup
         choice = choose_plan(policy, s.workload, s.profile, self.cfg.workers, bound,
-                             self.cfg.null_model)
+                             self.cfg.null_model, self.cfg.in_flight_cap)
         row: dict[str, Any] = {"bound_s": bound, "policy": policy, "note": choice.note,
                                "runnable": choice.runnable, "plan": None, "measured": None}
         if choice.plan is not None:
@@ -233,8 +241,7 @@ class Evaluation:
     def run(self) -> dict[str, Any]:
         started = time.time()
         if self.cfg.bounds == "auto":
-            self.progress.set_total(len(B.measured_batches(self.cfg.workers, self.cfg.requests,
-                                                           self.cfg.bound_batches)))
+            self.progress.set_total(len(self._baseline_batches()))
         bounds = self.bounds()
         self.progress.set_total(self.progress.completed + self.total_steps(len(bounds["bounds"])))
         order = sorted(bounds["bounds"], key=lambda b: math.inf if b is None else b)
@@ -247,6 +254,7 @@ class Evaluation:
         cfg = self.cfg
         return {"config": {k: (str(v) if k == "out" else v) for k, v in asdict(cfg).items()},
                 "model": cfg.model, "null_model": cfg.null_model, "dtype": cfg.dtype,
+                "max_in_flight": cfg.in_flight_cap,  # the planner's cap on every plan
                 **self.setup.describe(cfg), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                   time.gmtime(started)),
                 "wall_s": time.time() - started, "machine": machine()}

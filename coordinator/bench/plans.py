@@ -1,8 +1,10 @@
 """The plan each (bound, policy) pair runs, and whether this build's runner can run it.
 
 `exegpt` is the planner's own choice among its policies (RRA, WAA-C, WAA-M); every policy is
-planned as asked. The runner runs every plan the planner makes; a plan it still refuses (a
-malformed plan file) is reported with the runner's reason, never swapped for another.
+planned as asked, under the bench's concurrency cap (``BenchConfig.in_flight_cap``, the
+planner's ``max_in_flight``). The runner runs every plan the planner makes; a plan it still
+refuses (a malformed plan file) is reported with the runner's reason, never swapped for
+another.
 Static plans at a fixed batch size (the bound derivation) are built from the simulator
 directly, as the planner's sweep does.
 """
@@ -38,22 +40,23 @@ def runnable_problem(plan: Any, null_model: bool) -> str | None:
     return None
 
 
-def _make(family: str, workload: Any, profile: Any, workers: int, bound: float | None
-          ) -> tuple[Any | None, str]:
+def _make(family: str, workload: Any, profile: Any, workers: int, bound: float | None,
+          max_in_flight: int | None) -> tuple[Any | None, str]:
     from coordinator.planner.planning import make_plan
     from coordinator.planner.scheduler import InfeasibleBound
 
     try:
         return make_plan(workload, profile, workers, NO_BOUND if bound is None else bound,
-                         policy=family), ""
+                         policy=family, max_in_flight=max_in_flight), ""
     except InfeasibleBound as exc:
         return None, str(exc)
 
 
 def choose_plan(policy: str, workload: Any, profile: Any, workers: int, bound: float | None,
-                null_model: bool) -> PlanChoice:
-    """The plan ``policy`` runs under ``bound`` (see the module docstring)."""
-    plan, why = _make(POLICY_FAMILIES[policy], workload, profile, workers, bound)
+                null_model: bool, max_in_flight: int | None = None) -> PlanChoice:
+    """The plan ``policy`` runs under ``bound`` holding at most ``max_in_flight`` requests in
+    flight (None: no cap; see the module docstring)."""
+    plan, why = _make(POLICY_FAMILIES[policy], workload, profile, workers, bound, max_in_flight)
     if plan is None:
         return PlanChoice(policy, None, False, why)
     problem = runnable_problem(plan, null_model)

@@ -114,7 +114,8 @@ def render_md(results: dict[str, Any]) -> str:
              "", f"- workload: {meta['workload_description']}; {meta['requests']} requests "
              f"({meta['probes']} p99-length probes, p99 output {meta['p99_output']} tokens)",
              f"- workers: {meta['config']['workers']}; repeats: {meta['config']['repeats']}; "
-             f"EOS: {eos}",
+             f"EOS: {eos}; planned for at most "
+             f"{meta.get('max_in_flight') or 'any number of'} requests in flight",
              f"- profile: {meta['profile']}",
              f"- machine: {meta['machine']['num_cpus']} CPUs, load average "
              f"{', '.join(f'{x:.1f}' for x in meta['machine']['load_avg_1_5_15'])} at the end "

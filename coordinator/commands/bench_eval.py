@@ -7,7 +7,8 @@ batching on the real mesh, under the same latency bounds, predicted beside measu
 
 For each bound (``auto``: the static baseline measured over batch sizes, bottom 10/30/70% of
 its latencies plus no bound; ``predicted``: the planner's static latencies instead; or seconds
-``L1,L2,inf``) and each policy: plan with this machine's profile, run the plan on local worker
+``L1,L2,inf``) and each policy: plan with this machine's profile for at most K // 2 requests
+in flight (``--max-in-flight``; 0: no cap), run the plan on local worker
 processes, send the same K seeded requests (output lengths enforced by ignoring EOS unless
 ``--natural-eos``), and record throughput, p99-length latency, p99, TTFT and time per token
 beside the plan's predictions. Writes DIR/results.json, DIR/results.md, PNG plots, and every
@@ -42,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", default="exegpt,static,continuous",
                    help="comma-separated: exegpt, static, continuous, rra, waa")
     p.add_argument("--repeats", type=int, default=1, help="runs per plan (median reported)")
+    p.add_argument("--max-in-flight", type=int, default=None, metavar="N",
+                   help="plan every policy for at most N requests in flight (default K // 2, "
+                        "so K requests fill every plan twice; 0: no cap)")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory")
     p.add_argument("--quick", action="store_true",
                    help="the short version: task S with inputs / 4, 12 requests, bounds from "
@@ -114,7 +118,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         profile=args.profile, dtype=args.dtype, bound_batches=batches,
         reference=not args.no_reference, reference_batch=args.reference_batch,
         calibrate=not args.no_calibrate,
-        startup_timeout_s=args.startup_timeout)
+        startup_timeout_s=args.startup_timeout, max_in_flight=args.max_in_flight)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -41,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", help="dtype the profile must be for (checked)")
     p.add_argument("--memory-gb", type=float, help="override a worker's memory (GB)")
     p.add_argument("--exhaustive", action="store_true", help="enumerate instead of B&B")
+    p.add_argument("--max-in-flight", type=int, default=None, metavar="N",
+                   help="only plans holding at most N requests in flight (a concurrency cap, "
+                        "like vLLM's max_num_seqs; 0 or unset: no cap)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--out", help="write the plan JSON here")
     p.add_argument("--sweep", action="store_true",
@@ -116,11 +119,19 @@ def plan_from_args(args: argparse.Namespace, workload, profile, workers: int):  
 
     bound = args.latency_bound if math.isfinite(args.latency_bound) else 1e18
     plan = make_plan(workload, profile, workers, bound, policy=args.policy, sla=args.sla,
-                     exhaustive=args.exhaustive)
+                     exhaustive=args.exhaustive, max_in_flight=in_flight_cap(args))
     if args.out:
         with open(args.out, "w") as fh:
             fh.write(plan.to_json())
     return plan
+
+
+def in_flight_cap(args: argparse.Namespace) -> int | None:
+    """``--max-in-flight`` as the planner's ``max_in_flight`` (0 or unset: None, no cap)."""
+    cap = getattr(args, "max_in_flight", None)
+    if cap is not None and cap < 0:
+        raise ValueError(f"--max-in-flight must be >= 0 (0: no cap), got {cap}")
+    return cap or None
 
 
 def render(plan) -> str:  # noqa: ANN001
@@ -132,10 +143,11 @@ def render(plan) -> str:  # noqa: ANN001
     if plan.B_m is not None:
         knobs.append(f"B_m={plan.B_m}")
     lines = [
-        f"policy            {plan.policy}   ({', '.join(knobs)}, {plan.microbatches} in flight)",
+        f"policy            {plan.policy}   ({', '.join(knobs)}, microbatches={plan.microbatches})",
         f"model / workload  {plan.model.get('name') or plan.model['family']} / "
         f"{plan.workload_info.get('description', plan.workload)}",
         f"latency bound     {plan.latency_bound_s:g} s (SLA-({plan.sla}))",
+        f"in flight         {_in_flight(plan)}",
         f"throughput        {pr['throughput_seq_s']:.3f} seq/s, {pr['throughput_tok_s']:.1f} tok/s",
         f"latency           p99-length {pr['latency_p99len_s']:.3f} s, p99 "
         f"{pr['latency_p99_s']:.3f} s, TTFT {pr['ttft_s']:.3f} s, TPOT {pr['tpot_s']*1e3:.1f} ms",
@@ -158,6 +170,15 @@ def render(plan) -> str:  # noqa: ANN001
     return "\n".join(lines)
 
 
+def _in_flight(plan) -> str:  # noqa: ANN001
+    """Requests the plan holds in flight, and the cap it was planned under."""
+    from coordinator.planner.inflight import plan_in_flight
+
+    cap = plan.search.get("max_in_flight")
+    return (f"{plan_in_flight(plan):.1f} requests"
+            + (f" (cap {cap})" if cap else " (no cap)"))
+
+
 def _sweep(args: argparse.Namespace, profile, workload, workers: int) -> int:  # noqa: ANN001
     from coordinator.planner.candidate import WorkloadStats
     from coordinator.planner.costs import Costs
@@ -172,7 +193,7 @@ def _sweep(args: argparse.Namespace, profile, workload, workers: int) -> int:  #
     pols = SWEEP_POLICIES if args.policy in ("auto", "all") else tuple(
         __import__("coordinator.planner.planning", fromlist=["x"]).policies_for(args.policy))
     points = sweep(stats, costs, workers, bounds, policies=pols, sla=args.sla,
-                   exhaustive=args.exhaustive)
+                   exhaustive=args.exhaustive, max_in_flight=in_flight_cap(args))
     if args.json:
         print(json.dumps([{"bound": p.bound if math.isfinite(p.bound) else None,
                            "policy": p.policy,

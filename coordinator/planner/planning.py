@@ -8,6 +8,7 @@ from typing import Any
 from coordinator.planner.candidate import Candidate, Metrics, WorkloadStats
 from coordinator.planner.costs import Costs
 from coordinator.planner.des_events import waa_cap
+from coordinator.planner.inflight import candidate_in_flight
 from coordinator.planner.layout import Pipeline
 from coordinator.planner.plan import Plan, WorkerGroup
 from coordinator.planner.profile import Profile
@@ -34,13 +35,19 @@ def policies_for(name: str) -> tuple[str, ...]:
 
 def make_plan(workload: Workload, profile: Profile, num_workers: int, latency_bound: float, *,
               policy: str = "auto", sla: str = "b", exhaustive: bool = False,
-              eps_t: float = EPS_T, eps_l: float = 0.05) -> Plan:
-    """The highest-throughput plan meeting the bound; InfeasibleBound names the tightest one."""
+              eps_t: float = EPS_T, eps_l: float = 0.05, max_in_flight: int | None = None
+              ) -> Plan:
+    """The highest-throughput plan meeting the bound and holding at most ``max_in_flight``
+    requests in flight (inflight.py; None: no cap); InfeasibleBound names the tightest
+    latency, or the cap when it is what leaves no plan."""
     stats, costs = WorkloadStats(workload), Costs(profile)
     pols = policies_for(policy)
     result = search(stats, costs, num_workers, latency_bound, policies=pols, sla=sla,
-                    use_exhaustive=exhaustive, eps_t=eps_t, eps_l=eps_l)
+                    use_exhaustive=exhaustive, eps_t=eps_t, eps_l=eps_l,
+                    max_in_flight=max_in_flight)
     if result.best is None:
+        if max_in_flight is not None:
+            _cap_infeasible(result, num_workers, latency_bound, pols, sla, max_in_flight)
         tight, cand = tightest_latency(stats, costs, num_workers, policies=pols, sla=sla)
         if cand is None:
             raise InfeasibleBound(
@@ -51,7 +58,26 @@ def make_plan(workload: Workload, profile: Profile, num_workers: int, latency_bo
             f"workers; the tightest reachable latency is {tight:.3g} s ({cand.policy}, "
             f"tp={cand.tp}, B_E={cand.B_E}); raise the bound or add workers")
     cand, metrics = result.best
-    return plan_from(cand, metrics, stats, profile, latency_bound, sla, result)
+    return plan_from(cand, metrics, stats, profile, latency_bound, sla, result,
+                     max_in_flight=max_in_flight)
+
+
+def _cap_infeasible(result: SearchResult, num_workers: int, bound: float,
+                    pols: tuple[str, ...], sla: str, cap: int) -> None:
+    """Raise InfeasibleBound naming the cap when a plan meets the bound and memory but holds
+    more than ``cap`` requests (the cap is what empties the search); return when none does
+    (the bound or memory is the reason, said as without a cap)."""
+    held, cand = result.fewest_in_flight
+    if cand is None:
+        return
+    bounded = f" and meets the {bound:g} s bound (SLA-({sla}))" if bound < 1e17 else ""
+    requests = "request" if cap == 1 else "requests"
+    raise InfeasibleBound(
+        f"no {'/'.join(pols)} plan holds at most {cap} {requests} in flight (the "
+        f"max_in_flight cap){bounded} on {num_workers} workers; the fewest any such plan "
+        f"holds is {held:.1f} ({cand.policy}, tp={cand.tp}, B_E={cand.B_E}"
+        f"{f', N_D={cand.N_D}' if cand.policy == 'rra' else ''}); raise the cap to at "
+        f"least {math.ceil(held - 1e-9)}")
 
 
 def adjust_bands(cand: Candidate, metrics: Metrics, stats: WorkloadStats) -> dict[str, list[float]]:
@@ -100,7 +126,10 @@ def predicted(metrics: Metrics) -> dict[str, Any]:
 
 
 def plan_from(cand: Candidate, metrics: Metrics, stats: WorkloadStats, profile: Profile,
-              latency_bound: float, sla: str, result: SearchResult | None = None) -> Plan:
+              latency_bound: float, sla: str, result: SearchResult | None = None, *,
+              max_in_flight: int | None = None) -> Plan:
+    """The Plan of a costed candidate; ``max_in_flight``: the cap it was searched under
+    (``search.max_in_flight``; ``predicted.requests_in_flight`` is what it holds)."""
     t5 = profile.model.is_encoder_decoder
     if "pipeline" in metrics.pipelines:
         groups = _groups("pipeline", metrics.pipelines["pipeline"], t5)
@@ -109,7 +138,8 @@ def plan_from(cand: Candidate, metrics: Metrics, stats: WorkloadStats, profile: 
         groups = (_groups("encoder", metrics.pipelines["encoder"], t5)
                   + _groups("decoder", metrics.pipelines["decoder"], t5))
         micro = cand.B_m
-    search_info: dict[str, Any] = {"tp": cand.tp, "num_tp_workers": cand.num_tp_workers}
+    search_info: dict[str, Any] = {"tp": cand.tp, "num_tp_workers": cand.num_tp_workers,
+                                   "max_in_flight": max_in_flight}
     if result is not None:
         search_info |= {"method": result.method, "seconds": result.seconds,
                         "candidates_evaluated": result.evaluated,
@@ -125,7 +155,8 @@ def plan_from(cand: Candidate, metrics: Metrics, stats: WorkloadStats, profile: 
         worker_groups=tuple(groups), B_E=cand.B_E, B_D=metrics.B_D,
         N_D=cand.N_D if cand.policy == "rra" else None,
         B_m=cand.B_m if cand.policy.startswith("waa") else None, microbatches=micro,
-        adjust=adjust_bands(cand, metrics, stats), predicted=predicted(metrics),
+        adjust=adjust_bands(cand, metrics, stats),
+        predicted=predicted(metrics) | {"requests_in_flight": candidate_in_flight(cand, metrics)},
         search=search_info, profile_meta={k: v for k, v in profile.meta.items() if k != "model"},
         workload_info={"description": wl.describe(), "p99_output": wl.p99_output,
                        "mean_input": wl.input.mean, "mean_output": wl.output.mean},

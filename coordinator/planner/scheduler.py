@@ -17,7 +17,10 @@ bounds (objective.py): throughput alone for a box's bound, a memory floor of g, 
 group of WAA runs.
 
 The constraint is ``g = max(latency / bound, memory / capacity)`` so out-of-memory plans are
-pruned by the same monotone bound.
+pruned by the same monotone bound. A concurrency cap (``max_in_flight``) adds ``requests in
+flight / cap`` (inflight.py) to that maximum: the count grows with B_E and falls with N_D, g's
+own directions, so branch and bound prunes by it too, and the exhaustive enumeration, which
+scores every point the same way, skips the same candidates.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 from coordinator.planner.bnb import Axis, Problem, branch_and_bound_many, exhaustive
 from coordinator.planner.candidate import Candidate, Metrics, WorkloadStats
 from coordinator.planner.costs import Costs
+from coordinator.planner.inflight import candidate_in_flight
 from coordinator.planner.objective import (
     Score,
     rra_fit_floor,
@@ -67,6 +71,9 @@ class SearchResult:
     best: tuple[Candidate, Metrics] | None
     per_run: dict[str, tuple[Candidate, Metrics] | None] = field(default_factory=dict)
     tightest: tuple[float, Candidate | None] = (float("inf"), None)
+    # with a cap: the fewest requests in flight of a costed plan meeting the bound and memory
+    # (each grid's g-minimising corner, costed first, is also its fewest-in-flight point)
+    fewest_in_flight: tuple[float, Candidate | None] = (float("inf"), None)
     evaluated: int = 0
     seconds: float = 0.0
     method: str = "branch-and-bound"
@@ -83,6 +90,7 @@ class _Run:
     costs: Costs
     bound: float
     sla: str
+    max_in_flight: int | None = None  # the concurrency cap (None: none)
     cache: dict[Candidate, Metrics] = field(default_factory=dict)
     scores: dict[Candidate, Score] = field(default_factory=dict)
     f_cache: dict[Candidate, float] = field(default_factory=dict)
@@ -94,7 +102,11 @@ class _Run:
 
     def score(self, cand: Candidate) -> tuple[float, float]:
         if cand not in self.scores:
-            self.scores[cand] = score(cand, self.stats, self.costs, self.bound, self.sla)
+            got = score(cand, self.stats, self.costs, self.bound, self.sla)
+            if self.max_in_flight is not None and got[0] > 0:
+                over = candidate_in_flight(cand, self.metrics(cand)) / self.max_in_flight
+                got = (got[0], max(got[1], over), got[2], got[3])
+            self.scores[cand] = got
         return self.scores[cand][:2]
 
     def objective(self, cand: Candidate) -> float:
@@ -232,20 +244,26 @@ def _fitting_prefix(batches: list[int], fits: Callable[[int], bool]) -> list[int
 def search(workload: WorkloadStats, costs: Costs, num_workers: int, latency_bound: float, *,
            policies: tuple[str, ...] = EXEGPT_POLICIES, sla: str = "b",
            use_exhaustive: bool = False, eps_t: float = EPS_T, eps_l: float = 0.05,
-           tp_sizes: list[int] | None = None) -> SearchResult:
+           tp_sizes: list[int] | None = None, max_in_flight: int | None = None
+           ) -> SearchResult:
     """Best plan over every (policy, TP degree). Branch and bound runs all their grids on one
     heap sharing the incumbent (bnb.branch_and_bound_many): a run that cannot beat the best
-    plan found elsewhere stops early, so ``per_run`` holds what each run found until then."""
+    plan found elsewhere stops early, so ``per_run`` holds what each run found until then.
+    ``max_in_flight``: only plans holding at most that many requests in flight (inflight.py);
+    None: no cap, the search as without one, bit for bit."""
     if latency_bound <= 0:
         raise ValueError(f"latency bound must be > 0 seconds, got {latency_bound}")
     if num_workers < 1:
         raise ValueError("need at least one worker")
+    if max_in_flight is not None and max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be >= 1 request (None: no cap), got "
+                         f"{max_in_flight}")
     start = time.perf_counter()
     collecting = gc.isenabled()
     gc.disable()  # memos allocate ~10^5 objects: collections cost ~15% and find little
     try:
         out = _search(workload, costs, num_workers, latency_bound, policies, sla,
-                      use_exhaustive, eps_t, eps_l, tp_sizes)
+                      use_exhaustive, eps_t, eps_l, tp_sizes, max_in_flight)
     finally:
         if collecting:
             gc.enable()
@@ -255,10 +273,11 @@ def search(workload: WorkloadStats, costs: Costs, num_workers: int, latency_boun
 
 def _search(workload: WorkloadStats, costs: Costs, num_workers: int, latency_bound: float,
             policies: tuple[str, ...], sla: str, use_exhaustive: bool, eps_t: float,
-            eps_l: float, tp_sizes: list[int] | None) -> SearchResult:
+            eps_l: float, tp_sizes: list[int] | None, max_in_flight: int | None
+            ) -> SearchResult:
     tps = [t for t in (tp_sizes or costs.profile.tp_sizes) if t <= num_workers]
     out = SearchResult(None, method="exhaustive" if use_exhaustive else "branch-and-bound")
-    runs = [_Run(policy, tp, num_workers, workload, costs, latency_bound, sla)
+    runs = [_Run(policy, tp, num_workers, workload, costs, latency_bound, sla, max_in_flight)
             for policy in policies if not (policy.startswith("waa") and num_workers < 2)
             for tp in tps]
     grids = [(run, make, axes, bound) for run in runs
@@ -281,9 +300,13 @@ def _search(workload: WorkloadStats, costs: Costs, num_workers: int, latency_bou
 
 
 def _record(out: SearchResult, key: str, run: _Run, picks: list[Candidate], sla: str) -> None:
-    for cand, (_, _, lat, fits) in run.scores.items():
+    for cand, (f, _, lat, fits) in run.scores.items():
         if fits and lat < out.tightest[0]:
             out.tightest = (lat, cand)
+        if run.max_in_flight is not None and f > 0 and fits and lat <= run.bound:
+            held = candidate_in_flight(cand, run.metrics(cand))
+            if held < out.fewest_in_flight[0]:
+                out.fewest_in_flight = (held, cand)
     scored = [(run.metrics(c).throughput_seq_s, c) for c in picks]
     if not scored:
         out.per_run[key] = None

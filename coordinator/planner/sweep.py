@@ -43,12 +43,13 @@ class SweepPoint:
 
 def sweep(stats: WorkloadStats, costs: Costs, num_workers: int, bounds: list[float], *,
           policies: tuple[str, ...] = SWEEP_POLICIES, sla: str = "b",
-          exhaustive: bool = False) -> list[SweepPoint]:
+          exhaustive: bool = False, max_in_flight: int | None = None) -> list[SweepPoint]:
     points = []
     for bound in bounds:
         for policy in policies:
             res = search(stats, costs, num_workers, bound if math.isfinite(bound) else 1e18,
-                         policies=(policy,), sla=sla, use_exhaustive=exhaustive)
+                         policies=(policy,), sla=sla, use_exhaustive=exhaustive,
+                         max_in_flight=max_in_flight)
             points.append(SweepPoint(bound, policy, res.best, res.seconds))
     return points
 
