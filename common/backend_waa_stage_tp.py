@@ -9,6 +9,9 @@
                       into KV_NAMES, its length along the sequence) and float32 values: every
                       rank imports the heads it owns (the re-sharding), in the same order, so
                       slots agree
+    REGROUP [op, 0]   the stage wire's (op 5, so EXPORT and JOIN are 6 and 7): a live re-group
+                      (coordinator.relayout_tp.WaaTpRelayout); every rank leaves the gloo group
+                      at this header and takes its next Assign (decoder_worker.regroup)
 
 The tensors are the stage's ``kv_names``: decoder-only models hand on self-attention "k" and
 "v", T5 the cross-attention "cross_k" and "cross_v" (whose length is the encoder input's, not
@@ -26,22 +29,28 @@ from common import protocol as P
 from common import tpwire
 from common.backend_engine_tp import _head_start
 from common.backend_stage_engine import EngineStageBackend
-from common.backend_stage_tp import OP_FREE, OP_PASS, OP_START, TPStageBackend
+from common.backend_stage_tp import OP_FREE, OP_PASS, OP_REGROUP, OP_START, REGROUP, TPStageBackend
 from common.backend_waa_stage import WaaDecoderStage, WaaEncoderStage
 from common.engine.kv_cache import KVCache, KVExport
 
-OP_EXPORT, OP_JOIN = 5, 6
+OP_EXPORT, OP_JOIN = 6, 7  # after the stage wire's ops (OP_REGROUP is 5)
 KV_NAMES = ("k", "v", "cross_k", "cross_v")  # JOIN names a tensor by its index here
 PART_INTS = 8
 
 
 class TPFollowMixin:
-    """``follow`` for ranks > 0: the stage ops plus EXPORT and JOIN."""
+    """``follow`` for ranks > 0: the stage ops plus EXPORT and JOIN; REGROUP (a live re-group
+    of a staged WAA mesh: coordinator.relayout_tp.WaaTpRelayout) leaves the gloo group at this
+    header and returns ``REGROUP`` (the FollowerLoop then takes its next Assign)."""
 
     def follow(self) -> int:
         me: Any = self
         while (header := tpwire.recv_header()) is not None:
             op, arg = header
+            if op == OP_REGROUP:
+                dist.destroy_process_group()
+                me._left = True
+                return REGROUP
             if op == OP_EXPORT:
                 stream, *handles = tpwire.recv_ints(arg + 1)
                 me.gather_exports(stream, [str(h) for h in handles])

@@ -11,10 +11,18 @@ so the stage never aliases the store and one store serves every rebuild.
     python -m common.weightstore [MODEL] [LO:HI ...|roles]   the rebuild times (docs)
 
 The cost is host memory: one full copy of the model in its source dtype beside the stage's own
-layers (SmolLM2-135M: ~0.5 GB as float32 after GGUF dequantisation). Only pipeline stage
-workers at tp 1 use it, and only when the coordinator adapts (``Assign.config["host_weights"]``,
-set by ``--adapt``): a TP rank reads just its shard, and re-laying out TP groups is not
-supported live.
+layers (SmolLM2-135M: ~0.5 GB as float32 after GGUF dequantisation), in every process that
+keeps it. Used only when the coordinator adapts (``Assign.config["host_weights"]``, set by
+``--adapt``), by:
+
+    pipeline stage workers at tp 1 (launch and re-layout) and every rank re-grouped live into
+        another tp_size (decoder_worker.regroup: a TP rank's shard is sliced from the copy by
+        ``HostWeights.get``); a pipeline TP rank of the launch's group reads its shard from
+        disk and makes the copy at its first re-group
+    staged WAA stage workers at any tp_size (``host_weights(..., regroupable=True)``): a
+        re-layout or a TP re-group rebuilds the stage or its shard from the copy
+    whole-model WAA workers at tp 1 (a role switch); whole-model TP workers do not switch
+        live and read only their shard
 """
 
 from __future__ import annotations
@@ -66,10 +74,12 @@ class HostWeights:
         return self._tensors[name]
 
 
-def host_weights(cfg: Any, assign: Any) -> bool:
+def host_weights(cfg: Any, assign: Any, regroupable: bool = False) -> bool:
     """Keep the model in host memory? When the coordinator adapts (it may re-lay out or
-    switch this worker's role live) and the worker is a single rank (a TP rank holds a shard)."""
-    return cfg.tp_size == 1 and bool(assign.config.get("host_weights"))
+    switch this worker's role live) and the worker is a single rank, or a TP rank that may be
+    re-grouped live into another tp_size (``regroupable``: a staged WAA stage; a whole-model
+    TP worker never switches, so it keeps only its shard)."""
+    return (cfg.tp_size == 1 or regroupable) and bool(assign.config.get("host_weights"))
 
 
 def spec_from_host(model: str) -> tuple[ModelSpec, float, bool]:

@@ -5,8 +5,9 @@ Supported live (docs/adaptation.md, "Switching live"): pipeline plans (rra, stat
 continuous): another number of stages (at most the stage workers connected; the others become
 spares), other layer ranges, other streams, other tp_size per stage (the stage workers are
 re-grouped into new TP groups: coordinator.relayout_tp); staged
-WAA plans on tp-1 stage workers: another encoder/decoder stage split, other ranges, other B_m,
-on the same number of workers (whole-model WAA meshes change their split by role switches:
+WAA plans: another encoder/decoder stage split, other ranges, other B_m, other tp_size per
+stage (re-grouped: relayout_tp.WaaTpRelayout), on the same number of stage workers
+(whole-model WAA meshes change their split by role switches:
 coordinator.adapt_roles). Not supported, logged as ``relayout_unsupported`` with the reason,
 the old layout serving on with the best knobs it allows: more TP ranks than stage workers
 connected, T5 layer ranges, a switch between the WAA and pipeline families.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from coordinator import layout_state
 from coordinator.planner.plan import Plan
 
 
@@ -83,24 +85,26 @@ def waa_target(co: Any, driver: Any, new: Plan) -> tuple[Any, int] | str:
         return "a switch between the WAA and pipeline families"
     if co.model.num_encoder_layers:
         return "encoder-decoder (T5) layer ranges are not re-laid out live"
-    if any(g.tp_size != 1 or g.count != 1 for g in new.worker_groups):
-        return ("the new plan's groups are not single tp-1 stages (tensor-parallel or "
+    if any(g.count != g.tp_size for g in new.worker_groups):
+        return ("the new plan's groups are not one stage each (count != tp_size: "
                 "whole-model replicas): not a staged layout of these workers")
-    workers = stage_workers(driver)
-    served = [w for w in co.members.registry if w.role == "pipeline"]
-    if len(workers) != len(served):
-        return "the served stages are tensor-parallel: TP groups form at launch"
+    workers = [w for w in co.members.registry if w.role == "pipeline"]  # every TP rank
     if driver.switching:
         return "a re-layout is already in progress"
-    if len(new.worker_groups) != len(workers):
-        return (f"the new plan has {len(new.worker_groups)} stages, {len(workers)} stage "
-                "workers are connected (a staged WAA re-layout keeps every worker busy)")
     if any(not w.kv_endpoint for w in workers):
         return "a stage worker without a KV endpoint cannot become a decoder stage"
     try:
         ranges = staged_ranges(new, co.model.num_layers, 0)
+        tps = tuple(g.tp_size for g, _ in ranges)
+        if sum(tps) != len(workers):
+            return (f"the new plan has {len(ranges)} stages"
+                    + (f" of {sum(tps)} ranks (tp {list(tps)})" if sum(tps) != len(ranges)
+                       else "") + f", {len(workers)} stage workers are connected (a staged "
+                    "WAA re-layout keeps every worker busy)")
+        regroup = any(t > 1 for t in tps) or len(stage_workers(driver)) != len(workers)
         layout = WaaLayout(tuple(r for g, r in ranges if g.role == "encoder"),
-                           tuple(r for g, r in ranges if g.role == "decoder"))
+                           tuple(r for g, r in ranges if g.role == "decoder"),
+                           tp=tps if regroup else ())  # tp: re-grouped (relayout_tp)
     except ValueError as exc:
         return str(exc)
     return layout, max(1, int(new.B_m or new.microbatches or 1))
@@ -109,7 +113,7 @@ def waa_target(co: Any, driver: Any, new: Plan) -> tuple[Any, int] | str:
 def start(adapter: Any, new: Plan, target: tuple[Any, int], event: dict[str, Any]) -> None:
     """Start the switch; ``plan_switch`` is logged (and the plan adopted) once it is done."""
     from coordinator.relayout import Relayout, RelayoutConfig, WaaRelayout, layout_stages
-    from coordinator.relayout_tp import TpRelayout, TpStageLayout
+    from coordinator.relayout_tp import TpRelayout, TpStageLayout, WaaTpRelayout
     from coordinator.streams import StreamKnobs
 
     co, driver = adapter.co, adapter.co.pipeline
@@ -123,7 +127,8 @@ def start(adapter: Any, new: Plan, target: tuple[Any, int], event: dict[str, Any
 
     cfg = RelayoutConfig(drain_timeout_s=adapter.cfg.drift.drain_timeout_s)
     if new.policy.startswith("waa"):
-        driver.switch = WaaRelayout(driver, layout, streams, adapter.relayouts, done, cfg)
+        waa = WaaTpRelayout if layout.tp else WaaRelayout  # TP stages: re-grouped
+        driver.switch = waa(driver, layout, streams, adapter.relayouts, done, cfg)
     else:
         knobs = StreamKnobs(new.policy, new.B_E, new.N_D or 1)
         kind = TpRelayout if isinstance(layout, TpStageLayout) else Relayout
@@ -149,6 +154,8 @@ def finish(adapter: Any, new: Plan, event: dict[str, Any], cost: dict[str, Any])
     old = adapter.plan
     apply_knobs(co, new)  # WAA sizer and every (new) stream's knobs
     adapter.plan = new
+    # durable before it is reported: a coordinator restarted from now expects this layout
+    layout_state.commit(co, new, adapter.relayouts, int(relayout.get("streams") or 1))
     now = time.time()  # the new layout serves from now
     event = {**event, "relayout": relayout, "pause_s": relayout["pause_s"], "t": now,
              "switch_s": round(now - event["t_fire"], 3)}

@@ -37,6 +37,7 @@ from common import protocol as P
 from common.errors import ProtocolError, error_from_code
 from common.logbudget import LogLimiter
 from common.procs import write_status
+from coordinator import layout_state
 from coordinator.exitwatch import ExitWatch
 from coordinator.registry import PIPELINE_ROLE, ROLES, Registry, WorkerInfo, WorkerState
 from coordinator.requests import Request
@@ -193,8 +194,10 @@ class Membership:
                                           f"a {self.cfg.policy} plan: it assigns "
                                           f"{'/'.join(roles)} roles, not {msg.role!r}"))
             return
+        placed = layout_state.placed(self.co, msg)  # a live re-layout's place (restart)
         try:
-            stage = self.co.pipeline.stage_of(msg) if self.co.pipeline is not None else None
+            stage = (placed.stage if placed is not None else self.co.pipeline.stage_of(msg)
+                     if self.co.pipeline is not None else None)
         except ValueError as exc:
             self._send_raw(route, P.Error(code="bad_request", message=str(exc)))
             return
@@ -214,7 +217,8 @@ class Membership:
         info = WorkerInfo(worker_id=msg.worker_id, role=role, routing_id=route,
                           tp_rank=msg.tp_rank, tp_size=msg.tp_size, device=msg.device,
                           capacity=capacity,
-                          kv_endpoint=msg.kv_endpoint, last_seen=time.time(), stage=stage)
+                          kv_endpoint=msg.kv_endpoint, last_seen=time.time(), stage=stage,
+                          tp_group=placed.tp_group if placed is not None else None)
         self.registry.add(info)
         self._pids[msg.worker_id] = msg.pid
         self.exits.watch(msg.worker_id, msg.pid, msg.host)

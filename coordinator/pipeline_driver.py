@@ -153,6 +153,8 @@ class PipelineDriver:
         return hello_stage(msg, self.layout.num_stages, "pipeline")
 
     def assign(self, info: WorkerInfo) -> P.Assign:
+        if info.stage is None and getattr(self.co, "resumed", None):  # a spare rejoining after a
+            return self.relayout_assign(info, 0)  # restart (coordinator.layout_state)
         s = info.stage if info.stage is not None else 0
         enc = self.layout.encoder_layers[s] if self.layout.encoder_layers else None
         return P.Assign(worker_id=info.worker_id, role="pipeline", group=s,

@@ -200,17 +200,24 @@ class WaaRelayout(Relayout):
     as a new run (``table.requeue``: a new wire id, so a late KVHandoff of the old run, which
     travels worker to worker, can never be taken for the new one; the new decoder stages free
     the old ids in their first pass). REASSIGN: every worker its new side, index and range;
-    the worker swaps its stage loop (common.roleswitch). ``num_streams`` is B_m."""
+    the worker swaps its stage loop (common.roleswitch). ``num_streams`` is B_m. Stages that
+    are or become TP groups: coordinator.relayout_tp.WaaTpRelayout (same drain and migration,
+    the workers re-grouped)."""
 
     def __init__(self, driver: WaaPipelineDriver, layout: WaaLayout, num_micro: int,
                  epoch: int, on_done: Callable[[dict[str, Any]], None],
                  cfg: RelayoutConfig) -> None:
-        workers = stage_workers(driver)
-        if layout.num_stages != len(workers):  # no spare: a WAA stage loop cannot idle
-            raise ValueError(f"the new staged WAA layout has {layout.num_stages} stages, "
-                             f"{len(workers)} tp-1 stage workers are connected")
         self.stale: list[str] = []  # the migrated requests' old wire ids
         super().__init__(driver, layout, num_micro, None, epoch, on_done, cfg)
+
+    def _check_workers(self) -> None:
+        workers = stage_workers(self.driver)
+        served = [w for w in self.driver.co.members.registry if w.role == "pipeline"]
+        if len(workers) != len(served) or self.layout.tp:  # coordinator.relayout_tp
+            raise ValueError("TP stages are re-grouped by WaaTpRelayout, not WaaRelayout")
+        if self.layout.num_stages != len(workers):  # no spare: a WAA stage loop cannot idle
+            raise ValueError(f"the new staged WAA layout has {self.layout.num_stages} stages, "
+                             f"{len(workers)} tp-1 stage workers are connected")
 
     def _running(self) -> int:
         drv = self.driver

@@ -18,6 +18,11 @@ The phases are coordinator.relayout's (DRAIN, MIGRATE, REASSIGN, DONE); REASSIGN
 Every old group is dissolved (rank 0 broadcasts REGROUP at a collective boundary, its
 followers leave with it), so a group is never half old, half new. Worker side:
 decoder_worker.regroup.
+
+``TpRegroup`` is that REASSIGN, shared by the two drivers: ``TpRelayout`` (a pipeline plan)
+and ``WaaTpRelayout`` (a staged WAA mesh: its encoder or decoder stages change tp_size, e.g.
+an encoder of two tp-1 stages <-> one tp-2 stage; DRAIN and MIGRATE are WaaRelayout's, and
+every stage worker is used: a WAA stage loop has no spare mode).
 """
 
 from __future__ import annotations
@@ -31,11 +36,13 @@ from typing import TYPE_CHECKING, Any
 from common import protocol as P
 from coordinator.pipeline_driver import StageLayout
 from coordinator.registry import WorkerInfo, WorkerState
-from coordinator.relayout import Relayout, RelayoutConfig, layout_stages
+from coordinator.relayout import Relayout, RelayoutConfig, WaaRelayout, layout_stages
 from coordinator.streams import StreamKnobs
 
 if TYPE_CHECKING:
     from coordinator.pipeline_driver import PipelineDriver
+    from coordinator.waa_layout import WaaLayout
+    from coordinator.waa_pipeline import WaaPipelineDriver
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,10 @@ class TpStageLayout(StageLayout):
     def num_workers(self) -> int:
         return sum(self.tp)
 
+    @property
+    def tp_sizes(self) -> tuple[int, ...]:
+        return self.tp
+
 
 def pipeline_workers(driver: Any) -> list[WorkerInfo]:
     """Every stage worker (any rank), in stage then rank order (spares last)."""
@@ -61,23 +72,27 @@ def pipeline_workers(driver: Any) -> list[WorkerInfo]:
                                           w.worker_id))
 
 
-class TpRelayout(Relayout):
-    """One switch of a PipelineDriver to a TpStageLayout (module docstring)."""
+class TpRegroup:
+    """REASSIGN by re-grouping every stage worker (module docstring); mixed into a Relayout
+    whose ``layout`` has ``tp_sizes`` (one per global stage) and ``num_workers``."""
 
-    layout: TpStageLayout
-
-    def __init__(self, driver: PipelineDriver, layout: TpStageLayout, num_streams: int,
-                 knobs: StreamKnobs, epoch: int, on_done: Callable[[dict[str, Any]], None],
-                 cfg: RelayoutConfig) -> None:
-        self.held: dict[str, list[WorkerInfo]] = {}  # group -> ranks > 0 awaiting its address
-        super().__init__(driver, layout, num_streams, knobs, epoch, on_done, cfg)
-        self.cost["tp_sizes"] = list(layout.tp)
+    driver: Any
+    layout: Any
+    epoch: int
+    phase: str
+    t0: float
+    t_reassign: float | None
+    num_streams: int
+    waiting: dict[str, float]
+    cost: dict[str, Any]
+    held: dict[str, list[WorkerInfo]]  # group -> ranks > 0 awaiting its rank 0's address
 
     def _check_workers(self) -> None:
         workers = pipeline_workers(self.driver)
         if self.layout.num_workers > len(workers):
             raise ValueError(f"the new layout needs {self.layout.num_workers} stage workers "
-                             f"(tp {list(self.layout.tp)}), {len(workers)} are connected")
+                             f"(tp {list(self.layout.tp_sizes)}), {len(workers)} are "
+                             "connected")
 
     def _reassign(self) -> None:
         """No pass in flight, no request on a stage: place every worker, send step 1."""
@@ -87,7 +102,7 @@ class TpRelayout(Relayout):
         self.phase = "reassign"
         old_stages = layout_stages(drv.layout)
         workers = pipeline_workers(drv)
-        self._install()
+        self._install()  # type: ignore[attr-defined]  # the driver's (Relayout, WaaRelayout)
         for info in workers:  # none READY before any Assign goes out: peers start empty
             info.state = WorkerState.ASSIGNED
         self._place(workers)
@@ -104,11 +119,12 @@ class TpRelayout(Relayout):
 
     def _place(self, workers: list[WorkerInfo]) -> None:
         """Ranks of the new stages in order, then spares; group ids from the epoch."""
-        slots = [(s, r) for s, t in enumerate(self.layout.tp) for r in range(t)]
+        tps = self.layout.tp_sizes
+        slots = [(s, r) for s, t in enumerate(tps) for r in range(t)]
         for i, info in enumerate(workers):
             if i < len(slots):
                 s, r = slots[i]
-                size = self.layout.tp[s]
+                size = tps[s]
                 info.stage, info.tp_rank, info.tp_size = s, r, size
                 info.tp_group = f"e{self.epoch}.s{s}" if size > 1 else info.worker_id
             else:  # a spare: a group of its own
@@ -128,7 +144,7 @@ class TpRelayout(Relayout):
             worker.state = WorkerState.ASSIGNED  # not serving yet: its group is forming
             self._release(worker, str(info["tp_rendezvous"]))
             return
-        super().on_ready(worker, info)
+        super().on_ready(worker, info)  # type: ignore[misc]  # the Relayout after this mixin
 
     def _release(self, lead: WorkerInfo, init: str) -> None:
         followers = self.held.pop(lead.tp_group or "", [])
@@ -138,5 +154,41 @@ class TpRelayout(Relayout):
             self.driver.co.members.send(info, self._assign(info, init))
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "held": {g: [w.worker_id for w in ws]
-                                               for g, ws in self.held.items()}}
+        return {**super().describe(), "held": {  # type: ignore[misc]  # the Relayout's
+            g: [w.worker_id for w in ws] for g, ws in self.held.items()}}
+
+
+class TpRelayout(TpRegroup, Relayout):
+    """One switch of a PipelineDriver to a TpStageLayout (module docstring)."""
+
+    layout: TpStageLayout
+
+    def __init__(self, driver: PipelineDriver, layout: TpStageLayout, num_streams: int,
+                 knobs: StreamKnobs, epoch: int, on_done: Callable[[dict[str, Any]], None],
+                 cfg: RelayoutConfig) -> None:
+        self.held = {}
+        super().__init__(driver, layout, num_streams, knobs, epoch, on_done, cfg)
+        self.cost["tp_sizes"] = list(layout.tp)
+
+
+class WaaTpRelayout(TpRegroup, WaaRelayout):
+    """One switch of a staged WAA mesh whose stages change tp_size (a WaaLayout with ``tp``):
+    WaaRelayout's drain and migration (new runs), then every stage worker re-grouped. The
+    stage workers keep their (stage, rank) order: e.g. encoder stages [0, 2) + [2, 4) on
+    enc0 and enc1 become one tp-2 encoder stage [0, 4) with enc0 as rank 0."""
+
+    layout: WaaLayout
+
+    def __init__(self, driver: WaaPipelineDriver, layout: WaaLayout, num_micro: int,
+                 epoch: int, on_done: Callable[[dict[str, Any]], None],
+                 cfg: RelayoutConfig) -> None:
+        self.held = {}
+        super().__init__(driver, layout, num_micro, epoch, on_done, cfg)
+        self.cost["tp_sizes"] = layout.side_tp()
+
+    def _check_workers(self) -> None:
+        workers = pipeline_workers(self.driver)
+        if self.layout.num_workers != len(workers):  # no spare: a WAA stage loop cannot idle
+            raise ValueError(f"the new staged WAA layout needs {self.layout.num_workers} "
+                             f"stage workers (tp {self.layout.side_tp()}), {len(workers)} "
+                             "are connected")

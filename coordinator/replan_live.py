@@ -32,6 +32,7 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
+from coordinator import layout_state
 from coordinator.planner.plan import Plan
 
 # coordinator.adapt is imported where used: it pulls in scipy (drift tests), which a
@@ -122,6 +123,8 @@ class LiveReplanner:
     # ---- triggers (Membership's hooks, on the loop thread) ---------------------------------
     def changed(self, kind: str, worker_id: str, role: str) -> None:
         """A worker (group) was lost (``loss``) or became READY (``join``) while serving."""
+        if kind == "join":  # a replacement in a layout adopted live: record its process
+            layout_state.refresh(self.co)
         self.generation += 1
         self.counts["losses" if kind == "loss" else "joins"] += 1
         if self.skip is not None:  # nothing to wait for

@@ -36,7 +36,7 @@ from common.errors import ShuttingDown, Timeout
 from common.models.config import ModelConfig
 from common.procs import write_status
 from common.sockets import bound_endpoint, make_socket
-from coordinator import admission, auth
+from coordinator import admission, auth, layout_state
 from coordinator.adjust import Band, BatchSizer
 from coordinator.config import CoordinatorConfig
 from coordinator.membership import Membership
@@ -87,9 +87,11 @@ class Coordinator(ClientHandling, RequestHandling):
     messages: server_clients.py; request scheduling and endings: server_requests.py."""
 
     def __init__(self, cfg: CoordinatorConfig, log: Any) -> None:
-        self.cfg = cfg
         self.log = log
         self.model = load_model_config(cfg)
+        # a layout adopted live before a restart replaces the launch layout (layout_state.py)
+        cfg, self.resumed = layout_state.resume(cfg, self.model, log)
+        self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         self.sizer = BatchSizer(cfg.max_encode_batch, cap=1 << 30,
                                 token_sum=Band.parse(cfg.adjust_token_sum),
@@ -111,6 +113,7 @@ class Coordinator(ClientHandling, RequestHandling):
             self.adapter = Adapter.from_coordinator(self, log)
         # worker lost / joined: re-plan the knobs for the live workers (replan_live.py)
         self.replanner = LiveReplanner.from_coordinator(self, log)
+        layout_state.restore(self)  # the adopted plan's knobs, epoch and drift reference
         self.drain_meter = admission.DrainMeter()
         self.bad_log = admission.LogBudget()
         self.draining = False
@@ -144,6 +147,7 @@ class Coordinator(ClientHandling, RequestHandling):
             for raw in (self._client_raw, self._worker_raw):
                 loop.remove_reader(raw.getsockopt(zmq.FD))
             self.members.shutdown_all("coordinator stopping")
+            layout_state.clear(self)  # no worker holds the adopted layout any more
             if self.curve is not None:
                 self.curve.stop()
             self._client_raw.close(linger=200)

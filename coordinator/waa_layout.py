@@ -32,11 +32,32 @@ class WaaLayout:
     decoder: tuple[Range, ...]
     cross: bool = False
     start_token: int = 0  # T5: what the first decode pass feeds (no token is out yet)
+    # each global stage's tp_size (encoder stages first); () = every stage one tp-1 worker.
+    # Set by a live re-layout that re-groups TP ranks (coordinator.relayout_tp.WaaTpRelayout)
+    tp: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.encoder or not self.decoder:
             raise ValueError("a staged WAA layout needs at least one encoder and one decoder "
                              "stage")
+        if self.tp and (len(self.tp) != self.num_stages or any(t < 1 for t in self.tp)):
+            raise ValueError(f"a staged WAA layout needs one tp_size >= 1 per stage: "
+                             f"{list(self.tp)} for {self.num_stages} stages")
+
+    @property
+    def tp_sizes(self) -> tuple[int, ...]:
+        """Each global stage's TP group size (encoder stages first)."""
+        return self.tp or (1,) * self.num_stages
+
+    @property
+    def num_workers(self) -> int:
+        """Stage worker processes the layout occupies (every rank of every stage)."""
+        return sum(self.tp_sizes)
+
+    def side_tp(self) -> dict[str, list[int]]:
+        """``{"encoder": [tp, ...], "decoder": [...]}`` for logs and costs."""
+        e = len(self.encoder)
+        return {"encoder": list(self.tp_sizes[:e]), "decoder": list(self.tp_sizes[e:])}
 
     @property
     def num_stages(self) -> int:

@@ -23,7 +23,8 @@ decoder side holds; no other pipeline exists to re-run them on (WorkerLost, as t
 when no worker of the role remains), and until the stage is back new requests are refused.
 
 Live re-layout (``switch``, coordinator.relayout.WaaRelayout, started by the adapter): a new
-plan with another encoder/decoder split or other stage ranges on the same tp-1 workers; the
+plan with another encoder/decoder split or other stage ranges on the same tp-1 workers, or
+other tp_size per stage (the workers re-grouped: coordinator.relayout_tp.WaaTpRelayout); the
 driver then stops encoding, drains or migrates, and ``install``s the new layout's tables.
 """
 

@@ -18,6 +18,10 @@ the command line (``--tp-rank/--tp-size/--tp-init`` only describe the launch's g
              loop: rank 0 a StageLoop (the data path), others a FollowerLoop
       --> Ready(info={"relayout": e, "reload_s": ...})
 
+A staged WAA stage worker (coordinator.relayout_tp.WaaTpRelayout) takes the same steps; its
+Assign's ``config["pipeline"]["waa"]`` names its side, and the new loop is that side's stage
+loop (``waa_regrouped``: decoder_worker.waa_stage.build_waa_loop over the new group).
+
 The stage loop hands the Assign to ``run_worker`` (``loop.switch_to``), which calls
 ``regroup``; the process keeps its link (id, sockets, heartbeats), whose settings take the new
 rank and size (a restarted coordinator then hears the current placement in the Hello).
@@ -85,18 +89,36 @@ def regroup(cfg: WorkerConfig, link: WorkerLink, assign: P.Assign,
     link.cfg = new_cfg  # the Hello to a restarted coordinator names the current placement
     gc.unfreeze()  # the old stage's backend (and its KV) is garbage now
     gc.collect()
-    backend = build_regrouped(new_cfg, assign, place)
+    waa = (assign.config.get("pipeline") or {}).get("waa")
+    loop: Any
+    if waa is not None:  # a staged WAA stage: its side's loop (decoder_worker.waa_stage)
+        loop = waa_regrouped(new_cfg, link, assign, log, place)
+    else:
+        backend = build_regrouped(new_cfg, assign, place)
+        if place.rank > 0 and cfg.backend == "engine":  # a null rank > 0 idles in a StageLoop
+            loop = FollowerLoop(backend, link, log)
+        else:
+            loop = StageLoop(new_cfg, link, backend, log)
     gc.collect()
     gc.freeze()
     reload_s = round(time.perf_counter() - start, 4)
     log.info("tp_regroup", epoch=epoch, group=place.group, tp_rank=place.rank,
              tp_size=place.size, stage=stage, layer_range=assign.layer_range,
-             reload_s=reload_s)
+             side=waa["side"] if waa else None, reload_s=reload_s)
     link.ready({"pid": os.getpid(), "backend": cfg.backend, "relayout": epoch,
                 "reload_s": reload_s})
-    if place.rank > 0 and cfg.backend == "engine":  # a null rank > 0 idles in a StageLoop
-        return new_cfg, FollowerLoop(backend, link, log)
-    return new_cfg, StageLoop(new_cfg, link, backend, log)
+    return new_cfg, loop
+
+
+def waa_regrouped(cfg: WorkerConfig, link: WorkerLink, assign: P.Assign, log: Any,
+                  place: TpPlace) -> Any:
+    """A staged WAA stage's loop in its new place (coordinator.relayout_tp.WaaTpRelayout):
+    a tp-1 stage, or this rank of a TP stage (the new gloo group, then the shard from the
+    host-memory weights); rank 0 runs the side's stage loop, the others a FollowerLoop."""
+    from decoder_worker.waa_stage import build_waa_loop
+
+    tp = _join_group(cfg, place) if place.size > 1 else None
+    return build_waa_loop(cfg, link, assign, log, tp=tp)
 
 
 def build_regrouped(cfg: WorkerConfig, assign: P.Assign, place: TpPlace) -> Any:

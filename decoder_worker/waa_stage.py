@@ -48,10 +48,11 @@ def waa_place(assign: P.Assign) -> dict[str, Any] | None:
     return waa if isinstance(waa, dict) else None
 
 
-def build_waa_loop(cfg: WorkerConfig, link: WorkerLink, assign: P.Assign,
-                   log: Any) -> StageLoop | FollowerLoop:
+def build_waa_loop(cfg: WorkerConfig, link: WorkerLink, assign: P.Assign, log: Any,
+                   tp: Any = None) -> StageLoop | FollowerLoop:
     """This worker's loop: an encoder or decoder stage of the engine over its layer range
-    (a TP rank > 0 mirrors its rank 0)."""
+    (a TP rank > 0 mirrors its rank 0). ``tp``: a TP group formed live (decoder_worker.regroup),
+    else the launch's (``--tp-init``)."""
     waa = waa_place(assign)
     assert waa is not None
     pipeline_place(cfg, assign)
@@ -62,30 +63,32 @@ def build_waa_loop(cfg: WorkerConfig, link: WorkerLink, assign: P.Assign,
 
     assert cfg.model is not None and assign.layer_range is not None
     # an adapting coordinator may re-lay the stages out: rebuild from host memory then
-    spec = spec_from_host(cfg.model)[0] if host_weights(cfg, assign) else load_spec(cfg.model)
+    spec = (spec_from_host(cfg.model)[0] if host_weights(cfg, assign, regroupable=True)
+            else load_spec(cfg.model))
     check_same_model(spec.config, assign)
     layers = (int(assign.layer_range[0]), int(assign.layer_range[1]))
     side, index, count = waa["side"], int(waa["index"]), int(waa["count"])
-    stage = _build_stage(cfg, spec, side, layers)
+    stage = _build_stage(cfg, spec, side, layers, tp)
     _check_ends(stage.is_first, stage.is_last, index, count, layers)
-    if cfg.tp_rank > 0:
-        return FollowerLoop(stage)
+    if cfg.tp_rank > 0:  # with the link: a live re-group's Assign reaches it there
+        return FollowerLoop(stage, link, log)
     if side == "encoder":
         routes = [(str(peer), (int(rng[0]), int(rng[1]))) for peer, rng in waa["routes"]]
         return EncoderStageLoop(cfg, link, stage, log, routes)  # type: ignore[arg-type]
     return DecoderStageLoop(cfg, link, stage, log)  # type: ignore[arg-type]
 
 
-def _build_stage(cfg: WorkerConfig, spec: Any, side: str,
-                 layers: tuple[int, int]) -> WaaEncoderStage | WaaDecoderStage:
+def _build_stage(cfg: WorkerConfig, spec: Any, side: str, layers: tuple[int, int],
+                 tp: Any = None) -> WaaEncoderStage | WaaDecoderStage:
     if cfg.tp_size == 1:
         cls = WaaEncoderStage if side == "encoder" else WaaDecoderStage
         return cls(spec, layers, None, cfg.dtype, cfg.device)
     from common.backend_engine_tp import init_tp_group
     from common.backend_waa_stage_tp import TPWaaDecoderStage, TPWaaEncoderStage
 
-    assert cfg.tp_init is not None
-    tp = init_tp_group(cfg.tp_init, cfg.tp_rank, cfg.tp_size, cfg.heartbeat_timeout_s * 4)
+    if tp is None:
+        assert cfg.tp_init is not None
+        tp = init_tp_group(cfg.tp_init, cfg.tp_rank, cfg.tp_size, cfg.heartbeat_timeout_s * 4)
     tp_cls = TPWaaEncoderStage if side == "encoder" else TPWaaDecoderStage
     return tp_cls(spec, tp, layers, None, cfg.dtype, cfg.device)
 

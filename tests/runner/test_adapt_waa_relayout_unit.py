@@ -138,8 +138,8 @@ def test_which_staged_waa_plans_can_be_re_laid_out_live() -> None:
     assert layout == NEW and micro == 2
     three = _plan((("encoder", (0, 30)), ("decoder", (0, 15)), ("decoder", (15, 30))))
     assert "3 stages, 4 stage workers" in relayout_target(co, served, three)
-    tp = _plan((("encoder", (0, 30)), ("decoder", (0, 30))), count=2, tp=2)
-    assert "not single tp-1 stages" in relayout_target(co, served, tp)
+    tp = _plan((("encoder", (0, 30)), ("decoder", (0, 30))), count=2, tp=2)  # re-grouped
+    assert relayout_target(co, served, tp) == (WaaLayout(((0, 30),), ((0, 30),), tp=(2, 2)), 2)
     gap = _plan((("encoder", (0, 10)), ("encoder", (20, 30)), ("decoder", (0, 15)),
                  ("decoder", (15, 30))))
     assert "contiguous" in relayout_target(co, served, gap)
