@@ -37,14 +37,33 @@ are used. The measured encode pass is the median over the run's batches (the P s
 encodes start together and queue behind each other). It is the second choice because the
 encode passes run at a lower c than decode steps (the quiet 11:48 run: 1.0-1.25 per run
 against 1.35 from the TPOTs): a decode step also pays per-sequence work outside the profile
-(sampling, token bookkeeping), which grows with the batch and lands in c. If neither is
-physical (c or o <= 0), o = 0 and c = the median TPOT ratio. ``method`` says which was used.
-The profile's rows are multiplied by c and ``meta["mesh_overhead_s"]`` gets o for every
-kind of stage pass (``costs.PASS_KINDS``): a WAA encoder pass and a WAA decoder iteration go
-through the same path (a message in, the engine call, a message out to the next worker or the
-coordinator), and ``tests/runner/measure_gap.py`` measures both per pass to check it. The KV
-hand-off's own transfer is the profile's ``kv_handoff`` row, measured on the real transport;
-it gets no extra fixed term (its message is the WAA encoder pass's message out).
+(sampling, token bookkeeping), which grows with the batch and lands in c; in the 16:41 S/4
+run they ran at a higher one (below). If neither is physical (c or o <= 0), o = 0 and c = the
+median TPOT ratio. ``method`` says which was used.
+
+**Encode passes get their own factor** (``encode_factor``, ``ENCODE_OPS`` rows). A prefill
+is a few large oneDNN GEMMs (compute-bound), a decode step the C kernel streaming the weights
+(memory-bound) plus per-sequence Python: on this shared VM the two slow down differently, in
+thread CPU time too (the 4 linears of a SmolLM2 layer at 2048 rows: 192 ms of CPU at load
+~0.5, 209 ms at load ~3; docs/profiling.md, "Encode passes vs the profile"). In the S/4 run
+the TPOTs pinned c = 1.07 while the mesh's large encode passes ran 1.06-1.11x their profiled
+compute per run (the first passes of a run up to 1.2-1.3x), and the WAA-C plans (one encoder
+worker, B_E 18 and 32, ~1200-2300-token packed prompts) missed TTFT by +9% and the
+p99-length latency by +10-12% while their TPOT was right. So after (c, o), the baseline
+runs' compute-dominated encode passes (predicted >= ``ENCODE_MIN_OVERHEADS`` x their fixed
+part) give ``encode_factor``, the median of their
+``(E - P o) / E_pred`` weighted by ``E_pred``: the largest passes, those a large-B_E plan
+resembles, weigh most, and one slow run does not carry it (the S/4 baselines: 0.99, 0.99,
+1.37, 1.17 at B = 2, 4, 8, 16 -> 1.17; their ratio of sums, 1.19, followed the 1.37, and the
+bound runs' own large encode passes ran 1.06-1.11). Without such a pass it is c.
+
+The profile's rows are multiplied by c (encode rows by ``encode_factor``) and
+``meta["mesh_overhead_s"]`` gets o for every kind of stage pass (``costs.PASS_KINDS``): a WAA
+encoder pass and a WAA decoder iteration go through the same path (a message in, the engine
+call, a message out to the next worker or the coordinator), and ``tests/runner/measure_gap.py``
+measures both per pass to check it. The KV hand-off's own transfer is the profile's
+``kv_handoff`` row, measured on the real transport; it gets no extra fixed term (its message
+is the WAA encoder pass's message out).
 """
 
 from __future__ import annotations
@@ -58,6 +77,8 @@ import numpy as np
 
 HANDOFF_FIXED_S = 0.0  # see the module doc: the hand-off message is part of the encoder pass
 MAX_RESIDUAL = 0.10  # the TPOT least squares is used only if it explains every run this well
+ENCODE_OPS = ("enc_layer_attn", "enc_layer_rest")  # the rows encode_factor scales
+ENCODE_MIN_OVERHEADS = 5.0  # an encode pass fits encode_factor if its compute is >= 5 x P * o
 
 
 @dataclass(frozen=True)
@@ -68,10 +89,13 @@ class PassFit:
     stage_overhead_s: float
     method: str  # "least squares" | "median ratio (o = 0): <why>"
     points: list[dict[str, float]] = field(default_factory=list)
+    encode_factor: float | None = None  # encode rows' factor (module doc); None: compute_factor
 
     def __post_init__(self) -> None:
         if not self.compute_factor > 0:
             raise ValueError(f"a compute factor must be > 0, got {self.compute_factor}")
+        if self.encode_factor is not None and not self.encode_factor > 0:
+            raise ValueError(f"an encode factor must be > 0, got {self.encode_factor}")
         if not self.stage_overhead_s >= 0:
             raise ValueError(f"a per-pass overhead must be >= 0 s, got {self.stage_overhead_s}")
 
@@ -80,8 +104,13 @@ class PassFit:
         o = self.stage_overhead_s
         return {"stage": o, "waa_encode": o, "waa_decode": o, "handoff": HANDOFF_FIXED_S}
 
+    @property
+    def encode_compute_factor(self) -> float:
+        return self.compute_factor if self.encode_factor is None else self.encode_factor
+
     def to_json(self) -> dict[str, Any]:
         return {"compute_factor": self.compute_factor,
+                "encode_factor": self.encode_compute_factor,
                 "stage_overhead_s": self.stage_overhead_s,
                 "mesh_overhead_s": self.overheads(), "method": self.method,
                 "points": self.points}
@@ -139,12 +168,33 @@ def fit_pass_model(baseline: list[dict[str, Any]]) -> PassFit | None:
 
 
 def _with_fitted(fit: PassFit, pts: list[dict[str, float]]) -> PassFit:
-    """The fit with each point's fitted value and relative residual (the fit's own error)."""
+    """The fit with its encode factor, each point's fitted value and relative residual (the
+    fit's own error)."""
+    enc, used = encode_factor(pts, fit.stage_overhead_s)
     out = []
     for p in pts:
         fitted = fit.compute_factor * p["predicted_tpot_s"] + p["stages"] * fit.stage_overhead_s
         out.append({**p, "fitted_tpot_s": fitted, "residual": p["tpot_s"] / fitted - 1})
-    return PassFit(fit.compute_factor, fit.stage_overhead_s, fit.method, out)
+    method = fit.method if enc is None else (
+        f"{fit.method}; encode rows x {enc:.3g} from {used} encode pass(es)")
+    return PassFit(fit.compute_factor, fit.stage_overhead_s, method, out, enc)
+
+
+def encode_factor(pts: list[dict[str, float]], overhead_s: float) -> tuple[float | None, int]:
+    """(the size-weighted median of ``(E - P o) / E_pred`` over the compute-dominated encode
+    passes, how many), or (None, 0) when no run measured one (module doc)."""
+    used = [p for p in pts if p.get("encode_pass_s") and p.get("predicted_encode_pass_s")
+            and p["predicted_encode_pass_s"] >= ENCODE_MIN_OVERHEADS * p["stages"] * overhead_s]
+    if not used:
+        return None, 0
+    ratios = sorted(((p["encode_pass_s"] - p["stages"] * overhead_s)
+                     / p["predicted_encode_pass_s"], p["predicted_encode_pass_s"]) for p in used)
+    half, seen = sum(w for _, w in ratios) / 2, 0.0
+    for ratio, weight in ratios:
+        seen += weight
+        if seen >= half:
+            return (ratio, len(used)) if ratio > 0 else (None, 0)
+    raise AssertionError("unreachable: the weights sum to 2 x half")
 
 
 def encode_passes(records: list[Any], plan: Any, profile: Any) -> tuple[float, float] | None:
@@ -185,22 +235,28 @@ def contention_factor(baseline: list[dict[str, Any]]) -> float | None:
 def calibrated_profile(profile: Any, fit: PassFit, source: str) -> Any:
     """A copy of ``profile`` with compute times x ``fit.compute_factor`` and the fitted fixed
     per-pass overheads in ``meta["mesh_overhead_s"]``."""
-    out = scaled_profile(profile, fit.compute_factor, source)
+    out = scaled_profile(profile, fit.compute_factor, source, fit.encode_factor)
     out.meta["mesh_overhead_s"] = fit.overheads()
     out.meta["calibration"] = {"factor": fit.compute_factor, "source": source, **fit.to_json()}
     return type(profile)(meta=out.meta, rows=out.rows)  # rebuilt: Costs reads meta once
 
 
-def scaled_profile(profile: Any, factor: float, source: str) -> Any:
-    """A copy of ``profile`` with every compute time multiplied by ``factor`` (a fixed
+def scaled_profile(profile: Any, factor: float, source: str,
+                   enc_factor: float | None = None) -> Any:
+    """A copy of ``profile`` with every compute time multiplied by ``factor``, the encode rows
+    (``ENCODE_OPS``, and the encode pass overheads) by ``enc_factor`` if given (a fixed
     per-pass overhead already in ``meta["mesh_overhead_s"]`` is the mesh's, not scaled)."""
     from coordinator.planner.profile import Profile
 
-    if not factor > 0:
-        raise ValueError(f"a calibration factor must be > 0, got {factor}")
+    enc = factor if enc_factor is None else enc_factor
+    if not factor > 0 or not enc > 0:
+        raise ValueError(f"a calibration factor must be > 0, got {factor} (encode {enc})")
     meta = copy.deepcopy(profile.meta)
     for row in meta.get("pass_overhead") or []:
-        row["time_s"] = float(row["time_s"]) * factor
+        row["time_s"] = float(row["time_s"]) * (enc if row.get("phase") == "encode" else factor)
     meta["calibration"] = {"factor": factor, "source": source}
-    rows = [{**r, "time_s": float(r["time_s"]) * factor} for r in profile.rows]
+    if enc_factor is not None:
+        meta["calibration"]["encode_factor"] = enc
+    rows = [{**r, "time_s": float(r["time_s"]) * (enc if r["op"] in ENCODE_OPS else factor)}
+            for r in profile.rows]
     return Profile(meta=meta, rows=rows)

@@ -5,7 +5,9 @@ vs prediction) from CPU contention (wall vs CPU time) with no mesh, no schedulin
 
     .venv/bin/python tests/runner/measure_passes.py PROFILE.json [--repeats 5]
 
-Weights are random (the cost depends on shapes only, as in the profiler).
+Weights are random (the cost depends on shapes only, as in the profiler). Uniform prompt
+lengths only; ``tests/runner/measure_ragged.py`` times ragged batches (workload-drawn lengths)
+against an interleaved on-grid reference that cancels the machine's drift.
 """
 
 from __future__ import annotations
