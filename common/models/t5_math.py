@@ -74,6 +74,31 @@ def decoder_step_position_bias(
     return F.embedding(buckets, table).permute(0, 2, 1)
 
 
+def decoder_bias_by_distance(
+    table: torch.Tensor, length: int, *, max_distance: int
+) -> torch.Tensor:
+    """Causal bias ``[length, heads]`` by distance ``query - key`` (0 .. length-1).
+
+    Why: a decoder bucket depends only on that distance, so a stage computes this once and
+    each decode step gathers from it (``decoder_step_bias_from``) instead of re-running the
+    logarithmic bucket arithmetic over every ``[batch, key]`` pair; same numbers exactly."""
+    distance = torch.arange(length, device=table.device)
+    buckets = relative_position_bucket(
+        -distance, bidirectional=False, num_buckets=table.shape[0], max_distance=max_distance
+    )
+    return F.embedding(buckets, table)
+
+
+def decoder_step_bias_from(
+    by_distance: torch.Tensor, query_positions: torch.Tensor, key_length: int
+) -> torch.Tensor:
+    """``decoder_step_position_bias`` from a ``decoder_bias_by_distance`` table holding at
+    least ``max(query_positions) + 1`` distances: ``[batch, heads, key_length]``."""
+    keys = torch.arange(key_length, device=by_distance.device)
+    distance = (query_positions[:, None] - keys[None, :]).clamp_(min=0)
+    return by_distance[distance].permute(0, 2, 1)
+
+
 def activation_fn(name: str) -> torch.nn.Module:
     """The FFN nonlinearity by ModelConfig.activation name (gelu_new = tanh approximation)."""
     if name == "relu":

@@ -50,7 +50,11 @@ from common.models.t5_layers import (
     Shard,
     T5Norm,
 )
-from common.models.t5_math import decoder_step_position_bias, encoder_position_bias
+from common.models.t5_math import (
+    decoder_bias_by_distance,
+    decoder_step_bias_from,
+    encoder_position_bias,
+)
 from common.models.weights import WeightSource
 
 BIAS = "block.0.layer.0.SelfAttention.relative_attention_bias.weight"
@@ -98,6 +102,9 @@ class T5Stage(nn.Module):
         self.decoder_layers = nn.ModuleList(
             layer_type(cfg, i, shard, dtype, device) for i in range(d0, d1))
         self._build_ends(shard)
+        # decoder position bias by distance (``_step_bias``): built at the first decode after
+        # ``load``; the table is a Parameter written by ``load``, so load drops it
+        self._bias_by_distance: torch.Tensor | None = None
         self.cache = KVCache(layer_start=d0, layer_end=d1, head_start=self.head_range[0],
                              head_end=self.head_range[1], num_kv_heads=cfg.num_heads,
                              head_dim=cfg.head_dim, dtype=dtype, device=device,
@@ -164,6 +171,7 @@ class T5Stage(nn.Module):
         for i, layer in zip(range(*self.layer_range), self.decoder_layers, strict=True):
             layer.load(src, f"decoder.block.{i}")
         h0, h1 = self.head_range
+        self._bias_by_distance = None
         for stack, table in (("encoder", self.encoder_bias), ("decoder", self.decoder_bias)):
             if table is not None:
                 table.copy_(src.get(f"{stack}.{BIAS}", dim=1, start=h0, end=h1))
@@ -266,14 +274,23 @@ class T5Stage(nn.Module):
     def _decode_context(self, cache: KVCache, req_ids: list[str]) -> DecodeContext:
         self_batch = cache.batch(req_ids)
         cross_batch = cache.batch(req_ids, FIXED)
-        assert self.decoder_bias is not None
-        bias = decoder_step_position_bias(
-            self.decoder_bias, self_batch.lengths, self_batch.max_len + 1,
-            max_distance=self.cfg.relative_attention_max_distance)
+        bias = self._step_bias(self_batch.lengths, self_batch.max_len + 1)
         return DecodeContext(
             cache=cache, self_batch=self_batch, cross_batch=cross_batch,
             self_mask=length_mask(self_batch.lengths + 1, self_batch.max_len + 1),
             cross_mask=length_mask(cross_batch.lengths, cross_batch.max_len), bias=bias)
+
+    def _step_bias(self, positions: torch.Tensor, key_length: int) -> torch.Tensor:
+        """``[B, heads, key_length]`` relative-position bias of this step's tokens, gathered
+        from the per-distance table (grown to cover ``key_length`` distances when needed):
+        the bucket arithmetic runs once per stage, not over [B, L] at every step."""
+        assert self.decoder_bias is not None
+        table = self._bias_by_distance
+        if table is None or table.shape[0] < key_length:
+            length = max(key_length, self.cfg.max_position + 1)
+            table = self._bias_by_distance = decoder_bias_by_distance(
+                self.decoder_bias, length, max_distance=self.cfg.relative_attention_max_distance)
+        return decoder_step_bias_from(table, positions, key_length)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         assert self.decoder_norm is not None and self.lm_head is not None

@@ -8,7 +8,10 @@ import torch
 from common.engine.tp import TPGroup
 from common.models.config import ModelConfig
 from common.models.t5 import build_stage, config_from_hf, weight_shapes
-from common.models.t5_math import relative_position_bucket
+from common.models.t5_math import (
+    decoder_step_position_bias,
+    relative_position_bucket,
+)
 from common.models.weights import RandomWeights
 
 torch.set_num_threads(1)
@@ -29,6 +32,23 @@ def test_buckets_match_transformers() -> None:
             ours = relative_position_bucket(rel, bidirectional=bidirectional,
                                             num_buckets=buckets, max_distance=distance)
             assert torch.equal(ours, ref)
+
+
+def test_decode_step_bias_table_matches_per_step_buckets() -> None:
+    """The stage's per-distance bias table gives, for ragged positions past max_distance and
+    a table grown mid-run, exactly the bias of the per-step bucket arithmetic."""
+    cfg = ModelConfig.preset("tiny-t5")
+    stage = build_stage(cfg, weights=RandomWeights(cfg, seed=3), layer_range=(0, cfg.num_layers))
+    assert stage.decoder_bias is not None
+    table = stage.decoder_bias
+    for key_length in (1, 2, 9, 40, cfg.max_position, cfg.max_position + 70):
+        positions = torch.randint(0, key_length, (6,))
+        positions[0] = key_length - 1
+        want = decoder_step_position_bias(
+            table, positions, key_length, max_distance=cfg.relative_attention_max_distance)
+        got = stage._step_bias(positions, key_length)
+        assert got.shape == (6, cfg.num_heads, key_length)
+        assert torch.equal(got, want)
 
 
 def test_config_from_hf_original_and_v1_1() -> None:
