@@ -4,7 +4,9 @@ A re-layout (docs/adaptation.md) gives a pipeline stage worker another layer ran
 from the model file again means reading (and, for GGUF, dequantising) the tensors once more;
 instead every tensor of the model is read ONCE per process into host memory (``HostWeights``)
 and any layer range is built from that copy. ``build_stage`` copies (and casts) what it takes,
-so the stage never aliases the store and one store serves every rebuild.
+so the stage never aliases the store and one store serves every rebuild. Every tensor is kept,
+so a T5 stage's new ranges of both stacks (encoder and decoder layers, the shared embedding,
+relative-position biases, the final norms) come from the same copy.
 
     spec_from_host(model)   the model's ModelSpec with its weights in host memory
                             (loaded on the first call: the "disk" load; later calls: cached)

@@ -8,9 +8,13 @@ re-grouped into new TP groups: coordinator.relayout_tp); staged
 WAA plans: another encoder/decoder stage split, other ranges, other B_m, other tp_size per
 stage (re-grouped: relayout_tp.WaaTpRelayout), on the same number of stage workers
 (whole-model WAA meshes change their split by role switches:
-coordinator.adapt_roles). Not supported, logged as ``relayout_unsupported`` with the reason,
-the old layout serving on with the best knobs it allows: more TP ranks than stage workers
-connected, T5 layer ranges, a switch between the WAA and pipeline families.
+coordinator.adapt_roles). T5 (encoder-decoder): pipeline stages get new ranges of both
+stacks (each stage a non-empty part of each, in order), staged WAA meshes a new split of the
+encoder stack over the encoder stages and of the decoder stack over the decoder stages (the
+last encoder stage hands on cross K/V: ``WaaLayout.cross``). Not supported, logged as
+``relayout_unsupported`` with the reason, the old layout serving on with the best knobs it
+allows: more TP ranks than stage workers connected, a switch between the WAA and pipeline
+families.
 """
 
 from __future__ import annotations
@@ -36,8 +40,6 @@ def relayout_target(co: Any, old: Plan, new: Plan) -> tuple[Any, int] | str:
         return "the new plan's groups are not pipeline stages"
     if driver.switching:
         return "a re-layout is already in progress"
-    if co.model.num_encoder_layers:
-        return "encoder-decoder (T5) layer ranges are not re-laid out live"
     workers = stage_workers(driver)
     served = [w for w in co.members.registry if w.role == "pipeline"]
     if len(workers) != len(served) or any(g.tp_size != 1 for g in (*old.worker_groups,
@@ -48,9 +50,27 @@ def relayout_target(co: Any, old: Plan, new: Plan) -> tuple[Any, int] | str:
         return f"the new plan has {len(layers)} stages, {len(workers)} stage workers are connected"
     try:
         _check_cover(layers, co.model.num_layers, "the new plan's layer ranges")
+        enc = t5_encoder_ranges(co.model, new)
     except ValueError as exc:
         return str(exc)
-    return StageLayout(layers), max(1, new.microbatches or len(layers))
+    return StageLayout(layers, enc), max(1, new.microbatches or len(layers))
+
+
+def t5_encoder_ranges(model: Any, new: Plan) -> tuple[tuple[int, int], ...] | None:
+    """A T5 pipeline plan's encoder-stack range per stage (None for a decoder-only model).
+    Every T5 stage holds a non-empty part of both stacks, in order (the two-lap encode:
+    common.backend_stage_engine), so the encoder ranges must tile the encoder stack too."""
+    from coordinator.pipeline_driver import _check_cover
+
+    if not model.num_encoder_layers:
+        return None
+    missing = [i for i, g in enumerate(new.worker_groups) if g.encoder_layer_range is None]
+    if missing:
+        raise ValueError(f"the new T5 plan's stages {missing} have no encoder_layer_range")
+    enc = tuple((int(g.encoder_layer_range[0]), int(g.encoder_layer_range[1]))
+                for g in new.worker_groups)
+    _check_cover(enc, model.num_encoder_layers, "the new plan's encoder layer ranges")
+    return enc
 
 
 def tp_target(co: Any, new: Plan, connected: int) -> tuple[Any, int] | str:
@@ -68,7 +88,7 @@ def tp_target(co: Any, new: Plan, connected: int) -> tuple[Any, int] | str:
     layers = tuple(tuple(g.layer_range) for g in new.worker_groups)
     try:
         _check_cover(layers, co.model.num_layers, "the new plan's layer ranges")
-        layout = TpStageLayout(layers, tp=tps)
+        layout = TpStageLayout(layers, t5_encoder_ranges(co.model, new), tp=tps)
     except ValueError as exc:
         return str(exc)
     return layout, max(1, new.microbatches or len(layers))
@@ -83,8 +103,6 @@ def waa_target(co: Any, driver: Any, new: Plan) -> tuple[Any, int] | str:
 
     if not new.policy.startswith("waa"):
         return "a switch between the WAA and pipeline families"
-    if co.model.num_encoder_layers:
-        return "encoder-decoder (T5) layer ranges are not re-laid out live"
     if any(g.count != g.tp_size for g in new.worker_groups):
         return ("the new plan's groups are not one stage each (count != tp_size: "
                 "whole-model replicas): not a staged layout of these workers")
@@ -94,7 +112,8 @@ def waa_target(co: Any, driver: Any, new: Plan) -> tuple[Any, int] | str:
     if any(not w.kv_endpoint for w in workers):
         return "a stage worker without a KV endpoint cannot become a decoder stage"
     try:
-        ranges = staged_ranges(new, co.model.num_layers, 0)
+        t5 = co.model.is_encoder_decoder  # T5: the encoder stages split the encoder stack
+        ranges = staged_ranges(new, co.model.num_layers, co.model.num_encoder_layers if t5 else 0)
         tps = tuple(g.tp_size for g, _ in ranges)
         if sum(tps) != len(workers):
             return (f"the new plan has {len(ranges)} stages"
@@ -104,7 +123,8 @@ def waa_target(co: Any, driver: Any, new: Plan) -> tuple[Any, int] | str:
         regroup = any(t > 1 for t in tps) or len(stage_workers(driver)) != len(workers)
         layout = WaaLayout(tuple(r for g, r in ranges if g.role == "encoder"),
                            tuple(r for g, r in ranges if g.role == "decoder"),
-                           tp=tps if regroup else ())  # tp: re-grouped (relayout_tp)
+                           tp=tps if regroup else (),  # tp: re-grouped (relayout_tp)
+                           cross=t5, start_token=driver.layout.start_token)
     except ValueError as exc:
         return str(exc)
     return layout, max(1, int(new.B_m or new.microbatches or 1))
@@ -112,7 +132,13 @@ def waa_target(co: Any, driver: Any, new: Plan) -> tuple[Any, int] | str:
 
 def start(adapter: Any, new: Plan, target: tuple[Any, int], event: dict[str, Any]) -> None:
     """Start the switch; ``plan_switch`` is logged (and the plan adopted) once it is done."""
-    from coordinator.relayout import Relayout, RelayoutConfig, WaaRelayout, layout_stages
+    from coordinator.relayout import (
+        Relayout,
+        RelayoutConfig,
+        WaaRelayout,
+        encoder_stages,
+        layout_stages,
+    )
     from coordinator.relayout_tp import TpRelayout, TpStageLayout, WaaTpRelayout
     from coordinator.streams import StreamKnobs
 
@@ -120,6 +146,7 @@ def start(adapter: Any, new: Plan, target: tuple[Any, int], event: dict[str, Any
     layout, streams = target
     adapter.relayouts += 1
     old_stages = layout_stages(driver.layout)
+    old_enc = encoder_stages(driver.layout).get("encoder_stages")
 
     def done(cost: dict[str, Any]) -> None:
         adapter.relayouting = None
@@ -136,7 +163,9 @@ def start(adapter: Any, new: Plan, target: tuple[Any, int], event: dict[str, Any
     adapter.relayouting = {"plan": new, "event": event}
     co.log.info("relayout_start", epoch=adapter.relayouts, reason=event["reason"],
                 old_stages=old_stages, new_stages=layout_stages(layout), streams=streams,
-                tp_sizes=list(getattr(layout, "tp", ())) or None)
+                tp_sizes=list(getattr(layout, "tp", ())) or None,
+                **({"old_encoder_stages": old_enc, "new_encoder_stages":
+                    encoder_stages(layout)["encoder_stages"]} if old_enc else {}))
     driver.schedule()  # the drain starts now (an already idle pipeline re-assigns at once)
 
 

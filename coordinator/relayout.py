@@ -1,7 +1,10 @@
 """Re-laying out a pipeline plan's stage workers while serving (docs/adaptation.md).
 
 A new plan may put other layer ranges on the stages, use another number of stages, or run
-another number of streams. Stage workers cannot be re-laid out under a pass, so the switch is
+another number of streams. T5 (encoder-decoder) stages get new ranges of both stacks
+(``StageLayout.encoder_layers``); its migrated requests re-run from the prompt alone and
+replay the tokens the client has (coordinator.requests: checked, not sent twice).
+Stage workers cannot be re-laid out under a pass, so the switch is
 
     DRAIN      no new request is encoded (arrivals queue in the coordinator, none is refused);
                the streams decode what they run, up to ``drain_timeout_s``
@@ -150,7 +153,7 @@ class Relayout:
             self.waiting[info.worker_id] = time.perf_counter()
             drv.co.members.send(info, drv.relayout_assign(info, self.epoch))
         drv.co.log.info("relayout_reassign", epoch=self.epoch, old_stages=old_stages,
-                        new_stages=layout_stages(self.layout),
+                        new_stages=layout_stages(self.layout), **encoder_stages(self.layout),
                         streams=self.num_streams, workers=len(workers), **self.cost)
 
     def on_ready(self, worker: WorkerInfo, info: dict[str, Any]) -> None:
@@ -175,7 +178,8 @@ class Relayout:
             "reload_s_per_worker": {k: round(v, 4) for k, v in self.reload_s.items()},
             "reassign_s": round(end - (self.t_reassign or end), 4),
             "pause_s": round(end - self.t0, 4),  # no request was encoded from t0 to now
-            "stages": layout_stages(self.layout), "streams": self.num_streams})
+            "stages": layout_stages(self.layout), "streams": self.num_streams,
+            **encoder_stages(self.layout)})
         self.driver.switch = None
         self.driver.on_stage_ready()
         self.on_done({"ok": True, **self.cost})
@@ -260,6 +264,13 @@ def layout_stages(layout: Any) -> Any:
         return [list(r) for r in layout.layers]
     return {"encoder": [list(r) for r in layout.encoder],
             "decoder": [list(r) for r in layout.decoder]}
+
+
+def encoder_stages(layout: Any) -> dict[str, Any]:
+    """A T5 pipeline layout's encoder-stack ranges per stage, for logs and costs (``stages``
+    stays the decoder ranges, as the layout state reads it); {} for other layouts."""
+    enc = getattr(layout, "encoder_layers", None)
+    return {"encoder_stages": [list(r) for r in enc]} if enc else {}
 
 
 def stage_workers(driver: PipelineDriver | WaaPipelineDriver) -> list[WorkerInfo]:
