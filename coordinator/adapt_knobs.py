@@ -7,9 +7,12 @@ from typing import Any
 from coordinator.planner.plan import Plan
 
 
-def apply_knobs(co: Any, plan: Plan) -> None:
+def apply_knobs(co: Any, plan: Plan, durable: bool = True) -> None:
     """Install a plan's knobs in the running coordinator (on its loop thread, so between two
-    batches): WAA's BatchSizer; pipeline streams' B and N_D (RRA: from the next cycle)."""
+    batches): WAA's BatchSizer; pipeline streams' B and N_D (RRA: from the next cycle).
+    ``durable``: the plan is the served one from now, so it is written to the layout state
+    (whatever switch adopted it: re-layout, role switch, knobs only), and a restarted
+    coordinator serves it rather than the launch plan's knobs and roles."""
     from coordinator.adjust import Band, BatchSizer
 
     ts, db = plan.adjust.get("token_sum"), plan.adjust.get("decode_batch")
@@ -21,6 +24,10 @@ def apply_knobs(co: Any, plan: Plan) -> None:
 
         for stream in pipeline.streams:
             stream.knobs = StreamKnobs(stream.knobs.policy, plan.B_E, plan.N_D or 1)
+    if durable:
+        from coordinator import layout_state
+
+        layout_state.save(co, plan)
 
 
 def pred(plan: Plan) -> dict[str, Any]:

@@ -17,7 +17,9 @@ switch to the other, one ``RoleSwitch`` for all of them::
              worker closes its old backend and builds the new role's one from its host-memory
              weights (common.roleswitch, common.weightstore), then says Ready
     DONE     every moved worker READY in its new role: encoders learn the new decoders; the
-             plan (its groups served whole) is adopted, ``plan_switch`` logged with the cost
+             plan (its groups served whole) is adopted and, with every worker's role and
+             capacity, written to the layout state (apply_knobs -> coordinator.layout_state:
+             a restarted coordinator serves this split and plan), ``plan_switch`` logged
 
 No request is dropped or duplicated: a request is on its old worker, in the queue, or on a
 new run, never two; the last worker of a role never moves (the new plan has >= 1 of each).

@@ -1,14 +1,18 @@
-"""The layout a live re-layout adopted, kept on disk so a restarted coordinator expects it.
+"""The plan and layout being served, kept on disk so a restarted coordinator serves them again.
 
 A live re-layout (coordinator.relayout, relayout_tp; adapt_relayout.finish) moves the stage
-workers to other layer ranges, stages or TP groups. The workers keep that placement across a
-coordinator restart (docs/mesh.md, "Coordinator restart") and a rejoining worker stops when the
-new instance assigns anything else. A coordinator started again with its launch flags and the
-original ``--plan`` would assign the launch layout, so every moved worker would stop. Hence::
+workers to other layer ranges, stages or TP groups; a role switch (adapt_roles) turns
+whole-model WAA workers into the other role; a knob-only switch (adapt_knobs) changes B_E, N_D
+and the thresholds. The workers keep their placement across a coordinator restart (docs/mesh.md,
+"Coordinator restart") and a rejoining worker stops when the new instance assigns anything
+else. A coordinator started again with its launch flags and the original ``--plan`` would
+assign the launch layout (every moved worker would stop) and serve the launch plan's knobs
+(until drift is detected again). Hence::
 
-    switch committed   commit(): the adopted plan, the stages, streams, epoch and every stage
-                       worker's placement (stage, TP rank/size/group, pid) are written
-                       atomically (temp file, fsync, rename) to the state file
+    switch committed   commit() / save(): the served plan, the stages, streams, epoch and every
+                       worker's placement (stage, TP rank/size/group, or role and capacity;
+                       pid) are written atomically (temp file, fsync, rename) to the state
+                       file; the file format: coordinator/layout_file.py
     coordinator start  resume(): a state file for this model, this --plan and live workers
                        replaces the launch layout (log ``layout_state_resumed``); anything else
                        is ignored with ``layout_state_ignored`` and the reason: the workers
@@ -17,130 +21,31 @@ original ``--plan`` would assign the launch layout, so every moved worker would 
     clean stop         clear(): the coordinator shut its workers down, nothing holds the layout
 
 Where: ``EXEGPT_LAYOUT_STATE`` (a path, or ``off``), else ``<plan stem>.layout.json`` beside
-``--plan``; only an adapting coordinator (``--adapt``) re-lays out, so only it reads or writes.
-"""
+``--plan``; only an adapting coordinator (``--adapt``) switches live, so only it reads or
+writes."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
 import socket
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from coordinator.config import CoordinatorConfig
-
-VERSION = 1
-STATE_ENV = "EXEGPT_LAYOUT_STATE"
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where one stage worker is now; ``stage`` None: a spare holding no layers."""
-
-    stage: int | None
-    tp_rank: int = 0
-    tp_size: int = 1
-    tp_group: str | None = None  # the coordinator-formed TP group (WorkerInfo.tp_group)
-    pid: int | None = None
-    local: bool = False  # a process of the coordinator's host (its pid can be checked)
-
-    def __post_init__(self) -> None:
-        if self.stage is not None and self.stage < 0:
-            raise ValueError(f"a stage is >= 0, got {self.stage}")
-        if not 0 <= self.tp_rank < self.tp_size:
-            raise ValueError(f"need 0 <= tp_rank < tp_size, got {self.tp_rank}/{self.tp_size}")
-
-
-@dataclass(frozen=True)
-class LayoutState:
-    """One committed layout: what a restarted coordinator needs to assign it again."""
-
-    policy: str
-    plan: dict[str, Any]  # the adopted Plan (Plan.to_dict)
-    epoch: int  # the re-layout's epoch: a later one continues the count
-    stages: Any  # pipeline [[lo, hi], ...]; staged WAA {"encoder": [...], "decoder": [...]}
-    streams: int  # pipeline streams, or B_m
-    workers: dict[str, Placement]
-    model_sha: str  # the served model's shape
-    plan_sha: str  # the --plan file this coordinator was started with
-    tp: list[int] = dataclasses.field(default_factory=list)  # per stage; [] all tp-1 / Hellos
-    host: str = ""
-    written_at: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.epoch < 1 or self.streams < 1 or not self.workers:
-            raise ValueError("a layout state needs epoch >= 1, streams >= 1 and workers")
-        if self.policy == "waa":
-            if not isinstance(self.stages, dict) or not self.stages.get("encoder") \
-                    or not self.stages.get("decoder"):
-                raise ValueError("a staged WAA state needs encoder and decoder stages")
-        elif not isinstance(self.stages, list) or not self.stages:
-            raise ValueError("a pipeline state needs its stages' layer ranges")
-
-    def to_json(self) -> str:
-        data = dataclasses.asdict(self)
-        return json.dumps({"version": VERSION, **data}, indent=1, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> LayoutState:
-        """The state, or ValueError saying what is wrong with the text."""
-        try:
-            data = json.loads(text)
-            if not isinstance(data, dict) or data.pop("version", None) != VERSION:
-                raise ValueError(f"not a version {VERSION} layout state")
-            data["workers"] = {str(k): Placement(**v) for k, v in data["workers"].items()}
-            return cls(**data)
-        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"not a layout state: {exc}") from exc
-
-
-def state_path(cfg: CoordinatorConfig) -> Path | None:
-    """The state file of this coordinator, or None (not adapting, no plan, or off)."""
-    env = os.environ.get(STATE_ENV, "")
-    if env.lower() in ("off", "0", "none") or not cfg.adapt or not cfg.plan:
-        return None
-    return Path(env) if env else Path(cfg.plan).with_name(f"{Path(cfg.plan).stem}.layout.json")
-
-
-def model_sha(model: Any) -> str:
-    return hashlib.sha256(json.dumps(model.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def plan_sha(path: str) -> str:
-    """The --plan file's content (a replaced plan makes an older state stale)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
-def write(path: Path, state: LayoutState) -> None:
-    """Atomically: a reader sees the old file or the new one, never a part (same directory
-    temp file, fsync, rename, fsync of the directory)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(state.to_json())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def read(path: Path) -> LayoutState:
-    """The state in ``path``; OSError (unreadable) or ValueError (corrupt)."""
-    return LayoutState.from_json(path.read_text(encoding="utf-8"))
+from coordinator.layout_file import (  # noqa: F401 - the file's API, re-exported
+    STATE_ENV,
+    VERSION,
+    LayoutState,
+    Placement,
+    apply,
+    model_sha,
+    plan_sha,
+    read,
+    state_path,
+    write,
+)
 
 
 def worker_alive(pid: int, host: str) -> bool:
@@ -177,23 +82,6 @@ def mismatch(state: LayoutState, cfg: CoordinatorConfig, model: Any) -> str | No
     return None
 
 
-def apply(cfg: CoordinatorConfig, state: LayoutState) -> CoordinatorConfig:
-    """The launch config with the state's layout (stages, ranges, streams, knobs)."""
-    plan = state.plan
-    knobs = {"max_encode_batch": int(plan["B_E"]), "streams": state.streams}
-    if state.policy == "waa":
-        enc, dec = state.stages["encoder"], state.stages["decoder"]
-        return dataclasses.replace(cfg, **knobs, waa_encoder_layers=_ranges(enc),
-                                   waa_decoder_layers=_ranges(dec))
-    return dataclasses.replace(cfg, **knobs, n_d=int(plan.get("N_D") or 1),
-                               pipeline_stages=len(state.stages),
-                               stage_layers=_ranges(state.stages))
-
-
-def _ranges(ranges: list[list[int]]) -> str:
-    return ",".join(f"{lo}:{hi}" for lo, hi in ranges)
-
-
 @dataclass(frozen=True)
 class Resumed:
     """The state a coordinator started from; placements for its workers' Hellos."""
@@ -214,11 +102,21 @@ class Resumed:
 
 
 def placed(co: Any, msg: Any) -> Placement | None:
-    """A Hello's recorded placement (membership.on_hello), when the layout came from a state."""
+    """A Hello's recorded placement (membership.on_hello), when the layout came from a state.
+    A whole-model WAA worker's Hello names its current role itself (the role it built)."""
     resumed: Resumed | None = getattr(co, "resumed", None)
-    if resumed is None or msg.role != "pipeline":
+    if resumed is None:
         return None
-    return resumed.placement(msg.worker_id, msg.pid, msg.tp_rank, msg.tp_size)
+    place = resumed.placement(msg.worker_id, msg.pid, msg.tp_rank, msg.tp_size)
+    return place if place is not None and place.role == msg.role else None
+
+
+def hello_capacity(msg: Any, place: Placement | None) -> Any:
+    """The worker's capacity: its recorded one (a role switch gave it the new role's), else
+    what its Hello says (its launch capacity; checked by the caller)."""
+    if place is not None and place.capacity is not None:
+        return place.capacity
+    return msg.capacity.get("max_seqs", 256) if isinstance(msg.capacity, dict) else None
 
 
 def resume(cfg: CoordinatorConfig, model: Any, log: Any) -> tuple[CoordinatorConfig,
@@ -256,7 +154,7 @@ def restore(co: Any) -> None:
     if resumed is None:
         return
     plan = Plan.from_dict(resumed.state.plan)
-    apply_knobs(co, plan)
+    apply_knobs(co, plan, durable=False)  # it is the state's plan already
     layout = getattr(getattr(co, "pipeline", None), "layout", None)
     if resumed.state.tp and hasattr(layout, "tp"):  # a staged WAA layout's TP stage sizes
         co.pipeline.layout = dataclasses.replace(layout, tp=tuple(resumed.state.tp))
@@ -270,38 +168,68 @@ def restore(co: Any) -> None:
 
 
 def capture(co: Any, plan: Any, epoch: int, streams: int) -> LayoutState:
-    """The served layout now (just after a switch committed)."""
+    """The served layout now (just after a switch committed): the stage workers' places, or
+    (whole-model WAA) each worker's role and capacity."""
     from coordinator.relayout import layout_stages
 
-    members = co.members
+    members, pipeline = co.members, getattr(co, "pipeline", None)
     local = set(getattr(members.exits, "_fds", {}))  # noqa: SLF001 - local pids watched
     pids = getattr(members, "_pids", {})  # noqa: SLF001
+    roles = ("pipeline",) if pipeline is not None else ("encoder", "decoder")
     workers = {w.worker_id: Placement(w.stage, w.tp_rank, w.tp_size, w.tp_group,
-                                      pids.get(w.worker_id), w.worker_id in local)
-               for w in members.registry if w.role == "pipeline"}
+                                      pids.get(w.worker_id), w.worker_id in local,
+                                      w.role, None if pipeline is not None else w.capacity)
+               for w in members.registry if w.role in roles}
+    layout = getattr(pipeline, "layout", None)
     return LayoutState(policy=co.cfg.policy, plan=plan.to_dict(), epoch=epoch,
-                       stages=layout_stages(co.pipeline.layout), streams=streams,
-                       workers=workers, model_sha=model_sha(co.model),
-                       tp=list(getattr(co.pipeline.layout, "tp", ()) or ()),
+                       stages=layout_stages(layout) if layout is not None else None,
+                       streams=streams, workers=workers, model_sha=model_sha(co.model),
+                       tp=list(getattr(layout, "tp", ()) or ()),
                        plan_sha=plan_sha(co.cfg.plan), host=socket.gethostname(),
                        written_at=round(time.time(), 3))
 
 
 def commit(co: Any, plan: Any, epoch: int, streams: int) -> None:
-    """Write the state after a switch; a failure is logged (serving goes on regardless, but
-    a coordinator restart would then expect the launch layout)."""
+    """Write the state after a switch (unless it holds this already); a failure is logged
+    (serving goes on regardless, but a restart would then serve the launch plan)."""
     path = state_path(co.cfg)
-    if path is None or getattr(co, "pipeline", None) is None:
+    if path is None:
         return
     try:
         state = capture(co, plan, epoch, streams)
+        resumed: Resumed | None = getattr(co, "resumed", None)
+        if resumed is not None and resumed.path == path and state.same_as(resumed.state):
+            return
         write(path, state)
     except (OSError, ValueError) as exc:
         co.log.error("layout_state_write_failed", path=str(path), error=str(exc))
         return
     co.resumed = Resumed(path, state)  # a worker re-registering later is placed by it too
     co.log.info("layout_state_saved", path=str(path), epoch=epoch, stages=state.stages,
-                streams=streams, workers=sorted(state.workers))
+                streams=streams, workers={k: p.role if p.role != "pipeline" else p.stage
+                                          for k, p in sorted(state.workers.items())})
+
+
+def save(co: Any, plan: Any) -> None:
+    """The plan now served (a role switch's, a knob-only switch's; apply_knobs): durable with
+    the layout as it is, so a restart serves it again rather than the launch plan."""
+    members, cfg = getattr(co, "members", None), getattr(co, "cfg", None)
+    switching = getattr(getattr(co, "pipeline", None), "switching", False)
+    if members is None or not getattr(cfg, "adapt", False) or state_path(cfg) is None or \
+            switching or not len(members.registry):
+        return  # not adapting; a re-layout commits its own state at its end; no worker yet
+    adapter, resumed = getattr(co, "adapter", None), getattr(co, "resumed", None)
+    epoch = adapter.relayouts if adapter is not None else resumed.state.epoch if resumed else 0
+    commit(co, plan, epoch, served_streams(co))
+
+
+def served_streams(co: Any) -> int:
+    """Pipeline streams, or staged WAA's B_m (its micro-batches); whole-model WAA: 1."""
+    pipeline = getattr(co, "pipeline", None)
+    if pipeline is None:
+        return 1
+    micro = getattr(pipeline, "micro", None)
+    return max(1, len(micro if micro is not None else pipeline.streams))
 
 
 def refresh(co: Any) -> None:

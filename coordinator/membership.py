@@ -201,7 +201,7 @@ class Membership:
         except ValueError as exc:
             self._send_raw(route, P.Error(code="bad_request", message=str(exc)))
             return
-        capacity = msg.capacity.get("max_seqs", 256) if isinstance(msg.capacity, dict) else None
+        capacity = layout_state.hello_capacity(msg, placed)  # a switched role's, recorded
         if type(capacity) is not int or capacity < 1:
             self._send_raw(route, P.Error(code="bad_request", message="Hello.capacity must be "
                                           "a map with a positive int max_seqs"))

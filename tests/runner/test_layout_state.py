@@ -131,7 +131,7 @@ def test_a_corrupt_or_foreign_state_file_is_ignored(committed: tuple[Any, Plan, 
     co, _, path = committed
     good = path.read_text()
     for text in (good[: len(good) // 2], "[]", json.dumps({"version": 99}),
-                 good.replace('"epoch": 1', '"epoch": 0'), good.replace('"B_E"', '"B_X"')):
+                 good.replace('"epoch": 1', '"epoch": -1'), good.replace('"B_E"', '"B_X"')):
         path.write_text(text)
         log = Log()
         cfg, resumed = LS.resume(co.cfg, MODEL, log)
@@ -146,7 +146,7 @@ def test_write_is_atomic_a_failed_write_keeps_the_old_state(
     def broken(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(LS.os, "fsync", broken)
+    monkeypatch.setattr(os, "fsync", broken)
     LS.commit(co, dataclasses.replace(adopted, B_E=9), 2, 1)
     assert co.log.names()[-1] == "layout_state_write_failed"
     assert path.read_text() == before  # the reader sees the old state, whole
@@ -258,3 +258,21 @@ def test_a_replacement_joining_rewrites_the_state_with_its_pid(
     LS.refresh(co)
     state = json.loads(path.read_text())
     assert state["workers"]["stage1"]["pid"] == 4242 and state["epoch"] == 1
+
+
+def test_a_t5_pipeline_state_sets_both_stacks_ranges(committed: tuple[Any, Plan, Path]) -> None:
+    """A restarted coordinator after a live T5 re-layout names the adopted encoder-stack
+    ranges too, not the launch ones (the workers' placement check compares both)."""
+    co, adopted, _ = committed
+    state = LS.capture(co, adopted, 3, 2)
+    groups = [{"role": "pipeline", "count": 1, "tp_size": 1, "layer_range": [0, 1],
+               "encoder_layer_range": [0, 3]},
+              {"role": "pipeline", "count": 1, "tp_size": 1, "layer_range": [1, 2],
+               "encoder_layer_range": [3, 4]}]
+    state = dataclasses.replace(state, plan={**state.plan, "worker_groups": groups},
+                                stages=[[0, 1], [1, 2]], tp=[1, 1])
+    cfg = LS.apply(co.cfg, LS.LayoutState.from_json(state.to_json()))
+    assert (cfg.stage_layers, cfg.stage_encoder_layers) == ("0:1,1:2", "0:3,3:4")
+    mismatched = LS.apply(co.cfg, LS.LayoutState.from_json(  # not one range per stage: kept
+        dataclasses.replace(state, plan={**state.plan, "worker_groups": groups[:1]}).to_json()))
+    assert mismatched.stage_encoder_layers is None
