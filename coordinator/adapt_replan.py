@@ -54,7 +54,8 @@ def replan_job(plan_json: str, profile_spec: str, workload_spec: str) -> dict[st
     out: dict[str, Any] = {"best": None, "on_layout": None, "infeasible": None}
     try:
         best = make_plan(workload, profile, old.num_workers, old.latency_bound_s,
-                         policy=old.policy, sla=old.sla)
+                         policy=old.policy, sla=old.sla,
+                         max_in_flight=old.search.get("max_in_flight"))
         out["best"] = best.to_json()
     except InfeasibleBound as exc:
         best, out["infeasible"] = None, str(exc)
@@ -80,9 +81,11 @@ def best_on_layout(old: Plan, workload: Any, profile: Any, *, num_workers: int |
     ``num_encoders`` fixes WAA's encoder count (0: the WAA-C/M rule picks it per B_E).
     ``num_workers``/``num_tp_workers``/``b_m`` and ``same`` (is a plan on the wanted layout?)
     default to the served plan's; the live re-plan after a worker loss (coordinator.
-    replan_live) passes the workers that remain."""
+    replan_live) passes the workers that remain. The served plan's concurrency cap
+    (``search.max_in_flight``) holds here too: knobs holding more requests are not offered."""
     from coordinator.planner.candidate import Candidate, WorkloadStats
     from coordinator.planner.costs import Costs
+    from coordinator.planner.inflight import candidate_in_flight
     from coordinator.planner.planning import plan_from
     from coordinator.planner.rra_table import batch_grid
     from coordinator.planner.scheduler import nd_grid
@@ -94,6 +97,7 @@ def best_on_layout(old: Plan, workload: Any, profile: Any, *, num_workers: int |
     tp_workers = old.search.get("num_tp_workers", 0) if num_tp_workers is None else num_tp_workers
     micro = (old.B_m or 1) if b_m is None else b_m
     same = same or (lambda plan: layout(plan) == layout(old))
+    cap = old.search.get("max_in_flight")
     found: list[tuple[float, float, Any, Any]] = []  # (latency, seq/s, candidate, metrics)
     for b_e in batch_grid(512):
         for n_d in nds:
@@ -101,7 +105,8 @@ def best_on_layout(old: Plan, workload: Any, profile: Any, *, num_workers: int |
                              n_d, micro, num_encoders if old.policy.startswith("waa") else 0)
             m = simulate(cand, stats, costs)
             mem_ok = not m.worker_mem_bytes or max(m.worker_mem_bytes) <= m.mem_capacity_bytes
-            if m.feasible and m.throughput_seq_s > 0 and mem_ok:
+            capped = cap is not None and candidate_in_flight(cand, m) > cap
+            if m.feasible and m.throughput_seq_s > 0 and mem_ok and not capped:
                 found.append((m.latency(old.sla), m.throughput_seq_s, cand, m))
     if not found:
         return None
@@ -113,7 +118,8 @@ def best_on_layout(old: Plan, workload: Any, profile: Any, *, num_workers: int |
                         (sorted((f for f in found if f[0] <= near), key=lambda f: -f[1]), False),
                         (sorted(found, key=lambda f: f[0]), False)):
         for _, _, cand, m in pool:
-            plan = plan_from(cand, m, stats, profile, old.latency_bound_s, old.sla)
+            plan = plan_from(cand, m, stats, profile, old.latency_bound_s, old.sla,
+                             max_in_flight=cap)
             if same(plan):
                 if not meets:
                     plan.search["meets_bound"] = False

@@ -3,6 +3,10 @@
 Scenarios: the paper's five tasks x the paper's bounds (static baseline's 10/30/70th latency
 percentiles, plus no bound) for one model on an analytic GPU cluster (default OPT-13B on 4 A40).
 Exhaustive search (the reference) is slow, so it runs on ``--exhaustive-tasks`` only.
+``--profile`` takes a measured profile instead (e.g. SmolLM2 on this CPU, whose throughput is
+not monotone in the batch: the search then uses its non-monotone bounds, docs/planner.md),
+``--workload`` a workload spec instead of the paper's tasks (named ``W``: pass
+``--exhaustive-tasks W`` to compare), ``--policies`` the policies searched.
 """
 
 from __future__ import annotations
@@ -19,6 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="opt-13b")
     p.add_argument("--gpu", default="a40", choices=["a40", "a100", "h100"])
     p.add_argument("--gpus", type=int, default=4)
+    p.add_argument("--profile", default=None,
+                   help="a profile JSON or analytic:GPU:MODEL (default: --gpu/--model analytic)")
+    p.add_argument("--workload", default=None,
+                   help="one workload spec instead of --tasks (task name W)")
+    p.add_argument("--policies", default="rra,waa-c,waa-m")
     p.add_argument("--tasks", default="S,T,G,C1,C2")
     p.add_argument("--exhaustive-tasks", default="S", help="tasks also searched exhaustively "
                                                            "('' for none)")
@@ -30,24 +39,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from common.models.config import ModelConfig
-    from coordinator.planner.analytic import analytic_profile
+    from coordinator.planner.analytic import analytic_profile, parse_profile_arg
     from coordinator.planner.candidate import WorkloadStats
     from coordinator.planner.costs import Costs
     from coordinator.planner.des import run_des
     from coordinator.planner.scheduler import search
     from coordinator.planner.sweep import paper_bounds
-    from coordinator.planner.workload import preset
+    from coordinator.planner.workload import parse_workload, preset
 
-    costs = Costs(analytic_profile(args.gpu, ModelConfig.preset(args.model)))
+    if args.profile:
+        costs = Costs(parse_profile_arg(args.profile))
+        where = f"{args.profile} on {args.gpus} workers"
+    else:
+        costs = Costs(analytic_profile(args.gpu, ModelConfig.preset(args.model)))
+        where = f"{args.model} on {args.gpus} x {args.gpu} (analytic)"
+    policies = tuple(p for p in args.policies.split(",") if p)
+    tasks = {"W": parse_workload(args.workload)} if args.workload else {
+        t: preset(t) for t in args.tasks.split(",")}
     exh_tasks = {t for t in args.exhaustive_tasks.split(",") if t}
-    print(f"{args.model} on {args.gpus} x {args.gpu} (analytic); policies rra, waa-c, waa-m; "
+    print(f"{where}; policies {', '.join(policies)}; "
           "machine shared with other jobs: times are medians of cold searches")
     print("| task | bound (s) | B&B wall s (cpu s) | evals | exhaustive s | evals | B&B/exh thr | "
           "DES/closed thr | DES/closed p99-len lat |")
     print("|---|---|---|---|---|---|---|---|---|")
     bnb_times, bnb_cpu, gaps, des_thr, des_lat, evals = [], [], [], [], [], []
-    for task in args.tasks.split(","):
-        wl = preset(task)
+    for task, wl in tasks.items():
         stats = WorkloadStats(wl)
         for bound in paper_bounds(stats, costs, args.gpus):
             b = bound if math.isfinite(bound) else 1e18
@@ -56,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
                 # cold: fresh tables and memos, as a single `exegpt plan` call sees them
                 cold_costs, cold_stats = Costs(costs.profile), WorkloadStats(wl)
                 t0, c0 = time.perf_counter(), time.process_time()
-                res = search(cold_stats, cold_costs, args.gpus, b)
+                res = search(cold_stats, cold_costs, args.gpus, b, policies=policies)
                 times.append(time.perf_counter() - t0)
                 cpu.append(time.process_time() - c0)
             assert res is not None
@@ -68,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
                    f"{med:.3f} ({med_cpu:.3f})", str(res.evaluated)]
             if task in exh_tasks:
                 ex = search(WorkloadStats(wl), Costs(costs.profile), args.gpus, b,
-                            use_exhaustive=True)
+                            policies=policies, use_exhaustive=True)
                 ratio = _ratio(res, ex)
                 gaps.append(ratio)
                 row += [f"{ex.seconds:.1f}", str(ex.evaluated), f"{ratio:.4f}"]

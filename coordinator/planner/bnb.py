@@ -19,6 +19,21 @@ alone, with its own eps_T rule; it only stops once nothing it has left can reach
 incumbent: under monotonicity what it would have found later is worse than the incumbent, so
 the best answer over all problems is the one the separate searches give (ties included: the
 global cut is strict). A problem's own answer may then be worse than alone (it stopped early).
+
+Axes along which f is *not* monotone (``f_dir = 0``; measured profiles, monotone.py) need other
+bounds, each valid without monotonicity:
+
+- a ratio axis (``values`` given): f(x) / values[x_i] never rises along it (throughput / B_E
+  is 1 / (time of a batch), and no cost falls with the batch). Over [lo, hi] f is at most
+  f(lo) x values[hi] / values[lo];
+- a free axis (no ``values``): nothing is assumed; the bound is the maximum over its range.
+
+A box with such an axis is bounded by the maximum of f over its free axes' ranges, at its
+ratio axes' lower ends and its monotone axes' f-maximising corner, times the ratio axes'
+spans; a feasible top is then no longer the box's best point, so the box is split until its
+bound falls to the incumbent or it is small enough to enumerate. g must still be monotone
+along every axis (its directions prune infeasible boxes); then, with eps_T = 0, the answer is
+exhaustive search's (tests/planner/test_bnb_nonmonotone.py).
 """
 
 from __future__ import annotations
@@ -37,12 +52,20 @@ Objective = Callable[[Point], float]  # -> f alone (cheaper: bounds need no cons
 @dataclass(frozen=True)
 class Axis:
     size: int
-    f_dir: int  # +1: f grows with the index
+    f_dir: int  # +1: f grows with the index, -1: shrinks, 0: not monotone
     g_dir: int  # +1: g grows with the index
+    # f_dir = 0 only: positive, increasing values with f / value non-increasing (a ratio
+    # axis, e.g. the batch); None: a free axis
+    values: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.size < 1 or self.f_dir not in (1, -1) or self.g_dir not in (1, -1):
+        if self.size < 1 or self.f_dir not in (1, 0, -1) or self.g_dir not in (1, -1):
             raise ValueError(f"bad search axis {self}")
+        if self.values is not None and (
+                self.f_dir != 0 or len(self.values) != self.size or self.values[0] <= 0
+                or any(b <= a for a, b in zip(self.values, self.values[1:], strict=False))):
+            raise ValueError(f"a ratio axis needs f_dir 0 and {self.size} positive increasing "
+                             f"values: {self}")
 
 
 @dataclass
@@ -81,6 +104,30 @@ class _State:
         self.f_dirs = [a.f_dir for a in problem.axes]
         self.g_min_dirs = [-a.g_dir for a in problem.axes]
         self.g_max_dirs = [a.g_dir for a in problem.axes]
+        self.monotone = all(d != 0 for d in self.f_dirs)
+        self.bounds: dict[tuple[Point, Point], tuple[float, Point]] = {}
+
+    def bound(self, lo: Point, hi: Point) -> tuple[float, Point]:
+        """(upper bound of f over the box, the point it was taken at). Monotone: f at the
+        f-maximising corner, exact; otherwise the module docstring's ratio / free bound."""
+        if self.monotone:
+            top = _corner(lo, hi, self.f_dirs)
+            return self.f(top), top
+        if (lo, hi) not in self.bounds:
+            ranges: list[range] = []
+            scale = 1.0
+            for a, l_, h in zip(self.problem.axes, lo, hi, strict=True):
+                if a.f_dir != 0:
+                    ranges.append(range(h, h + 1) if a.f_dir > 0 else range(l_, l_ + 1))
+                elif a.values is not None:
+                    ranges.append(range(l_, l_ + 1))
+                    scale *= a.values[h] / a.values[l_]
+                else:
+                    ranges.append(range(l_, h + 1))
+            best, at = max((self.f(x), x) for x in product(*ranges))
+            # margin: the scaled bound must not round below a point it bounds
+            self.bounds[lo, hi] = (best * scale * (1.0 + 1e-12) if scale > 1 else best, at)
+        return self.bounds[lo, hi]
 
     def ev(self, x: Point) -> tuple[float, float]:
         if x not in self.full:
@@ -112,6 +159,14 @@ class _State:
         return self.floor_above(x, threshold) or self.ev(x)[1] > threshold
 
     def consider(self, x: Point) -> None:
+        # the free memory floor first, then f alone (cheaper than g): a point that cannot
+        # replace the incumbent is not costed further (a tie wins only at a smaller index, as
+        # in ``exhaustive``)
+        if self.floor_above(x, 1.0):
+            return
+        f = self.f(x)
+        if f < self.best_f or (f == self.best_f and (self.best is None or x > self.best)):
+            return
         if self.g_above(x, 1.0):
             return
         f, g = self.ev(x)
@@ -147,21 +202,20 @@ def branch_and_bound_many(problems: Sequence[Problem], *, eps_t: float = 0.005,
         if math.isfinite(p.bound):
             heap.append((-p.bound, 1, i, root))
         else:
-            heap.append((-st.f(_corner(*root, st.f_dirs)), 0, i, root))
+            heap.append((-st.bound(*root)[0], 0, i, root))
     heapq.heapify(heap)
     while heap:
         neg_ub, lazy, i, (lo, hi) = heapq.heappop(heap)
         st = states[i]
         if -neg_ub <= st.best_f * (1.0 + eps_t) or -neg_ub < incumbent:
             continue
-        top = _corner(lo, hi, st.f_dirs)
         if lazy:
-            if (st.floor_above(_corner(lo, hi, st.g_min_dirs), 1.0 + eps_l)
-                    and st.floor_above(top, 1.0)):
+            if st.floor_above(_corner(lo, hi, st.g_min_dirs), 1.0 + eps_l) and (
+                    not st.monotone or st.floor_above(_corner(lo, hi, st.f_dirs), 1.0)):
                 continue  # processing it would find nothing (see _process): skip its bound
-            heapq.heappush(heap, (-st.f(top), 0, i, (lo, hi)))
+            heapq.heappush(heap, (-st.bound(lo, hi)[0], 0, i, (lo, hi)))
             continue
-        for child in _process(st, lo, hi, top, eps_l, leaf_size):
+        for child in _process(st, lo, hi, st.bound(lo, hi)[1], eps_l, leaf_size):
             heapq.heappush(heap, (neg_ub, 1, i, child))
         incumbent = max(incumbent, st.best_f)
     return [BnBResult(st.best, st.best_f, st.evaluated()) for st in states]
@@ -169,15 +223,17 @@ def branch_and_bound_many(problems: Sequence[Problem], *, eps_t: float = 0.005,
 
 def _process(st: _State, lo: Point, hi: Point, top: Point, eps_l: float, leaf_size: int
              ) -> list[tuple[Point, Point]]:
-    """Cost a box whose exact bound is at the top of the heap; return the boxes to split into."""
+    """Cost a box whose exact bound is at the top of the heap; return the boxes to split into.
+    Without monotone f (``st.monotone`` False) a feasible top or a wholly feasible box does
+    not settle the box: it is split like any other."""
     st.consider(top)
-    if not st.g_above(top, 1.0):
+    if st.monotone and not st.g_above(top, 1.0):
         return []  # the box's best point is feasible
     low = _corner(lo, hi, st.g_min_dirs)
     if st.g_above(low, 1.0 + eps_l):
         return []  # nothing in the box meets the bound
     st.consider(low)
-    if not st.g_above(_corner(lo, hi, st.g_max_dirs), 1.0):
+    if st.monotone and not st.g_above(_corner(lo, hi, st.g_max_dirs), 1.0):
         return []
     volume = 1
     for a, b in zip(lo, hi, strict=True):
