@@ -77,7 +77,7 @@ def tp_target(co: Any, new: Plan, connected: int) -> tuple[Any, int] | str:
     """(TpStageLayout, streams) when either side has TP stages: every worker re-grouped
     (coordinator.relayout_tp), one group of ``tp_size`` ranks per stage."""
     from coordinator.pipeline_driver import _check_cover
-    from coordinator.relayout_tp import TpStageLayout
+    from coordinator.relayout_tp import TpStageLayout, check_heads
 
     if any(g.count != g.tp_size for g in new.worker_groups):
         return "the new plan's pipeline stages are not one TP group each (count != tp_size)"
@@ -88,6 +88,7 @@ def tp_target(co: Any, new: Plan, connected: int) -> tuple[Any, int] | str:
     layers = tuple(tuple(g.layer_range) for g in new.worker_groups)
     try:
         _check_cover(layers, co.model.num_layers, "the new plan's layer ranges")
+        check_heads(co, tps)  # e.g. SmolLM2's 9 heads: no tp 2
         layout = TpStageLayout(layers, t5_encoder_ranges(co.model, new), tp=tps)
     except ValueError as exc:
         return str(exc)
@@ -121,6 +122,10 @@ def waa_target(co: Any, driver: Any, new: Plan) -> tuple[Any, int] | str:
                        else "") + f", {len(workers)} stage workers are connected (a staged "
                     "WAA re-layout keeps every worker busy)")
         regroup = any(t > 1 for t in tps) or len(stage_workers(driver)) != len(workers)
+        if regroup:
+            from coordinator.relayout_tp import check_heads
+
+            check_heads(co, tps)
         layout = WaaLayout(tuple(r for g, r in ranges if g.role == "encoder"),
                            tuple(r for g, r in ranges if g.role == "decoder"),
                            tp=tps if regroup else (),  # tp: re-grouped (relayout_tp)

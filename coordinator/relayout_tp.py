@@ -15,9 +15,13 @@ The phases are coordinator.relayout's (DRAIN, MIGRATE, REASSIGN, DONE); REASSIGN
     DONE       every worker's final Ready(info={"relayout": e, "reload_s"}) and every stage's
                ranks READY: the peers refresh and the new streams start (as Relayout)
 
-Every old group is dissolved (rank 0 broadcasts REGROUP at a collective boundary, its
-followers leave with it), so a group is never half old, half new. Worker side:
-decoder_worker.regroup.
+A group that changes is dissolved (rank 0 broadcasts REGROUP at a collective boundary, its
+followers leave with it), so a group is never half old, half new. A group that stays (the same
+workers in the same rank order, tp size and layer ranges: ``kept_stages``) is KEPT: no
+REGROUP, no rebuild; its rank 0 alone gets a "keep" re-Assign (``config["tp"]["keep"]``) on
+which it drops the KV it still holds (the pipeline re-runs a migrated request under the same
+id, which the old KV would collide with) and takes its new stage index, then says Ready; its
+followers get nothing and stay READY. Worker side: decoder_worker.regroup.
 
 ``TpRegroup`` is that REASSIGN, shared by the two drivers: ``TpRelayout`` (a pipeline plan)
 and ``WaaTpRelayout`` (a staged WAA mesh: its encoder or decoder stages change tp_size, e.g.
@@ -72,6 +76,54 @@ def pipeline_workers(driver: Any) -> list[WorkerInfo]:
                                           w.worker_id))
 
 
+def check_heads(co: Any, tp_sizes: Any) -> None:
+    """Refuse before draining a tp size the model's heads cannot be split by (every rank
+    would fail its shard build mid-switch: common.engine.tp.head_range / kv_head_range).
+    A null-model mesh (no ``model_config``: the coordinator was given a shape) has no heads
+    to split: any tp size goes."""
+    if not getattr(co.cfg, "model_config", None):
+        return
+    model = co.model
+    heads, kv = model.num_heads, getattr(model, "num_kv_heads", None) or model.num_heads
+    for t in sorted(set(tp_sizes)):
+        if heads % t or (t <= kv and kv % t):
+            fits = [d for d in range(1, heads + 1) if not heads % d and (d > kv or not kv % d)]
+            raise ValueError(f"tp_size {t} does not split the model's {heads} attention heads "
+                             f"({kv} KV heads); possible tp sizes: {fits}")
+
+
+def kept_stages(workers: list[WorkerInfo], old: Any, new: Any) -> dict[int, int]:
+    """New stage -> old stage of each group the switch leaves alone: the new stage's slots
+    (``TpRegroup._place``: workers in (stage, rank) order) hold exactly one old stage's ranks
+    in rank order, with its tp size and its layer ranges. Its stage index may change (the
+    keep re-Assign tells rank 0; the next hop comes with the peers refresh), except for a T5
+    stage whose "hand the encoder output onward" flag (set at build) would change."""
+    by_stage: dict[int, list[WorkerInfo]] = {}
+    for w in workers:
+        if w.stage is not None:
+            by_stage.setdefault(w.stage, []).append(w)
+    out: dict[int, int] = {}
+    lo = 0
+    for s, t in enumerate(new.tp_sizes):
+        slot, lo = workers[lo:lo + t], lo + t
+        o = slot[0].stage if slot else None
+        if o is None or [w.worker_id for w in by_stage.get(o, [])] != [
+                w.worker_id for w in slot]:
+            continue
+        if [w.tp_rank for w in slot] != list(range(t)) or any(w.tp_size != t for w in slot):
+            continue
+        if o >= old.num_stages or old.layers[o] != new.layers[s]:
+            continue
+        if (old.encoder_layers is None) != (new.encoder_layers is None):
+            continue
+        if new.encoder_layers is not None and (
+                old.encoder_layers[o] != new.encoder_layers[s]
+                or (o + 2 < old.num_stages) != (s + 2 < new.num_stages)):
+            continue
+        out[s] = o
+    return out
+
+
 class TpRegroup:
     """REASSIGN by re-grouping every stage worker (module docstring); mixed into a Relayout
     whose ``layout`` has ``tp_sizes`` (one per global stage) and ``num_workers``."""
@@ -88,6 +140,7 @@ class TpRegroup:
     held: dict[str, list[WorkerInfo]]  # group -> ranks > 0 awaiting its rank 0's address
 
     def _check_workers(self) -> None:
+        check_heads(self.driver.co, self.layout.tp_sizes)
         workers = pipeline_workers(self.driver)
         if self.layout.num_workers > len(workers):
             raise ValueError(f"the new layout needs {self.layout.num_workers} stage workers "
@@ -100,13 +153,28 @@ class TpRegroup:
         self.cost["drain_s"] = round(time.perf_counter() - self.t0, 4)
         self.t_reassign = time.perf_counter()
         self.phase = "reassign"
-        old_stages = layout_stages(drv.layout)
+        old_stages, old_layout = layout_stages(drv.layout), drv.layout
         workers = pipeline_workers(drv)
+        kept = self._kept(workers, old_layout)
+        groups = {w.worker_id: w.tp_group for w in workers}
         self._install()  # type: ignore[attr-defined]  # the driver's (Relayout, WaaRelayout)
-        for info in workers:  # none READY before any Assign goes out: peers start empty
-            info.state = WorkerState.ASSIGNED
         self._place(workers)
+        for info in workers:  # none READY before any Assign goes out: peers start empty
+            if info.stage in kept:
+                info.tp_group = groups[info.worker_id]  # the same gloo group lives on
+                if info.tp_rank > 0:
+                    continue  # a kept follower: nothing to do, stays READY
+            info.state = WorkerState.ASSIGNED
+        self.cost["kept_groups"] = [
+            {"stage": s, "old_stage": o, "group": w[0].tp_group or w[0].worker_id,
+             "workers": [x.worker_id for x in w]}
+            for s, o in sorted(kept.items()) for w in [[x for x in workers if x.stage == s]]]
         for info in workers:
+            if info.stage in kept:
+                if info.tp_rank == 0:
+                    self.waiting[info.worker_id] = time.perf_counter()
+                    drv.co.members.send(info, self._assign(info, None, keep=True))
+                continue
             self.waiting[info.worker_id] = time.perf_counter()
             if info.tp_rank == 0:
                 drv.co.members.send(info, self._assign(info, None))
@@ -131,11 +199,17 @@ class TpRegroup:
                 info.stage, info.tp_rank, info.tp_size = None, 0, 1
                 info.tp_group = info.worker_id
 
-    def _assign(self, info: WorkerInfo, init: str | None) -> P.Assign:
+    def _kept(self, workers: list[WorkerInfo], old_layout: Any) -> dict[int, int]:
+        """New stage -> old stage of each group left alone (``kept_stages``)."""
+        return kept_stages(workers, old_layout, self.layout)
+
+    def _assign(self, info: WorkerInfo, init: str | None, keep: bool = False) -> P.Assign:
         assign = self.driver.relayout_assign(info, self.epoch)
         group = info.tp_group if info.tp_size > 1 else None
-        return dataclasses.replace(assign, config={**assign.config,
-                                                   "tp": {"group": group, "init": init}})
+        tp: dict[str, Any] = {"group": group, "init": init}
+        if keep:
+            tp["keep"] = True
+        return dataclasses.replace(assign, config={**assign.config, "tp": tp})
 
     def on_ready(self, worker: WorkerInfo, info: dict[str, Any]) -> None:
         """Step 2 on a rank 0's rendezvous; a final Ready counts as in Relayout."""
@@ -186,7 +260,12 @@ class WaaTpRelayout(TpRegroup, WaaRelayout):
         super().__init__(driver, layout, num_micro, epoch, on_done, cfg)
         self.cost["tp_sizes"] = layout.side_tp()
 
+    def _kept(self, workers: list[WorkerInfo], old_layout: Any) -> dict[int, int]:
+        """None: a WAA stage's loop and KV routes are built for its place; all rebuilt."""
+        return {}
+
     def _check_workers(self) -> None:
+        check_heads(self.driver.co, self.layout.tp_sizes)
         workers = pipeline_workers(self.driver)
         if self.layout.num_workers != len(workers):  # no spare: a WAA stage loop cannot idle
             raise ValueError(f"the new staged WAA layout needs {self.layout.num_workers} "

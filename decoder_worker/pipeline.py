@@ -150,6 +150,10 @@ class StageLoop:
     def handle(self, msg: P.Message | Stop) -> None:
         if isinstance(msg, P.StagePass):
             self.run_pass(msg)
+        elif isinstance(msg, P.Assign) and (msg.config.get("tp") or {}).get("keep"):
+            from decoder_worker.regroup import keep_stage  # a kept TP group: no re-group
+
+            keep_stage(self, msg)
         elif isinstance(msg, P.Assign) and "tp" in msg.config:  # a TP re-group: this loop
             leave = getattr(self.backend, "leave_group", None)  # ends, run_worker regroups
             if leave is not None:

@@ -18,6 +18,9 @@ the command line (``--tp-rank/--tp-size/--tp-init`` only describe the launch's g
              loop: rank 0 a StageLoop (the data path), others a FollowerLoop
       --> Ready(info={"relayout": e, "reload_s": ...})
 
+A group the switch leaves as it is gets ``config["tp"]["keep"]`` on its rank 0 only
+(``keep_stage``: the stage loop stays, its KV is dropped, no REGROUP).
+
 A staged WAA stage worker (coordinator.relayout_tp.WaaTpRelayout) takes the same steps; its
 Assign's ``config["pipeline"]["waa"]`` names its side, and the new loop is that side's stage
 loop (``waa_regrouped``: decoder_worker.waa_stage.build_waa_loop over the new group).
@@ -108,6 +111,34 @@ def regroup(cfg: WorkerConfig, link: WorkerLink, assign: P.Assign,
     link.ready({"pid": os.getpid(), "backend": cfg.backend, "relayout": epoch,
                 "reload_s": reload_s})
     return new_cfg, loop
+
+
+def keep_stage(loop: Any, assign: P.Assign) -> None:
+    """A kept group's rank 0 (coordinator.relayout_tp.kept_stages): same ranks, tp size and
+    layers, so no REGROUP and no rebuild. It drops every request it still holds (the switch
+    drained or migrated them all, and a migrated request is re-run under the same id, which
+    the old KV would collide with; a TP stage's FREE reaches its followers on the TP wire),
+    takes its new stage index (stage times, a restarted coordinator's Hello), says Ready."""
+    start = time.perf_counter()
+    epoch = assign.config.get("relayout")
+    place = TpPlace.from_assign(assign)
+    stage = int((assign.config.get("pipeline") or {})["stage"])
+    if (place.rank, place.size) != (loop.cfg.tp_rank, loop.cfg.tp_size):
+        why = (f"a keep re-Assign must not move rank {loop.cfg.tp_rank} of "
+               f"{loop.cfg.tp_size} (got {place.rank} of {place.size})")
+        loop.log.error("relayout_failed", epoch=epoch, error=why)
+        loop.link.send(P.Error(code="internal", message=f"re-layout {epoch}: {why}"))
+        return
+    held = list(loop.backend.seqs)
+    loop.backend.drop(held)
+    loop.backend.stage_index = stage
+    loop.cfg = dataclasses.replace(loop.cfg, stage=stage)
+    loop.link.cfg = loop.cfg
+    reload_s = round(time.perf_counter() - start, 4)
+    loop.log.info("tp_kept", epoch=epoch, group=place.group, stage=stage, dropped=len(held),
+                  layer_range=assign.layer_range, reload_s=reload_s)
+    loop.link.ready({"pid": os.getpid(), "backend": loop.cfg.backend, "relayout": epoch,
+                     "reload_s": reload_s, "kept": True})
 
 
 def waa_regrouped(cfg: WorkerConfig, link: WorkerLink, assign: P.Assign, log: Any,

@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,36 +50,41 @@ class Log:
         return [kw for event, kw in self.events if event == name]
 
 
-def _files(model: Path, tmp: Path, start_tp2: bool) -> tuple[Plan, Plan, CoordinatorConfig]:
-    """The two tp-1 stages plan, the tp-2 one, and the adapting coordinator's config (serving
-    the first, or the second when ``start_tp2``)."""
-    from common.models.registry import config_from_hf, read_hf_config
+def _files(model: Path, tmp: Path, start_tp2: bool, ranks: int = 2,
+           merged: tuple[WorkerGroup, ...] | None = None) -> tuple[Plan, Plan, CoordinatorConfig]:
+    """The ``ranks`` tp-1 stages plan (the layers split evenly), the ``merged`` plan (default
+    one tp-``ranks`` stage), and the adapting coordinator's config (serving the first, or the
+    second when ``start_tp2``)."""
+    from common.models.registry import load_model_spec
     from coordinator.planner.analytic import analytic_profile
     from coordinator.planner.planning import make_plan
     from coordinator.planner.workload import parse_workload
 
-    cfg = config_from_hf(read_hf_config(model))
-    profile = analytic_profile("a40", cfg, "float16", tp_sizes=(1, 2))
+    cfg = load_model_spec(model).config
+    total = cfg.num_layers
+    profile = analytic_profile("a40", cfg, "float16", tp_sizes=(1, ranks))
     profile.save(tmp / "profile.json")
-    plan = make_plan(parse_workload(SHORT), profile, 2, 10.0, policy="rra")
-    plan = dataclasses.replace(plan, worker_groups=(WorkerGroup("pipeline", 1, 1, (0, 2)),
-                                                    WorkerGroup("pipeline", 1, 1, (2, 4))),
-                               microbatches=2)
-    tp2 = dataclasses.replace(plan, worker_groups=(WorkerGroup("pipeline", 2, 2, (0, 4)),),
-                              microbatches=1)
+    plan = make_plan(parse_workload(SHORT), profile, ranks, 10.0, policy="rra")
+    cuts = [total * i // ranks for i in range(ranks + 1)]
+    plan = dataclasses.replace(plan, worker_groups=tuple(
+        WorkerGroup("pipeline", 1, 1, (lo, hi)) for lo, hi in zip(cuts, cuts[1:], strict=False)),
+        microbatches=ranks)
+    merged = merged or (WorkerGroup("pipeline", ranks, ranks, (0, total)),)
+    tp2 = dataclasses.replace(plan, worker_groups=merged, microbatches=len(merged))
     (tmp / "plan.json").write_text((tp2 if start_tp2 else plan).to_json())
     (tmp / "model.json").write_text(json.dumps(cfg.to_dict()))
     co_cfg = CoordinatorConfig(
         f"ipc://{tmp}/client", f"ipc://{tmp}/workers", policy="rra",
-        pipeline_stages=1 if start_tp2 else 2,
+        pipeline_stages=1 if start_tp2 else ranks,
         max_encode_batch=8, n_d=plan.N_D or 1, heartbeat_interval_s=0.25,
         model_config=str(tmp / "model.json"), plan=str(tmp / "plan.json"),
         profile=str(tmp / "profile.json"), adapt=True, adapt_options=OPTIONS)
     return plan, tp2, co_cfg
 
 
-def _workers(model: Path, tmp: Path, endpoint: str, tp2: bool) -> list[subprocess.Popen[bytes]]:
-    """Two stage worker processes: stages 0 and 1, or ranks 0 and 1 of one tp-2 stage (a
+def _workers(model: Path, tmp: Path, endpoint: str, tp2: bool,
+             ranks: int = 2) -> list[subprocess.Popen[bytes]]:
+    """``ranks`` stage worker processes: stages 0, 1, ..., or the ranks of one TP stage (a
     launch-time group: ids ``stage0.r<rank>``, ``--tp-init``)."""
     from coordinator.launch import free_port
 
@@ -86,9 +92,9 @@ def _workers(model: Path, tmp: Path, endpoint: str, tp2: bool) -> list[subproces
            "PYTHONPATH": str(ROOT)}
     init = f"tcp://127.0.0.1:{free_port()}"
     out = []
-    for i in (0, 1):
+    for i in range(ranks):
         place = (["--stage", "0", "--worker-id", f"stage0.r{i}", "--tp-rank", str(i),
-                  "--tp-size", "2", "--tp-init", init] if tp2 else
+                  "--tp-size", str(ranks), "--tp-init", init] if tp2 else
                  ["--stage", str(i), "--worker-id", f"stage{i}"])
         argv = [sys.executable, "-m", "decoder_worker", "--role", "pipeline", *place,
                 "--coordinator", endpoint, "--model", str(model), "--dtype", "float32",
@@ -119,17 +125,34 @@ def test_two_tp1_stages_become_one_tp2_stage_and_back_while_serving(tmp_path: Pa
     _round_trip(tmp_path, start_tp2=False)
 
 
+def test_a_group_that_stays_is_kept_while_two_stages_merge(tmp_path: Path) -> None:
+    """3 tp-1 stages [0, 1) + [1, 2) + [2, 3) -> one tp-2 stage [0, 2) + [2, 3) and back: the
+    last stage's worker is kept both ways (no REGROUP, no rebuild; its stage index moves
+    2 -> 1 -> 2, its next hop is the new first stage's); the answers stay transformers'."""
+    out = _round_trip(tmp_path, start_tp2=False, ranks=3, merged=(
+        WorkerGroup("pipeline", 2, 2, (0, 2)), WorkerGroup("pipeline", 1, 1, (2, 3))))
+    assert out["there"]["kept_groups"] == [
+        {"stage": 1, "old_stage": 2, "group": "stage2", "workers": ["stage2"]}]
+    assert out["back"]["kept_groups"] == [
+        {"stage": 2, "old_stage": 1, "group": "stage2", "workers": ["stage2"]}]
+
+
 @pytest.mark.slow
 def test_a_launched_tp2_group_splits_into_two_stages_and_regroups(tmp_path: Path) -> None:
     """The launch's own group (``--tp-init``, ids ``stage0.r0/.r1``) is dissolved too."""
     _round_trip(tmp_path, start_tp2=True)
 
 
-def _round_trip(tmp_path: Path, start_tp2: bool) -> None:
+def _round_trip(tmp_path: Path, start_tp2: bool, model: Path | None = None,
+                reference: Callable[[Path, list[tuple[list[int], int]]], list[list[int]]] =
+                hf_greedy, ranks: int = 2,
+                merged: tuple[WorkerGroup, ...] | None = None) -> dict[str, Any]:
+    """Serve, switch there and back with requests in flight; check each answer once and
+    equal to ``reference``'s greedy tokens; returns the two switches' costs."""
     from coordinator.server import Coordinator
 
-    model = make_llama(tmp_path / "llama4", num_layers=4, seed=5)
-    tp1, tp2, cfg = _files(model, tmp_path, start_tp2)
+    model = model or make_llama(tmp_path / "llama", num_layers=4 if ranks == 2 else 3, seed=5)
+    tp1, tp2, cfg = _files(model, tmp_path, start_tp2, ranks, merged)
     first, second = (tp1, tp2) if start_tp2 else (tp2, tp1)
     log = Log()
     work = draw_work(SHORT, 36, 3, "r")
@@ -139,7 +162,7 @@ def _round_trip(tmp_path: Path, start_tp2: bool) -> None:
     async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
         co = Coordinator(cfg, log)
         runner = asyncio.create_task(co.run())
-        procs.extend(_workers(model, tmp_path, cfg.worker_endpoint, start_tp2))
+        procs.extend(_workers(model, tmp_path, cfg.worker_endpoint, start_tp2, ranks))
         try:
             deadline = time.monotonic() + 120
             while getattr(co, "members", None) is None or not co.members.serving:
@@ -150,9 +173,8 @@ def _round_trip(tmp_path: Path, start_tp2: bool) -> None:
                 while len(results) < 6:
                     await asyncio.sleep(0.05)
                 there = await _switch(co, first)
-                size = first.worker_groups[0].tp_size
-                assert sorted((w.tp_rank, w.tp_size) for w in co.members.registry) == (
-                    [(0, 2), (1, 2)] if size == 2 else [(0, 1), (0, 1)])
+                assert sorted((w.tp_rank, w.tp_size) for w in co.members.registry) == sorted(
+                    (r, g.tp_size) for g in first.worker_groups for r in range(g.tp_size))
                 n, passes = len(results), dict(co.pipeline.counters)
                 while len(results) < min(len(work), n + 8):  # served by the new layout
                     await asyncio.sleep(0.05)
@@ -173,14 +195,28 @@ def _round_trip(tmp_path: Path, start_tp2: bool) -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=15)
-    expected = hf_greedy(model, [(prompt, n) for _, prompt, n in work])
+    expected = reference(model, [(prompt, n) for _, prompt, n in work])
     assert {r: results.get(r) for r, _, _ in work} == {
         r: want for (r, _, _), want in zip(work, expected, strict=True)}
-    layouts = [[{"role": "pipeline", "tp_size": 2, "layer_range": [0, 4]}],
-               [{"role": "pipeline", "tp_size": 1, "layer_range": [0, 2]},
-                {"role": "pipeline", "tp_size": 1, "layer_range": [2, 4]}]]
+    layouts = [[{"role": "pipeline", "tp_size": g.tp_size, "layer_range": list(g.layer_range)}
+                for g in plan.worker_groups] for plan in (tp2, tp1)]
     assert [s["new_layout"] for s in log.of("plan_switch")] == layouts[::-1 if start_tp2 else 1]
     assert [there["relayout"]["tp_sizes"], back["relayout"]["tp_sizes"]] == [
         [g["tp_size"] for g in layout] for layout in layouts[::-1 if start_tp2 else 1]]
-    print(json.dumps({"there": there["relayout"], "back": back["relayout"],
-                      "switch_s": [there["switch_s"], back["switch_s"]]}))
+    out = {"there": there["relayout"], "back": back["relayout"],
+           "switch_s": [there["switch_s"], back["switch_s"]]}
+    print(json.dumps(out))
+    return out
+
+
+@pytest.mark.slow
+def test_smollm2_three_stages_become_one_tp3_stage_and_back(tmp_path: Path) -> None:
+    """The real model (SmolLM2-135M GGUF, 30 layers, 9 heads: tp 2 does not divide them):
+    [0, 10) + [10, 20) + [20, 30) <-> one tp-3 stage; each answer equals the engine's own
+    in-process greedy tokens (-s prints the costs; tests/runner/measure_regroup.py repeats)."""
+    from common.models.gguf_loader import default_gguf_path
+    from tests.runner.measure_regroup import engine_greedy
+
+    out = _round_trip(tmp_path, start_tp2=False, model=default_gguf_path(),
+                      reference=engine_greedy, ranks=3)
+    assert all(out[k]["reload_s_per_worker"] for k in ("there", "back"))
