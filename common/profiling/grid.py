@@ -62,8 +62,14 @@ class Grid:
     allreduce_bytes: tuple[int, ...] = FULL_ALLREDUCE_BYTES
     transport_bytes: tuple[int, ...] = FULL_TRANSPORT_BYTES
     timing: Timing = Timing()
+    # the whole grid is measured this many times, alternately forward and backward, and each
+    # cell keeps its smallest median: a load burst on a shared machine slows the cells it
+    # overlaps in one sweep, not the same cells in the next (measure_layers)
+    sweeps: int = 2
 
     def __post_init__(self) -> None:
+        if self.sweeps < 1:
+            raise ValueError(f"Grid.sweeps must be >= 1, got {self.sweeps}")
         for name in ("enc_batches", "enc_seqs", "dec_batches", "dec_seqs", "allreduce_bytes",
                      "transport_bytes"):
             values = getattr(self, name)
@@ -88,7 +94,8 @@ class Grid:
         return Grid(enc_batches=(1, 2), enc_seqs=(4, 16), dec_batches=(1, 2, 4),
                     dec_seqs=(16, 32), token_cap=32, allreduce_bytes=(1024, 65536),
                     transport_bytes=(1024, 65536),
-                    timing=Timing(warmup=2, min_repeats=9, max_repeats=40, target_s=0.05))
+                    timing=Timing(warmup=2, min_repeats=9, max_repeats=40, target_s=0.05),
+                    sweeps=1)
 
     def fit_to(self, max_position: int) -> Grid:
         """Drop sequence lengths the model cannot hold (a decode cell needs seq_len positions)."""

@@ -120,29 +120,39 @@ def _decode_cell(ps: ProbedStage, cfg: ModelConfig, batch: int, seq_len: int, de
 
 def measure_layers(cfg: ModelConfig, tp: TimedTP, grid: Grid, dtype: str, device: str,
                    group: Group, progress: ProgressFile) -> Samples:
-    """Run every cell of ``grid`` on this rank (all ranks of a TP group run in lockstep)."""
+    """Run every cell of ``grid`` on this rank (all ranks of a TP group run in lockstep),
+    ``grid.sweeps`` times, forward then backward; each cell keeps its smallest median."""
     if cfg.is_encoder_decoder:
         enc_stage, dec_stage, head_stage = t5_stages(cfg, tp, dtype, device)
     else:
         enc_stage, head_stage = decoder_only_stages(cfg, tp, dtype, device)
         dec_stage = enc_stage
+    cells: list[tuple[str, Any]] = ([("enc", c) for c in grid.enc_cells()]
+                                    + [("dec", c) for c in grid.dec_cells()]
+                                    + [("lm_head", b) for b in grid.dec_batches])
     out = Samples()
-    for b, s in grid.enc_cells():
-        out.enc[(b, s)] = _encode_cell(enc_stage, cfg, b, s, device, grid, group)
-        progress.advance(label=f"tp={tp.tp_size} encode batch={b} seq_len={s}")
-    for b, s in grid.dec_cells():
-        out.dec[(b, s)] = _decode_cell(dec_stage, cfg, b, s, device, grid, group)
-        progress.advance(label=f"tp={tp.tp_size} decode batch={b} seq_len={s}")
-    for b in grid.dec_batches:
-        cell = _decode_cell(head_stage, cfg, b, grid.dec_seqs[0], device, grid, group)
-        out.lm_head[b] = cell["lm_head"]
-        progress.advance(label=f"tp={tp.tp_size} lm_head batch={b}")
+    for sweep in range(grid.sweeps):
+        for kind, key in cells if sweep % 2 == 0 else cells[::-1]:
+            if kind == "lm_head":
+                got = _decode_cell(head_stage, cfg, key, grid.dec_seqs[0], device, grid,
+                                   group)["lm_head"]
+                out.lm_head[key] = min(got, out.lm_head.get(key, got))
+            else:
+                stage, run = (enc_stage, _encode_cell) if kind == "enc" else (dec_stage,
+                                                                                _decode_cell)
+                got = run(stage, cfg, key[0], key[1], device, grid, group)
+                table = out.enc if kind == "enc" else out.dec
+                old = table.get(key, got)
+                table[key] = {name: min(t, old[name]) for name, t in got.items()}
+            label = "lm_head batch" if kind == "lm_head" else f"{kind}ode batch, seq_len"
+            progress.advance(label=f"tp={tp.tp_size} sweep {sweep + 1}/{grid.sweeps} "
+                                   f"{label}={key}")
     return out
 
 
 def num_units(grid: Grid) -> int:
-    """Progress units of ``measure_layers`` (one per cell)."""
-    return len(grid.enc_cells()) + len(grid.dec_cells()) + len(grid.dec_batches)
+    """Progress units of ``measure_layers`` (one per cell and sweep)."""
+    return (len(grid.enc_cells()) + len(grid.dec_cells()) + len(grid.dec_batches)) * grid.sweeps
 
 
 # ---- samples -> profile rows --------------------------------------------------------------
