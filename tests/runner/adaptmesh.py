@@ -4,6 +4,8 @@ request driver (exactly-once bookkeeping) and the adapting mesh's LaunchSpec."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +81,48 @@ async def watch_switch(client: AsyncClient, stop: asyncio.Event) -> None:
         if (await adapt_stats(client))["switches"]:
             stop.set()
         await asyncio.sleep(0.2)
+
+
+# --- the live re-layout mesh tests (test_relayout_{tp,waa_tp,t5}_mesh.py): an in-process
+# coordinator, worker processes, a switch started through the adapter -------------------------
+
+async def wait_serving(co: Any, runner: asyncio.Task, timeout_s: float = 120) -> None:
+    """Until the in-process coordinator ``co`` (its ``run()`` task ``runner``) serves."""
+    deadline = time.monotonic() + timeout_s
+    while getattr(co, "members", None) is None or not co.members.serving:
+        assert time.monotonic() < deadline and not runner.done(), "mesh not ready"
+        await asyncio.sleep(0.1)
+
+
+async def switch_now(co: Any, new: Any, reason: str, poll_s: float = 0.05) -> dict[str, Any]:
+    """Start the adapter's re-layout to plan ``new`` now; wait until it is live (its cost)."""
+    from coordinator import adapt_relayout
+
+    target = adapt_relayout.relayout_target(co, co.adapter.plan, new)
+    assert not isinstance(target, str), target
+    before = len(co.adapter.switches)
+    adapt_relayout.start(co.adapter, new, target, {"reason": reason, "t_fire": time.time()})
+    deadline = time.monotonic() + 90
+    while len(co.adapter.switches) == before:
+        assert co.adapter.relayouting is not None, "the re-layout failed"
+        assert time.monotonic() < deadline, co.pipeline.describe()
+        await asyncio.sleep(poll_s)
+    return co.adapter.switches[-1]
+
+
+def reap(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Wait for the worker processes to exit (they do when the coordinator stops); kill
+    the ones that do not within 15 s."""
+    for proc in procs:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+
+
+def assert_exactly_once(results: dict[str, list[int]], work: list[tuple[str, list[int], int]],
+                        expected: list[list[int]]) -> None:
+    """Every request answered once, with the reference's tokens."""
+    assert {r: results.get(r) for r, _, _ in work} == {
+        r: want for (r, _, _), want in zip(work, expected, strict=True)}

@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,14 @@ import pytest
 from common.client import AsyncClient
 from coordinator.config import CoordinatorConfig
 from coordinator.planner.plan import Plan, WorkerGroup
-from tests.runner.adaptmesh import SHORT, send_work
+from tests.runner.adaptmesh import (
+    SHORT,
+    assert_exactly_once,
+    reap,
+    send_work,
+    switch_now,
+    wait_serving,
+)
 from tests.runner.test_relayout_tp_mesh import Log
 from tests.runner.test_t5_stages import VOCAB, make_t5_43
 from tests.runner.tinymodels import hf_greedy, workload
@@ -94,23 +100,6 @@ def _workers(model: Path, tmp: Path, endpoint: str, num: int) -> list[subprocess
             for i in range(num)]
 
 
-async def _switch(co: Any, new: Plan) -> dict[str, Any]:
-    """Start the adapter's re-layout to ``new`` now; wait until it is live (its cost)."""
-    from coordinator import adapt_relayout
-
-    target = adapt_relayout.relayout_target(co, co.adapter.plan, new)
-    assert not isinstance(target, str), target
-    before = len(co.adapter.switches)
-    adapt_relayout.start(co.adapter, new, target, {"reason": "test: T5 ranges",
-                                                   "t_fire": time.time()})
-    deadline = time.monotonic() + 90
-    while len(co.adapter.switches) == before:
-        assert co.adapter.relayouting is not None, "the re-layout failed"
-        assert time.monotonic() < deadline, co.pipeline.describe()
-        await asyncio.sleep(0.02)
-    return co.adapter.switches[-1]
-
-
 def _there_and_back(tmp_path: Path, kind: str) -> tuple[Log, list[dict[str, Any]]]:
     """Serve the launch plan, switch to the other plan with requests in flight, serve on it,
     switch back; every request answered once with transformers' greedy tokens, no replayed
@@ -130,19 +119,16 @@ def _there_and_back(tmp_path: Path, kind: str) -> tuple[Log, list[dict[str, Any]
         runner = asyncio.create_task(co.run())
         procs.extend(_workers(model, tmp_path, cfg.worker_endpoint, launch.num_workers))
         try:
-            deadline = time.monotonic() + 120
-            while getattr(co, "members", None) is None or not co.members.serving:
-                assert time.monotonic() < deadline and not runner.done(), "mesh not ready"
-                await asyncio.sleep(0.1)
+            await wait_serving(co, runner)
             async with AsyncClient(cfg.client_endpoint) as client:
                 sending = asyncio.create_task(send_work(client, work, results, concurrency=6))
                 while len(results) < 4:
                     await asyncio.sleep(0.02)
-                switches = [await _switch(co, other)]
+                switches = [await switch_now(co, other, "test: T5 ranges", 0.02)]
                 n = len(results)
                 while len(results) < min(len(work), n + 6):  # served by the new layout
                     await asyncio.sleep(0.02)
-                switches.append(await _switch(co, launch))
+                switches.append(await switch_now(co, launch, "test: T5 ranges", 0.02))
                 await asyncio.wait_for(sending, 120)
             return switches, co.counters.get("replay_mismatch", 0)
         finally:
@@ -152,15 +138,9 @@ def _there_and_back(tmp_path: Path, kind: str) -> tuple[Log, list[dict[str, Any]
     try:
         switches, mismatches = asyncio.run(scenario())
     finally:
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15)
+        reap(procs)
     expected = hf_greedy(model, [(prompt, n) for _, prompt, n in work])
-    assert {r: results.get(r) for r, _, _ in work} == {
-        r: want for (r, _, _), want in zip(work, expected, strict=True)}
+    assert_exactly_once(results, work, expected)
     assert mismatches == 0
     assert sum(s["relayout"]["migrated_requests"] for s in switches) > 0
     print(json.dumps({"costs": [s["relayout"] for s in switches],

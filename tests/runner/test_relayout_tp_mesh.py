@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,15 @@ import pytest
 from common.client import AsyncClient
 from coordinator.config import CoordinatorConfig
 from coordinator.planner.plan import Plan, WorkerGroup
-from tests.runner.adaptmesh import SHORT, draw_work, send_work
+from tests.runner.adaptmesh import (
+    SHORT,
+    assert_exactly_once,
+    draw_work,
+    reap,
+    send_work,
+    switch_now,
+    wait_serving,
+)
 from tests.runner.tinymodels import hf_greedy, make_llama
 
 # no drift fires by itself; drain timeout 0: the running requests are migrated (re-encoded
@@ -104,23 +111,6 @@ def _workers(model: Path, tmp: Path, endpoint: str, tp2: bool,
     return out
 
 
-async def _switch(co: Any, new: Plan) -> dict[str, Any]:
-    """Start the adapter's re-layout to ``new`` now; wait until it is live (its cost)."""
-    from coordinator import adapt_relayout
-
-    target = adapt_relayout.relayout_target(co, co.adapter.plan, new)
-    assert not isinstance(target, str), target
-    before = len(co.adapter.switches)
-    adapt_relayout.start(co.adapter, new, target, {"reason": "test: tp change",
-                                                   "t_fire": time.time()})
-    deadline = time.monotonic() + 90
-    while len(co.adapter.switches) == before:
-        assert co.adapter.relayouting is not None, "the re-layout failed"
-        assert time.monotonic() < deadline, co.pipeline.describe()
-        await asyncio.sleep(0.05)
-    return co.adapter.switches[-1]
-
-
 def test_two_tp1_stages_become_one_tp2_stage_and_back_while_serving(tmp_path: Path) -> None:
     _round_trip(tmp_path, start_tp2=False)
 
@@ -164,22 +154,19 @@ def _round_trip(tmp_path: Path, start_tp2: bool, model: Path | None = None,
         runner = asyncio.create_task(co.run())
         procs.extend(_workers(model, tmp_path, cfg.worker_endpoint, start_tp2, ranks))
         try:
-            deadline = time.monotonic() + 120
-            while getattr(co, "members", None) is None or not co.members.serving:
-                assert time.monotonic() < deadline and not runner.done(), "mesh not ready"
-                await asyncio.sleep(0.1)
+            await wait_serving(co, runner)
             async with AsyncClient(cfg.client_endpoint) as client:
                 sending = asyncio.create_task(send_work(client, work, results, concurrency=4))
                 while len(results) < 6:
                     await asyncio.sleep(0.05)
-                there = await _switch(co, first)
+                there = await switch_now(co, first, "test: tp change")
                 assert sorted((w.tp_rank, w.tp_size) for w in co.members.registry) == sorted(
                     (r, g.tp_size) for g in first.worker_groups for r in range(g.tp_size))
                 n, passes = len(results), dict(co.pipeline.counters)
                 while len(results) < min(len(work), n + 8):  # served by the new layout
                     await asyncio.sleep(0.05)
                 assert co.pipeline.counters["decode_passes"] > passes["decode_passes"]
-                back = await _switch(co, second)
+                back = await switch_now(co, second, "test: tp change")
                 await sending
             return there, back
         finally:
@@ -189,15 +176,9 @@ def _round_trip(tmp_path: Path, start_tp2: bool, model: Path | None = None,
     try:
         there, back = asyncio.run(scenario())
     finally:
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15)
+        reap(procs)
     expected = reference(model, [(prompt, n) for _, prompt, n in work])
-    assert {r: results.get(r) for r, _, _ in work} == {
-        r: want for (r, _, _), want in zip(work, expected, strict=True)}
+    assert_exactly_once(results, work, expected)
     layouts = [[{"role": "pipeline", "tp_size": g.tp_size, "layer_range": list(g.layer_range)}
                 for g in plan.worker_groups] for plan in (tp2, tp1)]
     assert [s["new_layout"] for s in log.of("plan_switch")] == layouts[::-1 if start_tp2 else 1]

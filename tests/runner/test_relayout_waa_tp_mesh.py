@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,16 @@ import pytest
 from common.client import AsyncClient
 from coordinator.config import CoordinatorConfig
 from coordinator.planner.plan import Plan, WorkerGroup
-from tests.runner.adaptmesh import SHORT, draw_work, send_work
-from tests.runner.test_relayout_tp_mesh import OPTIONS, ROOT, Log, _switch
+from tests.runner.adaptmesh import (
+    SHORT,
+    assert_exactly_once,
+    draw_work,
+    reap,
+    send_work,
+    switch_now,
+    wait_serving,
+)
+from tests.runner.test_relayout_tp_mesh import OPTIONS, ROOT, Log
 from tests.runner.tinymodels import hf_greedy, make_llama
 
 NAMES = ("enc0", "enc1", "dec0", "dec1")
@@ -126,10 +133,7 @@ def _round_trip(tmp_path: Path, layouts: tuple[Any, ...], num: int,
         procs.extend(_workers(model, tmp_path, cfg.worker_endpoint, launched_tp2))
         switches = []
         try:
-            deadline = time.monotonic() + 120
-            while getattr(co, "members", None) is None or not co.members.serving:
-                assert time.monotonic() < deadline and not runner.done(), "mesh not ready"
-                await asyncio.sleep(0.1)
+            await wait_serving(co, runner)
             async with AsyncClient(cfg.client_endpoint) as client:
                 sending = asyncio.create_task(send_work(client, work, results, concurrency=6))
                 step = max(4, len(work) // (len(plans) + 1))
@@ -137,7 +141,7 @@ def _round_trip(tmp_path: Path, layouts: tuple[Any, ...], num: int,
                     while len(results) < (i + 1) * step - 2:  # in flight when it starts
                         await asyncio.sleep(0.05)
                     passes = co.pipeline.counters["decode_passes"]
-                    switches.append(await _switch(co, plan))
+                    switches.append(await switch_now(co, plan, "test: tp change"))
                     want = sorted((w.stage, w.tp_rank, w.tp_size) for w in co.members.registry)
                     assert want == _ranks(plan)
                     n = len(results)
@@ -153,16 +157,10 @@ def _round_trip(tmp_path: Path, layouts: tuple[Any, ...], num: int,
     try:
         switches = asyncio.run(scenario())
     finally:
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15)
+        reap(procs)
     assert [p.returncode for p in procs] == [0, 0, 0, 0]
     expected = hf_greedy(model, [(prompt, n) for _, prompt, n in work])
-    assert {r: results.get(r) for r, _, _ in work} == {
-        r: want for (r, _, _), want in zip(work, expected, strict=True)}
+    assert_exactly_once(results, work, expected)
     logged = log.of("plan_switch")
     assert [s["new_layout"] for s in logged] == [
         [{"role": g.role, "tp_size": g.tp_size, "layer_range": list(g.layer_range)}

@@ -53,7 +53,7 @@ async def _child(tmp: Path, mode: str) -> None:
     import torch
 
     from coordinator.server import Coordinator
-    from tests.runner.test_relayout_tp_mesh import _switch
+    from tests.runner.adaptmesh import switch_now
 
     torch.set_num_threads(1)
     cfg = CoordinatorConfig(**json.loads((tmp / "config.json").read_text()))
@@ -63,7 +63,7 @@ async def _child(tmp: Path, mode: str) -> None:
         while not (tmp / "go").exists():
             await asyncio.sleep(0.05)
         served = co.adapter.plan  # type: ignore[union-attr]
-        switch = await _switch(co, _plan(served, TP2))
+        switch = await switch_now(co, _plan(served, TP2), "test: tp change")
         (tmp / "switched.json").write_text(json.dumps(switch, default=str))
     await runner
 
