@@ -47,6 +47,7 @@ from coordinator.adapt_replan import (  # noqa: F401 - re-exported (callers, tes
     knobs,
     layout,
     planner_pool,
+    profile_correction,
     replan_job,
     stop_planner_pool,
 )
@@ -92,7 +93,9 @@ class Adapter:
             raise ValueError(f"--adapt: the plan's workload {self.plan.workload!r} cannot be "
                              f"read here ({exc}); re-plan with a preset or inline spec") from exc
         self.detector = DriftDetector(Reference.from_workload(planned), cfg.drift)
-        self.step_ratios: deque[float] = deque(maxlen=cfg.drift.window)
+        self.step_ratios: deque[float] = deque(maxlen=cfg.drift.window)  # under self.plan
+        self.ratio_reference: float | None = None  # their median once the plan served enough
+        self._ratio_plan = self.plan
         self.switches: list[dict[str, Any]] = []
         self.pending: dict[str, Any] | None = None
         self.relayouting: dict[str, Any] | None = None  # a re-layout in progress (its plan)
@@ -124,7 +127,13 @@ class Adapter:
         times, tpot = request.times, self.plan.predicted.get("tpot_s")
         if exact and tpot and times.t_first_token and times.t_finish and len(request.tokens) > 1:
             measured = (times.t_finish - times.t_first_token) / (len(request.tokens) - 1)
+            if self._ratio_plan is not self.plan:  # a switch: ratios to the new prediction
+                self.step_ratios.clear()
+                self.ratio_reference, self._ratio_plan = None, self.plan
             self.step_ratios.append(measured / tpot)
+            if self.ratio_reference is None and \
+                    len(self.step_ratios) >= self.cfg.drift.min_samples:
+                self.ratio_reference = statistics.median(self.step_ratios)
 
     def tick(self, now: float) -> None:
         """The heartbeat: a role switch's next step; evaluate if arrivals stopped short of
@@ -160,9 +169,13 @@ class Adapter:
                         "detect_requests": det.window.arrivals - since[1],
                         "detect_arrival": det.window.arrivals,
                         "observed": det.last.to_dict()}
-        self.log.info("drift_detected", reasons=det.reasons, observed=det.last.to_dict())
+        scale = profile_correction(self.step_ratios, self.ratio_reference,
+                                   self.cfg.drift.ratio_shift, self.cfg.drift.min_samples)
+        self.pending["profile_scale"] = scale
+        self.log.info("drift_detected", reasons=det.reasons, observed=det.last.to_dict(),
+                      profile_scale=scale, step_time_ratio_reference=self.ratio_reference)
         future = asyncio.get_running_loop().run_in_executor(
-            self._ensure_pool(), replan_job, self.plan.to_json(), self.cfg.profile, spec)
+            self._ensure_pool(), replan_job, self.plan.to_json(), self.cfg.profile, spec, scale)
         future.add_done_callback(self._replanned)
 
     def _replanned(self, future: asyncio.Future[dict[str, Any]]) -> None:
@@ -191,7 +204,8 @@ class Adapter:
                 "detect_requests": pending["detect_requests"],
                 "detect_arrival": pending["detect_arrival"],
                 "replan_s": round(time.perf_counter() - pending["t_mono"], 3),
-                "search_s": round(result["seconds"], 3), "pause_s": 0.0}
+                "search_s": round(result["seconds"], 3), "pause_s": 0.0,
+                "profile_scale": result.get("profile_scale")}
         if best is not None and layout(best) != layout(self.plan):
             target = self._relayout_target(best)
             if isinstance(target, adapt_roles.RoleTarget):  # WAA: workers switch role
@@ -271,7 +285,8 @@ class Adapter:
                              and pipeline.switch is not None else None),
                 "role_switch": self.roles.describe() if self.roles is not None else None,
                 "step_time_ratio": {"median": statistics.median(ratios) if ratios else None,
-                                    "count": len(ratios)},
+                                    "count": len(ratios),
+                                    "reference": self.ratio_reference},
                 "workload_spec": self.plan.workload}
 
     def _ensure_pool(self) -> concurrent.futures.ProcessPoolExecutor:

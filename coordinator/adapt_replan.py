@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from coordinator.planner.plan import Plan
@@ -39,9 +40,30 @@ def warm_up() -> None:
     import coordinator.planner.simulator  # noqa: F401
 
 
-def replan_job(plan_json: str, profile_spec: str, workload_spec: str) -> dict[str, Any]:
+def profile_correction(ratios: Sequence[float], reference: float | None, shift: float,
+                       recent: int) -> float | None:
+    """The factor a re-plan scales the profile by, or None (the profile holds).
+
+    ``ratios``: measured / predicted time per output token of the requests finished under
+    the served plan, oldest first; ``reference``: their median once the plan had served
+    ``recent`` of them. The ratio itself is not drift (a profile measured on another machine,
+    or an analytic one, makes it arbitrary but constant); its *change* is: the machine got
+    slower or faster since the plan went live (contention, another tenant, throttling). When
+    the median of the latest ``recent`` ratios is off the reference by more than ``shift``
+    (relative), the re-plan's profile is scaled by ``now / reference``."""
+    if reference is None or len(ratios) < recent:
+        return None
+    now = statistics.median(list(ratios)[-recent:])
+    scale = now / reference
+    return scale if abs(scale - 1) > shift else None
+
+
+def replan_job(plan_json: str, profile_spec: str, workload_spec: str,
+               profile_scale: float | None = None) -> dict[str, Any]:
     """Best plan for the observed workload (same policy, bound, SLA, workers), and, when that
-    plan needs other worker groups, the best knobs on the served layout."""
+    plan needs other worker groups, the best knobs on the served layout; on a profile whose
+    compute times are x ``profile_scale`` if given (``profile_correction``)."""
+    from coordinator.bench.calibrate import scaled_profile
     from coordinator.planner.analytic import parse_profile_arg
     from coordinator.planner.planning import make_plan
     from coordinator.planner.scheduler import InfeasibleBound
@@ -50,8 +72,12 @@ def replan_job(plan_json: str, profile_spec: str, workload_spec: str) -> dict[st
     start = time.perf_counter()
     old = Plan.from_json(plan_json)
     profile = parse_profile_arg(profile_spec, old.profile_meta.get("dtype"))
+    if profile_scale is not None:
+        profile = scaled_profile(profile, profile_scale, "adapt: measured / predicted time "
+                                 f"per token x{profile_scale:.3g} since the plan went live")
     workload = parse_workload(workload_spec)
-    out: dict[str, Any] = {"best": None, "on_layout": None, "infeasible": None}
+    out: dict[str, Any] = {"best": None, "on_layout": None, "infeasible": None,
+                           "profile_scale": profile_scale}
     try:
         best = make_plan(workload, profile, old.num_workers, old.latency_bound_s,
                          policy=old.policy, sla=old.sla,

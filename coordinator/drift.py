@@ -60,6 +60,9 @@ class DriftConfig:
     min_dwell_requests: int = 128  # ... and until this many more arrivals
     relayout: int = 1  # 1: a plan with other pipeline stages is re-laid out live; 0: knobs only
     drain_timeout_s: float = 2.0  # re-layout: old stages drain this long, then migrate
+    # relative change of the measured / predicted time per output token since the plan went
+    # live beyond which a re-plan uses a profile corrected by that change (adapt_replan)
+    ratio_shift: float = 0.2
 
     def __post_init__(self) -> None:
         if self.window < 8 or not 8 <= self.min_samples <= self.window:
@@ -68,7 +71,7 @@ class DriftConfig:
             raise ValueError("eval_every and confirm must be >= 1, min_dwell_requests >= 0")
         if not 0 < self.alpha < 0.5:
             raise ValueError(f"alpha must be in (0, 0.5), got {self.alpha}")
-        for name in ("mean_shift", "p99_shift", "input_mean_shift"):
+        for name in ("mean_shift", "p99_shift", "input_mean_shift", "ratio_shift"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0 (a relative change, e.g. 0.15)")
         if not 0 < self.clear_ratio < 1 or self.min_dwell_s < 0:

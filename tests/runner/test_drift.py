@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from coordinator import drift
-from coordinator.adapt import AdaptConfig, Adapter, layout, replan_job
+from coordinator.adapt import AdaptConfig, Adapter, layout, profile_correction, replan_job
 from coordinator.adjust import BatchSizer
 from coordinator.drift import (
     DriftConfig,
@@ -324,4 +324,59 @@ def test_adapter_observes_lengths_and_step_time_ratio(tmp_path: Path,
     lens, exact = adapter.detector.window.outputs()
     assert lens.tolist() == [3, 2, 1] and exact.tolist() == [True, False, False]
     assert adapter.detector.window.inputs().tolist() == [10, 11, 12]
-    assert adapter.describe()["step_time_ratio"] == {"median": pytest.approx(2.0), "count": 1}
+    assert adapter.describe()["step_time_ratio"] == {"median": pytest.approx(2.0), "count": 1,
+                                                     "reference": None}
+
+
+def _finish(adapter: Adapter, i: int, ratio: float) -> None:
+    """A request finished with 5 tokens at ``ratio`` x the served plan's predicted TPOT."""
+    tpot = adapter.plan.predicted["tpot_s"]
+    r = SimpleNamespace(req_id=f"q{i}", num_prompt_tokens=12, tokens=[],
+                        times=SimpleNamespace(t_first_token=1.0, t_finish=None))
+    adapter.observe_arrival(r)
+    r.tokens.extend([1, 2, 3, 4, 5])
+    r.times.t_finish = 1.0 + 4 * ratio * tpot
+    adapter.observe_finish(r)
+
+
+def test_a_drifted_step_time_ratio_corrects_the_replans_profile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ratio is arbitrary (an analytic A40 profile served here); its change since the plan
+    went live is what scales the re-plan's profile, and a switch starts it afresh."""
+    plan = make_plan(parse_workload(SHORT), parse_profile_arg(SMOL), 2, 0.3, policy="waa-c")
+    adapter, _, _ = _adapter(tmp_path, plan, SMOL, monkeypatch)
+    recent = adapter.cfg.drift.min_samples
+    for i in range(recent):
+        _finish(adapter, i, 40.0)  # a CPU serving an A40 plan: 40x, constant
+    assert adapter.ratio_reference == pytest.approx(40.0)
+
+    def correction() -> float | None:
+        return profile_correction(adapter.step_ratios, adapter.ratio_reference,
+                                  adapter.cfg.drift.ratio_shift, recent)
+
+    for i in range(recent):
+        _finish(adapter, recent + i, 44.0)  # +10%: within ratio_shift (20%)
+    assert correction() is None
+    for i in range(recent):
+        _finish(adapter, 2 * recent + i, 60.0)  # the machine got 1.5x slower
+    assert correction() == pytest.approx(1.5)
+    adapter.plan = make_plan(parse_workload(LONG), parse_profile_arg(SMOL), 2, 0.3,
+                             policy="waa-c")  # a switch: ratios against the new prediction
+    _finish(adapter, 9999, 50.0)
+    assert list(adapter.step_ratios) == [pytest.approx(50.0)]
+    assert adapter.ratio_reference is None and correction() is None
+
+
+def test_replan_job_on_a_corrected_profile() -> None:
+    profile = parse_profile_arg(SMOL)
+    plan = make_plan(parse_workload(SHORT), profile, 2, 1e18, policy="static")
+    plain = replan_job(plan.to_json(), SMOL, LONG)
+    slower = replan_job(plan.to_json(), SMOL, LONG, profile_scale=3.0)
+    assert plain["profile_scale"] is None and slower["profile_scale"] == 3.0
+    a, b = Plan.from_json(plain["best"]), Plan.from_json(slower["best"])
+    assert b.profile_meta["calibration"]["factor"] == 3.0
+    assert "calibration" not in a.profile_meta
+    # every compute time x3: the same batch's time per token is 3x (a fixed part: none here)
+    same = make_plan(parse_workload(LONG), profile, 2, 1e18, policy="static")
+    assert a.B_D == same.B_D
+    assert b.predicted["throughput_seq_s"] < a.predicted["throughput_seq_s"] / 2
