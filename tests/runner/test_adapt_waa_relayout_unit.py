@@ -22,21 +22,23 @@ NAMES = ("enc0", "dec0", "dec1", "dec2")
 NEW = WaaLayout(((0, 15), (15, 30)), ((0, 15), (15, 30)))
 
 
-def _serving() -> tuple[Coordinator, Sock, Sock]:
-    """smollm2-135m shapes (30 layers): encoder stage [0, 30), decoder stages [0, 10),
-    [10, 20), [20, 30); B_E 2, B_m 1; every stage READY; adapting (host weights)."""
+def _serving(encoders: str = "0:30", decoders: str = "0:10,10:20,20:30",
+             names: tuple[str, ...] = NAMES) -> tuple[Coordinator, Sock, Sock]:
+    """smollm2-135m shapes (30 layers), by default: encoder stage [0, 30), decoder stages
+    [0, 10), [10, 20), [20, 30) (one tp-1 worker each, ``names`` in stage order); B_E 2,
+    B_m 1; every stage READY; adapting (host weights)."""
     cfg = CoordinatorConfig("ipc:///tmp/c", "ipc:///tmp/w", max_encode_batch=2, streams=1,
-                            model_shape="smollm2-135m", waa_encoder_layers="0:30",
-                            waa_decoder_layers="0:10,10:20,20:30")
+                            model_shape="smollm2-135m", waa_encoder_layers=encoders,
+                            waa_decoder_layers=decoders)
     co = Coordinator(cfg, Log())
     workers, clients = Sock(), Sock()
     co.client_endpoint = co.worker_endpoint = "ipc:///tmp/x"
     co.relay = Relay(clients, co.log, co.counters)  # type: ignore[arg-type]
     co.members = Membership(co, workers)  # type: ignore[arg-type]
-    for s, name in enumerate(NAMES):
+    for s, name in enumerate(names):
         co.members.on_hello(name.encode(), P.Hello(worker_id=name, role="pipeline",
                                                    capacity={"stage": s, "max_seqs": 8}))
-    for name in NAMES:
+    for name in names:
         _ready(co, name, {})
     workers.sent.clear()
     return co, workers, clients

@@ -10,15 +10,14 @@ from typing import Any
 
 from common import protocol as P
 from coordinator.adapt_relayout import relayout_target
-from coordinator.config import CoordinatorConfig
-from coordinator.membership import Membership
 from coordinator.planner.plan import WorkerGroup
 from coordinator.relayout import RelayoutConfig
 from coordinator.relayout_tp import WaaTpRelayout
 from coordinator.server import Coordinator
 from coordinator.waa_layout import WaaLayout
 from tests.runner.test_adapt_waa_relayout_unit import _plan, _ready
-from tests.runner.test_pipeline_driver import Log, Relay, Sock
+from tests.runner.test_adapt_waa_relayout_unit import _serving as _adapting
+from tests.runner.test_pipeline_driver import Sock
 from tests.runner.test_waa_pipeline_driver import _done, _submit
 
 NAMES = ("enc0", "enc1", "dec0", "dec1")
@@ -30,21 +29,7 @@ TP1 = WaaLayout(HALVES, HALVES, tp=(1, 1, 1, 1))
 def _serving() -> tuple[Coordinator, Sock, Sock]:
     """smollm2-135m shapes: encoder stages [0, 15), [15, 30) and decoder stages the same,
     four tp-1 workers, B_m 1, every stage READY."""
-    cfg = CoordinatorConfig("ipc:///tmp/c", "ipc:///tmp/w", max_encode_batch=2, streams=1,
-                            model_shape="smollm2-135m", waa_encoder_layers="0:15,15:30",
-                            waa_decoder_layers="0:15,15:30")
-    co = Coordinator(cfg, Log())
-    workers, clients = Sock(), Sock()
-    co.client_endpoint = co.worker_endpoint = "ipc:///tmp/x"
-    co.relay = Relay(clients, co.log, co.counters)  # type: ignore[arg-type]
-    co.members = Membership(co, workers)  # type: ignore[arg-type]
-    for s, name in enumerate(NAMES):
-        co.members.on_hello(name.encode(), P.Hello(worker_id=name, role="pipeline",
-                                                   capacity={"stage": s, "max_seqs": 8}))
-    for name in NAMES:
-        _ready(co, name, {})
-    workers.sent.clear()
-    return co, workers, clients
+    return _adapting("0:15,15:30", "0:15,15:30", NAMES)
 
 
 def _start(co: Coordinator, layout: WaaLayout, epoch: int) -> list[dict[str, Any]]:
