@@ -29,6 +29,7 @@ from typing import Any
 
 from common import protocol as P
 from common.backend_stage import NullStageBackend, PassOutput, StageBackendBase
+from common.busyclock import BusyClock
 from common.models.config import ModelConfig
 from common.workerconfig import WorkerConfig
 from common.workerlink import Rejoin, Stop, WorkerLink
@@ -119,7 +120,7 @@ class StageLoop:
         self.passes = 0
         self.failed_passes = 0
         self.tokens_out = 0
-        self.busy_s = 0.0
+        self.busy = BusyClock()
         self.exit_code: int | None = None
         self.switch_to: P.Assign | None = None  # a TP re-group (decoder_worker.regroup)
         link.load = self.load
@@ -127,7 +128,7 @@ class StageLoop:
     def load(self) -> dict[str, Any]:
         return {"active": self.backend.num_active, "passes": self.passes,
                 "failed_passes": self.failed_passes, "tokens_out": self.tokens_out,
-                "busy_s": round(self.busy_s, 6), "queued_messages": self.link.inbox.qsize()}
+                **self.busy.load(), "queued_messages": self.link.inbox.qsize()}
 
     def run(self) -> int:
         try:
@@ -200,13 +201,12 @@ class StageLoop:
     def run_pass(self, sp: P.StagePass) -> None:
         start = time.perf_counter()
         try:
-            out = self.backend.run(sp)
+            with self.busy.timing():
+                out = self.backend.run(sp)
         except ValueError as exc:
-            self.busy_s += time.perf_counter() - start
             self.fail(sp, str(exc))
             return
         spent = time.perf_counter() - start
-        self.busy_s += spent
         self.passes += 1
         self.hand_on(sp, out, _add_time(sp, self.backend.stage_index, spent))
 

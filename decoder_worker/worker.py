@@ -18,6 +18,7 @@ from typing import Any
 
 from common import protocol as P
 from common.backend import DecodeBackend, DecodeSeq, NullDecodeBackend, NullShape
+from common.busyclock import BusyClock
 from common.models.config import ModelConfig
 from common.workerconfig import WorkerConfig
 from common.workerlink import Rejoin, Stop, WorkerLink
@@ -72,13 +73,14 @@ class DecoderLoop:
         self._held: dict[str, list[int]] = {}  # tokens waiting for the interval / congestion
         self._live: set[str] = set()  # sequences in the backend (dropped on a Rejoin)
         self.switch_to: P.Assign | None = None  # a live role switch (common.roleswitch)
+        self.busy = BusyClock()
         link.load = self.load
 
     def load(self) -> dict[str, Any]:
         return {"active": self.backend.num_active, "steps": self.steps,
                 "tokens_out": self.tokens_out, "updates_out": self.updates_out,
                 "kv_bytes_received": self.kv_bytes_received, "seq_steps": self.seq_steps,
-                "queued_messages": self.link.inbox.qsize()}
+                **self.busy.load(), "queued_messages": self.link.inbox.qsize()}
 
     def run(self) -> int:
         try:
@@ -166,7 +168,10 @@ class DecoderLoop:
         """One decode iteration. A new sequence's first token goes out at once (TTFT); later
         tokens every ``stream_interval`` iterations, and always with the last one."""
         first, self._pending = self._pending, {}
-        out = self.backend.step() if self.backend.num_active else []
+        out = []
+        if self.backend.num_active:
+            with self.busy.timing():
+                out = self.backend.step()
         if out:
             self.steps += 1
             self.seq_steps += len(out)

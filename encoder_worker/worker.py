@@ -16,6 +16,7 @@ from typing import Any
 
 from common import protocol as P
 from common.backend import EncodeBackend, Encoded, EncodeItem, NullEncodeBackend, NullShape
+from common.busyclock import BusyClock
 from common.models.config import ModelConfig
 from common.workerconfig import WorkerConfig
 from common.workerlink import Rejoin, Stop, WorkerLink
@@ -67,11 +68,13 @@ class EncoderLoop:
         self.kv_bytes_sent = 0  # KV payload bytes handed to decoders (`exegpt stats`)
         self.cancelled: dict[str, None] = {}  # insertion-ordered, bounded by MAX_CANCELLED
         self.switch_to: P.Assign | None = None  # a live role switch (common.roleswitch)
+        self.busy = BusyClock()
         link.load = self.load
 
     def load(self) -> dict[str, Any]:
         return {"batches_done": self.batches_done, "requests_done": self.requests_done,
-                "kv_bytes_sent": self.kv_bytes_sent, "queued_messages": self.link.inbox.qsize()}
+                "kv_bytes_sent": self.kv_bytes_sent, **self.busy.load(),
+                "queued_messages": self.link.inbox.qsize()}
 
     def run(self) -> int:
         """Returns the process exit code (0: told to stop; 1: lost the coordinator)."""
@@ -120,9 +123,10 @@ class EncoderLoop:
             self.cancelled.pop(r.req_id, None)
         t_start = time.time()
         try:
-            encoded = self.backend.encode([EncodeItem(r.req_id, r.prompt_ids, r.max_new_tokens,
-                                                      r.sampling, r.output_offset)
-                                           for r in todo])
+            items = [EncodeItem(r.req_id, r.prompt_ids, r.max_new_tokens, r.sampling,
+                                r.output_offset) for r in todo]
+            with self.busy.timing():
+                encoded = self.backend.encode(items)
         except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not us
             self.log.exception("encode_failed", batch_id=batch.batch_id)
             if self.cfg.tp_size > 1:  # the group's ranks may be out of lockstep (a dead peer):

@@ -22,7 +22,14 @@ from coordinator.bench.measure import RequestRecord, measure, median_of, relativ
 from coordinator.bench.meshrun import MeshRun, run_plan
 from coordinator.bench.plans import choose_plan, knobs, static_plan
 from coordinator.bench.progress import Progress
+from coordinator.bench.sensitivity import elasticities
 from coordinator.bench.setup import Setup, build_setup
+from coordinator.bench.stretch import (
+    calibration_stretch,
+    errors_at_run_load,
+    run_stretch,
+    worker_busy,
+)
 
 PREDICTED = ("throughput_seq_s", "throughput_tok_s", "latency_p99len_s", "latency_p99_s",
              "ttft_s", "tpot_s", "latency_to_p99_token_s")  # the last: static's (measure.py)
@@ -43,18 +50,6 @@ def in_flight(plan: Any) -> float:
     return plan_in_flight(plan)
 
 
-def worker_busy(stats: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each worker's compute time (its own busy clock, cumulative since start, warm-up
-    included) and passes/steps, from the coordinator's stats: where the time went."""
-    out = []
-    for w in stats.get("workers") or []:
-        load = w.get("load") or {}
-        busy, passes = load.get("busy_s"), load.get("passes") or load.get("steps")
-        out.append({"worker_id": w.get("worker_id"), "busy_s": busy, "passes": passes,
-                    "busy_per_pass_s": busy / passes if busy is not None and passes else None})
-    return out
-
-
 class Evaluation:
     """One `exegpt bench` run; ``run()`` returns the results tree."""
 
@@ -62,6 +57,7 @@ class Evaluation:
         self.cfg, self.progress = cfg, progress
         self.setup = setup or build_setup(cfg, say=progress.say)
         self.cache: dict[str, tuple[str, MeshRun]] = {}  # plan key -> (label, run)
+        self.cal_stretch: float | None = None  # the calibration runs' CPU stretch (stretch.py)
 
     # ------------------------------------------------------------------ runs
     def _run(self, plan: Any, label: str, requests: Any) -> tuple[MeshRun, str | None]:
@@ -89,8 +85,9 @@ class Evaluation:
 
     def _measured(self, run: MeshRun, bound: float | None) -> dict[str, Any]:
         per = [measure(recs, self.setup.s99, bound) for recs in run.repeats]
+        workers = worker_busy(run.stats[-1] if run.stats else {})
         return median_of(per) | {"repeats": len(per), "load_avg_1min": run.load_avg,
-                                 "workers": worker_busy(run.stats[-1] if run.stats else {})}
+                                 "workers": workers, "cpu_stretch": run_stretch(workers)}
 
     # ------------------------------------------------------------------ bounds
     def bounds(self) -> dict[str, Any]:
@@ -134,18 +131,20 @@ class Evaluation:
                              "predicted_latency_p99len_s": plan.predicted["latency_p99len_s"],
                              "predicted_tpot_s": plan.predicted["tpot_s"],
                              "stages": len(plan.worker_groups),
+                             "cpu_stretch": m.get("cpu_stretch"),
                              **self._encode_passes(run, plan)})
             self.progress.step()
         lats = [x["latency_s"] for x in baseline if x.get("latency_s") is not None]
+        self.cal_stretch = calibration_stretch(baseline)
         fit = self._calibrate(baseline)
         if fit is None:
             return {"mode": "auto", "bounds": B.percentile_bounds(lats), "baseline": baseline,
-                    "calibration": None}
+                    "calibration": None, "cpu_stretch": self.cal_stretch}
         # calibrated: the paper's grid (every batch size), timed by the calibrated profile
         pts = B.predicted_latencies(self.setup.workload, self.setup.profile, self.cfg.workers,
                                     self._batch_cap())
         return {"mode": "auto", "bounds": B.percentile_bounds([lat for _, lat in pts]),
-                "baseline": baseline, "calibration": fit,
+                "baseline": baseline, "calibration": fit, "cpu_stretch": self.cal_stretch,
                 "calibrated_static": [{"batch": b, "latency_s": lat} for b, lat in pts]}
 
     def _encode_passes(self, run: MeshRun, plan: Any) -> dict[str, float]:
@@ -186,7 +185,8 @@ class Evaluation:
                              "N_D": plan.N_D, "B_m": plan.B_m, "B_D": plan.B_D,
                              "worker_groups": [asdict(g) for g in plan.worker_groups]},
                     "predicted": {k: plan.predicted.get(k) for k in PREDICTED},
-                    "in_flight": in_flight(plan)}
+                    "in_flight": in_flight(plan),
+                    "elasticity": elasticities(plan, s.workload, s.profile)}
             row["fills"] = 2 * row["in_flight"] <= len(s.requests)
             if not row["fills"]:
                 row["note"] = (row["note"] + "; " if row["note"] else "") + (
@@ -205,6 +205,8 @@ class Evaluation:
             return row
         row["measured"] = self._measured(run, bound)
         row["error"] = relative_errors(row["predicted"], row["measured"])
+        row["error_at_run_load"] = errors_at_run_load(row["predicted"], row["measured"],
+                                                      self.cal_stretch)
         row["records"] = f"runs/{reused or label}.json"
         row["reused_from"] = reused
         self.progress.step()

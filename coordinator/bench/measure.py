@@ -82,11 +82,15 @@ def steady_throughput(starts: Sequence[float], first_finish: float = math.inf
     return count / (t_b - t_a)
 
 
-def p99_length_latency(records: Sequence[RequestRecord], s99: int) -> tuple[float | None, int]:
-    """(mean encode start -> s99-th token over requests with >= s99 tokens, how many)."""
-    lats = [r.t_tokens[s99 - 1] - r.t_encode_start for r in records
+def p99_length_latencies(records: Sequence[RequestRecord], s99: int) -> list[float]:
+    """Encode start -> s99-th token of each request with >= s99 tokens."""
+    return [r.t_tokens[s99 - 1] - r.t_encode_start for r in records  # type: ignore[operator]
             if r.ok and len(r.t_tokens) >= s99 and r.t_encode_start is not None]
-    return (statistics.fmean(lats) if lats else None), len(lats)
+
+
+def standard_error(values: Sequence[float]) -> float | None:
+    """The standard error of their mean (None: fewer than two)."""
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) >= 2 else None
 
 
 def _mean(values: list[float]) -> float | None:
@@ -106,7 +110,8 @@ def measure(records: Sequence[RequestRecord], s99: int, bound_s: float | None) -
     steady = steady_throughput([r.t_encode_start for r in ok],  # type: ignore[misc]
                                min(r.t_finish for r in ok))  # type: ignore[type-var]
     lat = [r.t_finish - r.t_encode_start for r in ok]  # type: ignore[operator]
-    p99len, n_p99len = p99_length_latency(ok, s99)
+    p99lens = p99_length_latencies(ok, s99)
+    p99len = statistics.fmean(p99lens) if p99lens else None
     ttft = [r.t_first_token - r.t_encode_start for r in ok if r.t_first_token is not None]
     tpot = [(r.t_finish - r.t_first_token) / (r.num_tokens - 1) for r in ok  # type: ignore
             if r.t_first_token is not None and r.num_tokens > 1]
@@ -118,7 +123,10 @@ def measure(records: Sequence[RequestRecord], s99: int, bound_s: float | None) -
             len(ok) / makespan if makespan > 0 else None),
         "throughput_basis": "steady" if steady is not None else "makespan",
         "mean_output_tokens": tokens / len(ok),
-        "latency_p99len_s": p99len, "p99len_requests": n_p99len,
+        "latency_p99len_s": p99len, "p99len_requests": len(p99lens),
+        # the mean's sampling error: a few p99-length requests, each at its own phase of the
+        # schedule (RRA: before or after an encode pause), make it noisy on its own
+        "latency_p99len_sem_s": standard_error(p99lens),
         "latency_p99_s": float(np.percentile(lat, 99)), "latency_max_s": max(lat),
         "ttft_s": _mean(ttft), "tpot_s": _mean(tpot),
         "queue_p50_s": statistics.median(queued) if queued else None,
@@ -163,14 +171,19 @@ def relative_errors(predicted: dict[str, Any], measured: dict[str, Any]) -> dict
 
 
 def median_of(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Per-figure median over repeats (numbers only; the first run's other fields)."""
+    """Per-figure median over repeats (numbers only; the first run's other fields), and each
+    compared figure's [min, max] over the repeats (``range``)."""
     if len(runs) == 1:
         return dict(runs[0])
     out = dict(runs[0])
+    spread: dict[str, list[float]] = {}
     for key, value in runs[0].items():
         values = [r.get(key) for r in runs]
         if isinstance(value, int | float) and not isinstance(value, bool) and all(
                 isinstance(v, int | float) for v in values):
             out[key] = statistics.median(values)  # type: ignore[arg-type]
+            if key in COMPARED:
+                spread[key] = [min(values), max(values)]  # type: ignore[type-var]
     out["bound_met"] = all(r.get("bound_met") for r in runs)
+    out["range"] = spread
     return out

@@ -26,6 +26,7 @@ from coordinator.bench.workset import BenchRequest
 WARMUP_REQUESTS = 2
 WARMUP_PROMPT = 8
 WARMUP_TOKENS = 2
+STATS_SETTLE_S = 1.2  # > two worker heartbeats (0.5 s): the stats carry the run's last loads
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ async def send_all(endpoint: str, requests: Sequence[BenchRequest], *, natural_e
     async with AsyncClient(endpoint, default_timeout_s=timeout_s) as client:
         records = await asyncio.gather(*(
             _one(client, submit_for(r, natural_eos, timeout_s), r, done) for r in requests))
+        await asyncio.sleep(STATS_SETTLE_S)  # the workers' loads come with their heartbeats
         try:
             stats = dict((await client.stats(timeout_s=10.0)).stats)
         except Exception as exc:  # noqa: BLE001 - stats are context; the records stand alone

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.bench.measure import comparable
+from coordinator.bench.sensitivity import well_conditioned, worst
 
 
 def _by_bound(rows: list[dict[str, Any]]) -> dict[float | None, dict[str, dict[str, Any]]]:
@@ -49,15 +50,29 @@ def headline(rows: list[dict[str, Any]], policy: str = "exegpt") -> dict[str, An
     wins_static = [p["vs_static"] for p in per_bound if p["met"] and p["vs_static"]]
     tight = [p["vs_continuous"] for p in per_bound[:2] if p["met"] and p["vs_continuous"]]
     runs = [r for r in rows if r.get("error") and not r.get("reused_from") and r.get("fills")]
-    errs = {k: [abs(r["error"][k]) for r in runs if r["error"].get(k) is not None]
-            for k in ("throughput_seq_s", "latency_p99len_s")}
+    steady = [r for r in runs if well_conditioned(r.get("elasticity"))]
     return {"policy": policy, "per_bound": per_bound,
             "mean_vs_static_met": statistics.fmean(wins_static) if wins_static else None,
             "mean_vs_continuous_two_tightest_met": statistics.fmean(tight) if tight else None,
             "misses": [p["bound_s"] for p in per_bound if not p["met"]],
-            "abs_error": {k: {"mean": statistics.fmean(v) if v else None,
-                              "max": max(v) if v else None, "rows": len(v)}
-                          for k, v in errs.items()}}
+            "abs_error": _abs_errors(runs),
+            # against the prediction scaled by each run's CPU stretch over the calibration's
+            # (stretch.py): the model's error without the machine's load moving
+            "abs_error_at_run_load": _abs_errors(runs, "error_at_run_load"),
+            # the same over the plans whose prediction a 5% profile error moves <= ~10%
+            "abs_error_well_conditioned": _abs_errors(steady),
+            "ill_conditioned": [{"bound_s": r["bound_s"], "policy": r["policy"],
+                                 "latency_elasticity": worst(r.get("elasticity"),
+                                                             "latency_p99len_s")}
+                                for r in runs if well_conditioned(r.get("elasticity")) is False]}
+
+
+def _abs_errors(runs: list[dict[str, Any]], key: str = "error"
+                ) -> dict[str, dict[str, float | int | None]]:
+    errs = {k: [abs(e[k]) for r in runs if (e := r.get(key)) and e.get(k) is not None]
+            for k in ("throughput_seq_s", "latency_p99len_s")}
+    return {k: {"mean": statistics.fmean(v) if v else None, "max": max(v) if v else None,
+                "rows": len(v)} for k, v in errs.items()}
 
 
 def _f(x: Any, fmt: str = ".3g") -> str:
@@ -70,6 +85,10 @@ def _f(x: Any, fmt: str = ".3g") -> str:
 
 def _pct(x: float | None) -> str:
     return "" if x is None else f" ({x * 100:+.0f}%)"
+
+
+def _sem(x: float | None) -> str:
+    return "" if x is None else f" +- {x:.2g}"
 
 
 def _bound(b: float | None) -> str:
@@ -95,15 +114,19 @@ def _row_md(r: dict[str, Any], static: dict[str, Any] | None) -> str:
              _f(me.get("throughput_seq_s")) + _pct(er.get("throughput_seq_s")),
              _f(me.get("throughput_tok_s"), ".1f"),
              _f(comparable(pr, "latency_p99len_s")),
-             _f(me.get("latency_p99len_s")) + _pct(er.get("latency_p99len_s")),
+             _f(me.get("latency_p99len_s")) + _pct(er.get("latency_p99len_s"))
+             + _sem(me.get("latency_p99len_sem_s")),
+             _f(worst(r.get("elasticity"), "latency_p99len_s"), ".2g"),
+             _f(me.get("cpu_stretch"), ".2f"),
              _f(me.get("latency_p99_s")), _f(me.get("ttft_s")), _f(me.get("tpot_s")),
              "-" if vs is None else f"{vs:.2f}x", met, _load(me), note.replace("|", "/")]
     return "| " + " | ".join(cells) + " |"
 
 
 HEADER = ("| policy | plan | knobs | pred seq/s | meas seq/s (err) | meas tok/s | "
-          "pred p99-len lat (s) | meas p99-len lat (s) (err) | meas p99 (s) | TTFT (s) | "
-          "TPOT (s) | vs static | bound met | load | note |")
+          "pred p99-len lat (s) | meas p99-len lat (s) (err) +- s.e. | lat. elasticity | "
+          "CPU stretch | "
+          "meas p99 (s) | TTFT (s) | TPOT (s) | vs static | bound met | load | note |")
 
 
 def render_md(results: dict[str, Any]) -> str:
@@ -124,7 +147,7 @@ def render_md(results: dict[str, Any]) -> str:
              + ", ".join(_bound(b) for b in bounds["bounds"]), ""]
     table = _by_bound(results["rows"])
     for b in sorted(table, key=lambda x: math.inf if x is None else x):
-        lines += [f"## bound {_bound(b)}", "", HEADER, "|" + "---|" * 15]
+        lines += [f"## bound {_bound(b)}", "", HEADER, "|" + "---|" * HEADER.count(" |")]
         static = table[b].get("static")
         lines += [_row_md(r, static) for r in table[b].values()]
         lines.append("")
@@ -162,8 +185,23 @@ def _headline_md(h: dict[str, Any]) -> list[str]:
               f"{_f(err['throughput_seq_s']['mean'], '.1%')} max "
               f"{_f(err['throughput_seq_s']['max'], '.1%')}; p99-length latency mean "
               f"{_f(err['latency_p99len_s']['mean'], '.1%')} max "
-              f"{_f(err['latency_p99len_s']['max'], '.1%')}", ""]
-    return lines
+              f"{_f(err['latency_p99len_s']['max'], '.1%')}"]
+    good = h["abs_error_well_conditioned"]
+    lines.append(f"- the same over the {good['throughput_seq_s']['rows']} of them whose "
+                 "predicted p99-length latency a 5% error of the profile's decode or encode "
+                 "cost moves by at most ~10% (|elasticity| <= 2): throughput mean "
+                 f"{_f(good['throughput_seq_s']['mean'], '.1%')}, p99-length latency mean "
+                 f"{_f(good['latency_p99len_s']['mean'], '.1%')}")
+    load = h["abs_error_at_run_load"]
+    if load["throughput_seq_s"]["rows"]:
+        lines.append(f"- against each run's prediction scaled by its CPU stretch over the "
+                     f"calibration runs' ({load['throughput_seq_s']['rows']} runs): throughput "
+                     f"mean {_f(load['throughput_seq_s']['mean'], '.1%')}, p99-length latency "
+                     f"mean {_f(load['latency_p99len_s']['mean'], '.1%')}")
+    for r in h["ill_conditioned"]:
+        lines.append(f"  - left out: {r['policy']} at bound {_bound(r['bound_s'])}, latency "
+                     f"elasticity {_f(r['latency_elasticity'], '.2g')}")
+    return lines + [""]
 
 
 def write(results: dict[str, Any], out: Path) -> tuple[Path, Path]:

@@ -70,6 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="static batch size of the transformers reference (default 8)")
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--reanalyse", type=Path, default=None, metavar="DIR",
+                   help="run nothing: recompute DIR's figures, errors, elasticities, tables "
+                        "and plots from the lifecycles and plans it recorded")
 
 
 def register(subparsers: Any) -> None:
@@ -123,10 +126,11 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from common.procs import StartupError
-    from coordinator.bench import plots, report
     from coordinator.bench.evaluate import Evaluation
     from coordinator.bench.progress import Progress
 
+    if args.reanalyse is not None:
+        return _reanalyse(args.reanalyse)
     try:
         cfg = config_from_args(args)
     except ValueError as exc:
@@ -141,9 +145,26 @@ def run(args: argparse.Namespace) -> int:
     except (StartupError, RuntimeError, TimeoutError, OSError) as exc:
         print(f"exegpt bench: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    json_path, md_path = report.write(results, cfg.out)
-    pngs = plots.write_all(results, cfg.out)
+    return _write(results, cfg.out)
+
+
+def _write(results: dict[str, Any], out: Path) -> int:
+    from coordinator.bench import plots, report
+
+    json_path, md_path = report.write(results, out)
+    pngs = plots.write_all(results, out)
     print(md_path.read_text())
     print(f"exegpt bench: wrote {json_path}, {md_path}, "
           + ", ".join(str(p) for p in pngs), flush=True)
     return 0
+
+
+def _reanalyse(out: Path) -> int:
+    from coordinator.bench.reanalyse import reanalyse
+
+    try:
+        results = reanalyse(out)
+    except (ValueError, OSError, KeyError) as exc:
+        print(f"exegpt bench --reanalyse: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    return _write(results, out)

@@ -91,7 +91,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.latency_bound is None:
         raise ValueError("--latency-bound is required (use inf for no bound)")
     plan = plan_from_args(args, workload, profile, workers)
-    print(plan.to_json() if args.json else render(plan))
+    print(plan.to_json() if args.json else render(plan) + "\n" + sensitivity(plan, workload,
+                                                                             profile))
     if args.timeline:
         _timeline(args, plan, workload, profile)
     return 0
@@ -168,6 +169,28 @@ def render(plan) -> str:  # noqa: ANN001
               f"profile           {plan.profile_meta.get('source')} on "
               f"{plan.profile_meta.get('device')} ({plan.profile_meta.get('dtype')})"]
     return "\n".join(lines)
+
+
+def sensitivity(plan, workload, profile) -> str:  # noqa: ANN001
+    """How far a 5% error of the profile's decode or encode cost moves the prediction
+    (coordinator/bench/sensitivity.py), with a warning when it is amplified."""
+    from coordinator.bench.sensitivity import STEP, elasticities, well_conditioned, worst
+
+    e = elasticities(plan, workload, profile)
+    parts = "; ".join(
+        f"{part} cost: latency {_f(v['latency_p99len_s'])}, throughput "
+        f"{_f(v['throughput_seq_s'])}" for part, v in e.items())
+    line = f"elasticity        {parts}"
+    if well_conditioned(e) is False:
+        moved = (math.exp(math.log1p(STEP) * (worst(e, 'latency_p99len_s') or 0.0)) - 1.0)
+        line += (f"\n                  ill-conditioned: a {STEP:.0%} profile error moves the "
+                 f"p99-length latency by ~{moved:.0%} (a regime boundary, e.g. the encoders "
+                 "feeding the decoders near capacity)")
+    return line
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.2f}"
 
 
 def _in_flight(plan) -> str:  # noqa: ANN001

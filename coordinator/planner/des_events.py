@@ -77,9 +77,10 @@ class StreamStep(Event):
         return [StreamStep(end, self.stream, 1)]
 
     def _static(self, sim: Sim) -> list[Event]:
-        """FT-style: the whole batch decodes until its longest request (finished sequences
-        are still computed) and leaves together; one pass per step, like the mesh."""
-        pipe, t, req = sim.pipes["pipeline"], self.time, sim.req
+        """No joins until the batch's longest request ends, as the mesh runs it
+        (coordinator/streams.py): a step decodes the batch's live rows only, and a request is
+        answered when its own last token comes (the batch diminishes); one pass per step."""
+        pipe, t = sim.pipes["pipeline"], self.time
         if self.step == 0:
             idx = sim.take(t, sim.cand.B_E)
             if idx.size == 0:
@@ -88,18 +89,12 @@ class StreamStep(Event):
             sim.batch_samples.append((t, idx.size))
             end = sim.run_pass(sim.encode_times(pipe, idx), t, "encode")
             return [StreamStep(end, self.stream, 1)]
-        idx = sim.active(self.stream)
-        ctx = float(req.in_len[idx].mean()) + self.step
-        times = [sim.costs.decode_stage(st, float(idx.size), ctx) for st in pipe]
+        live = sim.active(self.stream)
+        times = sim.decode_times(pipe, live, 1)
         end = sim.run_pass(times, t, "decode")
-        if self.step == 1:
-            req.t_first_token[idx] = end
-        if self.step < int(req.out_len[idx].max()):
-            return [StreamStep(end, self.stream, self.step + 1)]
-        req.generated[idx] = req.out_len[idx]
-        req.t_finish[idx] = end  # no early termination: results leave with the batch
-        req.t_p99_token[idx[req.out_len[idx] >= sim.stats.s99]] = end
-        return [StreamStep(end, self.stream, 0)]
+        left = sim.emit_tokens(live, end)
+        sim.set_active(self.stream, left)
+        return [StreamStep(end, self.stream, self.step + 1 if left.size else 0)]
 
     def _continuous(self, sim: Sim) -> list[Event]:
         pipe, t, active = sim.pipes["pipeline"], self.time, sim.active(self.stream)

@@ -9,8 +9,9 @@ Saturated and offline, like the paper (arrivals are the discrete-event simulator
 - WAA: an encoder pipeline feeds a decoder pipeline (B_m micro-batches) one batch per round;
   ``B_D = B_E * E[S]`` when the decoder is the bottleneck, else the fixed point
   ``B_D = X * E[S] * round(B_D)`` at the encoder's rate X.
-- static: batch B, decode runs until the batch's longest output (E[max of B draws]); no early
-  termination; SLA-(b) uses the maximum output length (the paper's rule).
+- static: batch B, decode runs until the batch's longest output (E[max of B draws]) over the
+  batch's live rows (it diminishes as outputs end); SLA-(b) uses the maximum output length
+  (the paper's rule for static batching).
 - continuous: iteration-level batching with B slots; Binomial(B, 1/E[S]) prefills ride in each
   iteration's pass; a round lasts the longest traverse or the busiest stage (``_continuous``).
 """
@@ -154,14 +155,19 @@ def _static(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline)
     steps = np.arange(1, stats.s_max + 1, dtype=np.float64)
     ctx = stats.mean_in + steps
     enc = expected_encode(costs, pipe, b, stats)
-    dec = costs.decode_pipeline(pipe, np.full(steps.size, float(b)), ctx)
+    out = stats.workload.output
+    surv = out.survival(steps)
+    p_running = surv if b == 1 else 1.0 - (1.0 - surv) ** b
+    # the batch diminishes: the runner computes only its live rows (a finished request leaves
+    # and is answered at once, coordinator/streams.py), so step k of a batch still running
+    # decodes E[live | running] = B P(S >= k) / P(max of B >= k) rows, not B
+    live = np.maximum(b * surv / np.maximum(p_running, 1e-300), 1.0)
+    dec = costs.decode_pipeline(pipe, live, ctx)
     # static streams drift apart (no lock step): each stream's encode holds every stage in
     # turn while the other streams' decode passes queue behind it, so each of the P encodes
     # of a round costs about its whole pipeline traverse (DES: within -7% / +9%, des.py)
     t_enc = streams * float(sum(enc))
     t_dec = round_time(dec, streams)
-    out = stats.workload.output
-    p_running = out.survival(steps) if b == 1 else 1.0 - (1.0 - out.survival(steps)) ** b
     cycle = t_enc + float(p_running @ t_dec)
     cum = t_enc + np.cumsum(t_dec)
     lat_b = float(cum[stats.s_max - 1])
@@ -170,12 +176,26 @@ def _static(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline)
     held = streams * b * (stats.workload.input.max + stats.s_max)  # preallocated for max length
     mem = [costs.weight_bytes(st) + costs.kv_bytes_held(st, held) for st in pipe]
     return _finish(costs, stats, {"pipeline": pipe}, x=streams * b / cycle, lat_b=lat_b,
-                   lat_a=lat_a, ttft=t_enc + float(t_dec[0]), tpot=float(t_dec.mean()),
+                   lat_a=lat_a, ttft=t_enc + float(t_dec[0]), tpot=_own_tpot(surv, t_dec),
                    b_d=float(b), util=_per_worker(pipe, util), mem=_per_worker(pipe, mem),
                    extra={"cycle_s": cycle, "t_encode_s": t_enc,
                           # what a client sees of a p99-length request (its own last token;
                           # SLA-(b) above runs to the maximum length, the paper's rule)
                           "latency_to_p99_token_s": float(cum[stats.s99 - 1])})
+
+
+def _own_tpot(surv: np.ndarray, t_dec: np.ndarray) -> float:
+    """Mean over requests of (own last token - first token) / (S - 1), S >= 2, with token k at
+    the end of decode step k (what the bench and the DES measure: a request's own rounds, not
+    the batch's)."""
+    pmf = surv - np.append(surv[1:], 0.0)
+    s = np.arange(1, surv.size + 1)
+    multi = s >= 2
+    if not multi.any() or pmf[multi].sum() <= 0:
+        return float(t_dec[0])
+    cum = np.cumsum(t_dec)
+    per = (cum[multi] - cum[0]) / (s[multi] - 1)
+    return float((pmf[multi] * per).sum() / pmf[multi].sum())
 
 
 def prefill_law(slots: int, mean_s: float, streams: int

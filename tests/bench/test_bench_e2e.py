@@ -15,7 +15,7 @@ ROW_KEYS = {"bound_s", "policy", "note", "runnable", "plan", "measured"}
 MEASURED_KEYS = set(COMPARED) | {"requests", "ok", "failed", "makespan_s", "bound_met",
                                  "latency_max_s", "queue_p50_s", "throughput_makespan_seq_s",
                                  "p99len_requests", "mean_output_tokens", "repeats", "workers",
-                                 "load_avg_1min"}
+                                 "load_avg_1min", "latency_p99len_sem_s", "cpu_stretch"}
 
 
 def check_results(out: Path, num_bounds: int, policies: list[str]) -> dict:
@@ -38,6 +38,9 @@ def check_results(out: Path, num_bounds: int, policies: list[str]) -> dict:
         assert set(row["predicted"]) - {"latency_to_p99_token_s"} == set(COMPARED)
         assert (out / row["records"]).is_file()
         assert isinstance(row["measured"]["bound_met"], bool)
+        assert set(row["elasticity"]) == {"decode", "encode"}
+        for w in row["measured"]["workers"]:  # every worker times its compute both ways
+            assert w["busy_s"] > 0 and w["busy_cpu_s"] >= 0, w
     for png in ("throughput_vs_bound.png", "predicted_vs_measured.png", "timeline.png"):
         assert (out / png).stat().st_size > 1000
     md = (out / "results.md").read_text()
@@ -55,6 +58,16 @@ def test_null_model_run_writes_well_formed_results(tmp_path: Path) -> None:
     results = check_results(out, 1, ["exegpt", "static"])
     assert results["reference"] == {"skipped": "the null model has no weights"}
     assert results["meta"]["requests"] == 6 and results["meta"]["probes"] == 1
+    # --reanalyse recomputes every figure from the recorded lifecycles, running nothing
+    (out / "results.md").unlink()
+    assert main(["bench", "--reanalyse", str(out)]) == 0
+    again = check_results(out, 1, ["exegpt", "static"])
+    assert again["meta"]["reanalysed"]
+    for before, after in zip(results["rows"], again["rows"], strict=True):
+        for key in ("throughput_seq_s", "latency_p99len_s", "cpu_stretch"):
+            assert after["measured"][key] == before["measured"][key]
+        assert after["elasticity"] == before["elasticity"]
+    assert main(["bench", "--reanalyse", str(tmp_path / "nothing")]) == 2
 
 
 def test_bad_flags_exit_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -66,6 +66,13 @@ def test_measure_p99_length_latency_and_bound() -> None:
     # encode 0.1 s + 19 steps of 0.05 s to the 20th token
     assert m["latency_p99len_s"] == pytest.approx(1.05)
     assert m["p99len_requests"] == 2
+    assert m["latency_p99len_sem_s"] == pytest.approx(0.0, abs=1e-12)  # both took 1.05 s
+    slow = measure([*recs, record(2.0, 20, 0.08)], s99=20, bound_s=None)
+    lats = [1.05, 1.05, 0.1 + 19 * 0.08]  # sample sd / sqrt(3)
+    mean = sum(lats) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in lats) / 2)
+    assert slow["latency_p99len_sem_s"] == pytest.approx(sd / math.sqrt(3))
+    assert measure(recs[1:], s99=20, bound_s=None)["latency_p99len_sem_s"] is None  # one
     assert m["bound_met"] is True
     assert measure(recs, s99=20, bound_s=1.0)["bound_met"] is False
     assert m["ttft_s"] == pytest.approx(0.1)
@@ -94,9 +101,11 @@ def test_relative_errors_and_median() -> None:
     static = relative_errors({"latency_p99len_s": 8.0, "latency_to_p99_token_s": 4.0},
                              {"latency_p99len_s": 5.0})
     assert static["latency_p99len_s"] == pytest.approx(0.25)
-    med = median_of([{"x": 1.0, "bound_met": True}, {"x": 3.0, "bound_met": True},
-                     {"x": 2.0, "bound_met": False}])
+    med = median_of([{"x": 1.0, "tpot_s": 0.2, "bound_met": True},
+                     {"x": 3.0, "tpot_s": 0.1, "bound_met": True},
+                     {"x": 2.0, "tpot_s": 0.4, "bound_met": False}])
     assert med["x"] == 2.0 and med["bound_met"] is False
+    assert med["tpot_s"] == 0.2 and med["range"] == {"tpot_s": [0.1, 0.4]}  # compared only
 
 
 def test_request_draw_is_seeded_and_has_probes() -> None:

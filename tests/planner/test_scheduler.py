@@ -77,6 +77,11 @@ def test_cli_plan_json_and_table(tmp_path, capsys) -> None:  # noqa: ANN001
     assert printed == json.loads(out.read_text())
     assert Plan.from_json(out.read_text()).predicted["latency_p99len_s"] <= 6
     rc = main(["plan", "--profile", "analytic:a40:opt-13b", "--workload", "S",
+               "--latency-bound", "6", "--gpus", "4"])
+    table = capsys.readouterr().out
+    assert rc == 0 and "elasticity        decode cost: latency +" in table
+    assert "ill-conditioned" not in table
+    rc = main(["plan", "--profile", "analytic:a40:opt-13b", "--workload", "S",
                "--latency-bound", "0.01", "--gpus", "4"])
     assert rc == 2 and "tightest reachable latency" in capsys.readouterr().err
     rc = main(["plan", "--profile", "analytic:a40:opt-13b", "--model", "gpt3-39b",

@@ -21,7 +21,10 @@ batches counted per encoder period), every WAA candidate gained ``peak_decode_ba
 extra, and the RRA, static and continuous candidates are unchanged bit for bit. A fourth
 time: an encoder-bound WAA decoder's utilisation is now its busy fraction on the burst
 timeline times its stage's share of the round (it was read as always busy; the DES agrees,
-test_waa_burst.py): 5 candidates' ``util`` changed, nothing else. Floats
+test_waa_burst.py): 5 candidates' ``util`` changed, nothing else. A fifth time: a static
+batch diminishes (the runner decodes only its live rows, coordinator/streams.py, and the DES
+now does too), and its time per token is each request's own: the 36 static candidates changed
+(throughput x1.00-x1.98, median x1.04; SLA-(b) latency x0.46-x1.00), nothing else. Floats
 round-trip through JSON exactly (repr), so the comparison is for equality, not a tolerance.
 """
 

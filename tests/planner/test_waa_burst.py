@@ -11,9 +11,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.models.config import ModelConfig
-from coordinator.planner import analytic
-from coordinator.planner.analytic import GPUSpec, analytic_profile
 from coordinator.planner.candidate import Candidate
 from coordinator.planner.costs import Costs
 from coordinator.planner.des import run_des
@@ -21,19 +18,7 @@ from coordinator.planner.simulator import simulate
 from coordinator.planner.waa_burst import RoundTable, burst_timeline
 from coordinator.planner.workload import parse_workload
 
-# a 2-core CPU as a roofline: 60 GFLOP/s bf16, 20 GB/s memory; decode is compute-bound
-CPU_LIKE = GPUSpec("2-core CPU (roofline)", 60e9, 20e9, 24e9, 10e9, 10e9, 10e9, 20e-6,
-                   launch_s=20e-6)
 S4 = "in=normal:64,63,128;out=normal:32,13,80;name=S/4"
-
-
-@pytest.fixture(scope="module")
-def cpu_costs() -> Costs:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(analytic.GPUS, "cpu-like", CPU_LIKE)
-        profile = analytic_profile("cpu-like", ModelConfig.preset("smollm2-135m"), "bfloat16",
-                                   (1,))
-    return Costs(profile)
 
 
 @pytest.mark.parametrize(("b_e", "workload", "rel"), [
@@ -44,13 +29,13 @@ def cpu_costs() -> Costs:
     # bunch up), which is left as a known gap (docs/planner.md)
     (1, "in=normal:64,2,128;out=normal:32,13,80;name=fixed-in", 0.08)])
 def test_encoder_bound_waa_agrees_with_des(b_e: int, workload: str, rel: float,
-                                           cpu_costs: Costs) -> None:
+                                           cpu_roofline_costs: Costs) -> None:
     wl = parse_workload(workload)
     cand = Candidate("waa-c", 2, B_E=b_e)
-    closed = simulate(cand, wl, cpu_costs)
+    closed = simulate(cand, wl, cpu_roofline_costs)
     ex = closed.extra
     assert ex["encode_period_s"] > ex["round_s"]  # the case under test: encoder-bound
-    des = run_des(cand, wl, cpu_costs, num_requests=4000, seed=3).metrics
+    des = run_des(cand, wl, cpu_roofline_costs, num_requests=4000, seed=3).metrics
     assert closed.throughput_seq_s == pytest.approx(des.throughput_seq_s, rel=0.03)
     assert closed.latency_p99len_s == pytest.approx(des.latency_p99len_s, rel=rel)
     assert closed.tpot_s == pytest.approx(des.tpot_s, rel=0.1)

@@ -201,15 +201,16 @@ def test_replan_job_keeps_the_layout_and_changes_knobs() -> None:
 
 
 def test_replan_job_reports_a_relayout_and_the_best_knobs_on_the_current_one() -> None:
-    # static on 4 A40s under 40 s: C1 is planned on one tp-4 stage, T would rather have two
-    # tp-2 stages
+    # continuous batching on 4 A40s under 80 s: C1 is planned on two tp-2 stages, T would
+    # rather have four tp-1 stages
     profile = "analytic:a40:opt-13b"
-    plan = make_plan(parse_workload("C1"), parse_profile_arg(profile), 4, 40.0, policy="static")
+    plan = make_plan(parse_workload("C1"), parse_profile_arg(profile), 4, 80.0,
+                     policy="continuous")
     out = replan_job(plan.to_json(), profile, "T")
     best, fit = Plan.from_json(out["best"]), Plan.from_json(out["on_layout"])
     assert layout(best) != layout(plan)
     assert layout(fit) == layout(plan) and fit.B_E != plan.B_E
-    assert fit.predicted["latency_p99len_s"] <= 40.0 and fit.search.get("meets_bound", True)
+    assert fit.predicted["latency_p99len_s"] <= 80.0 and fit.search.get("meets_bound", True)
     assert best.predicted["throughput_seq_s"] >= fit.predicted["throughput_seq_s"]
 
 
@@ -272,8 +273,9 @@ def test_adapter_switches_waa_knobs_and_rebases(tmp_path: Path,
 def test_adapter_keeps_the_layout_and_sets_pipeline_streams(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     profile = "analytic:a40:opt-13b"
-    plan = make_plan(parse_workload("C1"), parse_profile_arg(profile), 4, 40.0, policy="static")
-    streams = [Stream(i, StreamKnobs("static", plan.B_E)) for i in range(2)]
+    plan = make_plan(parse_workload("C1"), parse_profile_arg(profile), 4, 80.0,
+                     policy="continuous")  # two tp-2 stages; T would rather have four tp-1
+    streams = [Stream(i, StreamKnobs("continuous", plan.B_E)) for i in range(2)]
     adapter, co, log = _adapter(tmp_path, plan, profile, monkeypatch,
                                 SimpleNamespace(streams=streams, switching=False))
     # no stage worker connected: the new plan's TP layout cannot be re-grouped, so it is kept
@@ -285,7 +287,7 @@ def test_adapter_keeps_the_layout_and_sets_pipeline_streams(
     fit = Plan.from_json(result["on_layout"])
     assert log.names() == ["replan_needs_relayout", "plan_switch"]
     assert log.events[0][1]["throughput_gain"] > 0
-    assert [s.knobs for s in streams] == [StreamKnobs("static", fit.B_E)] * 2
+    assert [s.knobs for s in streams] == [StreamKnobs("continuous", fit.B_E)] * 2
     assert layout(adapter.plan) == layout(plan)
 
 
