@@ -25,26 +25,27 @@ and one encode pass (a batch's prompts through the P stages) is
 
     encode_measured(B) = c * encode_predicted(B) + P * o.
 
-Least squares of the TPOTs over the baseline batch sizes (1, 2, 4, ...: the fixed part
-dominates the smallest, compute the largest) gives (c, o) when the load holds still between
-the runs. It often does not on this shared machine (5.5 -> 7.1 across three baseline runs,
-and the fit came out c < 0; in another, a B = 1 run slower per token than B = 2 gave
-c = 0.18 with residuals of 13-18%): it is used only if physical and within ``MAX_RESIDUAL``
-of every run. Otherwise each run gives its own pair from its two kinds of pass at
-one load: an encode pass is mostly compute and a small-batch decode step mostly fixed cost,
-``c = (E - D) / (E_pred - D_pred)``, ``o = (D - c D_pred) / P``; the medians over the runs
-are used. The measured encode pass is the median over the run's batches (the P streams' first
-encodes start together and queue behind each other). It is the second choice because the
-encode passes run at a lower c than decode steps (the quiet 11:48 run: 1.0-1.25 per run
-against 1.35 from the TPOTs): a decode step also pays per-sequence work outside the profile
-(sampling, token bookkeeping), which grows with the batch and lands in c; in the 16:41 S/4
-run they ran at a higher one (below). If neither applies (no run's encode pass is larger
-than its decode step, as on a tiny model, and the least squares is unphysical or off by more
-than ``MAX_RESIDUAL``), the candidate with the smallest worst TPOT residual is taken among the
-physical least squares, one factor (o = 0, c = the median TPOT ratio) and the profile as
-measured plus an overhead (c = 1, o = the median of (TPOT - predicted) / P): on tiny-t5 at
-load 6 the least squares (c 0.74, o 4.4 ms, worst 13%) against one factor (4.6x, off by up to
-60%), which the older rule took. ``method`` says which was used.
+Each run gives its own pair from its two kinds of pass at one load: an encode pass is mostly
+compute and a small-batch decode step mostly fixed cost, ``c = (E - D) / (E_pred - D_pred)``,
+``o = (D - c D_pred) / P``; the medians over the runs are used when at least ``MIN_PER_RUN``
+runs give one. The measured encode pass is the median over the run's batches (the P streams'
+first encodes start together and queue behind each other). This is the first choice since
+2026-11-24: least squares of the TPOTs alone across batch sizes is ill-conditioned (the
+predicted TPOTs of B = 1..16 span only ~2.5x, and c and o trade off along it), and a
+multi-stream static TPOT on the mesh also holds the other streams' encodes, which the closed
+form puts before the first token instead (docs/planner.md, static). On the 23:36 T/4 run the
+least squares came out c = 1.64, o = 3.5 ms with every residual under 8%, and was taken; the
+runs' own pairs gave c 0.95-1.31 (median 1.20), o 10.1-12.0 ms, and the workers' own busy
+clocks (compute on the wall, regressed on the profile's compute of the same passes) c 1.18,
+o 6.9 ms inside the worker. Every exegpt, static and continuous plan of that run came out
+faster than predicted (throughput +8% to +33%). Without two such runs (no run's encode pass
+is larger than its decode step, as on a tiny model) the least squares is used if physical
+and within ``MAX_RESIDUAL`` of every run; otherwise the candidate with the smallest worst
+TPOT residual is taken among the physical least squares, the per-run medians, one factor
+(o = 0, c = the median TPOT ratio) and the profile as measured plus an overhead (c = 1, o =
+the median of (TPOT - predicted) / P): on tiny-t5 at load 6 the least squares (c 0.74, o 4.4
+ms, worst 13%) against one factor (4.6x, off by up to 60%), which an older rule took.
+``method`` says which was used, with what the least squares alone would have given.
 
 **Encode passes get their own factor** (``encode_factor``, ``ENCODE_OPS`` rows). A prefill
 is a few large oneDNN GEMMs (compute-bound), a decode step the C kernel streaming the weights
@@ -82,6 +83,7 @@ import numpy as np
 
 HANDOFF_FIXED_S = 0.0  # see the module doc: the hand-off message is part of the encoder pass
 MAX_RESIDUAL = 0.10  # the TPOT least squares is used only if it explains every run this well
+MIN_PER_RUN = 2  # runs with an encode-pass + TPOT pair that make the per-run fit the first choice
 ENCODE_OPS = ("enc_layer_attn", "enc_layer_rest")  # the rows encode_factor scales
 ENCODE_MIN_OVERHEADS = 5.0  # an encode pass fits encode_factor if its compute is >= 5 x P * o
 
@@ -143,8 +145,9 @@ def _per_run(p: dict[str, float]) -> tuple[float, float] | None:
 
 
 def fit_pass_model(baseline: list[dict[str, Any]]) -> PassFit | None:
-    """Fit (c, o) from the baseline runs' TPOTs (least squares across batch sizes), else from
-    each run's encode pass + TPOT, else one factor (module doc). None: no run measured one."""
+    """Fit (c, o) from each run's encode pass + TPOT (medians over runs) when at least
+    ``MIN_PER_RUN`` runs give a pair, else from the TPOTs across batch sizes (least squares),
+    else one factor (module doc). None: no run measured a TPOT."""
     pts = _points(baseline)
     if not pts:
         return None
@@ -155,22 +158,26 @@ def fit_pass_model(baseline: list[dict[str, Any]]) -> PassFit | None:
     meas = np.array([p["tpot_s"] for p in pts])
     stages = np.array([p["stages"] for p in pts])
     why = "one baseline batch size: two unknowns need two"
-    fallback: list[tuple[float, float, str]] = []  # (c, o, method): physical, not exact
+    lsq: tuple[float, float, float] | None = None  # (c, o, worst residual)
     if len(set(np.round(pred, 12))) >= 2:
         (c, p_o), *_ = np.linalg.lstsq(np.stack([pred, stages], axis=1), meas, rcond=None)
-        worst = _worst(float(c), float(p_o), pred, meas, stages)
-        if c > 0 and p_o >= 0 and worst <= MAX_RESIDUAL:
-            return _with_fitted(PassFit(float(c), float(p_o), "least squares"), pts)
-        why = (f"least squares gave c = {c:.3g}, o = {p_o * 1e3:.3g} ms, worst residual "
-               f"{worst:.0%}")
-        if c > 0 and p_o >= 0:
-            fallback.append((float(c), float(p_o), "least squares"))
+        lsq = (float(c), float(p_o), _worst(float(c), float(p_o), pred, meas, stages))
+        why = (f"least squares over the TPOTs alone gave c = {c:.3g}, o = {p_o * 1e3:.3g} ms, "
+               f"worst residual {lsq[2]:.0%}")
     good = [f for _p, f in runs if f is not None]
-    if good:  # each run's two kinds of pass at one load: the second choice (module doc)
+    if len(good) >= MIN_PER_RUN:  # each run's two kinds of pass at one load (module doc)
         return _with_fitted(PassFit(statistics.median(c for c, _ in good),
                                     statistics.median(o for _, o in good),
-                                    f"per run (encode pass + TPOT), median of {len(good)}: "
+                                    f"per run (encode pass + TPOT), median of {len(good)}; "
                                     f"{why}"), pts)
+    fallback: list[tuple[float, float, str]] = []  # (c, o, method): physical, not exact
+    if lsq is not None and lsq[0] > 0 and lsq[1] >= 0:
+        if lsq[2] <= MAX_RESIDUAL:
+            return _with_fitted(PassFit(lsq[0], lsq[1], "least squares"), pts)
+        fallback.append((lsq[0], lsq[1], "least squares"))
+    if good:
+        fallback.append((statistics.median(c for c, _ in good),
+                         statistics.median(o for _, o in good), "per run (encode pass + TPOT)"))
     fallback.append((float(statistics.median(meas / pred)), 0.0, "median ratio (o = 0)"))
     o_only = float(statistics.median((meas - pred) / stages))
     if o_only > 0:
