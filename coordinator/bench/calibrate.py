@@ -209,7 +209,12 @@ def _with_fitted(fit: PassFit, pts: list[dict[str, float]]) -> PassFit:
 
 def encode_factor(pts: list[dict[str, float]], overhead_s: float) -> tuple[float | None, int]:
     """(the size-weighted median of ``(E - P o) / E_pred`` over the compute-dominated encode
-    passes, how many), or (None, 0) when no run measured one (module doc)."""
+    passes, how many), or (None, 0) when no run measured one (module doc). A fit without a
+    fixed part (o = 0: one factor) cannot tell a compute-dominated pass from one that is all
+    fixed cost, so it gets none: on tiny-t5 every 15-40 ms encode pass of 1.6-5 ms profiled
+    compute read as x7.96 compute, and the WAA encoder was predicted at half its speed."""
+    if overhead_s <= 0:
+        return None, 0
     used = [p for p in pts if p.get("encode_pass_s") and p.get("predicted_encode_pass_s")
             and p["predicted_encode_pass_s"] >= ENCODE_MIN_OVERHEADS * p["stages"] * overhead_s]
     if not used:
