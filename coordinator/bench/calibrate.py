@@ -37,10 +37,11 @@ form puts before the first token instead (docs/planner.md, static). On the 23:36
 least squares came out c = 1.64, o = 3.5 ms with every residual under 8%, and was taken; the
 runs' own pairs gave c 0.95-1.31 (median 1.20), o 10.1-12.0 ms, and the workers' own busy
 clocks (compute on the wall, regressed on the profile's compute of the same passes) c 1.18,
-o 6.9 ms inside the worker. Every exegpt, static and continuous plan of that run came out
-faster than predicted (throughput +8% to +33%). Without two such runs (no run's encode pass
-is larger than its decode step, as on a tiny model) the least squares is used if physical
-and within ``MAX_RESIDUAL`` of every run; otherwise the candidate with the smallest worst
+o 6.9 ms inside the worker. 9 of that run's 10 plan runs measured more throughput than
+predicted (up to +25%) and all 10 a shorter p99-length latency (up to -53%). Without two
+such runs (no run's encode pass is larger than its decode step, as on a tiny model) the
+least squares is used if physical and within ``MAX_RESIDUAL`` of every run; otherwise the
+candidate with the smallest worst
 TPOT residual is taken among the physical least squares, the per-run medians, one factor
 (o = 0, c = the median TPOT ratio) and the profile as measured plus an overhead (c = 1, o =
 the median of (TPOT - predicted) / P): on tiny-t5 at load 6 the least squares (c 0.74, o 4.4
