@@ -33,7 +33,7 @@ from coordinator.planner.layout import (
 )
 from coordinator.planner.profile import Profile
 from coordinator.planner.rra_table import cycle_sums, decode_parts, step_batches
-from coordinator.planner.waa_burst import Burst, RoundTable, burst_timeline
+from coordinator.planner.waa_burst import Burst, RoundTable, burst_timeline, own_tpot
 from coordinator.planner.waa_split import nearest_split, waa_share, waa_split  # noqa: F401
 from coordinator.planner.workload import Workload
 
@@ -176,26 +176,12 @@ def _static(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline)
     held = streams * b * (stats.workload.input.max + stats.s_max)  # preallocated for max length
     mem = [costs.weight_bytes(st) + costs.kv_bytes_held(st, held) for st in pipe]
     return _finish(costs, stats, {"pipeline": pipe}, x=streams * b / cycle, lat_b=lat_b,
-                   lat_a=lat_a, ttft=t_enc + float(t_dec[0]), tpot=_own_tpot(surv, t_dec),
+                   lat_a=lat_a, ttft=t_enc + float(t_dec[0]), tpot=own_tpot(surv, np.cumsum(t_dec)),
                    b_d=float(b), util=_per_worker(pipe, util), mem=_per_worker(pipe, mem),
                    extra={"cycle_s": cycle, "t_encode_s": t_enc,
                           # what a client sees of a p99-length request (its own last token;
                           # SLA-(b) above runs to the maximum length, the paper's rule)
                           "latency_to_p99_token_s": float(cum[stats.s99 - 1])})
-
-
-def _own_tpot(surv: np.ndarray, t_dec: np.ndarray) -> float:
-    """Mean over requests of (own last token - first token) / (S - 1), S >= 2, with token k at
-    the end of decode step k (what the bench and the DES measure: a request's own rounds, not
-    the batch's)."""
-    pmf = surv - np.append(surv[1:], 0.0)
-    s = np.arange(1, surv.size + 1)
-    multi = s >= 2
-    if not multi.any() or pmf[multi].sum() <= 0:
-        return float(t_dec[0])
-    cum = np.cumsum(t_dec)
-    per = (cum[multi] - cum[0]) / (s[multi] - 1)
-    return float((pmf[multi] * per).sum() / pmf[multi].sum())
 
 
 def prefill_law(slots: int, mean_s: float, streams: int
@@ -305,7 +291,7 @@ def waa_core(cand: Candidate, stats: WorkloadStats, costs: Costs,
         pre = e_lat + hand
         first = float(burst.to_token[0])
         lat = pre + burst.to_p99
-        ttft, tpot = pre + first, burst.tpot(stats.surv, first)
+        ttft, tpot = pre + first, burst.tpot(stats.surv)
         busy = burst.busy  # the decoders idle between a burst's tail and the next merge
         batches_ahead = float(np.ceil((e_lat + hand) / e_period - 1e-9))  # one per period
     in_flight = batches_ahead * cand.B_E * stats.mean_in

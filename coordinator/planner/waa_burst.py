@@ -39,16 +39,22 @@ class Burst:
     peak_batch: float  # the largest expected batch of any round (memory, decoder capacity)
     busy: float  # fraction of the time the decoders run rounds
 
-    def tpot(self, surv: np.ndarray, first: float) -> float:
-        """Mean (finish - first token) / (S - 1) over requests with S >= 2, as des_measure
-        averages it; ``first`` is the time from ready to the first token."""
-        pmf = surv - np.append(surv[1:], 0.0)
-        s = np.arange(1, surv.size + 1)
-        multi = s >= 2
-        if not multi.any() or pmf[multi].sum() <= 0:
-            return float(self.to_token[0])
-        per = (self.to_token[multi] - first) / (s[multi] - 1)
-        return float((pmf[multi] * per).sum() / pmf[multi].sum())
+    def tpot(self, surv: np.ndarray) -> float:
+        """Each request's own time per token, averaged (``own_tpot``)."""
+        return own_tpot(surv, self.to_token)
+
+
+def own_tpot(surv: np.ndarray, to_token: np.ndarray) -> float:
+    """Mean (finish - first token) / (S - 1) over requests with S >= 2, as des_measure and the
+    bench average it; ``to_token[k-1]`` is the time to a request's k-th token, ``surv[k-1]``
+    = P(S >= k). With no request of 2 tokens or more: the time to the first token."""
+    pmf = surv - np.append(surv[1:], 0.0)
+    s = np.arange(1, surv.size + 1)
+    multi = s >= 2
+    if not multi.any() or pmf[multi].sum() <= 0:
+        return float(to_token[0])
+    per = (to_token[multi] - to_token[0]) / (s[multi] - 1)
+    return float((pmf[multi] * per).sum() / pmf[multi].sum())
 
 
 class RoundTable:
