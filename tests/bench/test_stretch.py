@@ -27,7 +27,9 @@ def test_the_busy_clock_tells_waiting_from_computing() -> None:
         end = time.thread_time() + 0.05
         while time.thread_time() < end:
             pass
-    assert spin.cpu_s >= 0.05 and spin.wall_s >= spin.cpu_s
+    # two different clocks: the CPU clock can read a hair past the wall one (seen: 50.033 ms
+    # of CPU in 50.025 ms of wall)
+    assert spin.cpu_s >= 0.05 and spin.wall_s >= 0.95 * spin.cpu_s
     with pytest.raises(RuntimeError), clock.timing():  # a failed pass still counts
         raise RuntimeError("boom")
     assert set(clock.load()) == {"busy_s", "busy_cpu_s"}
