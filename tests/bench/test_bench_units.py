@@ -51,12 +51,29 @@ def test_measured_batches_fill_every_stream_twice() -> None:
 
 def test_steady_throughput_counts_admissions_after_warmup() -> None:
     starts = [0.0] * 2 + [1.0] * 2 + [2.0] * 2 + [3.0] * 2 + [4.0] * 2  # 2 per s, 10 requests
-    assert steady_throughput(starts, first_finish=0.9) == pytest.approx(2.0)
-    assert steady_throughput([5.0] * 6, first_finish=6.0) is None  # one batch
-    assert steady_throughput(starts, first_finish=4.5) is None  # queue dry before a finish
+    finishes = [0.9, 0.95, 1.9, 1.95, 2.9, 2.95, 3.9, 3.95, 5.0, 5.0]
+    assert steady_throughput(starts, finishes) == pytest.approx(2.0)
+    assert steady_throughput([5.0] * 6, [6.0] * 6) is None  # one batch
+    assert steady_throughput(starts, [4.5] * 10) is None  # queue dry before a finish
     # the last batch admitted microseconds apart is one admission, not a 3e4 seq/s rate
     burst = [0.0] + [3.0 + i * 1e-6 for i in range(10)]
-    assert steady_throughput(burst, first_finish=1.0) is None
+    assert steady_throughput(burst, [1.0] * 11) is None
+
+
+def test_steady_throughput_keeps_a_burst_whole() -> None:
+    """Two lock-stepped streams admit 4 requests each 1 ms apart after the same finish, every
+    second: 8 per s. A window starting at the 20%-th admission (the second stream's) must not
+    drop the first stream's 4 from the count; nor may the last burst be half counted."""
+    starts, finishes = [], []
+    for cycle in range(8):
+        starts += [cycle + 0.0] * 4 + [cycle + 0.001] * 4
+        finishes += [cycle + 0.5] * 7 + [cycle + 0.999]
+    starts, finishes = starts[:-4], finishes[:-4]  # the queue ran dry: one stream's last batch
+    assert sorted(starts)[int(len(starts) * 0.2)] == pytest.approx(1.001)
+    assert steady_throughput(starts, finishes) == pytest.approx(8.0)
+    # a finish between two admissions splits them: the window starts at the second
+    split = [0.0, 1.0, 1.5, 2.0, 3.0]
+    assert steady_throughput(split, [0.9, 1.2, 1.9, 2.9, 4.0]) == pytest.approx(3 / 2.0)
 
 
 def test_measure_p99_length_latency_and_bound() -> None:
