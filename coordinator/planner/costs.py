@@ -22,6 +22,7 @@ leaves every time bit for bit what it was.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -307,3 +308,29 @@ def fill_time(stage_times: list[float], num_micro: int) -> float:
     """Time for ``num_micro`` identical passes, sent together into an empty pipeline, to all
     leave it: the first takes every stage's time, each later one the slowest stage's more."""
     return float(sum(stage_times) + (num_micro - 1) * max(stage_times))
+
+
+def lockstep_round(stage_times: list[np.ndarray], streams: int, alive: np.ndarray,
+                   own: list[np.ndarray] | None = None) -> np.ndarray:
+    """Expected time of one round of ``streams`` lock-stepped streams (RRA), each inside a
+    step of its cycle with probability ``alive`` independently and then costing
+    ``stage_times``: k live streams take ``max(sum_s t_s, k max_s t_s)`` (``round_time``),
+    none take nothing. The cycle goes on while any stream is alive, and a round of one live
+    stream costs its whole traverse, so this is not the all-streams round scaled by
+    ``alive``. ``own``: the stage times of one more stream known to be alive (a request
+    waiting for its tokens); k others alive then take ``max(sum_s own_s, max_s(own_s + k
+    t_s))``."""
+    times = np.stack([np.asarray(t, np.float64) for t in stage_times])
+    q = np.asarray(alive, np.float64)
+    others = streams - 1 if own is not None else streams
+    k = np.arange(others + 1, dtype=np.float64)[:, None]
+    weight = np.stack([math.comb(others, j) * q**j * (1.0 - q) ** (others - j)
+                       for j in range(others + 1)])
+    if own is None:
+        rounds = np.maximum(times.sum(axis=0), k * times.max(axis=0))
+        rounds[0] = 0.0
+    else:
+        mine = np.stack([np.asarray(t, np.float64) for t in own])
+        rounds = np.maximum(mine.sum(axis=0), (mine[None] + k[:, :, None] * times[None]
+                                               ).max(axis=1))
+    return (weight * rounds).sum(axis=0)

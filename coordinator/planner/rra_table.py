@@ -3,7 +3,9 @@
 Within one search, RRA candidates differ in B_E, N_D and the TP workers. What they share:
 
 - the survival sums of a cycle, ``sum_c P(S >= c N_D + u)`` and the mean context at each
-  offset u: they depend on the workload and N_D only (``cycle_sums``);
+  offset u, and ``sum_c log P(S < c N_D + u)`` (a stream is empty at u with probability its
+  exponential times B_E): they depend on the workload and N_D only (``cycle_sums``,
+  ``cycle_log_empty``);
 - the per-layer decode cost of every step of a cycle at a TP degree, and the embedding, LM head
   and stage-send costs: they depend on the batch (B_E times the sums), the context and tp, not
   on how the layers are split into stages. So ``decode_parts`` interpolates the profile for a
@@ -56,11 +58,30 @@ def cycle_sums(stats: WorkloadStats, n_d: int) -> tuple[np.ndarray, np.ndarray]:
     return cache[n_d]
 
 
-def step_batches(batch: Any, alive_only: bool) -> Any:
-    """The batch a decode step runs with. ``alive_only``: the expected batch given that the step
-    runs at all (P(any alive) = 1 - e^-b, Poisson); else at least the request itself."""
-    if alive_only:
-        return batch / np.maximum(-np.expm1(-batch), 1e-12)
+def cycle_log_empty(stats: WorkloadStats, n_d: int) -> np.ndarray:
+    """``sum_c log P(S < c N_D + u)`` at offsets u = 1..N_D: a stream that admitted B_E
+    requests per cycle is empty at offset u with probability ``exp(B_E *`` this ``)``, each
+    request admitted c cycles ago being alive there independently with P(S >= c N_D + u)."""
+    cache = stats.__dict__.setdefault("_cycle_log_empty", {})
+    if n_d not in cache:
+        cycles = -(-stats.s_max // n_d)
+        surv = np.zeros(cycles * n_d)
+        surv[: stats.s_max] = stats.surv
+        with np.errstate(divide="ignore"):  # certain survival: the stream is never empty
+            cache[n_d] = np.log1p(-np.minimum(surv, 1.0)).reshape(cycles, n_d).sum(axis=0)
+    return cache[n_d]
+
+
+def alive_probability(b_e: Any, log_empty: np.ndarray) -> Any:
+    """P(a stream has a live sequence at each offset): ``1 - exp(B_E * log_empty)``."""
+    return -np.expm1(np.multiply.outer(b_e, log_empty) if np.ndim(b_e) else b_e * log_empty)
+
+
+def step_batches(batch: Any, alive: Any) -> Any:
+    """The batch a decode step runs with. ``alive`` (the stream's ``alive_probability``): the
+    expected batch given that the step runs at all; None: at least the request itself."""
+    if alive is not None:
+        return batch / np.maximum(alive, 1e-12)
     return np.maximum(batch, 1.0)
 
 
@@ -80,7 +101,8 @@ def decode_parts(costs: Costs, stats: WorkloadStats, tps: set[int], n_d: int, b_
         sums, ctx = cycle_sums(stats, n_d)
         rows = (_GRID[block * BLOCK:(block + 1) * BLOCK] if block is not None
                 else np.array([float(b_e)]))
-        batch = step_batches(rows[:, None] * sums, alive_only)
+        alive = alive_probability(rows, cycle_log_empty(stats, n_d)) if alive_only else None
+        batch = step_batches(rows[:, None] * sums, alive)
         layers = {tp: costs._decode_layer(tp, batch, ctx) for tp in tps}
         ops = {(name, tp): costs.profile.op(name, tp, batch)
                for name in ("embed", "lm_head") for tp in tps}

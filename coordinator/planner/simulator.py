@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.planner.candidate import Candidate, Metrics, WorkloadStats, infeasible
-from coordinator.planner.costs import Costs, fill_time, round_time
+from coordinator.planner.costs import Costs, fill_time, lockstep_round, round_time
 from coordinator.planner.layout import (
     Pipeline,
     build_pipeline,
@@ -32,7 +32,13 @@ from coordinator.planner.layout import (
     tp_stage_sizes,
 )
 from coordinator.planner.profile import Profile
-from coordinator.planner.rra_table import cycle_sums, decode_parts, step_batches
+from coordinator.planner.rra_table import (
+    alive_probability,
+    cycle_log_empty,
+    cycle_sums,
+    decode_parts,
+    step_batches,
+)
 from coordinator.planner.waa_burst import Burst, RoundTable, burst_timeline, own_tpot
 from coordinator.planner.waa_split import nearest_split, waa_share, waa_split  # noqa: F401
 from coordinator.planner.workload import Workload
@@ -89,19 +95,22 @@ def _rra_cycle(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeli
     streams = len(pipe)
     batch, ctx = rra_cycle(cand, stats)
     enc = expected_encode(costs, pipe, cand.B_E, stats)
-    # A step runs only if someone is alive (P ~ 1 - exp(-b), Poisson): with a long N_D the
-    # tail of a cycle is often empty and the stream moves on to its next encode.
-    p_any = -np.expm1(-batch)
+    # A step runs only while some stream is alive: with a long N_D the tail of a cycle is
+    # often empty for a stream, which then waits for the others (the lock step) and, once
+    # all are empty, the streams go to their next encodes. A stream is alive at offset u with
+    # P(any of its rows is); its live steps run the batch given that.
+    alive = alive_probability(cand.B_E, cycle_log_empty(stats, cand.N_D))
     tps = {st.tp for st in pipe}
-    raw = costs.decode_pipeline(pipe, step_batches(batch, True), ctx,
-                                decode_parts(costs, stats, tps, cand.N_D, cand.B_E, True))
+    live = costs.decode_pipeline(pipe, step_batches(batch, alive), ctx,
+                                 decode_parts(costs, stats, tps, cand.N_D, cand.B_E, True))
+    # per stream and stage, the expected busy time of a step (utilisation)
     scaled: dict[int, np.ndarray] = {}  # repeated stages share one array: scale it once
-    dec = [scaled[id(d)] if id(d) in scaled else scaled.setdefault(id(d), d * p_any)
-           for d in raw]
+    dec = [scaled[id(d)] if id(d) in scaled else scaled.setdefault(id(d), d * alive)
+           for d in live]
     # the streams start their cycles in lock step on a pipeline the short decode passes
     # leave nearly empty: the encode round pays the fill (coordinator/pipeline_driver.py)
     t_enc = fill_time(enc, streams)
-    t_dec = round_time(dec, streams)
+    t_dec = lockstep_round(live, streams, alive)
     return batch, ctx, enc, dec, t_enc, t_dec, t_enc + float(t_dec.sum())
 
 
@@ -123,10 +132,13 @@ def rra_core(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline
     streams = len(pipe)
     batch, ctx, enc, dec, t_enc, t_dec, cycle = _rra_cycle(cand, stats, costs, pipe)
     tps = {st.tp for st in pipe}
-    # the p99-length request is itself alive in every step it waits for
-    t_alive = round_time(costs.decode_pipeline(pipe, step_batches(batch, False), ctx,
-                                               decode_parts(costs, stats, tps, cand.N_D,
-                                                            cand.B_E, False)), streams)
+    # the p99-length request is itself alive in every step it waits for, the other streams
+    # with their own probability
+    own = costs.decode_pipeline(pipe, step_batches(batch, None), ctx,
+                                decode_parts(costs, stats, tps, cand.N_D, cand.B_E, False))
+    alive = alive_probability(cand.B_E, cycle_log_empty(stats, cand.N_D))
+    t_alive = lockstep_round([d / np.maximum(alive, 1e-12) for d in dec], streams, alive,
+                             own=own)
     s = stats.s99
     offset = 1 + (s - 1) % cand.N_D
     lat = ((-(-s // cand.N_D) - 1) * (t_enc + float(t_alive.sum())) + t_enc
