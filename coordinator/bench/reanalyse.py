@@ -7,6 +7,13 @@ report). The profile is the one the run planned with: the uncalibrated profile i
 scaled by the calibration it recorded. Every re-simulated plan must reproduce the prediction
 the run recorded, or the reanalysis stops: a profile re-measured since would explain nothing
 about that run.
+
+``--repredict`` asks the other question: how far today's planner is from what those runs
+measured. The calibration is fitted again from the recorded baseline runs (their encode
+passes and TPOTs, predicted by today's planner, ``calibrate.fit_pass_model``), every recorded plan
+is predicted again on the profile so calibrated, and the run's own prediction is kept beside
+it (``predicted_at_run``). The plans are the ones the run chose: a planner changed since may
+choose others for the same bounds, which only a new run shows (``meta.repredicted`` says so).
 """
 
 from __future__ import annotations
@@ -72,9 +79,10 @@ def _records(out: Path, rel: str) -> tuple[dict[str, Any], list[list[RequestReco
     return saved, [[RequestRecord.from_dict(r) for r in recs] for recs in saved["repeats"]]
 
 
-def reanalyse(out: Path) -> dict[str, Any]:
+def reanalyse(out: Path, repredict: bool = False) -> dict[str, Any]:
     """DIR/results.json with every run row's measured figures, errors and elasticities
-    recomputed from DIR/runs/ (ValueError: the run's plans do not reproduce here)."""
+    recomputed from DIR/runs/ (ValueError: the run's plans do not reproduce here, unless
+    ``repredict``: then today's planner predicts them, module doc)."""
     from coordinator.planner.plan import Plan
     from coordinator.planner.workload import parse_workload
 
@@ -83,7 +91,6 @@ def reanalyse(out: Path) -> dict[str, Any]:
         raise ValueError(f"{out} holds no results.json to reanalyse")
     results = json.loads(path.read_text())
     meta = results["meta"]
-    profile = _profile(results)
     workload = parse_workload(meta["workload"])
     s99 = int(meta["p99_output"])
     bounds = results.get("bounds") or {}
@@ -92,6 +99,9 @@ def reanalyse(out: Path) -> dict[str, Any]:
         if run.is_file():
             stats = json.loads(run.read_text()).get("stats") or [{}]
             base["cpu_stretch"] = run_stretch(worker_busy(stats[-1]))
+    if repredict:
+        _refit(out, results)
+    profile = _profile(results)
     bounds["cpu_stretch"] = reference = calibration_stretch(bounds.get("baseline") or [])
     for row in results["rows"]:
         if not row.get("records"):
@@ -99,13 +109,16 @@ def reanalyse(out: Path) -> dict[str, Any]:
         saved, repeats = _records(out, row["records"])
         plan = Plan.from_dict(saved["plan"])
         again = predicted_under(plan, workload, profile) or {}
+        if repredict:
+            row.setdefault("predicted_at_run", row["predicted"])
+            row["predicted"] = {key: again.get(key) for key in row["predicted"]}
         for key in CHECKED:
             a, b = row["predicted"].get(key), again.get(key)
             if a is not None and (b is None or not math.isclose(a, b, rel_tol=REL_TOL)):
                 raise ValueError(f"{row['policy']} at bound {row['bound_s']}: the plan predicts "
                                  f"{key} = {b} on today's profile, the run recorded {a}; the "
                                  "profile or the planner changed since, so this run cannot "
-                                 "be reanalysed")
+                                 "be reanalysed (--repredict predicts it again)")
         per = [measure(recs, s99, row["bound_s"]) for recs in repeats]
         workers = worker_busy(saved["stats"][-1] if saved.get("stats") else {})
         row["measured"] = median_of(per) | {
@@ -115,5 +128,44 @@ def reanalyse(out: Path) -> dict[str, Any]:
         row["error_at_run_load"] = errors_at_run_load(row["predicted"], row["measured"],
                                                       reference)
         row["elasticity"] = elasticities(plan, workload, profile)
-    meta["reanalysed"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    meta["reanalysed"] = stamp
+    if repredict:
+        meta["repredicted"] = (f"{stamp}: the run's plans predicted again by today's planner "
+                               "and calibration (refitted from its baseline runs); the "
+                               "planner may choose other plans now")
     return results
+
+
+def _refit(out: Path, results: dict[str, Any]) -> None:
+    """Fit the calibration again from the recorded baseline runs into ``results``, with each
+    run's TPOT and encode pass predicted by today's planner on the uncalibrated profile."""
+    from coordinator.bench.calibrate import encode_passes, fit_pass_model
+    from coordinator.planner.plan import Plan
+    from coordinator.planner.workload import parse_workload
+
+    bounds = results.get("bounds") or {}
+    if not bounds.get("calibration"):
+        return
+    base_profile = _profile({**results, "bounds": {}})
+    workload = parse_workload(results["meta"]["workload"])
+    for base in bounds.get("baseline") or []:
+        run = out / "runs" / f"baseline-static-B{base['batch']}.json"
+        if not run.is_file():
+            continue
+        saved = json.loads(run.read_text())
+        plan = Plan.from_dict(saved["plan"])
+        repeats = [[RequestRecord.from_dict(r) for r in recs] for recs in saved["repeats"]]
+        now = predicted_under(plan, workload, base_profile) or {}
+        base["predicted_tpot_s"] = now.get("tpot_s", base.get("predicted_tpot_s"))
+        base["predicted_latency_p99len_s"] = now.get("latency_p99len_s",
+                                                     base.get("predicted_latency_p99len_s"))
+        passes = encode_passes(repeats[-1], plan, base_profile) if repeats else None
+        if passes is not None:
+            base["encode_pass_s"], base["predicted_encode_pass_s"] = passes
+    fit = fit_pass_model(bounds["baseline"])
+    if fit is not None:
+        bounds["calibration"] = fit.to_json()
+        source = str(results["meta"]["profile"]).split(" x ")[0]
+        results["meta"]["profile"] = (f"{source} x {fit.compute_factor:.3g} + "
+                                      f"{fit.stage_overhead_s * 1e3:.3g} ms/pass")

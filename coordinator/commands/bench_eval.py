@@ -73,6 +73,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reanalyse", type=Path, default=None, metavar="DIR",
                    help="run nothing: recompute DIR's figures, errors, elasticities, tables "
                         "and plots from the lifecycles and plans it recorded")
+    p.add_argument("--repredict", action="store_true",
+                   help="with --reanalyse: predict the recorded plans again with today's "
+                        "planner and calibration (refitted from the recorded baseline runs); "
+                        "the run's own predictions are kept as predicted_at_run")
 
 
 def register(subparsers: Any) -> None:
@@ -130,7 +134,10 @@ def run(args: argparse.Namespace) -> int:
     from coordinator.bench.progress import Progress
 
     if args.reanalyse is not None:
-        return _reanalyse(args.reanalyse)
+        return _reanalyse(args.reanalyse, args.repredict)
+    if args.repredict:
+        print("exegpt bench: --repredict goes with --reanalyse DIR", file=sys.stderr)
+        return 2
     try:
         cfg = config_from_args(args)
     except ValueError as exc:
@@ -159,11 +166,11 @@ def _write(results: dict[str, Any], out: Path) -> int:
     return 0
 
 
-def _reanalyse(out: Path) -> int:
+def _reanalyse(out: Path, repredict: bool) -> int:
     from coordinator.bench.reanalyse import reanalyse
 
     try:
-        results = reanalyse(out)
+        results = reanalyse(out, repredict=repredict)
     except (ValueError, OSError, KeyError) as exc:
         print(f"exegpt bench --reanalyse: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2

@@ -68,6 +68,21 @@ def test_null_model_run_writes_well_formed_results(tmp_path: Path) -> None:
             assert after["measured"][key] == before["measured"][key]
         assert after["elasticity"] == before["elasticity"]
     assert main(["bench", "--reanalyse", str(tmp_path / "nothing")]) == 2
+    # a run whose plans the planner now predicts otherwise: --reanalyse refuses it, and
+    # --repredict predicts the same plans again, keeping the run's own prediction beside
+    tampered = json.loads((out / "results.json").read_text())
+    row = next(r for r in tampered["rows"] if r["measured"])
+    row["predicted"]["throughput_seq_s"] *= 2
+    (out / "results.json").write_text(json.dumps(tampered))
+    assert main(["bench", "--reanalyse", str(out)]) == 2
+    assert main(["bench", "--reanalyse", str(out), "--repredict"]) == 0
+    third = check_results(out, 1, ["exegpt", "static"])
+    assert third["meta"]["repredicted"]
+    redone = next(r for r in third["rows"] if r["measured"])
+    assert redone["predicted_at_run"]["throughput_seq_s"] == row["predicted"]["throughput_seq_s"]
+    assert redone["predicted"]["throughput_seq_s"] == pytest.approx(
+        row["predicted"]["throughput_seq_s"] / 2)
+    assert main(["bench", "--repredict", "--null-model", "--model", "tiny-llama"]) == 2
 
 
 def test_bad_flags_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
