@@ -96,6 +96,8 @@ def _get(tree: Any, *path: str) -> Any:
 def render(s: dict[str, Any], watch: dict[str, float] | None = None) -> Group:
     """Every table of the report (a rich renderable)."""
     parts: list[Any] = [overall_table(s, watch), latency_table(s), worker_table(s)]
+    if any((w.get("load") or {}).get("busy_s") is not None for w in s.get("workers") or []):
+        parts.append(compute_table(s))
     if s.get("vs_plan"):
         parts.append(plan_table(s))
     if s.get("lifecycles"):
@@ -199,6 +201,23 @@ def worker_table(s: dict[str, Any]) -> Table:
                   f"{fmt(_get(w, 'latency_s', 'p50'))}/{fmt(_get(w, 'latency_s', 'p99'))}",
                   fmt(_get(w, "ttft_s", "p50"), 1e3), fmt(_get(w, "tpot_s", "p50"), 1e3),
                   batches, ("sent " if role == "encoder" else "recv ") + fmt_bytes(kv))
+    return t
+
+
+def compute_table(s: dict[str, Any]) -> Table:
+    """Each worker's compute since it started, on the wall and on its thread's CPU clock
+    (``common/busyclock.py``): their ratio, the CPU stretch, is 1.0 when the worker had a core
+    to itself and grows as other processes take its core (docs/bench.md)."""
+    t = Table(title="worker compute (since start)", title_justify="left")
+    for name in ("worker", "role", "passes", "busy s", "CPU s", "CPU stretch", "ms / pass"):
+        t.add_column(name, justify="left" if name in ("worker", "role") else "right")
+    for w in s.get("workers") or []:
+        load = w.get("load") or {}
+        busy, cpu = load.get("busy_s"), load.get("busy_cpu_s")
+        passes = load.get("passes") or load.get("steps") or load.get("batches_done")
+        t.add_row(str(w.get("worker_id")), str(w.get("role")), fmt(passes), fmt(busy),
+                  fmt(cpu), fmt(busy / cpu if busy is not None and cpu else None),
+                  fmt(busy / passes if busy is not None and passes else None, 1e3))
     return t
 
 

@@ -99,7 +99,8 @@ def test_stats_of_a_live_mesh_against_its_plan(served: tuple[LocalMesh, Any]) ->
         overall["throughput"]["seq_s"] / predicted)
     assert tree["vs_plan"]["latency_bound"]["met"] is True  # the test plan's bound is 1e18 s
     text = render_text(summarize(stats))
-    for needle in ("per worker", "measured vs plan", "recent requests", "dec1", "KV bytes"):
+    for needle in ("per worker", "measured vs plan", "recent requests", "dec1", "KV bytes",
+                   "worker compute", "CPU stretch"):
         assert needle in text
 
 
