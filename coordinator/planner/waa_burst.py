@@ -19,6 +19,7 @@ changed (the encoder sets it); latency, time per token, the mean and peak decode
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -105,9 +106,18 @@ def burst_timeline(b_e: float, period: float, surv: np.ndarray,
     gap = alive + 1  # tagged cohorts far enough apart not to share a round
     last = first + TAGGED * gap  # measured: cohorts [first, last)
     tagged = set(range(first, last, gap))
-    done_at = np.full((last - first, s_max), np.nan)
-    live: list[list[int]] = []  # [cohort, steps done]
-    nxt, t = 0, 0.0
+    # A round's sums over the live cohorts are kept ahead of time: a cohort joining at round
+    # j adds its whole step profile (need[k], ...) to rounds j .. j + s_max - 1 of four
+    # accumulators, so a round reads its sums instead of looping over the cohorts. The
+    # additions happen in join order, the order the sums over the live cohorts were taken
+    # in, so the floats are the same.
+    acc = np.zeros((4, 4 * s_max))  # per round: b0, log_empty0 (untagged), b, log_empty
+    plain, tagged_rows = np.stack([need, none, need, none]), np.stack([need, none, tag,
+                                                                        none_tag])
+    live: collections.deque[tuple[int, int]] = collections.deque()  # (cohort, join round)
+    joined: dict[int, int] = {}  # cohort -> its join round, for the timed ones
+    ends: list[float] = []  # [round]: the time the round ended
+    nxt, t, rnd = 0, 0.0, 0
     batches: list[float] = []
     busy = runs = 0.0
     t_lo = first * period
@@ -115,38 +125,35 @@ def burst_timeline(b_e: float, period: float, surv: np.ndarray,
         if not live:  # idle until the next cohort is ready
             t = max(t, nxt * period)
         while nxt * period <= t:
-            live.append([nxt, 0])
+            if rnd + s_max > acc.shape[1]:
+                acc = np.concatenate([acc, np.zeros_like(acc)], axis=1)
+            acc[:, rnd:rnd + s_max] += tagged_rows if nxt in tagged else plain
+            live.append((nxt, rnd))
+            if first <= nxt < last:
+                joined[nxt] = rnd
             nxt += 1
-        b = log_empty = b0 = log_empty0 = 0.0  # b0: the same round without the tags
-        for c, k in live:
-            b0 += need[k]
-            log_empty0 += none[k]
-            if c in tagged:
-                b += tag[k]
-                log_empty += none_tag[k]
-            else:
-                b += need[k]
-                log_empty += none[k]
+        b0, log_empty0, b, log_empty = (float(v) for v in acc[:, rnd])
         # a round runs only if one of its cohorts' sequences is there (each cohort's B_E
         # draws independently alive: P(empty) = prod (1 - P(S >= k))^B_E), and then with
         # b / P(run) of them: a cohort's thin tail costs its expected rounds
         run = -math.expm1(log_empty)
         r = run * round_at(b / run) if run > 0 else 0.0
         t += r
+        ends.append(t)
         if t > t_lo:
             batches.append(b0)
             runs += -math.expm1(log_empty0)
             busy += r
-        kept = []
-        for c in live:
-            c[1] += 1
-            if first <= c[0] < last:
-                done_at[c[0] - first, c[1] - 1] = t - c[0] * period
-            if c[1] < s_max:
-                kept.append(c)
-        live = kept
+        rnd += 1
+        while live and live[0][1] + s_max <= rnd:  # its s_max-th step was this round
+            live.popleft()
         if nxt > last and (not live or live[0][0] >= last):
             break
+    done_at = np.full((last - first, s_max), np.nan)
+    ended = np.asarray(ends)
+    for c, j in joined.items():
+        steps = min(s_max, ended.size - j)
+        done_at[c - first, :steps] = ended[j:j + steps] - c * period
     span = t - t_lo
     rows = sorted(c - first for c in tagged)
     return Burst(to_token=np.nanmean(done_at, axis=0),
