@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,15 @@ def config(results: dict[str, Any]) -> Any:
     return BenchConfig(**raw)
 
 
+def _baseline_runs(out: Path, bounds: dict[str, Any]
+                   ) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """(the bounds' entry, the saved run) of each baseline static run DIR/runs/ still holds."""
+    for base in bounds.get("baseline") or []:
+        run = out / "runs" / f"baseline-static-B{base['batch']}.json"
+        if run.is_file():
+            yield base, json.loads(run.read_text())
+
+
 def _records(out: Path, rel: str) -> tuple[dict[str, Any], list[list[RequestRecord]]]:
     saved = json.loads((out / rel).read_text())
     return saved, [[RequestRecord.from_dict(r) for r in recs] for recs in saved["repeats"]]
@@ -94,11 +104,8 @@ def reanalyse(out: Path, repredict: bool = False) -> dict[str, Any]:
     workload = parse_workload(meta["workload"])
     s99 = int(meta["p99_output"])
     bounds = results.get("bounds") or {}
-    for base in bounds.get("baseline") or []:
-        run = out / "runs" / f"baseline-static-B{base['batch']}.json"
-        if run.is_file():
-            stats = json.loads(run.read_text()).get("stats") or [{}]
-            base["cpu_stretch"] = run_stretch(worker_busy(stats[-1]))
+    for base, saved in _baseline_runs(out, bounds):
+        base["cpu_stretch"] = run_stretch(worker_busy((saved.get("stats") or [{}])[-1]))
     if repredict:
         _refit(out, results)
     profile = _profile(results)
@@ -149,11 +156,7 @@ def _refit(out: Path, results: dict[str, Any]) -> None:
         return
     base_profile = _profile({**results, "bounds": {}})
     workload = parse_workload(results["meta"]["workload"])
-    for base in bounds.get("baseline") or []:
-        run = out / "runs" / f"baseline-static-B{base['batch']}.json"
-        if not run.is_file():
-            continue
-        saved = json.loads(run.read_text())
+    for base, saved in _baseline_runs(out, bounds):
         plan = Plan.from_dict(saved["plan"])
         repeats = [[RequestRecord.from_dict(r) for r in recs] for recs in saved["repeats"]]
         now = predicted_under(plan, workload, base_profile) or {}

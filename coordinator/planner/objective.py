@@ -172,7 +172,7 @@ def throughput(cand: Candidate, stats: WorkloadStats, costs: Costs) -> float:
         pipe = build_pipeline(costs.profile, tps, enc=True, dec=True)
         if pipe is None:
             return 0.0
-        cycle = _rra_cycle(cand, stats, costs, pipe)[-1]
+        cycle = _rra_cycle(cand, stats, costs, pipe).cycle
         x = len(pipe) * cand.B_E / cycle
     elif cand.policy.startswith("waa"):
         rates = _waa_rates(cand, stats, costs)

@@ -43,15 +43,20 @@ _GRID = np.array(batch_grid(), dtype=np.float64)
 _ROW = {int(b): i for i, b in enumerate(_GRID)}
 
 
+def _survival_grid(stats: WorkloadStats, n_d: int) -> np.ndarray:
+    """[c, u - 1] = P(S >= c N_D + u): the survival function cut into cycles of N_D steps."""
+    cycles = -(-stats.s_max // n_d)
+    surv = np.zeros(cycles * n_d)
+    surv[: stats.s_max] = stats.surv
+    return surv.reshape(cycles, n_d)
+
+
 def cycle_sums(stats: WorkloadStats, n_d: int) -> tuple[np.ndarray, np.ndarray]:
     """(sum over cycles of P(S >= c N_D + u), mean context) at offsets u = 1..N_D."""
     cache = stats.__dict__.setdefault("_cycle_sums", {})
     if n_d not in cache:
-        cycles = -(-stats.s_max // n_d)
-        surv = np.zeros(cycles * n_d)
-        surv[: stats.s_max] = stats.surv
-        grid = surv.reshape(cycles, n_d)
-        ages = np.arange(1, cycles * n_d + 1, dtype=np.float64).reshape(cycles, n_d)
+        grid = _survival_grid(stats, n_d)
+        ages = np.arange(1, grid.size + 1, dtype=np.float64).reshape(grid.shape)
         sums = grid.sum(axis=0)
         mean_age = (grid * ages).sum(axis=0) / np.maximum(sums, 1e-300)
         cache[n_d] = (sums, stats.in_decode_weighted + mean_age)
@@ -64,11 +69,8 @@ def cycle_log_empty(stats: WorkloadStats, n_d: int) -> np.ndarray:
     request admitted c cycles ago being alive there independently with P(S >= c N_D + u)."""
     cache = stats.__dict__.setdefault("_cycle_log_empty", {})
     if n_d not in cache:
-        cycles = -(-stats.s_max // n_d)
-        surv = np.zeros(cycles * n_d)
-        surv[: stats.s_max] = stats.surv
         with np.errstate(divide="ignore"):  # certain survival: the stream is never empty
-            cache[n_d] = np.log1p(-np.minimum(surv, 1.0)).reshape(cycles, n_d).sum(axis=0)
+            cache[n_d] = np.log1p(-np.minimum(_survival_grid(stats, n_d), 1.0)).sum(axis=0)
     return cache[n_d]
 
 

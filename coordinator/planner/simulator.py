@@ -87,11 +87,24 @@ def rra_cycle(cand: Candidate, stats: WorkloadStats) -> tuple[np.ndarray, np.nda
     return cand.B_E * sums, ctx
 
 
+@dataclass
+class RRACycle:
+    """An RRA cycle at offsets u = 1..N_D: what throughput needs (``objective.throughput``);
+    latency and memory (``rra_core``) add the rest."""
+
+    batch: np.ndarray  # expected rows of a stream
+    ctx: np.ndarray  # their mean context
+    alive: np.ndarray  # P(a stream has a live row)
+    enc: list[float]  # encode time of B_E per stage
+    live: list[np.ndarray]  # per stage: a live stream's step
+    dec: list[np.ndarray]  # per stage: a stream's expected step (live x alive: utilisation)
+    t_enc: float  # the encode round (a fill)
+    t_dec: np.ndarray  # the expected decode round
+    cycle: float
+
+
 def _rra_cycle(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline
-               ) -> tuple[np.ndarray, np.ndarray, list[float], list[np.ndarray], float,
-                          np.ndarray, float]:
-    """(batch, context, encode and decode times per stage, t_enc, t_dec, cycle) of an RRA
-    cycle: what throughput needs (``rra_throughput``); latency and memory add the rest."""
+               ) -> RRACycle:
     streams = len(pipe)
     batch, ctx = rra_cycle(cand, stats)
     enc = expected_encode(costs, pipe, cand.B_E, stats)
@@ -111,7 +124,8 @@ def _rra_cycle(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeli
     # leave nearly empty: the encode round pays the fill (coordinator/pipeline_driver.py)
     t_enc = fill_time(enc, streams)
     t_dec = lockstep_round(live, streams, alive)
-    return batch, ctx, enc, dec, t_enc, t_dec, t_enc + float(t_dec.sum())
+    return RRACycle(batch, ctx, alive, enc, live, dec, t_enc, t_dec,
+                    t_enc + float(t_dec.sum()))
 
 
 @dataclass
@@ -130,15 +144,14 @@ def rra_core(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline
              distinct: bool = False) -> Core:
     """``distinct``: memory of one stage per memory shape only (enough for the peak)."""
     streams = len(pipe)
-    batch, ctx, enc, dec, t_enc, t_dec, cycle = _rra_cycle(cand, stats, costs, pipe)
+    cyc = _rra_cycle(cand, stats, costs, pipe)
+    batch, ctx, t_enc, cycle = cyc.batch, cyc.ctx, cyc.t_enc, cyc.cycle
     tps = {st.tp for st in pipe}
     # the p99-length request is itself alive in every step it waits for, the other streams
     # with their own probability
     own = costs.decode_pipeline(pipe, step_batches(batch, None), ctx,
                                 decode_parts(costs, stats, tps, cand.N_D, cand.B_E, False))
-    alive = alive_probability(cand.B_E, cycle_log_empty(stats, cand.N_D))
-    t_alive = lockstep_round([d / np.maximum(alive, 1e-12) for d in dec], streams, alive,
-                             own=own)
+    t_alive = lockstep_round(cyc.live, streams, cyc.alive, own=own)
     s = stats.s99
     offset = 1 + (s - 1) % cand.N_D
     lat = ((-(-s // cand.N_D) - 1) * (t_enc + float(t_alive.sum())) + t_enc
@@ -147,7 +160,8 @@ def rra_core(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline
     mem = [w + costs.kv_bytes_held(st, peak_tokens)
            for st, w in costs.weighted_stages(pipe, distinct)]
     return Core(streams * cand.B_E / cycle, lat, mem, {
-        "batch": batch, "enc": enc, "dec": dec, "t_enc": t_enc, "t_dec": t_dec, "cycle": cycle})
+        "batch": batch, "enc": cyc.enc, "dec": cyc.dec, "t_enc": t_enc, "t_dec": cyc.t_dec,
+        "cycle": cycle})
 
 
 def _rra(cand: Candidate, stats: WorkloadStats, costs: Costs, pipe: Pipeline) -> Metrics:
